@@ -1,0 +1,1 @@
+"""deepopt benchmarks: run as modules (python -m benchmarks.<name>), never collected by pytest."""

@@ -1,0 +1,1 @@
+"""deepopt: deep / associative-memory optimizers as backend-agnostic specs (numpy only)."""

@@ -1,0 +1,1 @@
+"""Compile deepopt specs to optax.GradientTransformation."""
