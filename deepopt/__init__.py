@@ -1,1 +1,34 @@
-"""deepopt: deep / associative-memory optimizers as backend-agnostic specs (numpy only)."""
+"""deepopt: deep / associative-memory optimizers as backend-agnostic specs.
+
+A spec is data (numpy only). Compile it with ``torch_backend.compile(spec, params)`` to a
+``torch.optim.Optimizer`` or with ``jax_backend.compile(spec)`` to an
+``optax.GradientTransformation``. ``deepopt.reference`` is the numpy statement of the math.
+"""
+
+from deepopt import reference as reference
+from deepopt._coefficients import PRESETS as NS_COEFFICIENT_PRESETS
+from deepopt._parts import AdamValues as AdamValues
+from deepopt._parts import Identity as Identity
+from deepopt._parts import IdentityValues as IdentityValues
+from deepopt._parts import LinearMemory as LinearMemory
+from deepopt._parts import NewtonSchulz as NewtonSchulz
+from deepopt._parts import SecondMoment as SecondMoment
+from deepopt._parts import Sign as Sign
+from deepopt._parts import newton_schulz as newton_schulz
+from deepopt._parts import shape_scale_factor as shape_scale_factor
+from deepopt._presets import adamw as adamw
+from deepopt._presets import custom as custom
+from deepopt._presets import delta_momentum as delta_momentum
+from deepopt._presets import muon as muon
+from deepopt._presets import sgd as sgd
+from deepopt._spec import Routing as Routing
+from deepopt._spec import Spec as Spec
+from deepopt._spec import UpdateRule as UpdateRule
+from deepopt._spec import matrix_view_shape as matrix_view_shape
+
+__all__ = [
+    "NS_COEFFICIENT_PRESETS", "AdamValues", "Identity", "IdentityValues", "LinearMemory",
+    "NewtonSchulz", "Routing", "SecondMoment", "Sign", "Spec", "UpdateRule", "adamw", "custom",
+    "delta_momentum", "matrix_view_shape", "muon", "newton_schulz", "reference", "sgd",
+    "shape_scale_factor",
+]

@@ -1,0 +1,244 @@
+"""The parts of an update rule, in the associative-memory vocabulary of MATH.md §1–§4.
+
+Every part is a frozen, validated dataclass holding hyperparameters only (no arrays, no
+backend). A rule (``deepopt.UpdateRule``) is a tree of these parts; backends and the numpy
+reference interpret them.
+
+Greek letters ↔ names: α = ``momentum`` (retention), η = ``inner_lr`` (inner rate),
+ζ = ``zeta`` (delta strength), β₂ = ``beta2``, ε = ``eps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from deepopt import _coefficients
+from deepopt._validate import check_bool, check_choice, check_int, check_real
+
+# --------------------------------------------------------------------------------------------
+# Values V_t = P(G_t)  (MATH §3)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IdentityValues:
+    """``V_t = G_t``: the memory stores the raw gradient."""
+
+
+@dataclass(frozen=True)
+class AdamValues:
+    """``V_t = G_t / (√(v_t / (1 − β₂ᵗ)) + ε)``, ``v_t = β₂ v_{t−1} + (1 − β₂) G_t²``.
+
+    Preconditions *before* the memory write (MATH §3): an RMSprop-normalised gradient is what
+    the memory stores. This is not Adam (Adam divides *after* averaging; see
+    :class:`SecondMoment`).
+    """
+
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        check_real("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        check_real("eps", self.eps, low=0.0)
+
+
+Values = Union[IdentityValues, AdamValues]
+
+# --------------------------------------------------------------------------------------------
+# Memory  (MATH §2)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearMemory:
+    """Linear momentum memory ``S`` with the write of NL eq. 46–49 (MATH §2).
+
+    ``S_t = S_{t−1}(α I − ζ K_tᵀ K_t) + η V_t`` with ``K_t = G_t / max(‖G_t‖_F, key_eps)``.
+
+    - ``zeta = 0``: Hebbian (dot-product) memory, ``S_t = α S_{t−1} + η V_t`` — heavy ball
+      (``η = 1``) or EMA (``η = 1 − α``).
+    - ``zeta > 0``: delta momentum; stable for ``0 ≤ ζ ≤ 1 + α``.
+
+    Read-out ``D_t = S_t``; with ``nesterov`` ``D̃_t = α S_t + η V_t``.
+
+    ``bias_correction`` divides the read-out like Adam/optax: ``S_t / (1 − αᵗ)``, and with
+    ``nesterov`` the NAdam form ``α S_t / (1 − αᵗ⁺¹) + η V_t / (1 − αᵗ)`` (as
+    ``optax.contrib.muon`` does). Meant for EMA memories (``η = 1 − α``).
+
+    ``undamped_first_write`` reproduces ``torch.optim.SGD``'s quirk of writing ``V_1`` with
+    ``η = 1`` on the first step (its buffer starts as a clone of the first gradient).
+    """
+
+    momentum: float = 0.0
+    inner_lr: float = 1.0
+    zeta: float = 0.0
+    nesterov: bool = False
+    bias_correction: bool = False
+    undamped_first_write: bool = False
+    key_eps: float = 1e-12
+
+    def __post_init__(self):
+        check_real("momentum", self.momentum, low=0.0, high=1.0)
+        check_real("inner_lr", self.inner_lr, low=0.0)
+        check_real("zeta", self.zeta, low=0.0, high=1.0 + float(self.momentum))
+        check_bool("nesterov", self.nesterov)
+        check_bool("bias_correction", self.bias_correction)
+        check_bool("undamped_first_write", self.undamped_first_write)
+        check_real("key_eps", self.key_eps, low=0.0, low_open=True)
+        if self.bias_correction and self.momentum >= 1.0:
+            raise ValueError("bias_correction=True needs momentum < 1 (it divides by 1 − momentumᵗ)")
+
+    @property
+    def stateless(self) -> bool:
+        """True when ``S_t = η V_t`` needs no stored state (plain SGD)."""
+        return self.momentum == 0.0 and self.zeta == 0.0 and not self.bias_correction
+
+    @property
+    def objective(self) -> Literal["dot", "delta"]:
+        """The inner objective's attentional bias: dot product (ζ = 0) or delta (ζ > 0)."""
+        return "dot" if self.zeta == 0.0 else "delta"
+
+
+# --------------------------------------------------------------------------------------------
+# Denominator: the element-wise second-moment memory of Adam (NL App. B)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecondMoment:
+    """Divide the read-out by ``√(v_t / (1 − β₂ᵗ)) + ε`` with ``v_t = β₂ v_{t−1} + (1 − β₂) G_t²``.
+
+    With an EMA memory and ``bias_correction`` this is Adam's update (torch.optim.AdamW,
+    optax.adamw). ``bias_correction=False`` drops the ``1 − β₂ᵗ`` factor.
+    """
+
+    beta2: float = 0.999
+    eps: float = 1e-8
+    bias_correction: bool = True
+
+    def __post_init__(self):
+        check_real("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        check_real("eps", self.eps, low=0.0)
+        check_bool("bias_correction", self.bias_correction)
+
+
+# --------------------------------------------------------------------------------------------
+# Read-out maps σ  (MATH §4)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity:
+    """``σ(D) = D``."""
+
+
+@dataclass(frozen=True)
+class Sign:
+    """``σ(D) = sign(D)`` element-wise."""
+
+
+Normalization = Literal["clamp", "add"]
+ComputeDtype = Literal["input", "bfloat16", "float32", "float64"]
+
+
+@dataclass(frozen=True)
+class NewtonSchulz:
+    """Orthogonalise the matrix view of the read-out by Newton–Schulz iterations (MATH §4).
+
+    Transpose if ``m > n``; ``X₀ = X / (norm_scale · ‖X‖_F ⊕ eps)``; per step ``k`` with
+    coefficients ``(a, b, c)``: ``A = X Xᵀ``, ``B = b A + c A²``, ``X ← a X + B X``; transpose back.
+
+    Args:
+      coefficients: per-step table of ``(a, b, c)``; its last row repeats past its end.
+      steps: number of iterations.
+      eps: normaliser guard.
+      normalization: ``"clamp"`` divides by ``max(norm, eps)`` (torch.optim.Muon);
+        ``"add"`` by ``norm + eps`` (optax.contrib.muon).
+      norm_scale: multiplies the norm (1.01 for Polar Express's safety factor).
+      dtype: compute dtype of the iteration: ``"bfloat16"`` (torch.optim.Muon), ``"input"``
+        (optax), ``"float32"`` or ``"float64"``. The numpy reference always computes in float64.
+    """
+
+    coefficients: tuple[tuple[float, float, float], ...] = _coefficients.MUON
+    steps: int = 5
+    eps: float = 1e-7
+    normalization: Normalization = "clamp"
+    norm_scale: float = 1.0
+    dtype: ComputeDtype = "input"
+
+    def __post_init__(self):
+        table = self.coefficients
+        try:
+            table = tuple(tuple(float(x) for x in row) for row in table)
+        except TypeError:
+            raise ValueError(f"coefficients={self.coefficients!r} is invalid: expected a sequence "
+                             "of (a, b, c) triples") from None
+        if not table or any(len(row) != 3 for row in table):
+            raise ValueError(f"coefficients={self.coefficients!r} is invalid: expected a non-empty "
+                             "sequence of (a, b, c) triples")
+        object.__setattr__(self, "coefficients", table)
+        check_int("steps", self.steps, low=0, high=99)
+        check_real("eps", self.eps, low=0.0)
+        check_choice("normalization", self.normalization, ("clamp", "add"))
+        check_real("norm_scale", self.norm_scale, low=0.0, low_open=True)
+        check_choice("dtype", self.dtype, ("input", "bfloat16", "float32", "float64"))
+
+    @property
+    def schedule(self) -> tuple[tuple[float, float, float], ...]:
+        """The ``(a, b, c)`` used at each step."""
+        return _coefficients.coefficient_schedule(self.coefficients, self.steps)
+
+
+def newton_schulz(
+    coefficients: str | tuple = "muon",
+    steps: int = 5,
+    *,
+    eps: float = 1e-7,
+    normalization: Normalization = "clamp",
+    dtype: ComputeDtype = "input",
+) -> NewtonSchulz:
+    """Build a :class:`NewtonSchulz` read-out from a preset name or a table.
+
+    Presets: ``"muon"`` (Keller Jordan's quintic), ``"polar_express"`` (Amsel et al. Alg. 1,
+    with its 1.01 safety factor on coefficients and norm), ``"cubic"`` (NL eq. 44). A single
+    ``(a, b, c)`` triple is used at every step; a table of triples is per step.
+    """
+    norm_scale = 1.0
+    if isinstance(coefficients, str):
+        check_choice("ns_coefficients", coefficients, tuple(_coefficients.PRESETS))
+        if coefficients == "polar_express":
+            norm_scale = _coefficients.POLAR_EXPRESS_NORM_SCALE
+        table = _coefficients.PRESETS[coefficients]
+    else:
+        table = tuple(coefficients)
+        if len(table) == 3 and all(isinstance(x, (int, float)) for x in table):
+            table = (table,)
+    return NewtonSchulz(table, steps, eps, normalization, norm_scale, dtype)
+
+
+Readout = Union[Identity, Sign, NewtonSchulz]
+
+# --------------------------------------------------------------------------------------------
+# Shape scale s(W)  (MATH §4)
+# --------------------------------------------------------------------------------------------
+
+ShapeScale = Literal["original", "match_rms_adamw", "none"]
+SHAPE_SCALES = ("original", "match_rms_adamw", "none")
+
+
+def shape_scale_factor(kind: str, m: int, n: int) -> float:
+    """``s(W)`` for an ``m × n`` matrix view: ``"original"`` √max(1, m/n) (Keller Jordan,
+    torch's default), ``"match_rms_adamw"`` 0.2·√max(m, n) (Moonlight; optax
+    ``consistent_rms=0.2``), ``"none"`` 1."""
+    if kind == "original":
+        return max(1.0, m / n) ** 0.5
+    if kind == "match_rms_adamw":
+        return 0.2 * max(m, n) ** 0.5
+    return 1.0
+
+
+__all__ = [
+    "AdamValues", "Identity", "IdentityValues", "LinearMemory", "NewtonSchulz", "Readout",
+    "SecondMoment", "ShapeScale", "Sign", "Values", "newton_schulz", "shape_scale_factor",
+]

@@ -1,0 +1,379 @@
+"""Named optimizers: presets of the linear-memory rule (STYLE.md §4), not kernels.
+
+Each constructor validates its arguments, records them as the spec's flat hyperparameters and
+builds the :class:`~deepopt.UpdateRule` they describe. ``Spec.replace`` calls the constructor
+again, so parameter-group overrides are validated the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deepopt import _coefficients
+from deepopt._parts import (
+    Identity,
+    LinearMemory,
+    NewtonSchulz,
+    SecondMoment,
+    Sign,
+    newton_schulz,
+)
+from deepopt._spec import Routing, Spec, UpdateRule, freeze_hparams
+from deepopt._validate import check_bool, check_choice, check_int, check_real
+
+_ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "none")
+
+
+def _betas(betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas={betas!r} is invalid: expected a pair (beta1, beta2)")
+    b1 = check_real("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    b2 = check_real("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    return b1, b2
+
+
+def _shape_scale(adjust_lr_fn: str | None) -> str:
+    check_choice("adjust_lr_fn", adjust_lr_fn, _ADJUST_LR_FNS)
+    return "original" if adjust_lr_fn is None else adjust_lr_fn
+
+
+def _ns_readout(ns_coefficients: Any, ns_steps: int, eps: float, normalization: str,
+                dtype: str) -> NewtonSchulz:
+    check_int("ns_steps", ns_steps, low=1, high=99)
+    if isinstance(ns_coefficients, str):
+        check_choice("ns_coefficients", ns_coefficients, tuple(_coefficients.PRESETS))
+    return newton_schulz(ns_coefficients, ns_steps, eps=eps, normalization=normalization, dtype=dtype)
+
+
+def _default_fallback(lr: float) -> Spec:
+    return adamw(lr=lr, weight_decay=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def sgd(
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    undamped_first_step: bool = False,
+) -> Spec:
+    r"""Stochastic gradient descent with heavy-ball momentum: a Hebbian linear memory.
+
+    Symbols: γ = ``lr``, α = ``momentum`` (retention), η = 1 − ``dampening`` (inner rate),
+    λ = ``weight_decay``; ``S`` is the momentum buffer.
+
+    Initial state: ``S_0 = 0`` (no state at all when ``momentum = 0``).
+
+    Update at step t (MATH §2, NL eq. 46–49 with ζ = 0)::
+
+        G ← G + λ W                 coupled L2 decay, as torch.optim.SGD
+        S_t = α S_{t−1} + η G       one unit step on  −η⟨S, G⟩ + ((1−α)/2)‖S‖²   (NL eq. 46)
+        D̃ = S_t  or  α S_t + η G    Nesterov read-out
+        W ← W − γ D̃
+
+    Args:
+      lr: learning rate γ (parameter units per gradient unit).
+      momentum: retention α in [0, 1].
+      dampening: 1 − η; η = 1 is torch's heavy ball.
+      nesterov: Nesterov read-out; needs ``momentum > 0`` and ``dampening = 0`` (as torch).
+      weight_decay: λ ≥ 0, coupled (added to the gradient) unless ``decoupled_weight_decay``.
+      maximize: ascend instead of descend.
+      decoupled_weight_decay: apply λ as ``W ← W − γλW`` (MATH §0) instead of as L2.
+      undamped_first_step: torch's quirk — the first write uses η = 1 (its buffer starts as a
+        copy of ``G_1``). Off by default (MATH §2); set it to reproduce torch with dampening.
+
+    Example::
+
+        spec = deepopt.sgd(lr=0.1, momentum=0.9, nesterov=True)
+        opt = torch_backend.compile(spec, model.parameters())   # a torch.optim.Optimizer
+        tx = jax_backend.compile(spec)                          # an optax.GradientTransformation
+
+    Conventions: lr multiplies the whole step; the buffer starts at zero, which equals torch's
+    ``buf = G_1`` when dampening is 0. Equals ``torch.optim.SGD`` and
+    ``optax.chain(optax.add_decayed_weights(λ), optax.sgd(γ, α, nesterov))``.
+
+    References: Polyak (1964); Sutskever et al. (2013); NL §4.
+    """
+    lr = check_real("lr", lr, low=0.0)
+    momentum = check_real("momentum", momentum, low=0.0, high=1.0)
+    dampening = check_real("dampening", dampening, low=0.0, high=1.0)
+    check_bool("nesterov", nesterov)
+    weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+    if nesterov and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0; got "
+                         f"momentum={momentum}, dampening={dampening}")
+    memory = LinearMemory(momentum=momentum, inner_lr=1.0 - dampening, nesterov=nesterov,
+                          undamped_first_write=check_bool("undamped_first_step", undamped_first_step))
+    rule = UpdateRule(memory=memory, maximize=check_bool("maximize", maximize),
+                      decoupled_weight_decay=check_bool("decoupled_weight_decay", decoupled_weight_decay))
+    hp = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+              weight_decay=weight_decay, maximize=maximize,
+              decoupled_weight_decay=decoupled_weight_decay, undamped_first_step=undamped_first_step)
+    return Spec("sgd", rule, freeze_hparams(hp), builder=sgd)
+
+
+def adamw(
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 1e-2,
+    *,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> Spec:
+    r"""AdamW: an EMA memory read with bias correction, divided by Adam's second moment.
+
+    Symbols: γ = ``lr``, β₁ = α (retention of the first-moment memory), η = 1 − β₁,
+    β₂, ε = ``eps``, λ = ``weight_decay``; ``S`` first moment, ``v`` second moment.
+
+    Initial state: ``S_0 = 0``, ``v_0 = 0``.
+
+    Update at step t (NL App. B: Adam is the optimal element-wise L2 memory)::
+
+        S_t = β₁ S_{t−1} + (1 − β₁) G          EMA memory (MATH §2, η = 1 − α)
+        v_t = β₂ v_{t−1} + (1 − β₂) G²
+        O   = (S_t / (1 − β₁ᵗ)) / (√(v_t / (1 − β₂ᵗ)) + ε)
+        W ← W − γ λ W − γ O                    decoupled decay, unadjusted γ
+
+    Args:
+      lr: learning rate γ.
+      betas: (β₁, β₂), each in [0, 1).
+      eps: ε ≥ 0 added to the denominator.
+      weight_decay: decoupled λ ≥ 0 (torch default 1e-2; optax's adamw defaults to 1e-4).
+      nesterov: NAdam-style read-out ``β₁ S_t/(1−β₁ᵗ⁺¹) + (1−β₁) G/(1−β₁ᵗ)``
+        (optax's ``adamw(nesterov=True)``, which ``optax.contrib.muon`` uses as its fallback).
+      maximize: ascend instead of descend.
+
+    Example::
+
+        opt = torch_backend.compile(deepopt.adamw(lr=3e-4), model.parameters())
+
+    Conventions: equals ``torch.optim.AdamW`` (amsgrad off) and ``optax.adamw``
+    (eps_root = 0); the memory is element-wise, so every parameter shape is accepted.
+
+    References: Kingma & Ba (2015); Loshchilov & Hutter (2019); Dozat (2016) for NAdam.
+    """
+    lr = check_real("lr", lr, low=0.0)
+    b1, b2 = _betas(betas)
+    eps = check_real("eps", eps, low=0.0)
+    weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+    memory = LinearMemory(momentum=b1, inner_lr=1.0 - b1, nesterov=check_bool("nesterov", nesterov),
+                          bias_correction=True)
+    rule = UpdateRule(memory=memory, denominator=SecondMoment(beta2=b2, eps=eps),
+                      maximize=check_bool("maximize", maximize))
+    hp = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay, nesterov=nesterov,
+              maximize=maximize)
+    return Spec("adamw", rule, freeze_hparams(hp), builder=adamw)
+
+
+def delta_momentum(
+    lr: float,
+    momentum: float = 0.9,
+    zeta: float | None = None,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    readout: str = "identity",
+    *,
+    ns_coefficients: Any = "muon",
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    adjust_lr_fn: str | None = None,
+    decoupled_weight_decay: bool = False,
+    fallback: Spec | None = None,
+    routing: Routing | None = None,
+) -> Spec:
+    r"""Delta momentum: a linear memory trained by L2 regression instead of a dot product.
+
+    Symbols: γ = ``lr``, α = ``momentum``, ζ = ``zeta`` (delta strength), η = 1,
+    λ = ``weight_decay``; ``S`` the momentum memory, ``K = G / ‖G‖_F`` the key.
+
+    Initial state: ``S_0 = 0``.
+
+    Update at step t (MATH §2; NL eq. 48–49, "Delta Momentum")::
+
+        G ← G + λ W                              coupled L2 decay (as sgd)
+        K  = G / max(‖G‖_F, 1e-12)
+        S_t = S_{t−1} (α I − ζ KᵀK) + G          one unit step on
+                                                 −⟨S, G⟩ + (ζ/2)‖S Kᵀ‖² + ((1−α)/2)‖S‖²
+        D̃ = S_t  or  α S_t + G                   Nesterov read-out
+        W ← W − γ s(W) σ(D̃)
+
+    Before adding the new gradient the memory forgets what it stored along the gradient's row
+    space. NL prints the factor as ``(α − GᵀG)`` with the raw gradient; deepopt normalises the
+    key so the factor's eigenvalues lie in ``[α − ζ, α]``, stable for ``0 ≤ ζ ≤ 1 + α``.
+
+    Args:
+      lr: learning rate γ.
+      momentum: retention α in [0, 1].
+      zeta: ζ in [0, 1 + α]; None means ζ = α, which erases the current direction fully when
+        the gradient is rank one. ``zeta=0`` is exactly ``sgd(lr, momentum)``.
+      nesterov: Nesterov read-out ``α S_t + G``.
+      weight_decay: λ ≥ 0 (coupled unless ``decoupled_weight_decay``).
+      readout: σ: ``"identity"``, ``"sign"`` or ``"newton_schulz"`` (a "delta Muon").
+      ns_coefficients, ns_steps, eps: Newton–Schulz settings when ``readout="newton_schulz"``.
+      adjust_lr_fn: shape scale s(W) for Newton–Schulz read-outs (as ``muon``); 1 otherwise.
+      fallback: element-wise spec for parameters with fewer than 2 dims (default
+        ``adamw(lr, weight_decay=0)``; pass ``deepopt.sgd(lr, momentum)`` for MATH §2's
+        "same recurrence with ζ = 0").
+      routing: which parameters take the matrix rule (default: ndim ≥ 2).
+
+    Example::
+
+        spec = deepopt.delta_momentum(lr=0.05, momentum=0.9, zeta=0.5)
+
+    Conventions: the matrix view of a torch ``(out, in, *rest)`` parameter is
+    ``out × (in·prod(rest))`` (MATH §0); the product ``S KᵀK`` is taken on the smaller side.
+
+    References: NL §4 eq. 48–49.
+    """
+    lr = check_real("lr", lr, low=0.0)
+    momentum = check_real("momentum", momentum, low=0.0, high=1.0)
+    z = momentum if zeta is None else check_real("zeta", zeta, low=0.0, high=1.0 + momentum)
+    check_choice("readout", readout, ("identity", "sign", "newton_schulz"))
+    weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+    eps = check_real("eps", eps, low=0.0)
+    memory = LinearMemory(momentum=momentum, inner_lr=1.0, zeta=z, nesterov=check_bool("nesterov", nesterov))
+    if readout == "newton_schulz":
+        sigma, scale = _ns_readout(ns_coefficients, ns_steps, eps, "clamp", "input"), _shape_scale(adjust_lr_fn)
+    else:
+        check_choice("adjust_lr_fn", adjust_lr_fn, _ADJUST_LR_FNS)
+        sigma, scale = (Sign() if readout == "sign" else Identity()), "none"
+    rule = UpdateRule(memory=memory, readout=sigma, shape_scale=scale,
+                      decoupled_weight_decay=check_bool("decoupled_weight_decay", decoupled_weight_decay))
+    hp = dict(lr=lr, momentum=momentum, zeta=zeta, nesterov=nesterov, weight_decay=weight_decay,
+              readout=readout, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
+              adjust_lr_fn=adjust_lr_fn, decoupled_weight_decay=decoupled_weight_decay)
+    return Spec("delta_momentum", rule, freeze_hparams(hp),
+                fallback=fallback if fallback is not None else _default_fallback(lr),
+                routing=routing if routing is not None else Routing(), builder=delta_momentum)
+
+
+def muon(
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    momentum: float = 0.95,
+    nesterov: bool = True,
+    ns_coefficients: Any = _coefficients.MUON[0],
+    eps: float = 1e-7,
+    ns_steps: int = 5,
+    adjust_lr_fn: str | None = None,
+    *,
+    ns_normalization: str = "clamp",
+    ns_dtype: str = "bfloat16",
+    bias_correction: bool = False,
+    fallback: Spec | None = None,
+    routing: Routing | None = None,
+) -> Spec:
+    r"""Muon: an EMA linear memory, Nesterov read-out, Newton–Schulz read-out map.
+
+    Symbols: γ = ``lr``, α = ``momentum``, η = 1 − α, λ = ``weight_decay``,
+    (a, b, c) = ``ns_coefficients``, k = ``ns_steps``; ``S`` the momentum memory.
+
+    Initial state: ``S_0 = 0``.
+
+    Update at step t (MATH §4; NL eq. 52 plus the outer rate and shape scale it omits)::
+
+        S_t = α S_{t−1} + (1 − α) G              EMA memory (MATH §2, ζ = 0)
+        D̃  = α S_t + (1 − α) G                   Nesterov read-out (torch: g.lerp(buf, α))
+        O   = NS_k^{(a,b,c)}(D̃)                  Newton–Schulz on the matrix view (NL eq. 44)
+        W ← W − γ λ W − γ s(W) O                 s = √max(1, m/n) ("original")
+
+    Args (names and defaults as ``torch.optim.Muon``):
+      lr: learning rate γ.
+      weight_decay: decoupled λ, applied with the unadjusted γ.
+      momentum: α in [0, 1].
+      nesterov: Nesterov read-out.
+      ns_coefficients: an (a, b, c) triple, a per-step table, or a preset name
+        (``"muon"``, ``"polar_express"``, ``"cubic"``).
+      eps: Newton–Schulz normaliser guard.
+      ns_steps: Newton–Schulz iterations k (1–99).
+      adjust_lr_fn: shape scale: None/``"original"`` √max(1, m/n), ``"match_rms_adamw"``
+        0.2·√max(m, n), ``"none"`` 1.
+      ns_normalization: ``"clamp"`` X/max(‖X‖, ε) (torch) or ``"add"`` X/(‖X‖ + ε) (optax).
+      ns_dtype: Newton–Schulz compute dtype: ``"bfloat16"`` (torch) or ``"input"`` (optax),
+        ``"float32"``, ``"float64"``.
+      bias_correction: optax's bias-corrected (NAdam-form) read-out.
+      fallback: element-wise spec for the rest (default ``adamw(lr, weight_decay=0)``).
+      routing: which parameters take Muon (default: ndim ≥ 2; add name patterns for
+        embeddings and output heads).
+
+    Example::
+
+        spec = deepopt.muon(lr=0.02, routing=deepopt.Routing(fallback_patterns=("embed", "head")))
+        opt = torch_backend.compile(spec, model.named_parameters())
+
+    Conventions. Defaults reproduce ``torch.optim.Muon`` (2-D parameters) exactly, including
+    bf16 Newton–Schulz. ``optax.contrib.muon(lr, eps=ε, weight_decay=λ)`` is reproduced by
+    ``ns_normalization="add", ns_dtype="input", bias_correction=True, eps=ε`` and a fallback of
+    ``adamw(lr, eps=ε, weight_decay=0, nesterov=True)`` (optax's fallback inherits Nesterov).
+    Because Newton–Schulz normalises first, the buffer's scale (sum vs EMA, bias correction)
+    changes σ's output only through ε.
+
+    References: Jordan et al. (2024), https://kellerjordan.github.io/posts/muon/;
+    Liu et al., "Muon is Scalable for LLM Training" (2025); NL eq. 44, 52.
+    """
+    lr = check_real("lr", lr, low=0.0)
+    weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+    momentum = check_real("momentum", momentum, low=0.0, high=1.0)
+    check_bool("nesterov", nesterov)
+    eps = check_real("eps", eps, low=0.0)
+    check_choice("ns_normalization", ns_normalization, ("clamp", "add"))
+    check_choice("ns_dtype", ns_dtype, ("input", "bfloat16", "float32", "float64"))
+    check_bool("bias_correction", bias_correction)
+    if bias_correction and momentum >= 1.0:
+        raise ValueError("bias_correction=True needs momentum < 1")
+    memory = LinearMemory(momentum=momentum, inner_lr=1.0 - momentum, nesterov=nesterov,
+                          bias_correction=bias_correction)
+    sigma = _ns_readout(ns_coefficients, ns_steps, eps, ns_normalization, ns_dtype)
+    rule = UpdateRule(memory=memory, readout=sigma, shape_scale=_shape_scale(adjust_lr_fn))
+    hp = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+              ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+              adjust_lr_fn=adjust_lr_fn, ns_normalization=ns_normalization, ns_dtype=ns_dtype,
+              bias_correction=bias_correction)
+    return Spec("muon", rule, freeze_hparams(hp),
+                fallback=fallback if fallback is not None else _default_fallback(lr),
+                routing=routing if routing is not None else Routing(), builder=muon)
+
+
+def custom(
+    rule: UpdateRule,
+    lr: float,
+    weight_decay: float = 0.0,
+    *,
+    name: str = "custom",
+    fallback: Spec | None = None,
+    routing: Routing | None = None,
+) -> Spec:
+    """A spec from your own :class:`~deepopt.UpdateRule` (compose parts of MATH §1–§4).
+
+    Its hyperparameters are ``lr`` and ``weight_decay``; other settings live in ``rule``.
+    A rule that needs the matrix view (Newton–Schulz, ζ > 0, a shape scale) gets the default
+    routing (ndim ≥ 2) and an ``adamw(lr, weight_decay=0)`` fallback unless given others.
+
+    Example::
+
+        rule = deepopt.UpdateRule(
+            memory=deepopt.LinearMemory(momentum=0.9, inner_lr=0.1, zeta=0.3),
+            readout=deepopt.newton_schulz("polar_express", steps=5),
+            shape_scale="original")
+        spec = deepopt.custom(rule, lr=0.02)
+    """
+    if not isinstance(rule, UpdateRule):
+        raise ValueError(f"rule={rule!r} is invalid: expected a deepopt.UpdateRule")
+    lr = check_real("lr", lr, low=0.0)
+    weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+    if rule.needs_matrix:
+        fallback = fallback if fallback is not None else _default_fallback(lr)
+        routing = routing if routing is not None else Routing()
+
+    def builder(lr: float, weight_decay: float) -> Spec:
+        return custom(rule, lr, weight_decay, name=name, fallback=fallback, routing=routing)
+
+    return Spec(name, rule, freeze_hparams(dict(lr=lr, weight_decay=weight_decay)), fallback=fallback,
+                routing=routing, builder=builder)

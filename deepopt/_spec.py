@@ -1,0 +1,226 @@
+"""Rules, routing and the optimizer spec: the data a backend compiles (STYLE.md §1).
+
+An :class:`UpdateRule` is the tree of parts (MATH §1–§4) that says what one parameter's step
+computes. A :class:`Spec` is what users pass around: a named rule with its flat, torch-style
+hyperparameters (``lr``, ``momentum``, ``betas``, ...), an optional fallback spec for
+parameters the rule cannot take, and the :class:`Routing` that decides which is which.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from deepopt._parts import (
+    SHAPE_SCALES,
+    AdamValues,
+    Identity,
+    IdentityValues,
+    LinearMemory,
+    NewtonSchulz,
+    Readout,
+    SecondMoment,
+    Sign,
+    Values,
+)
+from deepopt._validate import check_bool, check_choice, check_int, check_real
+
+# --------------------------------------------------------------------------------------------
+# UpdateRule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """One parameter's update (MATH §0): values → memory write → read-out → σ → outer step.
+
+    Per step ``t`` with gradient ``G``, learning rate ``γ`` and weight decay ``λ``::
+
+        G ← −G                              if maximize
+        G ← G + λ W                         if not decoupled_weight_decay  (L2, torch SGD/Adam)
+        V = P(G)                            values            (MATH §3)
+        S_t = S_{t−1}(α I − ζ KᵀK) + η V    memory write      (MATH §2, NL eq. 46–49)
+        D̃ = S_t, or α S_t + η V             read-out (Nesterov), optional bias correction
+        O = σ(D̃)                            read-out map      (MATH §4)
+        O ← O / (√v̂ + ε)                    if denominator    (Adam's second moment)
+        W ← W − γ λ W − γ s(W) O            outer step; λ here only if decoupled
+
+    The learning rate and the weight decay strength are not part of the rule: they live in the
+    :class:`Spec`'s hyperparameters, where schedulers and parameter groups edit them.
+    """
+
+    memory: LinearMemory = LinearMemory()
+    values: Values = IdentityValues()
+    readout: Readout = Identity()
+    denominator: SecondMoment | None = None
+    shape_scale: Literal["original", "match_rms_adamw", "none"] = "none"
+    decoupled_weight_decay: bool = True
+    maximize: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.memory, LinearMemory):
+            raise ValueError(f"memory={self.memory!r} is invalid: expected a LinearMemory")
+        if not isinstance(self.values, (IdentityValues, AdamValues)):
+            raise ValueError(f"values={self.values!r} is invalid: expected IdentityValues or AdamValues")
+        if not isinstance(self.readout, (Identity, Sign, NewtonSchulz)):
+            raise ValueError(f"readout={self.readout!r} is invalid: expected Identity, Sign or NewtonSchulz")
+        if self.denominator is not None and not isinstance(self.denominator, SecondMoment):
+            raise ValueError(f"denominator={self.denominator!r} is invalid: expected None or SecondMoment")
+        check_choice("shape_scale", self.shape_scale, SHAPE_SCALES)
+        check_bool("decoupled_weight_decay", self.decoupled_weight_decay)
+        check_bool("maximize", self.maximize)
+
+    @property
+    def needs_matrix(self) -> bool:
+        """True when the rule reads the parameter as a matrix (MATH §0 matrix view)."""
+        return (isinstance(self.readout, NewtonSchulz) or self.memory.zeta > 0.0
+                or self.shape_scale != "none")
+
+
+# --------------------------------------------------------------------------------------------
+# Routing
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which parameters a matrix rule takes; the others go to the spec's fallback.
+
+    A parameter goes to the fallback when its ``ndim < min_ndim``, when any regular expression
+    in ``fallback_patterns`` is found (``re.search``) in its name, or when
+    ``fallback_if(name, shape)`` is true. Names are torch's ``named_parameters()`` names and, in
+    JAX, the pytree path joined with dots (``{"params": {"embed": {"w": x}}}`` →
+    ``"params.embed.w"``), so one routing gives one assignment on both backends.
+    """
+
+    min_ndim: int = 2
+    fallback_patterns: tuple[str, ...] = ()
+    fallback_if: Callable[[str, tuple[int, ...]], bool] | None = None
+
+    def __post_init__(self):
+        check_int("min_ndim", self.min_ndim, low=0)
+        patterns = self.fallback_patterns
+        if isinstance(patterns, str):
+            patterns = (patterns,)
+        patterns = tuple(patterns)
+        for p in patterns:
+            if not isinstance(p, str):
+                raise ValueError(f"fallback_patterns entry {p!r} is invalid: expected a regular expression string")
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"fallback_patterns entry {p!r} is not a valid regular expression: {e}") from None
+        object.__setattr__(self, "fallback_patterns", patterns)
+        if self.fallback_if is not None and not callable(self.fallback_if):
+            raise ValueError(f"fallback_if={self.fallback_if!r} is invalid: expected a callable (name, shape) -> bool")
+
+    def to_fallback(self, name: str, shape: tuple[int, ...]) -> bool:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < self.min_ndim:
+            return True
+        if any(re.search(p, name) for p in self.fallback_patterns):
+            return True
+        return bool(self.fallback_if(name, shape)) if self.fallback_if is not None else False
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+Builder = Callable[..., "Spec"]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A named optimizer: rule + hyperparameters + fallback + routing. Compile it with
+    ``torch_backend.compile(spec, params)`` or ``jax_backend.compile(spec)``.
+
+    ``hparams`` are flat and named as in ``torch.optim`` (they become each torch parameter
+    group's keys); ``replace(**changes)`` rebuilds the spec through its constructor, so every
+    change is validated exactly as at construction.
+    """
+
+    name: str
+    rule: UpdateRule
+    hparams: tuple[tuple[str, Any], ...]
+    fallback: Spec | None = None
+    routing: Routing | None = None
+    builder: Builder = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        hp = dict(self.hparams)
+        for key in ("lr", "weight_decay"):
+            if key not in hp:
+                raise ValueError(f"a Spec's hparams must contain {key!r}; got {sorted(hp)}")
+        check_real("lr", hp["lr"], low=0.0)
+        check_real("weight_decay", hp["weight_decay"], low=0.0)
+        if self.fallback is not None:
+            if not isinstance(self.fallback, Spec):
+                raise ValueError(f"fallback={self.fallback!r} is invalid: expected a deepopt Spec or None")
+            if self.fallback.rule.needs_matrix:
+                raise ValueError(f"fallback={self.fallback.name!r} is a matrix rule; a fallback must be "
+                                 "element-wise (e.g. deepopt.adamw or deepopt.sgd)")
+        if self.routing is not None and not isinstance(self.routing, Routing):
+            raise ValueError(f"routing={self.routing!r} is invalid: expected a deepopt.Routing or None")
+
+    # -- hyperparameters ----------------------------------------------------------------------
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The flat hyperparameters, as a fresh dict (torch ``defaults``)."""
+        return dict(self.hparams)
+
+    @property
+    def lr(self) -> float:
+        return dict(self.hparams)["lr"]
+
+    @property
+    def weight_decay(self) -> float:
+        return dict(self.hparams)["weight_decay"]
+
+    def replace(self, **changes: Any) -> Spec:
+        """A copy with some hyperparameters changed, re-validated by the spec's constructor."""
+        if not changes:
+            return self
+        hp = self.hyperparameters
+        unknown = sorted(set(changes) - set(hp))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown hyperparameter(s) {unknown}; "
+                             f"allowed: {sorted(hp)}")
+        new = self.builder(**{**hp, **changes})
+        return replace(new, fallback=self.fallback, routing=self.routing)
+
+    # -- routing ------------------------------------------------------------------------------
+    def with_fallback(self, fallback: Spec | None) -> Spec:
+        return replace(self, fallback=fallback)
+
+    def with_routing(self, routing: Routing | None = None, **kwargs: Any) -> Spec:
+        """A copy with new routing: a :class:`Routing`, or its fields as keywords."""
+        if routing is not None and kwargs:
+            raise ValueError("pass either a Routing or its fields as keywords, not both")
+        return replace(self, routing=routing if routing is not None else Routing(**kwargs))
+
+    def route(self, name: str, shape: tuple[int, ...]) -> Literal["rule", "fallback"]:
+        """Where the parameter ``name`` of ``shape`` goes."""
+        if self.routing is None or not self.routing.to_fallback(name, shape):
+            if self.rule.needs_matrix and len(shape) < 2:
+                raise ValueError(f"{self.name}: parameter {name!r} of shape {tuple(shape)} has fewer "
+                                 "than 2 dims but routing sends it to a matrix rule")
+            return "rule"
+        if self.fallback is None:
+            raise ValueError(f"{self.name}: parameter {name!r} of shape {tuple(shape)} is routed to "
+                             "the fallback but the spec has none; pass fallback=deepopt.adamw(...)")
+        return "fallback"
+
+
+def matrix_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """MATH §0 torch layout: ``(out, in, *rest)`` → ``m = out``, ``n = in · prod(rest)``."""
+    if len(shape) < 2:
+        raise ValueError(f"a matrix view needs at least 2 dims, got shape {tuple(shape)}")
+    return int(shape[0]), int(math.prod(shape[1:]))
+
+
+def freeze_hparams(hparams: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(hparams.items())

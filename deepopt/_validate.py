@@ -1,0 +1,51 @@
+"""Argument checks shared by every spec: each error names the argument, the value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, high_open: bool = False) -> float:
+    """Return ``float(value)`` if it is a finite real in the interval, else raise ``ValueError``."""
+    interval = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
+                + ("inf" if high is None else f"{high:g}") + (")" if high_open else "]"))
+    if not _is_real(value) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}={value!r} is invalid: expected a finite real number in {interval}")
+    v = float(value)
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and (v >= high if high_open else v > high)
+    if too_low or too_high:
+        raise ValueError(f"{name}={value!r} is out of range: allowed {interval}")
+    return v
+
+
+def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+    """Return ``value`` if it is an int in ``[low, high]``, else raise ``ValueError``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: expected an integer")
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name}={value!r} is out of range: allowed integers in [{lo}, {hi}]")
+    return int(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: expected True or False")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is invalid: allowed values are {', '.join(map(repr, choices))}")
+    return value
