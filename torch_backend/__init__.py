@@ -1,1 +1,11 @@
-"""Compile deepopt specs to torch.optim.Optimizer."""
+"""Compile deepopt specs to ``torch.optim.Optimizer``.
+
+    opt = torch_backend.compile(deepopt.muon(lr=0.02), model.named_parameters())
+"""
+
+from torch_backend._newton_schulz import newton_schulz as newton_schulz
+from torch_backend._optimizer import DeepOptimizer as DeepOptimizer
+from torch_backend._optimizer import compile as compile
+from torch_backend._trajectory import run_trajectory as run_trajectory
+
+__all__ = ["DeepOptimizer", "compile", "newton_schulz", "run_trajectory"]

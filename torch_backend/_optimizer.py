@@ -1,0 +1,203 @@
+"""``DeepOptimizer``: a deepopt spec compiled to a ``torch.optim.Optimizer``.
+
+Reads like torch.optim: ``__init__`` validates and fills ``defaults``; ``_init_group``
+gathers parallel lists; ``step`` calls a functional (``_functional.py``).
+
+Routing. Each parameter group the user passes is split in up to two torch groups: the
+parameters the spec's rule takes (``group["route"] == "rule"``) and those its fallback takes
+(``"fallback"``), each carrying its own spec's hyperparameters. Schedulers therefore scale
+both, each from its own initial lr. A user group may override any hyperparameter of the main
+spec by key, and of the fallback through a nested ``"fallback": {...}`` dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from deepopt import AdamValues, Spec, UpdateRule
+from torch_backend._functional import linear_step_batched, linear_step_single
+
+# Extra keys a user group may carry that are not hyperparameters.
+_PASSTHROUGH_KEYS = ("params", "param_names", "name", "fallback")
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+class DeepOptimizer(Optimizer):
+    """A ``torch.optim.Optimizer`` running a deepopt :class:`~deepopt.Spec`.
+
+    Args:
+      params: an iterable of tensors, of ``(name, tensor)`` pairs (``model.named_parameters()``,
+        needed for name-pattern routing), or of param-group dicts.
+      spec: the deepopt spec (``deepopt.muon(...)``, ...).
+      foreach: ``True`` (default when None) runs the batched/foreach functional; ``False`` the
+        single-tensor loop. Both compute the same update.
+    """
+
+    def __init__(self, params: Iterable[Any], spec: Spec, *, foreach: bool | None = None) -> None:
+        if not isinstance(spec, Spec):
+            raise TypeError(f"spec must be a deepopt.Spec, got {type(spec).__name__}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(f"foreach={foreach!r} is invalid: expected None, True or False")
+        self.spec = spec
+        self._foreach = True if foreach is None else foreach
+        self._rules: dict[tuple, UpdateRule] = {}
+        self._n_user_groups = 0
+        super().__init__(params, spec.hyperparameters)
+
+    def __repr__(self) -> str:
+        return f"DeepOptimizer({self.spec.name}, {len(self.param_groups)} groups)"
+
+    # -- groups ------------------------------------------------------------------------------
+    def _route_spec(self, route: str) -> Spec:
+        return self.spec if route == "rule" else self.spec.fallback
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a user group; it is split by routing into a rule part and a fallback part."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs")
+        params = list(params)
+        named = [isinstance(p, tuple) for p in params]
+        if any(named) and not all(named):
+            raise ValueError("all optimizer params should be with/without names; some names are missing")
+        if all(named) and params:
+            names, tensors = [n for n, _ in params], [t for _, t in params]
+        else:
+            names = list(group.get("param_names") or [f"{self._n_user_groups}.{i}" for i in range(len(params))])
+            tensors = params
+        for t in tensors:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(t).__name__}")
+        self._n_user_groups += 1
+
+        fallback_overrides = dict(group.pop("fallback", None) or {})
+        overrides = {k: v for k, v in group.items() if k not in _PASSTHROUGH_KEYS}
+        extra = {k: v for k, v in group.items() if k in ("name",)}
+        self._check_overrides(self.spec, overrides)
+
+        parts: dict[str, tuple[list, list]] = {"rule": ([], []), "fallback": ([], [])}
+        for name, t in zip(names, tensors):
+            route = self.spec.route(name, tuple(t.shape))
+            parts[route][0].append(name)
+            parts[route][1].append(t)
+        if fallback_overrides and self.spec.fallback is not None:
+            self._check_overrides(self.spec.fallback, fallback_overrides)
+
+        for route, (part_names, part_tensors) in parts.items():
+            if not part_tensors:
+                continue
+            spec = self._route_spec(route)
+            hp = spec.hyperparameters
+            hp.update(overrides if route == "rule" else fallback_overrides)
+            part = {"params": part_tensors, **hp, **extra, "route": route}
+            if all(named) and params:
+                part["param_names"] = part_names
+            # torch's add_param_group fills missing keys from self.defaults (the main spec's);
+            # a fallback part already has all of its own, so it must not take the main's too.
+            defaults, self.defaults = self.defaults, ({} if route == "fallback" else self.defaults)
+            try:
+                super().add_param_group(part)
+            finally:
+                self.defaults = defaults
+
+    @staticmethod
+    def _check_overrides(spec: Spec, overrides: dict[str, Any]) -> None:
+        """Validate a group's overrides by rebuilding the spec (lr/weight_decay may be tensors)."""
+        static = {k: v for k, v in overrides.items() if k not in ("lr", "weight_decay")}
+        spec.replace(**static)
+        for key in ("lr", "weight_decay"):
+            if key in overrides:
+                value = overrides[key]
+                if isinstance(value, torch.Tensor):
+                    if value.numel() != 1:
+                        raise ValueError(f"Tensor {key} must be 1-element, got shape {tuple(value.shape)}")
+                else:
+                    spec.replace(**{key: value})
+
+    def _group_rule(self, group: dict[str, Any]) -> UpdateRule:
+        """The rule for a group's current hyperparameters (lr and weight decay are read per step)."""
+        spec = self._route_spec(group["route"])
+        keys = [k for k in spec.hyperparameters if k not in ("lr", "weight_decay")]
+        cache_key = (group["route"], *(_hashable(group[k]) for k in keys))
+        rule = self._rules.get(cache_key)
+        if rule is None:
+            rule = self._rules[cache_key] = spec.replace(**{k: group[k] for k in keys}).rule
+        return rule
+
+    # -- step --------------------------------------------------------------------------------
+    def _init_group(self, group: dict[str, Any], rule: UpdateRule, params: list, grads: list,
+                    states: list) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"deepopt.{self.spec.name} does not support sparse gradients; "
+                                   "use dense gradients (e.g. nn.Embedding(sparse=False))")
+            if torch.is_complex(p) or torch.is_complex(p.grad):
+                raise RuntimeError(f"deepopt.{self.spec.name} does not support complex parameters or "
+                                   "gradients; view them as real with torch.view_as_real")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if not rule.memory.stateless:
+                    state["memory"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if isinstance(rule.values, AdamValues):
+                    state["values_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if rule.denominator is not None:
+                    state["second_moment"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            states.append(state)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            rule = self._group_rule(group)
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            states: list[dict] = []
+            self._init_group(group, rule, params, grads, states)
+            if not params:
+                continue
+            lr, wd = group["lr"], group["weight_decay"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            wd = wd.item() if isinstance(wd, torch.Tensor) else wd
+            functional = linear_step_batched if self._foreach else linear_step_single
+            functional(rule, params, grads, states, lr=lr, weight_decay=wd)
+        return loss
+
+
+def compile(spec: Spec, params: Iterable[Any], *, foreach: bool | None = None) -> DeepOptimizer:
+    """Compile a deepopt spec into a ``torch.optim.Optimizer`` over ``params``.
+
+    Example::
+
+        opt = torch_backend.compile(deepopt.muon(lr=0.02), model.named_parameters())
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)
+        for x, y in data:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            sched.step()
+    """
+    return DeepOptimizer(params, spec, foreach=foreach)
