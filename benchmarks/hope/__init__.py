@@ -1,0 +1,7 @@
+"""HOPE (self-modifying Titans + Continuum Memory System) vs Transformer++ benchmark.
+
+Run `python -m benchmarks.hope.compare --preset cpu-tiny --out runs/hope` for the main
+comparison, or `python -m benchmarks.hope.train --help` for one run.
+"""
+
+from .model import Hope as Hope, HopeConfig as HopeConfig

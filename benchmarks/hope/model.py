@@ -1,0 +1,511 @@
+"""HOPE: a self-modifying Titans layer followed by a Continuum Memory System (NL §8).
+
+Reads top to bottom in the order data flows: config → memory algebra (the residual-MLP
+memory, its closed-form inner gradients, the DGD step) → self-modifying Titans (generators,
+one chunk of eq. 90, the sequential per-token reference) → CMS levels → HOPE block → LM.
+Everything follows `/work/shared/design/MATH.md` §7–§8 ("MATH" below). Notation: B batch,
+T tokens, D model width, H heads, d head width, f memory hidden width, C chunk size,
+M = 5 memories stacked in the order (k, v, η, α, memory).
+
+Self-modifying Titans, per head and token t (MATH §8, NL eq. 83–88)
+-------------------------------------------------------------------
+    x̃_t = conv(x_t W_in)               generator input (fixed projection, see choice 1)
+    q_t = normalize(conv(x_t W_q))      the one fixed query projection
+    k_t = normalize(M_k(x̃_t))   v_t = M_v(x̃_t)                   memories read at the
+    η_t = bound_η(w_ηᵀ M_η(x̃_t) + b_η)   α_t = σ(w_αᵀ M_α(x̃_t) + b_α)   previous state
+    v̂_□ = M_□(v_t)                     each memory's self-generated target
+    every □ ∈ {k, v, η, α, memory}:  φ_□ ← DGD step on ℓ_□ = ½‖M_□(k_t) − v̂_□‖², retention α_t
+    o_t = M_memory(q_t)
+
+with every memory the residual two-layer MLP  M(x) = x + W₁ σ(W₂ x),  W₂: f×d, W₁: d×f,
+σ = SiLU. DGD (MATH §7) is applied layer by layer: a layer `y = W x_in` whose output
+receives the error δ = ∂ℓ/∂y takes the step
+
+    W ← α W − η′ δ x_inᵀ,   η′ = η / (1 + η ‖x_in‖²)
+
+which is MATH §7's closed form with target u = y − δ, written with decoupled retention
+(`α W` instead of `W`, like AdamW's decoupled decay): it equals MATH §8's
+`M(α I − η k kᵀ) + η v̂ kᵀ` with η → η′, with the k kᵀ shrink applied once (NL eq. 93
+applies it twice; see `dgd_step`). For the output layer W₁ this step is *the exact
+proximal minimiser* of ℓ with W₂ frozen (tested); for W₂ it is the proximal step on the
+Gauss–Newton model of ℓ with unit curvature in W₂'s output.
+
+Chunk-parallel training (NL eq. 90, fixed as MATH §8 says)
+----------------------------------------------------------
+Tokens are cut into chunks of C. Inside a chunk starting at boundary state φ_b:
+  * k, v, η, α and the targets v̂ are read at φ_b (the "previous state" of every token in
+    the chunk; the paper's `C⌈t/C⌉` would read the future);
+  * every inner gradient G_t is taken at φ_b;
+  * the state recurrence φ_t = α_t φ_{t−1} − η′_t G_t is unrolled in closed form,
+    φ_t = (Π_{r≤t} α_r) φ_b − Σ_{s≤t} (Π_{s<r≤t} α_r) η′_s G_s, so the chunk's end state is
+    one weighted sum of outer products, and the output read o_t = M_{φ_t}(q_t) sees the
+    writes of tokens s ≤ t of its own chunk (causal) through C×C masked score matrices,
+    the way chunked linear attention does — no per-token loop, only a loop over chunks.
+`titans_reference` runs the same semantics token by token with autograd inner gradients;
+at C = 1 it *is* the plain sequential recurrence. Tests hold the two equal in float64.
+
+CMS (MATH §8, NL eq. 70–71)
+---------------------------
+Levels ℓ = 1…L in sequence, each `h ← h + MLP_ℓ(RMSNorm(h))` with MLP(u) = W_down σ(W_up u).
+The fast weights (W_up, W_down) start from outer parameters and are written only after
+tokens t ≡ 0 (mod C_ℓ) (1-indexed), with the sum of the per-token inner gradients of the
+last C_ℓ tokens, all taken at the level's current state:  φ ← φ − η_ℓ Σ_{t in period} ∇ℓ_t(φ).
+Level objective (associative L2 on projections of the level's input u_t, as in TTT):
+
+    ℓ_t(φ) = ½ ‖MLP_φ(u_t W_κᵀ) − u_t W_νᵀ‖²,   W_κ, W_ν outer parameters.
+
+With no writes (η_ℓ = 0) a level is exactly a Transformer MLP.
+
+Choices where MATH §8 / the paper are ambiguous (each is a config field)
+-------------------------------------------------------------------------
+1. Heads and inputs. Memories are per head (d = D/H) to keep per-sequence state small.
+   Per-head generator inputs need a mixing of the D features, so x̃ = x W_in is one fixed
+   projection shared by M_k, M_v, M_η, M_α (departure: MATH calls W_q "the one fixed
+   projection"; W_in only routes features to heads, all adaptivity stays in the memories).
+   Head outputs are mixed by a fixed W_o, as in attention.
+2. Convolutions: causal depthwise, window `conv_size` = 4, on x W_in and x W_q, i.e. right
+   after the fixed projections (MATH: "follow the projections"), initialised near identity.
+3. q is not adaptive (the paper's ablation finds a fixed q slightly better).
+4. η, α memories output d-vectors (the residual MLP is square); a fixed per-head read-out
+   vector and bias turn them into one scalar per head and token, shared by all five memories:
+   η_t = min(eta_scale · softplus(·), eta_max) (bounded, "softplus times a small scale"),
+   α_t = sigmoid(·) ∈ (0, 1), bias initialised to `alpha_bias_init` (α ≈ 0.98).
+5. Inner-gradient clipping (PRIOR-ART: Titans NaNs without it): each layer's per-token
+   gradient δ x_inᵀ is scaled by min(1, inner_clip / ‖δ‖‖x_in‖) before the step, in every
+   path alike; `inner_clip=None` turns it off.
+6. Retrieve after store: o_t reads the state *after* token t's own write (Titans' order);
+   `out_read="boundary"` instead reads φ_b for the whole chunk (retrieve before store at C=1).
+7. Targets v̂ are constants inside the inner objective (they are the memory's own earlier
+   output, not something to fit); the outer gradient flows through them and through every
+   inner update (no stop-gradient anywhere; the initial states are nn.Parameters).
+8. CMS: periods from the preset (e.g. (16, 64, 256) tokens for GPU presets, shorter for CPU);
+   η_ℓ = cms_eta_max · sigmoid(ρ_ℓ) learned per level; no retention in CMS levels (fast state
+   lives one sequence); the same inner clipping per token.
+9. Fast state is per sequence (batch dimension), reset at the start of every training
+   sequence. Sequences are windows of the corpus and may cross a file boundary; the state is
+   *not* reset there (the Transformer baseline equally attends across it).
+10. Memory init: W₂,0 ~ N(0, 1/d), W₁,0 ~ N(0, 1/f) per memory, so M_k and M_v differ at
+   init (with W₁,0 = 0 every memory would be the identity and k = v).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# memory slots, stacked along one axis of the fast state
+MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
+N_MEMORIES = 5
+
+
+@dataclass
+class HopeConfig:
+    vocab_size: int = 256        # bytes
+    d_model: int = 64            # D
+    n_layers: int = 2
+    n_heads: int = 2             # H; head width d = D / H
+    mem_hidden: int = 32         # f, hidden width of every residual-MLP memory
+    chunk_size: int = 16         # C of eq. 90
+    conv_size: int = 4           # MATH §8: window 4
+    cms_periods: tuple[int, ...] = (16, 64)   # C_ℓ, one CMS level each
+    cms_hidden: int = 128        # hidden width of each CMS level's MLP
+    cms_eta_init: float = 0.01   # η_ℓ at init
+    cms_eta_max: float = 0.1     # upper bound of η_ℓ
+    eta_scale: float = 0.5       # η_t = min(eta_scale · softplus(·), eta_max)
+    eta_max: float = 1.0         # with unit keys DGD's η′ = η/(1+η) ≤ 0.5: contractive
+    alpha_bias_init: float = 4.0  # sigmoid(4) ≈ 0.982 retention at init
+    inner_clip: float | None = 1.0  # per-token inner-gradient Frobenius clip
+    out_read: str = "causal"     # "causal" (retrieve after store) or "boundary"
+    extra: dict = field(default_factory=dict)  # free-form notes carried into summaries
+
+    def __post_init__(self):
+        assert self.d_model % self.n_heads == 0, "d_model must divide into heads"
+        assert self.out_read in ("causal", "boundary")
+        self.cms_periods = tuple(int(p) for p in self.cms_periods)
+
+
+# -----------------------------------------------------------------------------
+# Memory algebra: residual MLP, closed-form inner gradients, DGD
+
+
+def _silu_grad(z):
+    # d/dz [z σ(z)] = σ(z) (1 + z (1 − σ(z)))
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def mem_apply(w1, w2, x):
+    """Residual two-layer memory M(x) = x + W₁ σ(W₂ x), batched over leading dims.
+
+    w1: (..., d, f) output-side weight W₁
+    w2: (..., f, d) input-side weight W₂
+    x:  (..., n, d) n rows to read
+    returns y (..., n, d), z = W₂x (..., n, f), a = σ(z) (..., n, f)
+    """
+    z = x @ w2.transpose(-1, -2)  # (n, d)(d, f)
+    a = F.silu(z)
+    y = x + a @ w1.transpose(-1, -2)  # (n, f)(f, d)
+    return y, z, a
+
+
+def mem_inner_grad(w1, w2, k, vhat):
+    """Error signals of ℓ = ½‖M(k) − v̂‖² per row, in closed form.
+
+    w1: (..., d, f), w2: (..., f, d)
+    k:    (..., n, d) keys
+    vhat: (..., n, d) targets (constants of ℓ)
+    returns e (..., n, d) = ∂ℓ/∂y, a (..., n, f) = W₁'s input, g (..., n, f) = ∂ℓ/∂z,
+    so that ∇_{W₁} ℓ = e aᵀ and ∇_{W₂} ℓ = g kᵀ (outer products per row).
+    """
+    y, z, a = mem_apply(w1, w2, k)
+    e = y - vhat
+    g = (e @ w1) * _silu_grad(z)  # W₁ᵀ e per row: (n, d)(d, f)
+    return e, a, g
+
+
+def dgd_rate(eta, x_sq, delta_sq, clip):
+    """Per-token scale of δ x_inᵀ in a DGD step: η′ · clip factor.
+
+    eta: (...) inner rate η; x_sq: (...) ‖x_in‖²; delta_sq: (...) ‖δ‖²
+    η′ = η / (1 + η ‖x_in‖²) is MATH §7's Sherman–Morrison rate; the clip factor
+    min(1, clip / ‖δ x_inᵀ‖_F) uses ‖δ x_inᵀ‖_F = ‖δ‖ ‖x_in‖.
+    """
+    return eta / (1 + eta * x_sq) * clip_factor(x_sq, delta_sq, clip)
+
+
+def clip_factor(x_sq, delta_sq, clip):
+    """min(1, clip / ‖δ xᵀ‖_F) with ‖δ xᵀ‖_F = ‖δ‖‖x‖; x_sq, delta_sq: (...). 1 if clip is None."""
+    if clip is None:
+        return torch.ones_like(x_sq * delta_sq)  # broadcast shape of the two
+    return torch.clamp(clip / torch.sqrt(x_sq * delta_sq + 1e-30), max=1.0)
+
+
+def dgd_step(w, x, u, eta, alpha=1.0):
+    """One DGD step of a linear memory y = W x towards target u (MATH §7), decoupled retention.
+
+    w: (..., m, n); x: (..., n); u: (..., m); eta, alpha: floats or (...) tensors
+        W⁺ = α W − η′ (W x − u) xᵀ,   η′ = η / (1 + η ‖x‖²)
+    With α = 1 this is argmin_W′ ½‖W′x − u‖² + (1/2η)‖W′ − W‖² exactly (Sherman–Morrison);
+    with α < 1 it is that minimiser minus (1 − α) W. The k kᵀ shrink (here W x xᵀ) appears
+    once: NL eq. 93 writes both the shrink and the full L2 gradient, applying it twice.
+    """
+    eta = torch.as_tensor(eta, dtype=w.dtype, device=w.device)
+    alpha = torch.as_tensor(alpha, dtype=w.dtype, device=w.device)
+    rate = eta / (1 + eta * (x * x).sum(-1))
+    err = (w @ x.unsqueeze(-1)).squeeze(-1) - u  # (..., m)
+    return alpha[..., None, None] * w - rate[..., None, None] * err.unsqueeze(-1) * x.unsqueeze(-2)
+
+
+# -----------------------------------------------------------------------------
+# Self-modifying Titans
+
+
+class CausalDepthwiseConv(nn.Module):
+    """Causal depthwise 1-D convolution over time, window `size`, started near identity."""
+
+    def __init__(self, channels, size):
+        super().__init__()
+        self.size = size
+        w = torch.randn(channels, 1, size) * 0.02
+        w[:, 0, -1] += 1.0  # the current token's tap: starts as (almost) a pass-through
+        self.weight = nn.Parameter(w)
+
+    def forward(self, x):  # x: (B, T, channels)
+        x = F.pad(x.transpose(1, 2), (self.size - 1, 0))  # left pad: output t sees ≤ t
+        return F.conv1d(x, self.weight, groups=self.weight.shape[0]).transpose(1, 2)
+
+
+class SelfModifyingTitans(nn.Module):
+    def __init__(self, cfg: HopeConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, H = cfg.d_model, cfg.n_heads
+        d, f = D // H, cfg.mem_hidden
+        self.n_head, self.head_dim = H, d
+        self.w_in = nn.Linear(D, D, bias=False)  # generator inputs x̃ (choice 1)
+        self.w_q = nn.Linear(D, D, bias=False)  # the fixed query projection
+        self.conv_in = CausalDepthwiseConv(D, cfg.conv_size)
+        self.conv_q = CausalDepthwiseConv(D, cfg.conv_size)
+        # meta-learned initial fast state φ₀ of the five memories, per head (choice 10)
+        self.mem_w1 = nn.Parameter(torch.randn(H, N_MEMORIES, d, f) / math.sqrt(f))
+        self.mem_w2 = nn.Parameter(torch.randn(H, N_MEMORIES, f, d) / math.sqrt(d))
+        # scalar read-outs of M_η and M_α (choice 4); small random so M_η, M_α get gradient
+        self.eta_w = nn.Parameter(torch.randn(H, d) * 0.1 / math.sqrt(d))
+        self.eta_b = nn.Parameter(torch.zeros(H))
+        self.alpha_w = nn.Parameter(torch.randn(H, d) * 0.1 / math.sqrt(d))
+        self.alpha_b = nn.Parameter(torch.full((H,), cfg.alpha_bias_init))
+        self.w_o = nn.Linear(D, D, bias=False)
+
+    def _heads(self, x):  # (B, T, D) -> (B, H, T, d)
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+
+    def generate(self, w1, w2, xin):
+        """Read M_k, M_v, M_η, M_α at the given (boundary) state.
+
+        w1: (B, H, 5, d, f), w2: (B, H, 5, f, d); xin: (B, H, n, d)
+        returns k (B,H,n,d) unit, v (B,H,n,d), eta (B,H,n), log_alpha (B,H,n)
+        """
+        y, _, _ = mem_apply(w1[:, :, :MEM_OUT], w2[:, :, :MEM_OUT], xin.unsqueeze(2))  # (B,H,4,n,d)
+        k = F.normalize(y[:, :, MEM_K], dim=-1)
+        v = y[:, :, MEM_V]
+        eta_pre = (y[:, :, MEM_ETA] * self.eta_w[:, None, :]).sum(-1) + self.eta_b[:, None]
+        eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre), max=self.cfg.eta_max)
+        alpha_pre = (y[:, :, MEM_ALPHA] * self.alpha_w[:, None, :]).sum(-1) + self.alpha_b[:, None]
+        return k, v, eta, F.logsigmoid(alpha_pre)  # log α: decay products as cumsums
+
+    def chunk(self, w1, w2, xin, q):
+        """One chunk of eq. 90: boundary-state reads and gradients, causal in-chunk output reads.
+
+        w1: (B, H, 5, d, f), w2: (B, H, 5, f, d)  fast state at the chunk's left boundary
+        xin: (B, H, C, d) generator inputs;  q: (B, H, C, d) unit queries
+        returns o (B, H, C, d) and the state at the chunk's right boundary
+        """
+        clip = self.cfg.inner_clip
+        k, v, eta, log_alpha = self.generate(w1, w2, xin)
+        vhat, _, _ = mem_apply(w1, w2, v.unsqueeze(2))  # (B,H,5,C,d): v̂_□ = M_□(v)
+        e, a, g = mem_inner_grad(w1, w2, k.unsqueeze(2), vhat)  # (B,H,5,C,d|f|f)
+        k_sq = (k * k).sum(-1).unsqueeze(2)  # (B,H,1,C); = 1 up to rounding
+        s1 = dgd_rate(eta.unsqueeze(2), (a * a).sum(-1), (e * e).sum(-1), clip)  # W₁: input a
+        s2 = dgd_rate(eta.unsqueeze(2), k_sq, (g * g).sum(-1), clip)  # W₂: input k
+        # decay products: cum_t = Σ_{r≤t} log α_r, so Π_{s<r≤t} α_r = exp(cum_t − cum_s)
+        cum = log_alpha.cumsum(-1)  # (B, H, C)
+        total = cum[..., -1:]  # (B, H, 1)
+        carry = torch.exp(total - cum).unsqueeze(2)  # (B,H,1,C): Π_{r>t} α_r
+        keep = torch.exp(total)[..., None, None]  # (B,H,1,1,1)
+        new_w1 = keep * w1 - torch.einsum("bhmc,bhmcd,bhmcf->bhmdf", carry * s1, e, a)
+        new_w2 = keep * w2 - torch.einsum("bhmc,bhmcf,bhcd->bhmfd", carry * s2, g, k)
+
+        w1o, w2o = w1[:, :, MEM_OUT], w2[:, :, MEM_OUT]
+        if self.cfg.out_read == "boundary":
+            o, _, _ = mem_apply(w1o, w2o, q)
+            return o, new_w1, new_w2
+        # o_t = M_{φ_t}(q_t) with φ_t = A_t φ_b − Σ_{s≤t} D_ts s_s G_s (causal, s ≤ t)
+        C = q.shape[2]
+        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        diff = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
+        dmat = torch.exp(diff)  # (B,H,C,C): D_ts, zero above the diagonal
+        a_t = torch.exp(cum).unsqueeze(-1)  # (B,H,C,1): A_t = Π_{r≤t} α_r
+        # W₂,t q_t = A_t W₂,b q_t − Σ_s D_ts s2_s (k_s·q_t) g_s   : (C×C)(C×f)
+        scores2 = dmat * (q @ k.transpose(-1, -2)) * s2[:, :, MEM_OUT].unsqueeze(-2)
+        z = a_t * (q @ w2o.transpose(-1, -2)) - scores2 @ g[:, :, MEM_OUT]
+        h = F.silu(z)  # (B,H,C,f)
+        # W₁,t h_t = A_t W₁,b h_t − Σ_s D_ts s1_s (a_s·h_t) e_s    : (C×C)(C×d)
+        scores1 = dmat * (h @ a[:, :, MEM_OUT].transpose(-1, -2)) * s1[:, :, MEM_OUT].unsqueeze(-2)
+        o = q + a_t * (h @ w1o.transpose(-1, -2)) - scores1 @ e[:, :, MEM_OUT]
+        return o, new_w1, new_w2
+
+    def forward(self, x, chunk_size=None, reference=False, return_state=False):
+        """x: (B, T, D) (already normalised) -> (B, T, D).
+
+        reference=True runs `titans_reference` (per-token loop) with the same chunk size.
+        """
+        B, T, D = x.shape
+        C = chunk_size or self.cfg.chunk_size
+        xin = self._heads(self.conv_in(self.w_in(x)))  # (B,H,T,d)
+        q = F.normalize(self._heads(self.conv_q(self.w_q(x))), dim=-1)  # (B,H,T,d)
+        # per-sequence fast state, starting from the meta-learned φ₀ (expand: no copy)
+        w1 = self.mem_w1.unsqueeze(0).expand(B, *self.mem_w1.shape)
+        w2 = self.mem_w2.unsqueeze(0).expand(B, *self.mem_w2.shape)
+        if reference:
+            o, w1, w2 = titans_reference(self, w1, w2, xin, q, C)
+        else:
+            outs = []
+            for s in range(0, T, C):
+                o_c, w1, w2 = self.chunk(w1, w2, xin[:, :, s : s + C], q[:, :, s : s + C])
+                outs.append(o_c)
+            o = torch.cat(outs, dim=2)
+        y = self.w_o(o.transpose(1, 2).reshape(B, T, D))
+        return (y, (w1, w2)) if return_state else y
+
+
+def titans_reference(layer, w1, w2, xin, q, chunk_size):
+    """Per-token reference of `SelfModifyingTitans.chunk`, computed another way.
+
+    w1: (B, H, 5, d, f), w2: (B, H, 5, f, d) initial state
+    xin, q: (B, H, T, d)
+    Inner gradients come from autograd (torch.func.grad of ½‖M(k) − v̂‖²), the state is
+    stepped one token at a time, φ_t = α_t φ_{t−1} − η′_t G_t, with G_t taken at the last
+    chunk boundary; o_t is read from φ_t (or φ_b for out_read="boundary"). At C = 1 the
+    boundary is the previous token: the plain sequential recurrence.
+    returns o (B, H, T, d) and the final state
+    """
+    clip = layer.cfg.inner_clip
+
+    def loss(w1_, w2_, k_, vhat_):  # Σ over (B, H, memory) of ½‖M(k) − v̂‖²
+        y_, _, _ = mem_apply(w1_, w2_, k_)
+        return 0.5 * ((y_ - vhat_) ** 2).sum()
+
+    grad_fn = torch.func.grad(loss, argnums=(0, 1))
+    outs = []
+    for t in range(xin.shape[2]):
+        if t % chunk_size == 0:
+            b1, b2 = w1, w2  # boundary state φ_b
+        k, v, eta, log_alpha = layer.generate(b1, b2, xin[:, :, t : t + 1])  # (B,H,1,·)
+        k5 = k.unsqueeze(2)  # (B,H,1,1,d), broadcast over the five memories
+        vhat, _, _ = mem_apply(b1, b2, v.unsqueeze(2))  # (B,H,5,1,d)
+        g1, g2 = grad_fn(b1, b2, k5.expand_as(vhat), vhat)  # (B,H,5,d,f), (B,H,5,f,d)
+        _, _, a = mem_apply(b1, b2, k5)  # W₁'s layer input at this token
+        eta5 = eta[:, :, None, 0]  # (B,H,1)
+        r1 = eta5 / (1 + eta5 * (a * a).sum((-1, -2)))  # η′ with ‖x_in‖² = ‖a‖²
+        r2 = eta5 / (1 + eta5 * (k5 * k5).sum((-1, -2)))  # η′ with ‖x_in‖² = ‖k‖²
+        if clip is not None:
+            r1 = r1 * torch.clamp(clip / (g1.flatten(-2).norm(dim=-1) + 1e-15), max=1.0)
+            r2 = r2 * torch.clamp(clip / (g2.flatten(-2).norm(dim=-1) + 1e-15), max=1.0)
+        alpha = torch.exp(log_alpha)[:, :, None, :, None]  # (B,H,1,1,1)
+        w1 = alpha * w1 - r1[..., None, None] * g1
+        w2 = alpha * w2 - r2[..., None, None] * g2
+        r1_, r2_ = (w1, w2) if layer.cfg.out_read == "causal" else (b1, b2)
+        o, _, _ = mem_apply(r1_[:, :, MEM_OUT], r2_[:, :, MEM_OUT], q[:, :, t : t + 1])
+        outs.append(o)
+    return torch.cat(outs, dim=2), w1, w2
+
+
+# -----------------------------------------------------------------------------
+# Continuum Memory System
+
+
+class CMSLevel(nn.Module):
+    """One CMS level: h ← h + MLP_φ(RMSNorm(h)), φ written every `period` tokens."""
+
+    def __init__(self, cfg: HopeConfig, period: int):
+        super().__init__()
+        D, f = cfg.d_model, cfg.cms_hidden
+        self.period, self.clip, self.eta_max = period, cfg.inner_clip, cfg.cms_eta_max
+        self.norm = nn.RMSNorm(D, eps=1e-6)
+        # initial fast weights φ₀ = (W_up, W_down): outer parameters (a Transformer MLP)
+        self.w_up = nn.Parameter(torch.randn(f, D) * 0.02)
+        self.w_down = nn.Parameter(torch.randn(D, f) * 0.02 / math.sqrt(2 * cfg.n_layers))
+        # the level objective's views of its input: ℓ_t = ½‖MLP(u W_κᵀ) − u W_νᵀ‖²
+        self.w_key = nn.Linear(D, D, bias=False)
+        self.w_value = nn.Linear(D, D, bias=False)
+        p = cfg.cms_eta_init / cfg.cms_eta_max
+        self.eta_logit = nn.Parameter(torch.tensor(math.log(p / (1 - p))))  # η_ℓ ∈ (0, max)
+
+    def eta(self):
+        return self.eta_max * torch.sigmoid(self.eta_logit)
+
+    def views(self, x):  # x: (B, T, D) -> u, κ, ν each (B, T, D)
+        u = self.norm(x)
+        return u, self.w_key(u), self.w_value(u)
+
+    def forward(self, x, reference=False, return_states=False):
+        """x: (B, T, D) -> (B, T, D). return_states: also the fast weights in force per period."""
+        if reference:
+            return cms_reference(self, x, return_states)
+        B, T, _ = x.shape
+        P, eta = self.period, self.eta()
+        u, key, val = self.views(x)
+        up = self.w_up.unsqueeze(0).expand(B, *self.w_up.shape)  # (B, f, D)
+        down = self.w_down.unsqueeze(0).expand(B, *self.w_down.shape)  # (B, D, f)
+        outs, states = [], []
+        for s in range(0, T, P):
+            states.append((up, down))
+            outs.append(F.silu(u[:, s : s + P] @ up.transpose(1, 2)) @ down.transpose(1, 2))
+            if s + P <= T:  # the period is complete: write after token t = s + P ≡ 0 mod P
+                kp, vp = key[:, s : s + P], val[:, s : s + P]  # (B, P, D)
+                z = kp @ up.transpose(1, 2)  # (B, P, f)
+                a = F.silu(z)
+                e = a @ down.transpose(1, 2) - vp  # ∂ℓ/∂(output), (B, P, D)
+                g = (e @ down) * _silu_grad(z)  # ∂ℓ/∂z, (B, P, f)
+                c_down = clip_factor((a * a).sum(-1), (e * e).sum(-1), self.clip)  # (B, P)
+                c_up = clip_factor((kp * kp).sum(-1), (g * g).sum(-1), self.clip)
+                # Σ_t ∇ℓ_t: one weighted outer-product sum per weight
+                down = down - eta * torch.einsum("bt,btd,btf->bdf", c_down, e, a)
+                up = up - eta * torch.einsum("bt,btf,btd->bfd", c_up, g, kp)
+        y = x + torch.cat(outs, dim=1)
+        return (y, states) if return_states else y
+
+
+def cms_reference(level, x, return_states=False):
+    """Per-token reference of `CMSLevel.forward`: autograd gradients, accumulate, write at t ≡ 0.
+
+    x: (B, T, D). returns y and, if asked, the fast weights *after* each token t (1-indexed),
+    so a test can see exactly when they change.
+    """
+    B, T, _ = x.shape
+    u, key, val = level.views(x)
+    up = level.w_up.unsqueeze(0).expand(B, *level.w_up.shape)
+    down = level.w_down.unsqueeze(0).expand(B, *level.w_down.shape)
+    eta = level.eta()
+
+    def loss(up_, down_, k_, v_):  # Σ_b ℓ_t for one token per sequence
+        return 0.5 * ((F.silu(k_ @ up_.transpose(1, 2)) @ down_.transpose(1, 2) - v_) ** 2).sum()
+
+    grad_fn = torch.func.grad(loss, argnums=(0, 1))
+    acc_up, acc_down = torch.zeros_like(up), torch.zeros_like(down)
+    outs, states = [], []
+    for t in range(T):
+        ut, kt, vt = u[:, t : t + 1], key[:, t : t + 1], val[:, t : t + 1]  # (B, 1, D)
+        outs.append(F.silu(ut @ up.transpose(1, 2)) @ down.transpose(1, 2))
+        g_up, g_down = grad_fn(up, down, kt, vt)
+        if level.clip is not None:
+            g_up = g_up * torch.clamp(level.clip / g_up.flatten(1).norm(dim=1), max=1.0)[:, None, None]
+            g_down = g_down * torch.clamp(level.clip / g_down.flatten(1).norm(dim=1), max=1.0)[:, None, None]
+        acc_up, acc_down = acc_up + g_up, acc_down + g_down
+        if (t + 1) % level.period == 0:  # t + 1 ≡ 0 (mod C_ℓ): write, then start a new sum
+            up, down = up - eta * acc_up, down - eta * acc_down
+            acc_up, acc_down = torch.zeros_like(up), torch.zeros_like(down)
+        states.append((up, down))
+    y = x + torch.cat(outs, dim=1)
+    return (y, states) if return_states else y
+
+
+# -----------------------------------------------------------------------------
+# HOPE block and language model
+
+
+class HopeBlock(nn.Module):
+    """x ← x + Titans(RMSNorm(x)); then each CMS level x ← x + MLP_ℓ(RMSNorm(x))."""
+
+    def __init__(self, cfg: HopeConfig):
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.titans = SelfModifyingTitans(cfg)
+        self.cms = nn.ModuleList(CMSLevel(cfg, p) for p in cfg.cms_periods)
+
+    def forward(self, x, chunk_size=None, reference=False):  # x: (B, T, D)
+        x = x + self.titans(self.norm(x), chunk_size=chunk_size, reference=reference)
+        for level in self.cms:
+            x = level(x, reference=reference)
+        return x
+
+
+class Hope(nn.Module):
+    def __init__(self, cfg: HopeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(HopeBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=1e-6)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as nanoGPT
+        for name, p in self.named_parameters():  # nanoGPT init for the fixed projections
+            if name.endswith(("w_in.weight", "w_q.weight", "w_key.weight", "w_value.weight")):
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("w_o.weight"):  # residual output: scaled by depth (GPT-2)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        nn.init.normal_(self.wte.weight, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+    def forward(self, idx, targets=None, chunk_size=None, reference=False):
+        """idx: (B, T) token ids; targets: (B, T) or None (−100 = ignore).
+
+        returns logits (B, T, V) and the mean cross-entropy (None without targets).
+        """
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, chunk_size=chunk_size, reference=reference)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            flat = logits.flatten(0, 1)
+            flat = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+            loss = F.cross_entropy(flat, targets.flatten(), ignore_index=-100)
+        return logits, loss
