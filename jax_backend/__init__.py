@@ -1,1 +1,26 @@
-"""Compile deepopt specs to optax.GradientTransformation."""
+"""Compile deepopt specs to ``optax.GradientTransformation`` (STYLE.md §6).
+
+    tx = jax_backend.compile(deepopt.muon(lr=0.02))      # an optax.GradientTransformation
+
+The pieces are optax-style ``scale_by_*`` transforms; ``run_trajectory`` is the
+backend-comparison protocol of ``deepopt.testing``.
+"""
+
+from jax_backend._compile import compile as compile
+from jax_backend._newton_schulz import newton_schulz as newton_schulz
+from jax_backend._routing import param_labels as param_labels
+from jax_backend._routing import path_name as path_name
+from jax_backend._trajectory import run_trajectory as run_trajectory
+from jax_backend._transforms import LinearMemoryState as LinearMemoryState
+from jax_backend._transforms import MatrixView as MatrixView
+from jax_backend._transforms import SecondMomentState as SecondMomentState
+from jax_backend._transforms import scale_by_linear_memory as scale_by_linear_memory
+from jax_backend._transforms import scale_by_readout as scale_by_readout
+from jax_backend._transforms import scale_by_second_moment as scale_by_second_moment
+from jax_backend._transforms import scale_by_shape as scale_by_shape
+
+__all__ = [
+    "LinearMemoryState", "MatrixView", "SecondMomentState", "compile", "newton_schulz",
+    "param_labels", "path_name", "run_trajectory", "scale_by_linear_memory", "scale_by_readout",
+    "scale_by_second_moment", "scale_by_shape",
+]

@@ -1,0 +1,136 @@
+"""``compile``: a deepopt spec → an ``optax.GradientTransformation``.
+
+A rule compiles to a chain, read top to bottom as ``deepopt.UpdateRule``'s docstring::
+
+    optax.chain(
+        optax.scale(-1.0),                           # maximize: G ← −G
+        optax.add_decayed_weights(λ),                # coupled L2: G ← G + λW
+        scale_by_second_moment(                      # ÷ (√v̂ + ε), Adam's denominator
+            optax.chain(scale_by_linear_memory(...), #   V = P(G); S_t = S(αI − ζKᵀK) + ηV; D̃
+                        scale_by_readout(...))),     #   σ(D̃)
+        scale_by_shape(...),                         # × s(W)
+        optax.add_decayed_weights(λ),                # decoupled: + λW
+        optax.scale_by_learning_rate(γ),             # × −γ
+    )
+
+with the links a rule does not use left out, and the spec's routing splits the pytree
+between the rule and its fallback (``optax.partition``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import optax
+
+from deepopt import Spec, UpdateRule
+from jax_backend._routing import route
+from jax_backend._transforms import (
+    LAYOUTS,
+    MatrixView,
+    scale_by_linear_memory,
+    scale_by_readout,
+    scale_by_second_moment,
+    scale_by_shape,
+)
+
+
+def _is_zero(x: Any) -> bool:
+    """True only for a concrete Python/numpy zero; a traced value is never inspected."""
+    return isinstance(x, numbers.Real) and not hasattr(x, "aval") and float(x) == 0.0
+
+
+def compile_rule(rule: UpdateRule, learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
+                 view: MatrixView | None) -> optax.GradientTransformation:
+    """One :class:`deepopt.UpdateRule` as an optax chain ending in ``scale_by_learning_rate``."""
+    decay = [] if _is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay)]
+    numerator = optax.chain(scale_by_linear_memory(rule.memory, rule.values, view=view),
+                            scale_by_readout(rule.readout, view=view))
+    if rule.denominator is not None:
+        numerator = scale_by_second_moment(rule.denominator, numerator)
+    return optax.chain(
+        *([optax.scale(-1.0)] if rule.maximize else []),
+        *([] if rule.decoupled_weight_decay else decay),
+        numerator,
+        scale_by_shape(rule.shape_scale, view=view),
+        # Decoupled decay with the unadjusted γ (MATH §0, as torch.optim.Muon and optax).
+        *(decay if rule.decoupled_weight_decay else []),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def compile(  # noqa: A001 - the public name mirrors torch_backend.compile
+    spec: Spec,
+    *,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    weight_decay: Any = None,
+    layout: str = "optax",
+) -> optax.GradientTransformation:
+    r"""Compile a deepopt spec to an ``optax.GradientTransformation``.
+
+    Symbols: γ = ``learning_rate`` (spec ``lr``), λ = ``weight_decay``; the rest of the rule
+    (α, η, ζ, values, σ, s) is read from ``spec.rule`` (see ``deepopt.UpdateRule``).
+
+    Initial state: every memory, values and second-moment buffer at zero, ``count = 0``;
+    a stateless memory (α = ζ = 0, no bias correction) keeps no per-parameter buffer.
+
+    Update per leaf at step t (MATH §0–§4; NL eq. 46–49 for the memory write)::
+
+        V = P(G);  K = G / max(‖G‖_F, ε_k)
+        S_t = S_{t−1}(α I − ζ KᵀK) + η V
+        D̃ = S_t  or  α S_t + η V
+        U = −γ (s(W) σ(D̃) [/ (√v̂ + ε)] + λ W)        (decoupled decay; coupled adds λW to G)
+
+    Args:
+      spec: a ``deepopt.Spec`` (``deepopt.sgd``, ``adamw``, ``delta_momentum``, ``muon``,
+        ``custom``).
+      learning_rate: overrides ``spec.hyperparameters["lr"]`` for the main rule: a float, an
+        optax schedule (a function of the step count), or a traced scalar (so the result can
+        live inside ``optax.inject_hyperparams``). The fallback keeps its own ``lr``.
+      weight_decay: overrides ``spec.hyperparameters["weight_decay"]`` for the main rule (a
+        float or a traced scalar); the fallback keeps its own.
+      layout: the matrix view of leaves with ndim ≥ 2 (MATH §0). ``"optax"`` (default) follows
+        ``optax.contrib.MuonDimensionNumbers``: axes ``(..., in, out)``, leading axes are a
+        batch of independent matrices, the matrix view is ``out × in``. ``"torch"`` reads
+        ``(out, in, *rest)`` as one ``out × in·prod(rest)`` matrix, as ``deepopt.reference``
+        and ``torch_backend`` do.
+
+    Returns:
+      An ``optax.GradientTransformation`` (updates are added with ``optax.apply_updates``);
+      it needs ``params`` in ``update`` whenever λ ≠ 0, as ``optax.add_decayed_weights`` does.
+
+    Example::
+
+        tx = jax_backend.compile(deepopt.muon(lr=0.02))
+        state = tx.init(params)
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+
+    Conventions: γ enters last (``scale_by_learning_rate``), so an optax schedule sees the
+    step count; memories start at zero; decoupled decay uses the unadjusted γ; Nesterov with
+    bias correction takes optax's NAdam form. Routing names are dotted key paths
+    (``"params.embed.w"``). ``None`` leaves pass through as in optax.
+
+    Raises:
+      ValueError: ``layout`` is not ``"optax"`` or ``"torch"``; at ``init``, a leaf with
+        ndim < 2 would reach a matrix rule with no fallback.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is invalid: expected one of {LAYOUTS}")
+    if not isinstance(spec, Spec):
+        raise ValueError(f"spec={spec!r} is invalid: expected a deepopt.Spec")
+    view = MatrixView(layout)
+    hp = spec.hyperparameters
+    rule = compile_rule(spec.rule,
+                        hp["lr"] if learning_rate is None else learning_rate,
+                        hp["weight_decay"] if weight_decay is None else weight_decay,
+                        view)
+    fallback = None
+    if spec.fallback is not None:
+        fb = spec.fallback
+        fallback = compile_rule(fb.rule, fb.lr, fb.weight_decay, view)
+    return route(spec, rule, fallback)
+
+
+__all__ = ["compile", "compile_rule"]
