@@ -8,9 +8,11 @@ A spec is data (numpy only). Compile it with ``torch_backend.compile(spec, param
 from deepopt import reference as reference
 from deepopt._coefficients import PRESETS as NS_COEFFICIENT_PRESETS
 from deepopt._parts import AdamValues as AdamValues
+from deepopt._parts import DeepMemory as DeepMemory
 from deepopt._parts import Identity as Identity
 from deepopt._parts import IdentityValues as IdentityValues
 from deepopt._parts import LinearMemory as LinearMemory
+from deepopt._parts import MultiScaleMemory as MultiScaleMemory
 from deepopt._parts import NewtonSchulz as NewtonSchulz
 from deepopt._parts import SecondMoment as SecondMoment
 from deepopt._parts import Sign as Sign
@@ -19,6 +21,8 @@ from deepopt._parts import shape_scale_factor as shape_scale_factor
 from deepopt._presets import adamw as adamw
 from deepopt._presets import custom as custom
 from deepopt._presets import delta_momentum as delta_momentum
+from deepopt._presets import dmgd as dmgd
+from deepopt._presets import m3 as m3
 from deepopt._presets import muon as muon
 from deepopt._presets import sgd as sgd
 from deepopt._spec import Routing as Routing
@@ -27,8 +31,8 @@ from deepopt._spec import UpdateRule as UpdateRule
 from deepopt._spec import matrix_view_shape as matrix_view_shape
 
 __all__ = [
-    "NS_COEFFICIENT_PRESETS", "AdamValues", "Identity", "IdentityValues", "LinearMemory",
-    "NewtonSchulz", "Routing", "SecondMoment", "Sign", "Spec", "UpdateRule", "adamw", "custom",
-    "delta_momentum", "matrix_view_shape", "muon", "newton_schulz", "reference", "sgd",
-    "shape_scale_factor",
+    "NS_COEFFICIENT_PRESETS", "AdamValues", "DeepMemory", "Identity", "IdentityValues",
+    "LinearMemory", "MultiScaleMemory", "NewtonSchulz", "Routing", "SecondMoment", "Sign", "Spec",
+    "UpdateRule", "adamw", "custom", "delta_momentum", "dmgd", "m3", "matrix_view_shape", "muon",
+    "newton_schulz", "reference", "sgd", "shape_scale_factor",
 ]

@@ -10,8 +10,11 @@ Greek letters ↔ names: α = ``momentum`` (retention), η = ``inner_lr`` (inner
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Literal, Union
+
+import numpy as np
 
 from deepopt import _coefficients
 from deepopt._validate import check_bool, check_choice, check_int, check_real
@@ -100,6 +103,94 @@ class LinearMemory:
         return "dot" if self.zeta == 0.0 else "delta"
 
 
+@dataclass(frozen=True)
+class DeepMemory:
+    """Deep momentum memory ``M_φ(q) = S + f_θ(q)`` of DMGD (MATH §5; NL eq. 50).
+
+    ``S ∈ R^{m×n}`` is a linear part (one row per row of the parameter's matrix view) and
+    ``f_θ(q) = W₂ σ_h(W₁ q)`` a two-layer MLP of width ``hidden`` applied to each row
+    ``q ∈ R^n``, shared by the rows (``W₁ ∈ R^{h×n}``, ``W₂ ∈ R^{n×h}``). Per step, with
+    ``Ĝ`` the gradient with each row divided by ``max(‖row‖, key_eps)``:
+
+    - keys and queries: ``K = Q = Ĝ_t`` (``keys="current"``) or ``K = Ĝ_{t−1}, Q = Ĝ_t``
+      (``keys="previous"``: the memory learns to predict the next gradient from the last);
+    - inner objective over rows r, with retention ``((1−α)/2)‖φ‖²``:
+      ``"dot"``: ``−η Σ_r ⟨M_φ(k_r), v_r⟩``; ``"l2"``: ``(η/2) Σ_r ‖M_φ(k_r) − v_r‖²``;
+    - write: one gradient step ``φ_t = φ_{t−1} − ∇ℓ_t(φ_{t−1})``; ``θ`` takes the row-*mean* of
+      its gradient (its step does not grow with m), ``S`` its own row's term;
+    - read: ``D_t = M_{φ_t}(Q_t)``; Nesterov ``D̃_t = α D_t + η V_t``.
+
+    ``σ_h`` is SiLU: smooth like GELU, and its derivative has the same closed form in numpy,
+    torch and JAX, so the backends agree to rounding (GELU's erf does not, across libraries).
+    ``W₂ = 0`` and ``S = 0`` at start (the memory starts as plain momentum); ``W₁ ~ N(0, 1/n)``
+    from ``numpy.random.default_rng([seed, crc32(parameter name)])``.
+    """
+
+    momentum: float = 1.0
+    inner_lr: float = 0.1
+    hidden: int = 16
+    objective: Literal["dot", "l2"] = "l2"
+    keys: Literal["current", "previous"] = "current"
+    nesterov: bool = False
+    seed: int = 0
+    key_eps: float = 1e-12
+
+    def __post_init__(self):
+        check_real("momentum", self.momentum, low=0.0, high=1.0)
+        check_real("inner_lr", self.inner_lr, low=0.0)
+        check_int("hidden", self.hidden, low=0)
+        check_choice("objective", self.objective, ("dot", "l2"))
+        check_choice("keys", self.keys, ("current", "previous"))
+        check_bool("nesterov", self.nesterov)
+        check_int("seed", self.seed, low=0)
+        check_real("key_eps", self.key_eps, low=0.0, low_open=True)
+        if self.objective == "l2" and self.inner_lr > 1.0 + self.momentum:  # noqa: SIM102
+            raise ValueError(f"inner_lr={self.inner_lr!r} is out of range for objective='l2': the "
+                             f"linear part's write S(α − η) + ηV is unstable past 1 + α = {1 + self.momentum:g}")
+
+    stateless = False
+
+    def initial_w1(self, name: str, n: int) -> np.ndarray:
+        """``W₁ ~ N(0, 1/n)`` of shape ``(hidden, n)``, float64, identical on every backend.
+
+        Seeded by ``seed`` and the parameter's name (torch ``named_parameters`` name, or the
+        dotted JAX pytree path; unnamed torch parameters are named by position).
+        """
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        return rng.standard_normal((self.hidden, n)) / np.sqrt(n)
+
+
+@dataclass(frozen=True)
+class MultiScaleMemory:
+    """Multi-scale momentum (M3; MATH §6, NL §7.2 eq. 75, Algorithm 1).
+
+    A fast level ``fast`` (a :class:`LinearMemory`, written every step) and a slow level ``M²``
+    written every ``period`` steps with the sum of the values seen since its last write:
+    ``M² ← ρ M² + β₃ Σ V`` (``ρ = slow_momentum``; 1 in the paper). The slow read-out
+    ``O² = σ(M²)`` is computed at that chunk boundary and used for the next ``period`` steps;
+    the rule's output is ``σ(D̃_fast) + w O²`` (``w = slow_weight``, the paper's α), before the
+    denominator. Before the first slow write ``O² = 0``.
+    """
+
+    fast: LinearMemory = LinearMemory(momentum=1.0, inner_lr=0.9)
+    slow_inner_lr: float = 0.9
+    slow_momentum: float = 1.0
+    period: int = 10
+    slow_weight: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.fast, LinearMemory):
+            raise ValueError(f"fast={self.fast!r} is invalid: expected a LinearMemory")
+        if self.fast.zeta != 0.0:
+            raise ValueError("the fast level of a MultiScaleMemory must have zeta = 0")
+        check_real("slow_inner_lr", self.slow_inner_lr, low=0.0)
+        check_real("slow_momentum", self.slow_momentum, low=0.0, high=1.0)
+        check_int("period", self.period, low=1)
+        check_real("slow_weight", self.slow_weight, low=0.0)
+
+    stateless = False
+
+
 # --------------------------------------------------------------------------------------------
 # Denominator: the element-wise second-moment memory of Adam (NL App. B)
 # --------------------------------------------------------------------------------------------
@@ -110,17 +201,23 @@ class SecondMoment:
     """Divide the read-out by ``√(v_t / (1 − β₂ᵗ)) + ε`` with ``v_t = β₂ v_{t−1} + (1 − β₂) G_t²``.
 
     With an EMA memory and ``bias_correction`` this is Adam's update (torch.optim.AdamW,
-    optax.adamw). ``bias_correction=False`` drops the ``1 − β₂ᵗ`` factor.
+    optax.adamw). ``bias_correction=False`` drops the ``1 − β₂ᵗ`` factor. ``accumulate=True``
+    is M3's literal running sum ``v_t = v_{t−1} + β₂ G_t²`` (NL Alg. 1, MATH §6).
     """
 
     beta2: float = 0.999
     eps: float = 1e-8
     bias_correction: bool = True
+    accumulate: bool = False
 
     def __post_init__(self):
-        check_real("beta2", self.beta2, low=0.0, high=1.0, high_open=True)
+        check_real("beta2", self.beta2, low=0.0, high=1.0, high_open=not self.accumulate)
         check_real("eps", self.eps, low=0.0)
         check_bool("bias_correction", self.bias_correction)
+        check_bool("accumulate", self.accumulate)
+        if self.accumulate and self.bias_correction:
+            raise ValueError("accumulate=True (a running sum, NL Alg. 1) has no bias correction; "
+                             "pass bias_correction=False")
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +336,7 @@ def shape_scale_factor(kind: str, m: int, n: int) -> float:
 
 
 __all__ = [
-    "AdamValues", "Identity", "IdentityValues", "LinearMemory", "NewtonSchulz", "Readout",
+    "AdamValues", "DeepMemory", "Identity", "IdentityValues", "LinearMemory", "MultiScaleMemory",
+    "NewtonSchulz", "Readout",
     "SecondMoment", "ShapeScale", "Sign", "Values", "newton_schulz", "shape_scale_factor",
 ]

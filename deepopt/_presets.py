@@ -11,8 +11,12 @@ from typing import Any
 
 from deepopt import _coefficients
 from deepopt._parts import (
+    AdamValues,
+    DeepMemory,
     Identity,
+    IdentityValues,
     LinearMemory,
+    MultiScaleMemory,
     NewtonSchulz,
     SecondMoment,
     Sign,
@@ -339,6 +343,190 @@ def muon(
     return Spec("muon", rule, freeze_hparams(hp),
                 fallback=fallback if fallback is not None else _default_fallback(lr),
                 routing=routing if routing is not None else Routing(), builder=muon)
+
+
+def _readout(readout: str | None, ns_coefficients: Any, ns_steps: int, eps: float,
+             adjust_lr_fn: str | None, ns_dtype: str = "input") -> tuple[Any, str]:
+    """σ and s(W) for presets that take ``readout=None|"identity"|"sign"|"newton_schulz"``."""
+    check_choice("readout", readout, (None, "identity", "sign", "newton_schulz"))
+    if readout == "newton_schulz":
+        return _ns_readout(ns_coefficients, ns_steps, eps, "clamp", ns_dtype), _shape_scale(adjust_lr_fn)
+    check_choice("adjust_lr_fn", adjust_lr_fn, _ADJUST_LR_FNS)
+    return (Sign() if readout == "sign" else Identity()), "none"
+
+
+def dmgd(
+    lr: float,
+    momentum: float = 1.0,
+    inner_lr: float = 0.1,
+    hidden: int = 16,
+    objective: str = "l2",
+    keys: str = "current",
+    values: str = "identity",
+    readout: str | None = None,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    ns_coefficients: Any = "muon",
+    ns_steps: int = 5,
+    adjust_lr_fn: str | None = None,
+    fallback: Spec | None = None,
+    routing: Routing | None = None,
+) -> Spec:
+    r"""Deep Momentum Gradient Descent: the momentum is an MLP memory trained online.
+
+    Symbols: γ = ``lr``, α = ``momentum`` (retention of every memory weight), η = ``inner_lr``,
+    h = ``hidden``, λ = ``weight_decay``. Memory ``M_φ(q) = S + W₂ σ(W₁ q)`` per row q of the
+    parameter's matrix view (``S``: m×n, ``W₁``: h×n, ``W₂``: n×h shared by the rows; σ = SiLU).
+
+    Initial state: ``S = 0``, ``W₂ = 0`` (starts as plain momentum), ``W₁ ~ N(0, 1/n)`` seeded by
+    ``seed`` and the parameter's name — identical on torch and JAX.
+
+    Update at step t (MATH §5; NL eq. 50 gives only ``W ← W + m(u)``, ``m ← αm − η∇ℓ(m; u)``)::
+
+        Ĝ = G with each row divided by its norm;  K = Q = Ĝ  (keys="previous": K = Ĝ_{t−1})
+        V = P(G)                                              values: identity or adam (MATH §3)
+        H = σ(K W₁ᵀ), F = H W₂ᵀ
+        E = −η V  (dot)   or   η (S + F − V)  (l2)            ∂ℓ/∂M(k_r), row by row
+        S ← α S − E
+        W₂ ← α W₂ − Eᵀ H / m                                 row-mean for the shared θ
+        W₁ ← α W₁ − [(E W₂) ⊙ σ'(K W₁ᵀ)]ᵀ K / m
+        D = S + σ(Q W₁ᵀ) W₂ᵀ ;  D̃ = D  or  α D + η V         read at φ_t (Nesterov)
+        W ← W − γ λ W − γ s(W) σ_out(D̃)                       decoupled decay
+
+    Args:
+      lr: learning rate γ.
+      momentum: retention α in [0, 1] of S, W₁, W₂ (1: no retention loss).
+      inner_lr: η ≥ 0; with ``objective="l2"`` at most 1 + α.
+      hidden: MLP width h ≥ 0; 0 means no MLP (a linear memory).
+      objective: ``"l2"`` (regression: the memory forgets what it mispredicts; with
+        h = 0, α = 1 it is the EMA ``(1 − η)S + ηV``) or ``"dot"`` (Hebbian; h = 0 is heavy ball).
+      keys: ``"current"`` or ``"previous"`` (predict this gradient from the last one).
+      values: ``"identity"`` or ``"adam"`` (RMS-normalised gradient, β₂ = ``betas[1]``).
+      readout: σ_out: None/``"identity"``, ``"sign"`` or ``"newton_schulz"`` (a "deep Muon").
+      nesterov: Nesterov read-out.
+      weight_decay: decoupled λ.
+      seed: seeds W₁'s initialisation.
+      betas, eps: β₂ and ε of adam values (β₁ unused; kept for AdamW-shaped configs).
+      ns_coefficients, ns_steps, adjust_lr_fn: Newton–Schulz read-out settings (as ``muon``).
+      fallback, routing: as ``muon`` (DMGD takes parameters with ndim ≥ 2).
+
+    Example::
+
+        opt = torch_backend.compile(deepopt.dmgd(lr=0.01), model.named_parameters())
+
+    Defaults (α = 1, η = 0.1, h = 16, l2, current keys) were picked by the sweep in
+    ``benchmarks/dmgd_defaults.py`` (see the README): the l2 objective with α = 1 is an EMA of
+    β = 0.9 at h = 0 and trained stably at every width tried; ``dot`` with α < 1 lets the
+    retention shrink W₁ towards zero.
+
+    Cost per step ≈ 12·m·n·h FLOPs; state m·n + 2·n·h floats per matrix.
+
+    References: NL §4 eq. 50 (DMGD), §3 (associative memory view).
+    """
+    lr = check_real("lr", lr, low=0.0)
+    weight_decay = check_real("weight_decay", weight_decay, low=0.0)
+    check_choice("values", values, ("identity", "adam"))
+    _, b2 = _betas(betas)
+    eps = check_real("eps", eps, low=0.0)
+    memory = DeepMemory(momentum=check_real("momentum", momentum, low=0.0, high=1.0),
+                        inner_lr=inner_lr, hidden=hidden, objective=objective, keys=keys,
+                        nesterov=nesterov, seed=seed)
+    sigma, scale = _readout(readout, ns_coefficients, ns_steps, 1e-7, adjust_lr_fn)
+    rule = UpdateRule(memory=memory, values=AdamValues(b2, eps) if values == "adam" else IdentityValues(),
+                      readout=sigma, shape_scale=scale)
+    hp = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, hidden=hidden, objective=objective,
+              keys=keys, values=values, readout=readout, nesterov=nesterov,
+              weight_decay=weight_decay, seed=seed, betas=tuple(betas), eps=eps,
+              ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+    return Spec("dmgd", rule, freeze_hparams(hp),
+                fallback=fallback if fallback is not None else _default_fallback(lr),
+                routing=routing if routing is not None else Routing(), builder=dmgd)
+
+
+def m3(
+    lr: float = 1e-3,
+    betas: tuple[float, float, float] = (0.9, 0.999, 0.9),
+    slow_weight: float = 1.0,
+    frequency: int = 10,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    ns_steps: int = 5,
+    ns_coefficients: Any = "muon",
+    *,
+    decay: bool = False,
+    slow_decay: bool = False,
+    adjust_lr_fn: str = "none",
+    fallback: Spec | None = None,
+    routing: Routing | None = None,
+) -> Spec:
+    r"""Multi-scale momentum (M3): a fast and a slow momentum level, both orthogonalised.
+
+    Symbols: γ = ``lr``, (β₁, β₂, β₃) = ``betas``, w = ``slow_weight`` (the paper's α),
+    f = ``frequency``, ε = ``eps``. ``M¹`` fast memory, ``M²`` slow memory, ``V`` second moment.
+
+    Initial state: ``M¹ = M² = V = 0``; ``O² = 0`` until the first slow write.
+
+    Update at step t (MATH §6; NL §7.2 eq. 75, Algorithm 1 — the literal algorithm by default)::
+
+        M¹_t = M¹_{t−1} + β₁ G          (decay=True:  β₁ M¹ + (1 − β₁) G)
+        V_t  = V_{t−1} + β₂ G²          (decay=True:  β₂ V + (1 − β₂) G², bias-corrected)
+        W ← W − γλW − γ s(W) (NS(M¹_t) + w O²) / (√V_t + ε)
+        if t ≡ 0 (mod f):  M² ← M² + β₃ Σ_{last f steps} G     (slow_decay: β₃ M² + (1−β₃) Σ G)
+                           O² ← NS(M²)   — used for the next f steps
+
+    As printed, M¹ and V are running sums: √V grows like √t, so the literal M3 anneals its
+    step like AdaGrad; ``decay=True`` turns both into EMAs (Adam-like). NS normalises, so the
+    scale of M¹ and M² does not matter beyond ε.
+
+    Args:
+      lr: learning rate γ.
+      betas: (β₁, β₂, β₃) in [0, 1].
+      slow_weight: w ≥ 0, the slow level's weight.
+      frequency: f ≥ 1, steps between slow writes.
+      eps: ε of the denominator.
+      weight_decay: decoupled λ.
+      ns_steps, ns_coefficients: Newton–Schulz settings (both levels).
+      decay, slow_decay: EMA variants, see above.
+      adjust_lr_fn: shape scale s(W) (``"none"``: the paper has none).
+      fallback, routing: as ``muon`` (M3 takes parameters with ndim ≥ 2).
+
+    Example::
+
+        opt = torch_backend.compile(deepopt.m3(lr=1e-3, frequency=16), model.named_parameters())
+
+    References: NL §7.2, eq. 75, Algorithm 1.
+    """
+    lr = check_real("lr", lr, low=0.0)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+        raise ValueError(f"betas={betas!r} is invalid: expected a triple (beta1, beta2, beta3)")
+    b1, b2, b3 = (check_real(f"betas[{i}]", b, low=0.0, high=1.0) for i, b in enumerate(betas))
+    check_bool("decay", decay)
+    check_bool("slow_decay", slow_decay)
+    if decay and (b1 >= 1.0 or b2 >= 1.0):
+        raise ValueError(f"decay=True needs betas[0] < 1 and betas[1] < 1; got {betas!r}")
+    fast = (LinearMemory(momentum=b1, inner_lr=1.0 - b1) if decay
+            else LinearMemory(momentum=1.0, inner_lr=b1))
+    memory = MultiScaleMemory(
+        fast=fast, slow_inner_lr=(1.0 - b3) if slow_decay else b3,
+        slow_momentum=b3 if slow_decay else 1.0,
+        period=check_int("frequency", frequency, low=1),
+        slow_weight=check_real("slow_weight", slow_weight, low=0.0))
+    denominator = (SecondMoment(beta2=b2, eps=check_real("eps", eps, low=0.0), bias_correction=True)
+                   if decay else SecondMoment(beta2=b2, eps=check_real("eps", eps, low=0.0),
+                                              bias_correction=False, accumulate=True))
+    rule = UpdateRule(memory=memory, readout=_ns_readout(ns_coefficients, ns_steps, 1e-7, "clamp", "input"),
+                      denominator=denominator, shape_scale=_shape_scale(adjust_lr_fn))
+    hp = dict(lr=lr, betas=(b1, b2, b3), slow_weight=slow_weight, frequency=frequency, eps=eps,
+              weight_decay=check_real("weight_decay", weight_decay, low=0.0), ns_steps=ns_steps,
+              ns_coefficients=ns_coefficients, decay=decay, slow_decay=slow_decay,
+              adjust_lr_fn=adjust_lr_fn)
+    return Spec("m3", rule, freeze_hparams(hp),
+                fallback=fallback if fallback is not None else _default_fallback(lr),
+                routing=routing if routing is not None else Routing(), builder=m3)
 
 
 def custom(

@@ -17,9 +17,11 @@ from typing import Any, Literal
 from deepopt._parts import (
     SHAPE_SCALES,
     AdamValues,
+    DeepMemory,
     Identity,
     IdentityValues,
     LinearMemory,
+    MultiScaleMemory,
     NewtonSchulz,
     Readout,
     SecondMoment,
@@ -52,7 +54,7 @@ class UpdateRule:
     :class:`Spec`'s hyperparameters, where schedulers and parameter groups edit them.
     """
 
-    memory: LinearMemory = LinearMemory()
+    memory: LinearMemory | DeepMemory | MultiScaleMemory = LinearMemory()
     values: Values = IdentityValues()
     readout: Readout = Identity()
     denominator: SecondMoment | None = None
@@ -61,8 +63,9 @@ class UpdateRule:
     maximize: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.memory, LinearMemory):
-            raise ValueError(f"memory={self.memory!r} is invalid: expected a LinearMemory")
+        if not isinstance(self.memory, (LinearMemory, DeepMemory, MultiScaleMemory)):
+            raise ValueError(f"memory={self.memory!r} is invalid: expected a LinearMemory, "
+                             "DeepMemory or MultiScaleMemory")
         if not isinstance(self.values, (IdentityValues, AdamValues)):
             raise ValueError(f"values={self.values!r} is invalid: expected IdentityValues or AdamValues")
         if not isinstance(self.readout, (Identity, Sign, NewtonSchulz)):
@@ -76,8 +79,15 @@ class UpdateRule:
     @property
     def needs_matrix(self) -> bool:
         """True when the rule reads the parameter as a matrix (MATH §0 matrix view)."""
-        return (isinstance(self.readout, NewtonSchulz) or self.memory.zeta > 0.0
+        if isinstance(self.memory, DeepMemory):
+            return True                                  # one memory row per matrix row
+        return (isinstance(self.readout, NewtonSchulz) or getattr(self.memory, "zeta", 0.0) > 0.0
                 or self.shape_scale != "none")
+
+    @property
+    def stateless(self) -> bool:
+        """True when the memory stores nothing (plain SGD)."""
+        return isinstance(self.memory, LinearMemory) and self.memory.stateless
 
 
 # --------------------------------------------------------------------------------------------

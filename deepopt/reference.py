@@ -1,4 +1,4 @@
-"""The numpy float64 reference: the executable statement of MATH.md (§0–§4).
+"""The numpy float64 reference: the executable statement of MATH.md (§0–§6).
 
 Readable, unbatched and slow on purpose: every backend is tested against it step by step.
 Parameters are named arrays in torch layout (``(out, in, *rest)``; the matrix view is
@@ -15,7 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from deepopt._parts import AdamValues, NewtonSchulz, Sign, shape_scale_factor
+from deepopt._parts import (
+    AdamValues,
+    DeepMemory,
+    LinearMemory,
+    MultiScaleMemory,
+    NewtonSchulz,
+    Sign,
+    shape_scale_factor,
+)
 from deepopt._spec import Spec, UpdateRule, matrix_view_shape
 
 ParamState = dict[str, Any]
@@ -50,18 +58,106 @@ def apply_readout(rule: UpdateRule, d: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Memories (MATH §2, §5)
+# --------------------------------------------------------------------------------------------
+
+
+def silu(z: np.ndarray) -> np.ndarray:
+    return z / (1.0 + np.exp(-z))
+
+
+def silu_grad(z: np.ndarray) -> np.ndarray:
+    s = 1.0 / (1.0 + np.exp(-z))
+    return s * (1.0 + z * (1.0 - s))
+
+
+def linear_memory(mem: LinearMemory, state: ParamState, g: np.ndarray, v: np.ndarray,
+                  t: int) -> np.ndarray:
+    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (MATH §2, NL eq. 46–49) and return the read-out D̃."""
+    alpha = mem.momentum
+    eta = 1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr
+    if mem.stateless:
+        s = eta * v
+    else:
+        s_prev = state["memory"]
+        retained = alpha * s_prev
+        if mem.zeta != 0.0:
+            m, n = matrix_view_shape(g.shape)
+            gm = g.reshape(m, n)
+            k = gm / max(np.linalg.norm(gm), mem.key_eps)
+            retained = retained - mem.zeta * ((s_prev.reshape(m, n) @ k.T) @ k).reshape(g.shape)
+        s = state["memory"] = retained + eta * v
+    if mem.nesterov:
+        if mem.bias_correction:                          # NAdam form, as optax
+            return alpha * s / (1 - alpha ** (t + 1)) + eta * v / (1 - alpha**t)
+        return alpha * s + eta * v
+    return s / (1 - alpha**t) if mem.bias_correction else s
+
+
+def deep_memory(mem: DeepMemory, state: ParamState, g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """DMGD (MATH §5): one inner gradient step on ``φ = (S, W₁, W₂)``, then read at ``Q``."""
+    m, n = matrix_view_shape(g.shape)
+    gm, vm = g.reshape(m, n), v.reshape(m, n)
+    rows = np.maximum(np.linalg.norm(gm, axis=1, keepdims=True), mem.key_eps)
+    g_hat = gm / rows                                     # Ĝ: each row normalised
+    k = g_hat if mem.keys == "current" else state["prev_key"].reshape(m, n)
+    s = state["memory"].reshape(m, n)
+    alpha, eta = mem.momentum, mem.inner_lr
+
+    # Forward at φ_{t−1}: H = σ(K W₁ᵀ) : m×h, F = H W₂ᵀ : m×n.
+    if mem.hidden:
+        w1, w2 = state["mlp_w1"], state["mlp_w2"]
+        z = k @ w1.T
+        h = silu(z)
+        f = h @ w2.T
+    else:
+        f = 0.0
+    # E = ∂ℓ/∂M(k_r), row by row: dot −ηv_r; l2 η(M(k_r) − v_r).
+    e = -eta * vm if mem.objective == "dot" else eta * (s + f - vm)
+
+    # Write φ_t = αφ_{t−1} − ∇ℓ (retention folded in); θ takes the row mean.
+    s = alpha * s - e                                     # ∇_S = E
+    if mem.hidden:
+        grad_w2 = e.T @ h / m                             # Eᵀ H / m              : n×h
+        grad_w1 = ((e @ w2) * silu_grad(z)).T @ k / m     # [(E W₂) ⊙ σ'(Z)]ᵀ K / m : h×n
+        w1 = state["mlp_w1"] = alpha * w1 - grad_w1
+        w2 = state["mlp_w2"] = alpha * w2 - grad_w2
+    state["memory"] = s.reshape(g.shape)
+    if mem.keys == "previous":
+        state["prev_key"] = g_hat.reshape(g.shape)
+
+    # Read D_t = M_{φ_t}(Q_t), Q = Ĝ_t.
+    d = s + (silu(g_hat @ w1.T) @ w2.T if mem.hidden else 0.0)
+    if mem.nesterov:
+        d = alpha * d + eta * vm
+    return d.reshape(g.shape)
+
+
+# --------------------------------------------------------------------------------------------
 # One parameter, one rule (MATH §0)
 # --------------------------------------------------------------------------------------------
 
 
-def rule_init(rule: UpdateRule, shape: tuple[int, ...]) -> ParamState:
+def rule_init(rule: UpdateRule, shape: tuple[int, ...], name: str = "") -> ParamState:
+    mem = rule.memory
     state: ParamState = {"step": 0}
-    if not rule.memory.stateless:
-        state["memory"] = np.zeros(shape)               # S, MATH §2
+    if not rule.stateless:
+        state["memory"] = np.zeros(shape)                # S (the fast level for M3)
+    if isinstance(mem, DeepMemory):
+        m, n = matrix_view_shape(shape)
+        if mem.hidden:
+            state["mlp_w1"] = mem.initial_w1(name, n)    # W₁ : h×n
+            state["mlp_w2"] = np.zeros((n, mem.hidden))  # W₂ : n×h, zero: starts as momentum
+        if mem.keys == "previous":
+            state["prev_key"] = np.zeros(shape)
+    if isinstance(mem, MultiScaleMemory):
+        state["slow_memory"] = np.zeros(shape)           # M²
+        state["slow_readout"] = np.zeros(shape)          # O² = σ(M²), frozen between writes
+        state["slow_accumulator"] = np.zeros(shape)      # Σ V since the last slow write
     if isinstance(rule.values, AdamValues):
-        state["values_sq"] = np.zeros(shape)            # v of MATH §3's adam values
+        state["values_sq"] = np.zeros(shape)             # v of MATH §3's adam values
     if rule.denominator is not None:
-        state["second_moment"] = np.zeros(shape)        # v of Adam's denominator
+        state["second_moment"] = np.zeros(shape)         # v of the denominator
     return state
 
 
@@ -73,7 +169,6 @@ def rule_step(rule: UpdateRule, w: np.ndarray, g: np.ndarray, state: ParamState,
     state = dict(state)
     t = state["step"] = state["step"] + 1
     mem = rule.memory
-    alpha = mem.momentum
 
     if rule.maximize:
         g = -g
@@ -88,35 +183,22 @@ def rule_step(rule: UpdateRule, w: np.ndarray, g: np.ndarray, state: ParamState,
     else:
         v = g
 
-    # Memory write S_t = S_{t−1}(αI − ζKᵀK) + ηV_t (MATH §2, NL eq. 46–49).
-    eta = 1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr
-    if mem.stateless:
-        s = eta * v
+    # Memory write and read-out D̃_t.
+    if isinstance(mem, DeepMemory):
+        d = deep_memory(mem, state, g, v)
     else:
-        s_prev = state["memory"]
-        retained = alpha * s_prev
-        if mem.zeta != 0.0:
-            m, n = matrix_view_shape(w.shape)
-            gm = g.reshape(m, n)
-            k = gm / max(np.linalg.norm(gm), mem.key_eps)
-            sm = s_prev.reshape(m, n)
-            retained = retained - mem.zeta * ((sm @ k.T) @ k).reshape(w.shape)   # (S Kᵀ) K : m×m·m×n
-        s = state["memory"] = retained + eta * v
-
-    # Read-out D̃_t, with optional (NAdam-form) bias correction.
-    if mem.nesterov:
-        if mem.bias_correction:
-            d = alpha * s / (1 - alpha ** (t + 1)) + eta * v / (1 - alpha**t)
-        else:
-            d = alpha * s + eta * v
-    else:
-        d = s / (1 - alpha**t) if mem.bias_correction else s
+        d = linear_memory(mem.fast if isinstance(mem, MultiScaleMemory) else mem, state, g, v, t)
 
     out = apply_readout(rule, d)
+    if isinstance(mem, MultiScaleMemory):
+        out = out + mem.slow_weight * state["slow_readout"]     # + w O², frozen since the last write
 
     if rule.denominator is not None:
         den = rule.denominator
-        nu = state["second_moment"] = den.beta2 * state["second_moment"] + (1 - den.beta2) * g * g
+        if den.accumulate:                              # NL Alg. 1: V_t = V_{t−1} + β₂ G²
+            nu = state["second_moment"] = state["second_moment"] + den.beta2 * g * g
+        else:
+            nu = state["second_moment"] = den.beta2 * state["second_moment"] + (1 - den.beta2) * g * g
         if den.bias_correction:
             nu = nu / (1 - den.beta2**t)
         out = out / (np.sqrt(nu) + den.eps)
@@ -126,6 +208,15 @@ def rule_step(rule: UpdateRule, w: np.ndarray, g: np.ndarray, state: ParamState,
     new_w = w - lr * scale * out
     if rule.decoupled_weight_decay and weight_decay != 0.0:
         new_w = new_w - lr * weight_decay * w
+
+    # M3's slow level: written at the end of every period-th step, read from the next step on.
+    if isinstance(mem, MultiScaleMemory):
+        state["slow_accumulator"] = state["slow_accumulator"] + v
+        if t % mem.period == 0:
+            state["slow_memory"] = (mem.slow_momentum * state["slow_memory"]
+                                    + mem.slow_inner_lr * state["slow_accumulator"])
+            state["slow_readout"] = apply_readout(rule, state["slow_memory"])
+            state["slow_accumulator"] = np.zeros_like(w)
     return new_w, state
 
 
@@ -140,7 +231,7 @@ def resolve(spec: Spec, name: str, shape: tuple[int, ...]) -> Spec:
 
 
 def init(spec: Spec, params: Mapping[str, np.ndarray]) -> dict[str, ParamState]:
-    return {name: rule_init(resolve(spec, name, np.shape(p)).rule, np.shape(p))
+    return {name: rule_init(resolve(spec, name, np.shape(p)).rule, np.shape(p), name)
             for name, p in params.items()}
 
 
