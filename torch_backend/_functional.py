@@ -1,9 +1,13 @@
-"""Functional steps of the linear-memory rule (MATH §0–§4) on lists of tensors.
+"""Functional steps of every deepopt rule (MATH §0–§6) on lists of tensors.
 
-``linear_step_single`` is the readable loop; ``linear_step_batched`` is its twin: element-wise
-phases use ``torch._foreach_*`` and matrix phases (delta write, Newton–Schulz) stack
-same-shape matrices into one batched matmul. ``tests/test_torch_backend.py`` keeps them equal.
-Both mutate ``params`` and ``states`` in place.
+``step_single`` is the readable per-tensor loop; ``step_batched`` is its twin: element-wise
+phases use ``torch._foreach_*`` and matrix phases (delta write, DMGD's memory, Newton–Schulz)
+stack same-shape matrices into one batched matmul. ``tests/test_torch_backend.py`` keeps the
+twins equal. Both mutate ``params`` and ``states`` in place.
+
+Phases, in order: gradient (maximize, coupled decay) → values (MATH §3) → memory write and
+read-out (linear §2, deep §5, multi-scale §6) → read-out map σ (§4) → denominator → outer step
+(§0) → M3's slow write.
 """
 
 from __future__ import annotations
@@ -12,8 +16,19 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
-from deepopt import AdamValues, NewtonSchulz, Sign, UpdateRule, matrix_view_shape, shape_scale_factor
+from deepopt import (
+    AdamValues,
+    DeepMemory,
+    LinearMemory,
+    MultiScaleMemory,
+    NewtonSchulz,
+    Sign,
+    UpdateRule,
+    matrix_view_shape,
+    shape_scale_factor,
+)
 from torch_backend._newton_schulz import newton_schulz
 
 Tensors = list[torch.Tensor]
@@ -23,21 +38,82 @@ def _scale(rule: UpdateRule, p: torch.Tensor) -> float:
     return shape_scale_factor(rule.shape_scale, *matrix_view_shape(p.shape)) if p.ndim >= 2 else 1.0
 
 
-def _is_ema(rule: UpdateRule) -> bool:
+def _linear(rule: UpdateRule) -> LinearMemory:
+    """The linear memory a rule writes every step (M3's fast level)."""
+    return rule.memory.fast if isinstance(rule.memory, MultiScaleMemory) else rule.memory
+
+
+def _is_ema(mem: LinearMemory) -> bool:
     """η = 1 − α: write and Nesterov read are lerps, as torch's AdamW and Muon compute them."""
-    return rule.memory.inner_lr == 1.0 - rule.memory.momentum and not rule.memory.undamped_first_write
+    return mem.inner_lr == 1.0 - mem.momentum and not mem.undamped_first_write
 
 
-def _delta(s: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``S KᵀK`` for stacks ``(B, m, n)``, multiplied on the smaller side."""
+# --------------------------------------------------------------------------------------------
+# Matrix kernels on stacks (B, m, n): shared by both twins
+# --------------------------------------------------------------------------------------------
+
+
+def delta_term(s: torch.Tensor, g: torch.Tensor, key_eps: float) -> torch.Tensor:
+    """``S KᵀK`` with ``K = G / max(‖G‖_F, ε)``, multiplied on the smaller side (MATH §2)."""
+    k = g / g.norm(dim=(-2, -1), keepdim=True).clamp(min=key_eps)
     if s.size(-2) <= s.size(-1):
         return torch.bmm(torch.bmm(s, k.mT), k)              # (S Kᵀ) K : (B,m,m)·(B,m,n)
     return torch.bmm(s, torch.bmm(k.mT, k))                  # S (KᵀK) : (B,m,n)·(B,n,n)
 
 
-def _keys(g: torch.Tensor, key_eps: float) -> torch.Tensor:
-    """``K = G / max(‖G‖_F, ε)`` per matrix of a ``(B, m, n)`` stack."""
-    return g / g.norm(dim=(-2, -1), keepdim=True).clamp(min=key_eps)
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None,
+                       w2: torch.Tensor | None, g: torch.Tensor, v: torch.Tensor,
+                       prev_key: torch.Tensor | None):
+    """DMGD's write and read (MATH §5) on stacks; returns ``(S, W₁, W₂, D̃, Ĝ)``, all new tensors.
+
+    s, g, v, prev_key: (B, m, n); w1: (B, h, n); w2: (B, n, h).
+    """
+    m = s.size(-2)
+    alpha, eta = mem.momentum, mem.inner_lr
+    g_hat = g / g.norm(dim=-1, keepdim=True).clamp(min=mem.key_eps)   # Ĝ: rows normalised
+    k = g_hat if mem.keys == "current" else prev_key
+    if mem.hidden:
+        z = torch.bmm(k, w1.mT)                              # Z = K W₁ᵀ : (B,m,h)
+        h = F.silu(z)
+        f = torch.bmm(h, w2.mT)                              # F = H W₂ᵀ : (B,m,n)
+    # E = ∂ℓ/∂M(k_r) row by row: dot −ηV, l2 η(S + F − V).
+    e = -eta * v if mem.objective == "dot" else eta * ((s + f if mem.hidden else s) - v)
+    s = alpha * s - e                                        # S ← αS − ∇_S
+    if mem.hidden:
+        grad_w2 = torch.bmm(e.mT, h) / m                     # Eᵀ H / m               : (B,n,h)
+        grad_w1 = torch.bmm((torch.bmm(e, w2) * _silu_grad(z)).mT, k) / m   # [(EW₂)⊙σ'(Z)]ᵀK/m : (B,h,n)
+        w1 = alpha * w1 - grad_w1
+        w2 = alpha * w2 - grad_w2
+        d = s + torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT)   # D = S + σ(Q W₁ᵀ) W₂ᵀ
+    else:
+        d = s
+    if mem.nesterov:
+        d = alpha * d + eta * v
+    return s, w1, w2, d, g_hat
+
+
+def _deep_state_stacks(mem: DeepMemory, sts: list[dict], shape: tuple[int, int]):
+    m, n = shape
+    s = torch.stack([st["memory"].reshape(m, n) for st in sts])
+    w1 = torch.stack([st["mlp_w1"] for st in sts]) if mem.hidden else None
+    w2 = torch.stack([st["mlp_w2"] for st in sts]) if mem.hidden else None
+    prev = torch.stack([st["prev_key"].reshape(m, n) for st in sts]) if mem.keys == "previous" else None
+    return s, w1, w2, prev
+
+
+def _deep_state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, g_hat) -> None:
+    for j, st in enumerate(sts):
+        st["memory"].copy_(s[j].view_as(st["memory"]))
+        if mem.hidden:
+            st["mlp_w1"].copy_(w1[j])
+            st["mlp_w2"].copy_(w2[j])
+        if mem.keys == "previous":
+            st["prev_key"].copy_(g_hat[j].view_as(st["prev_key"]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -45,10 +121,8 @@ def _keys(g: torch.Tensor, key_eps: float) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def linear_step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
-                       lr: float, weight_decay: float) -> None:
-    mem = rule.memory
-    alpha = mem.momentum
+def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
+                lr: float, weight_decay: float) -> None:
     for p, g, st in zip(params, grads, states):
         st["step"] += 1
         t = int(st["step"].item())
@@ -64,45 +138,29 @@ def linear_step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states
             nu = st["values_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
             v = g / nu.div(1 - b2**t).sqrt_().add_(rule.values.eps)
 
-        # Memory write S_t = S_{t−1}(αI − ζKᵀK) + ηV (MATH §2).
-        eta = 1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr
-        if mem.stateless:
-            s = v if eta == 1.0 else v * eta
+        # Memory write and read-out D̃.
+        if isinstance(rule.memory, DeepMemory):
+            mem = rule.memory
+            shape = matrix_view_shape(p.shape)
+            s, w1, w2, prev = _deep_state_stacks(mem, [st], shape)
+            s, w1, w2, d, g_hat = deep_memory_kernel(mem, s, w1, w2, g.reshape(1, *shape),
+                                                     v.reshape(1, *shape), prev)
+            _deep_state_writeback(mem, [st], s, w1, w2, g_hat)
+            d = d[0].view_as(p)
         else:
-            s = st["memory"]
-            if mem.zeta != 0.0:
-                m, n = matrix_view_shape(p.shape)
-                k = _keys(g.reshape(1, m, n), mem.key_eps)
-                delta = _delta(s.reshape(1, m, n), k).view_as(s)
-                s.mul_(alpha).add_(delta, alpha=-mem.zeta).add_(v, alpha=eta)
-            elif _is_ema(rule):
-                s.lerp_(v, 1 - alpha)
-            else:
-                s.mul_(alpha).add_(v, alpha=eta)
+            d = _linear_memory_single(_linear(rule), st, p, g, v, t)
 
-        # Read-out D̃ (Nesterov, bias correction).
-        if mem.nesterov:
-            if mem.bias_correction:
-                d = s * (alpha / (1 - alpha ** (t + 1))) + v * (eta / (1 - alpha**t))
-            elif _is_ema(rule):
-                d = v.lerp(s, alpha)                         # torch Muon: grad.lerp(buf, μ)
-            else:
-                d = s * alpha + v * eta if eta != 1.0 else v.add(s, alpha=alpha)
-        else:
-            d = s / (1 - alpha**t) if mem.bias_correction else s
-
-        # Read-out map σ (MATH §4).
-        if isinstance(rule.readout, NewtonSchulz):
-            m, n = matrix_view_shape(p.shape)
-            out = newton_schulz(d.reshape(1, m, n), rule.readout).view_as(p)
-        elif isinstance(rule.readout, Sign):
-            out = torch.sign(d)
-        else:
-            out = d
-
+        # Read-out map σ (MATH §4), M3's slow term, denominator.
+        out = _readout_single(rule, d)
+        if isinstance(rule.memory, MultiScaleMemory):
+            out = out + rule.memory.slow_weight * st["slow_readout"]
         if rule.denominator is not None:
             den = rule.denominator
-            nu = st["second_moment"].mul_(den.beta2).addcmul_(g, g, value=1 - den.beta2)
+            nu = st["second_moment"]
+            if den.accumulate:
+                nu.addcmul_(g, g, value=den.beta2)           # NL Alg. 1: V ← V + β₂G²
+            else:
+                nu.mul_(den.beta2).addcmul_(g, g, value=1 - den.beta2)
             denom = nu.sqrt()
             if den.bias_correction:
                 denom.div_(math.sqrt(1 - den.beta2**t))
@@ -112,6 +170,54 @@ def linear_step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states
         if rule.decoupled_weight_decay and weight_decay != 0.0:
             p.mul_(1 - lr * weight_decay)
         p.add_(out, alpha=-lr * _scale(rule, p))
+
+        if isinstance(rule.memory, MultiScaleMemory):
+            _slow_write_single(rule, st, v, t)
+
+
+def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch.Tensor,
+                          v: torch.Tensor, t: int) -> torch.Tensor:
+    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (MATH §2) and return the read-out D̃."""
+    alpha = mem.momentum
+    eta = 1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr
+    if mem.stateless:
+        s = v if eta == 1.0 else v * eta
+    else:
+        s = st["memory"]
+        if mem.zeta != 0.0:
+            m, n = matrix_view_shape(p.shape)
+            delta = delta_term(s.reshape(1, m, n), g.reshape(1, m, n), mem.key_eps).view_as(s)
+            s.mul_(alpha).add_(delta, alpha=-mem.zeta).add_(v, alpha=eta)
+        elif _is_ema(mem):
+            s.lerp_(v, 1 - alpha)
+        else:
+            s.mul_(alpha).add_(v, alpha=eta)
+    if mem.nesterov:
+        if mem.bias_correction:                              # NAdam form, as optax
+            return s * (alpha / (1 - alpha ** (t + 1))) + v * (eta / (1 - alpha**t))
+        if _is_ema(mem):
+            return v.lerp(s, alpha)                          # torch Muon: grad.lerp(buf, μ)
+        return s * alpha + v * eta if eta != 1.0 else v.add(s, alpha=alpha)
+    return s / (1 - alpha**t) if mem.bias_correction else s
+
+
+def _readout_single(rule: UpdateRule, d: torch.Tensor) -> torch.Tensor:
+    if isinstance(rule.readout, NewtonSchulz):
+        m, n = matrix_view_shape(d.shape)
+        return newton_schulz(d.reshape(1, m, n), rule.readout).view_as(d)
+    if isinstance(rule.readout, Sign):
+        return torch.sign(d)
+    return d
+
+
+def _slow_write_single(rule: UpdateRule, st: dict, v: torch.Tensor, t: int) -> None:
+    """M3: accumulate V; every ``period`` steps write M² and refresh O² = σ(M²) (MATH §6)."""
+    mem = rule.memory
+    st["slow_accumulator"].add_(v)
+    if t % mem.period == 0:
+        st["slow_memory"].mul_(mem.slow_momentum).add_(st["slow_accumulator"], alpha=mem.slow_inner_lr)
+        st["slow_readout"].copy_(_readout_single(rule, st["slow_memory"]))
+        st["slow_accumulator"].zero_()
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,10 +244,8 @@ def _batched_matrix_map(fn, *lists: Tensors) -> Tensors:
     return result
 
 
-def linear_step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
-                        lr: float, weight_decay: float) -> None:
-    mem = rule.memory
-    alpha = mem.momentum
+def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
+                 lr: float, weight_decay: float) -> None:
     steps = [st["step"] for st in states]
     torch._foreach_add_(steps, 1)
     ts = [int(s.item()) for s in steps]
@@ -164,51 +268,24 @@ def linear_step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, state
         torch._foreach_add_(denom, rule.values.eps)
         vs = torch._foreach_div(gs, denom)
 
-    # Memory write (MATH §2).
-    etas = [1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr for t in ts]
-    if mem.stateless:
-        ss = vs if all(e == 1.0 for e in etas) else torch._foreach_mul(vs, etas)
+    # Memory write and read-out D̃.
+    if isinstance(rule.memory, DeepMemory):
+        ds = _deep_memory_batched(rule.memory, states, gs, vs)
     else:
-        ss = [st["memory"] for st in states]
-        if mem.zeta != 0.0:
-            deltas = _batched_matrix_map(lambda s, g: _delta(s, _keys(g, mem.key_eps)), ss, gs)
-            torch._foreach_mul_(ss, alpha)
-            torch._foreach_add_(ss, deltas, alpha=-mem.zeta)
-            torch._foreach_add_(ss, torch._foreach_mul(vs, etas))
-        elif _is_ema(rule):
-            torch._foreach_lerp_(ss, vs, 1 - alpha)
-        else:
-            torch._foreach_mul_(ss, alpha)
-            torch._foreach_add_(ss, torch._foreach_mul(vs, etas))
+        ds = _linear_memory_batched(_linear(rule), states, gs, vs, ts)
 
-    # Read-out D̃.
-    if mem.nesterov:
-        if mem.bias_correction:
-            ds = torch._foreach_mul(ss, [alpha / (1 - alpha ** (t + 1)) for t in ts])
-            torch._foreach_add_(ds, torch._foreach_mul(vs, [e / (1 - alpha**t) for e, t in zip(etas, ts)]))
-        elif _is_ema(rule):
-            ds = torch._foreach_lerp(vs, ss, alpha)
-        elif all(e == 1.0 for e in etas):
-            ds = torch._foreach_add(vs, ss, alpha=alpha)
-        else:
-            ds = torch._foreach_mul(ss, alpha)
-            torch._foreach_add_(ds, torch._foreach_mul(vs, etas))
-    else:
-        ds = torch._foreach_div(ss, [1 - alpha**t for t in ts]) if mem.bias_correction else ss
-
-    # Read-out map σ.
-    if isinstance(rule.readout, NewtonSchulz):
-        outs = _batched_matrix_map(lambda x: newton_schulz(x, rule.readout), ds)
-    elif isinstance(rule.readout, Sign):
-        outs = torch._foreach_sign(ds)
-    else:
-        outs = ds
-
+    # Read-out map σ, M3's slow term, denominator.
+    outs = _readout_batched(rule, ds)
+    if isinstance(rule.memory, MultiScaleMemory):
+        outs = torch._foreach_add(outs, [st["slow_readout"] for st in states], alpha=rule.memory.slow_weight)
     if rule.denominator is not None:
         den = rule.denominator
         nus = [st["second_moment"] for st in states]
-        torch._foreach_mul_(nus, den.beta2)
-        torch._foreach_addcmul_(nus, gs, gs, value=1 - den.beta2)
+        if den.accumulate:
+            torch._foreach_addcmul_(nus, gs, gs, value=den.beta2)
+        else:
+            torch._foreach_mul_(nus, den.beta2)
+            torch._foreach_addcmul_(nus, gs, gs, value=1 - den.beta2)
         denom = torch._foreach_sqrt(nus)
         if den.bias_correction:
             torch._foreach_div_(denom, [math.sqrt(1 - den.beta2**t) for t in ts])
@@ -219,3 +296,75 @@ def linear_step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, state
     if rule.decoupled_weight_decay and weight_decay != 0.0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
     torch._foreach_add_(params, torch._foreach_mul(outs, [-lr * _scale(rule, p) for p in params]))
+
+    if isinstance(rule.memory, MultiScaleMemory):
+        _slow_write_batched(rule, states, vs, ts)
+
+
+def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, vs: Tensors,
+                           ts: list[int]) -> Tensors:
+    alpha = mem.momentum
+    etas = [1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr for t in ts]
+    if mem.stateless:
+        ss = vs if all(e == 1.0 for e in etas) else torch._foreach_mul(vs, etas)
+    else:
+        ss = [st["memory"] for st in states]
+        if mem.zeta != 0.0:
+            deltas = _batched_matrix_map(lambda s, g: delta_term(s, g, mem.key_eps), ss, gs)
+            torch._foreach_mul_(ss, alpha)
+            torch._foreach_add_(ss, deltas, alpha=-mem.zeta)
+            torch._foreach_add_(ss, torch._foreach_mul(vs, etas))
+        elif _is_ema(mem):
+            torch._foreach_lerp_(ss, vs, 1 - alpha)
+        else:
+            torch._foreach_mul_(ss, alpha)
+            torch._foreach_add_(ss, torch._foreach_mul(vs, etas))
+    if mem.nesterov:
+        if mem.bias_correction:
+            ds = torch._foreach_mul(ss, [alpha / (1 - alpha ** (t + 1)) for t in ts])
+            torch._foreach_add_(ds, torch._foreach_mul(vs, [e / (1 - alpha**t) for e, t in zip(etas, ts)]))
+            return ds
+        if _is_ema(mem):
+            return torch._foreach_lerp(vs, ss, alpha)
+        if all(e == 1.0 for e in etas):
+            return torch._foreach_add(vs, ss, alpha=alpha)
+        ds = torch._foreach_mul(ss, alpha)
+        torch._foreach_add_(ds, torch._foreach_mul(vs, etas))
+        return ds
+    return torch._foreach_div(ss, [1 - alpha**t for t in ts]) if mem.bias_correction else ss
+
+
+def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: Tensors) -> Tensors:
+    ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
+    for (m, n, *_), idx in _buckets(gs).items():
+        sts = [states[i] for i in idx]
+        s, w1, w2, prev = _deep_state_stacks(mem, sts, (m, n))
+        g = torch.stack([gs[i].reshape(m, n) for i in idx])
+        v = torch.stack([vs[i].reshape(m, n) for i in idx])
+        s, w1, w2, d, g_hat = deep_memory_kernel(mem, s, w1, w2, g, v, prev)
+        _deep_state_writeback(mem, sts, s, w1, w2, g_hat)
+        for j, i in enumerate(idx):
+            ds[i] = d[j].view_as(gs[i])
+    return ds
+
+
+def _readout_batched(rule: UpdateRule, ds: Tensors) -> Tensors:
+    if isinstance(rule.readout, NewtonSchulz):
+        return _batched_matrix_map(lambda x: newton_schulz(x, rule.readout), ds)
+    if isinstance(rule.readout, Sign):
+        return torch._foreach_sign(ds)
+    return ds
+
+
+def _slow_write_batched(rule: UpdateRule, states: list[dict], vs: Tensors, ts: list[int]) -> None:
+    mem = rule.memory
+    torch._foreach_add_([st["slow_accumulator"] for st in states], vs)
+    due = [st for st, t in zip(states, ts) if t % mem.period == 0]
+    if not due:
+        return
+    slow = [st["slow_memory"] for st in due]
+    acc = [st["slow_accumulator"] for st in due]
+    torch._foreach_mul_(slow, mem.slow_momentum)
+    torch._foreach_add_(slow, acc, alpha=mem.slow_inner_lr)
+    torch._foreach_copy_([st["slow_readout"] for st in due], _readout_batched(rule, slow))
+    torch._foreach_zero_(acc)

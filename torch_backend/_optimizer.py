@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from deepopt import AdamValues, Spec, UpdateRule
-from torch_backend._functional import linear_step_batched, linear_step_single
+from deepopt import AdamValues, DeepMemory, MultiScaleMemory, Spec, UpdateRule, matrix_view_shape
+from torch_backend._functional import step_batched, step_single
 
 # Extra keys a user group may carry that are not hyperparameters.
 _PASSTHROUGH_KEYS = ("params", "param_names", "name", "fallback")
@@ -51,6 +51,7 @@ class DeepOptimizer(Optimizer):
         self._foreach = True if foreach is None else foreach
         self._rules: dict[tuple, UpdateRule] = {}
         self._n_user_groups = 0
+        self._names: dict[torch.Tensor, str] = {}      # routing names (positional if unnamed)
         super().__init__(params, spec.hyperparameters)
 
     def __repr__(self) -> str:
@@ -92,6 +93,7 @@ class DeepOptimizer(Optimizer):
 
         parts: dict[str, tuple[list, list]] = {"rule": ([], []), "fallback": ([], [])}
         for name, t in zip(names, tensors):
+            self._names.setdefault(t, name)
             route = self.spec.route(name, tuple(t.shape))
             parts[route][0].append(name)
             parts[route][1].append(t)
@@ -153,16 +155,34 @@ class DeepOptimizer(Optimizer):
                                    "gradients; view them as real with torch.view_as_real")
             state = self.state[p]
             if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                if not rule.memory.stateless:
-                    state["memory"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if isinstance(rule.values, AdamValues):
-                    state["values_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if rule.denominator is not None:
-                    state["second_moment"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                self._init_state(state, rule, p, group)
             params.append(p)
             grads.append(p.grad)
             states.append(state)
+
+    def _init_state(self, state: dict, rule: UpdateRule, p: torch.Tensor, group: dict) -> None:
+        """Zero state of MATH §0–§6 (DMGD's W₁ from the spec's seeded numpy draw)."""
+        zeros = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
+        mem = rule.memory
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if not rule.stateless:
+            state["memory"] = zeros()                                   # S (M3: fast level M¹)
+        if isinstance(mem, DeepMemory):
+            _, n = matrix_view_shape(p.shape)
+            if mem.hidden:
+                w1 = mem.initial_w1(self._names[p], n)
+                state["mlp_w1"] = torch.as_tensor(w1, dtype=p.dtype, device=p.device)
+                state["mlp_w2"] = p.new_zeros(n, mem.hidden)            # W₂ = 0: starts as momentum
+            if mem.keys == "previous":
+                state["prev_key"] = zeros()
+        if isinstance(mem, MultiScaleMemory):
+            state["slow_memory"] = zeros()                              # M²
+            state["slow_readout"] = zeros()                             # O² = σ(M²)
+            state["slow_accumulator"] = zeros()                         # Σ V since the last write
+        if isinstance(rule.values, AdamValues):
+            state["values_sq"] = zeros()
+        if rule.denominator is not None:
+            state["second_moment"] = zeros()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -182,7 +202,7 @@ class DeepOptimizer(Optimizer):
             lr, wd = group["lr"], group["weight_decay"]
             lr = lr.item() if isinstance(lr, torch.Tensor) else lr
             wd = wd.item() if isinstance(wd, torch.Tensor) else wd
-            functional = linear_step_batched if self._foreach else linear_step_single
+            functional = step_batched if self._foreach else step_single
             functional(rule, params, grads, states, lr=lr, weight_decay=wd)
         return loss
 
