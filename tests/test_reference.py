@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import deepopt
@@ -341,7 +341,8 @@ def test_delta_write_forgets_a_rank_one_direction():
 
 
 def textbook_sgd(spec, params, grads_stream):
-    """torch.optim.SGD's algorithm box, plus MATH §2's zero-start buffer convention."""
+    """torch.optim.SGD's algorithm box (dampening acts only inside the momentum branch), plus
+    MATH §2's zero-start buffer convention."""
     h = spec.hyperparameters
     lr, mu, tau, wd = h["lr"], h["momentum"], h["dampening"], h["weight_decay"]
     out, theta, buf = [], {k: v.copy() for k, v in params.items()}, {}
@@ -360,8 +361,6 @@ def textbook_sgd(spec, params, grads_stream):
                 else:
                     buf[name] = mu * buf[name] + (1 - tau) * g
                 g = g + mu * buf[name] if h["nesterov"] else buf[name]
-            elif tau != 0:
-                g = (1 - tau) * g if not (h["undamped_first_step"] and t == 1) else g
             step = p - lr * g
             if wd != 0 and h["decoupled_weight_decay"]:
                 step = step - lr * wd * p
@@ -452,6 +451,8 @@ def direct_muon(spec, params, grads_stream):
 @SETTINGS
 def test_reference_sgd_equals_textbook(spec, problem):
     params, grads = problem
+    h = spec.hyperparameters
+    assume(h["momentum"] > 0 or h["dampening"] == 0)          # known gap, see the xfail below
     testing.assert_backends_agree(spec, params, grads, backends=("reference", textbook_sgd),
                                   rtol=1e-12, atol=1e-14)
 
@@ -470,6 +471,14 @@ def test_reference_muon_equals_direct_implementation(spec, problem):
     params, grads = problem
     testing.assert_backends_agree(spec, params, grads, backends=("reference", direct_muon),
                                   rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.xfail(strict=True, reason="deepopt.sgd scales the gradient by 1 − dampening when "
+                   "momentum = 0; torch.optim.SGD ignores dampening without momentum")
+def test_sgd_dampening_without_momentum_is_ignored_like_torch():
+    params, grads = {"w": np.ones(3)}, [{"w": np.full(3, 2.0)}]
+    spec = deepopt.sgd(lr=0.1, momentum=0.0, dampening=0.5)
+    testing.assert_backends_agree(spec, params, grads, backends=("reference", textbook_sgd))
 
 
 def test_textbook_sgd_with_undamped_first_step_is_torchs_buffer():
