@@ -1,0 +1,88 @@
+"""HOPE training harness (benchmarks/hope/train.py, presets.py, transformer.py)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks.hope import train
+from benchmarks.hope.model import Hope
+from benchmarks.hope.presets import PRESETS, hope_config, matched_transformer_config
+from benchmarks.hope.transformer import Transformer, TransformerConfig, apply_rope, rope_tables
+
+
+def test_smoke_train_writes_metrics_and_summary(tmp_path):
+    out = tmp_path / "run"
+    summary = train.main(["--model", "hope", "--optimizer", "adamw", "--preset", "cpu-tiny", "--steps", "4",
+                          "--batch", "2", "--seq-len", "32", "--out", str(out), "--no-progress", "--warm", "1"])
+    lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]  # short runs log every step
+    assert all({"step", "loss", "tokens_per_s"} <= r.keys() and math.isfinite(r["loss"]) for r in lines)
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("final_train_loss", "val_loss", "val_bpb", "tokens_per_s", "params", "peak_memory_bytes",
+                "config", "git_sha", "versions", "device", "command"):
+        assert key in on_disk, key
+    # the recorded numbers are the ones computed another way
+    assert on_disk["val_bpb"] == pytest.approx(on_disk["val_loss"] / math.log(2))
+    assert on_disk["final_train_loss"] == pytest.approx(sum(r["loss"] for r in lines) / len(lines))
+    assert on_disk["params"] == Hope(hope_config("cpu-tiny", 256)).num_params()
+    assert on_disk["config"]["data"]["source"] == "stdlib" and len(on_disk["config"]["data"]["sha256"]) == 64
+    assert summary["val_loss"] == on_disk["val_loss"]
+
+
+def test_smoke_train_transformer_on_mqar(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "2", "--batch", "2", "--seq-len", "40",
+                "--data", "mqar", "--mqar-vocab", "32", "--mqar-pairs", "6", "--out", str(out), "--no-progress"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["data"]["source"] == "mqar" and 0.0 <= s["val_accuracy"] <= 1.0
+
+
+def test_unknown_optimizer_lists_known_names():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="known names:.*adamw"):
+        train.make_optimizer("no_such_rule", model, 1e-3)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert train.lr_scale_at(0, 100, 10) == pytest.approx(0.1)
+    assert train.lr_scale_at(9, 100, 10) == pytest.approx(1.0)
+    assert train.lr_scale_at(10, 100, 10) == pytest.approx(1.0)
+    assert train.lr_scale_at(100, 100, 10) == pytest.approx(0.1)
+    mid = 10 + 45
+    assert train.lr_scale_at(mid, 100, 10) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+@pytest.mark.parametrize("preset", ["cpu-tiny", "gpu-small"])
+def test_transformer_is_parameter_matched(preset):
+    hcfg = hope_config(preset, 256)
+    tcfg = matched_transformer_config(hcfg)
+    with torch.device("meta"):
+        n_hope, n_tf = Hope(hcfg).num_params(), Transformer(tcfg).num_params()
+    assert abs(n_tf - n_hope) / n_hope < 0.01
+    assert set(PRESETS) == {"cpu-tiny", "gpu-small", "gpu-125m"}
+
+
+def test_rope_is_a_relative_position_encoding():
+    """⟨R_m q, R_n k⟩ depends only on m − n (RoFormer's defining property)."""
+    torch.manual_seed(0)
+    d, T = 8, 12
+    cos, sin = rope_tables(T, d, 10000.0, "cpu", torch.float64)
+    q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
+    rq = apply_rope(q.expand(1, 1, T, d), cos, sin)[0, 0]
+    rk = apply_rope(k.expand(1, 1, T, d), cos, sin)[0, 0]
+    torch.testing.assert_close(rq[5] @ rk[2], rq[9] @ rk[6])
+    torch.testing.assert_close(rq[3].norm(), q.norm())
+
+
+def test_transformer_causality():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(d_model=16, n_heads=2, n_layers=2, ffn_hidden=32)).double()
+    idx = torch.randint(0, 256, (2, 10))
+    changed = idx.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 256
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-12)
+    assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-6
