@@ -372,6 +372,7 @@ def dmgd(
     eps: float = 1e-8,
     ns_coefficients: Any = "muon",
     ns_steps: int = 5,
+    ns_dtype: str = "input",
     adjust_lr_fn: str | None = None,
     fallback: Spec | None = None,
     routing: Routing | None = None,
@@ -411,7 +412,8 @@ def dmgd(
       weight_decay: decoupled λ.
       seed: seeds W₁'s initialisation.
       betas, eps: β₂ and ε of adam values (β₁ unused; kept for AdamW-shaped configs).
-      ns_coefficients, ns_steps, adjust_lr_fn: Newton–Schulz read-out settings (as ``muon``).
+      ns_coefficients, ns_steps, ns_dtype, adjust_lr_fn: Newton–Schulz read-out settings (as
+        ``muon``; ``ns_dtype`` defaults to the input dtype).
       fallback, routing: as ``muon`` (DMGD takes parameters with ndim ≥ 2).
 
     Example::
@@ -435,13 +437,15 @@ def dmgd(
     memory = DeepMemory(momentum=check_real("momentum", momentum, low=0.0, high=1.0),
                         inner_lr=inner_lr, hidden=hidden, objective=objective, keys=keys,
                         nesterov=nesterov, seed=seed)
-    sigma, scale = _readout(readout, ns_coefficients, ns_steps, 1e-7, adjust_lr_fn)
+    check_choice("ns_dtype", ns_dtype, ("input", "bfloat16", "float32", "float64"))
+    sigma, scale = _readout(readout, ns_coefficients, ns_steps, 1e-7, adjust_lr_fn, ns_dtype)
     rule = UpdateRule(memory=memory, values=AdamValues(b2, eps) if values == "adam" else IdentityValues(),
                       readout=sigma, shape_scale=scale)
     hp = dict(lr=lr, momentum=momentum, inner_lr=inner_lr, hidden=hidden, objective=objective,
               keys=keys, values=values, readout=readout, nesterov=nesterov,
               weight_decay=weight_decay, seed=seed, betas=tuple(betas), eps=eps,
-              ns_coefficients=ns_coefficients, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+              ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype,
+              adjust_lr_fn=adjust_lr_fn)
     return Spec("dmgd", rule, freeze_hparams(hp),
                 fallback=fallback if fallback is not None else _default_fallback(lr),
                 routing=routing if routing is not None else Routing(), builder=dmgd)

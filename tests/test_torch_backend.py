@@ -22,6 +22,12 @@ SPECS = {
     "delta_ns": deepopt.delta_momentum(0.02, readout="newton_schulz", ns_coefficients="polar_express"),
     "muon": deepopt.muon(0.02, ns_dtype="float64"),
     "muon_optax": deepopt.muon(0.02, ns_dtype="input", ns_normalization="add", bias_correction=True),
+    "dmgd": deepopt.dmgd(0.05, hidden=4),
+    "dmgd_dot_prev": deepopt.dmgd(0.05, momentum=0.9, inner_lr=0.5, hidden=3, objective="dot",
+                                  keys="previous", values="adam", nesterov=True, weight_decay=0.1),
+    "dmgd_ns": deepopt.dmgd(0.02, hidden=2, readout="newton_schulz"),
+    "m3": deepopt.m3(0.01, frequency=3),
+    "m3_decay": deepopt.m3(0.01, frequency=2, decay=True, slow_decay=True, weight_decay=0.1),
     "custom": deepopt.custom(deepopt.UpdateRule(
         memory=deepopt.LinearMemory(momentum=0.8, inner_lr=0.5, zeta=0.3, nesterov=True),
         values=deepopt.AdamValues(beta2=0.99), readout=deepopt.newton_schulz("cubic", 8),
@@ -77,7 +83,7 @@ def _train(opt, params, gen, steps):
         opt.step()
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw", "delta", "muon", "custom"])
+@pytest.mark.parametrize("name", ["sgd", "adamw", "delta", "muon", "dmgd_dot_prev", "m3", "custom"])
 def test_state_dict_exact_resume(name):
     spec = SPECS[name]
     make = lambda: [torch.nn.Parameter(torch.ones(4, 6) * 0.1 * i) for i in range(1, 3)] + [  # noqa: E731
