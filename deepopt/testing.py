@@ -587,7 +587,8 @@ def assert_newton_schulz_invariants(readout: Any, *,
                                     scales: Sequence[float] = (0.5, 3.0, 1e3),
                                     min_singular: float = 0.05,
                                     band: tuple[float, float] | None | str = "auto",
-                                    seed: int = 0, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+                                    seed: int = 0, rtol: float = 1e-5, atol: float = 1e-7,
+                                    implementation: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
     """Invariants of a Newton–Schulz read-out map ``f`` on 2-D arrays (MATH §4).
 
     On matrices ``X = U diag(s) Vᵀ`` of each shape, with singular values spread over
@@ -604,13 +605,17 @@ def assert_newton_schulz_invariants(readout: Any, *,
       only); ``None`` skips the check.
 
     ``readout`` is a :class:`~deepopt.NewtonSchulz` (evaluated by the reference), a spec or rule
-    with one, or any callable on 2-D arrays (yours, or a backend's).
+    with one, or any callable on 2-D arrays (yours, or a backend's). To check your own
+    implementation of a :class:`~deepopt.NewtonSchulz` part against its coefficients, pass the
+    part as ``readout`` and your function as ``implementation``.
 
     >>> import deepopt
     >>> from deepopt import testing
     >>> testing.assert_newton_schulz_invariants(deepopt.newton_schulz("muon", 5), band=(0.6, 1.2))
     """
     fn, ns = _as_readout(readout)
+    if implementation is not None:
+        fn = implementation
     rng = np.random.default_rng(seed)
     for m, n in shapes:
         x = _conditioned_matrix(rng, m, n, min_singular) * float(np.exp(rng.uniform(-2, 2)))
