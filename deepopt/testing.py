@@ -240,8 +240,40 @@ def _muon_specs(draw):
                 bias_correction=draw(st.booleans()))
 
 
+@st.composite
+def _dmgd_specs(draw):
+    from deepopt import _presets                      # dmgd/m3 are optional kinds (issue 3)
+    momentum = draw(st.floats(0.5, 1.0))
+    readout = draw(st.sampled_from((None, "sign", "newton_schulz")))
+    return _presets.dmgd(lr=draw(_LRS), momentum=momentum, inner_lr=draw(st.floats(0.0, 0.5)),
+                         hidden=draw(st.sampled_from((0, 1, 4, 8))),
+                         objective=draw(st.sampled_from(("l2", "dot"))),
+                         keys=draw(st.sampled_from(("current", "previous"))),
+                         values=draw(st.sampled_from(("identity", "adam"))), readout=readout,
+                         nesterov=draw(st.booleans()), weight_decay=draw(_DECAYS),
+                         seed=draw(st.integers(0, 2**16)), ns_coefficients=draw(_NS_COEFFICIENTS),
+                         ns_steps=draw(st.integers(1, 6)),
+                         ns_dtype=draw(st.sampled_from(("float64", "input"))),
+                         adjust_lr_fn=draw(st.sampled_from((None, "match_rms_adamw", "none"))))
+
+
+@st.composite
+def _m3_specs(draw):
+    from deepopt import _presets
+    decay = draw(st.booleans())
+    high = 0.99 if decay else 1.0
+    betas = (draw(st.floats(0.0, high)), draw(st.floats(0.9, high)), draw(st.floats(0.0, 1.0)))
+    return _presets.m3(lr=draw(st.floats(1e-4, 1e-2)), betas=betas, slow_weight=draw(st.floats(0.0, 2.0)),
+                       frequency=draw(st.integers(1, 5)), eps=draw(st.floats(1e-8, 1e-6)),
+                       weight_decay=draw(_DECAYS), ns_steps=draw(st.integers(1, 6)),
+                       ns_coefficients=draw(_NS_COEFFICIENTS), decay=decay,
+                       slow_decay=draw(st.booleans()),
+                       adjust_lr_fn=draw(st.sampled_from(("none", "original", "match_rms_adamw"))))
+
+
 _SPEC_STRATEGIES = {"sgd": _sgd_specs, "adamw": _adamw_specs,
-                    "delta_momentum": _delta_momentum_specs, "muon": _muon_specs}
+                    "delta_momentum": _delta_momentum_specs, "muon": _muon_specs,
+                    "dmgd": _dmgd_specs, "m3": _m3_specs}
 
 
 def specs(kinds: Sequence[str] = ("sgd", "adamw", "delta_momentum", "muon")):
@@ -251,7 +283,8 @@ def specs(kinds: Sequence[str] = ("sgd", "adamw", "delta_momentum", "muon")):
     ``[1e-3, 0.1]``; Newton–Schulz read-outs use coefficient presets or tables with 1–8 steps
     and compute in float64 (muon's ``ns_dtype`` is ``"float64"`` or ``"input"``), so that
     backends can agree to float64 rounding. Matrix specs keep their default routing (ndim ≥ 2)
-    and AdamW fallback.
+    and AdamW fallback. ``"dmgd"`` (MATH §5) and ``"m3"`` (MATH §6) are also available, but not
+    drawn by default.
 
     >>> from deepopt import testing
     >>> testing.specs(kinds=("muon",)).example().name
