@@ -24,7 +24,7 @@ from typing import Any
 
 import optax
 
-from deepopt import Spec, UpdateRule
+from deepopt import LinearMemory, Spec, UpdateRule
 from jax_backend._routing import route
 from jax_backend._transforms import (
     LAYOUTS,
@@ -44,6 +44,10 @@ def _is_zero(x: Any) -> bool:
 def compile_rule(rule: UpdateRule, learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
                  view: MatrixView | None) -> optax.GradientTransformation:
     """One :class:`deepopt.UpdateRule` as an optax chain ending in ``scale_by_learning_rate``."""
+    if not isinstance(rule.memory, LinearMemory):
+        # DMGD (MATH §5) and M3 (MATH §6) memories are a later issue for this backend.
+        raise NotImplementedError(f"jax_backend compiles LinearMemory rules only; got "
+                                  f"memory={type(rule.memory).__name__}")
     decay = [] if _is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay)]
     numerator = optax.chain(scale_by_linear_memory(rule.memory, rule.values, view=view),
                             scale_by_readout(rule.readout, view=view))
