@@ -61,7 +61,8 @@ class LinearMemory:
 
     - ``zeta = 0``: Hebbian (dot-product) memory, ``S_t = α S_{t−1} + η V_t`` — heavy ball
       (``η = 1``) or EMA (``η = 1 − α``).
-    - ``zeta > 0``: delta momentum; stable for ``0 ≤ ζ ≤ 1 + α``.
+    - ``zeta > 0``: delta momentum; stable for ``0 ≤ ζ ≤ 1 + α``. Parameters without a
+      matrix view (ndim < 2) use the same recurrence with ζ = 0 (MATH §2).
 
     Read-out ``D_t = S_t``; with ``nesterov`` ``D̃_t = α S_t + η V_t``.
 
@@ -308,10 +309,24 @@ def newton_schulz(
             norm_scale = _coefficients.POLAR_EXPRESS_NORM_SCALE
         table = _coefficients.PRESETS[coefficients]
     else:
-        table = tuple(coefficients)
-        if len(table) == 3 and all(isinstance(x, (int, float)) for x in table):
-            table = (table,)
+        table = _coefficient_table(coefficients)
     return NewtonSchulz(table, steps, eps, normalization, norm_scale, dtype)
+
+
+def _coefficient_table(coefficients: object) -> tuple[tuple[float, float, float], ...]:
+    """An ``(a, b, c)`` triple or a per-step table of triples, else ``ValueError``."""
+    allowed = ("allowed: a preset name (" + ", ".join(map(repr, _coefficients.PRESETS))
+               + "), one (a, b, c) triple, or a sequence of (a, b, c) triples")
+    try:
+        rows = tuple(coefficients)  # type: ignore[arg-type]
+        if len(rows) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rows):
+            rows = (rows,)
+        table = tuple(tuple(float(x) for x in row) for row in rows)
+    except (TypeError, ValueError):
+        raise ValueError(f"ns_coefficients={coefficients!r} is invalid: {allowed}") from None
+    if not table or any(len(row) != 3 for row in table):
+        raise ValueError(f"ns_coefficients={coefficients!r} is invalid: {allowed}")
+    return table
 
 
 Readout = Union[Identity, Sign, NewtonSchulz]

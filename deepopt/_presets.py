@@ -112,7 +112,9 @@ def sgd(
     if nesterov and (momentum <= 0.0 or dampening != 0.0):
         raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0; got "
                          f"momentum={momentum}, dampening={dampening}")
-    memory = LinearMemory(momentum=momentum, inner_lr=1.0 - dampening, nesterov=nesterov,
+    # Without momentum there is no buffer to damp: torch ignores dampening, and so do we.
+    memory = LinearMemory(momentum=momentum, inner_lr=1.0 - dampening if momentum > 0 else 1.0,
+                          nesterov=nesterov,
                           undamped_first_write=check_bool("undamped_first_step", undamped_first_step))
     rule = UpdateRule(memory=memory, maximize=check_bool("maximize", maximize),
                       decoupled_weight_decay=check_bool("decoupled_weight_decay", decoupled_weight_decay))
@@ -222,10 +224,10 @@ def delta_momentum(
       readout: σ: ``"identity"``, ``"sign"`` or ``"newton_schulz"`` (a "delta Muon").
       ns_coefficients, ns_steps, eps: Newton–Schulz settings when ``readout="newton_schulz"``.
       adjust_lr_fn: shape scale s(W) for Newton–Schulz read-outs (as ``muon``); 1 otherwise.
-      fallback: element-wise spec for parameters with fewer than 2 dims (default
-        ``adamw(lr, weight_decay=0)``; pass ``deepopt.sgd(lr, momentum)`` for MATH §2's
-        "same recurrence with ζ = 0").
-      routing: which parameters take the matrix rule (default: ndim ≥ 2).
+      fallback, routing: with ``readout="newton_schulz"``, parameters with fewer than 2 dims go
+        to ``fallback`` (default ``adamw(lr, weight_decay=0)``). With an element-wise read-out
+        every parameter takes this rule, and 1-D ones use its recurrence with ζ = 0 (MATH §2),
+        so ``delta_momentum(zeta=0)`` is ``sgd`` on every parameter.
 
     Example::
 
@@ -243,19 +245,17 @@ def delta_momentum(
     weight_decay = check_real("weight_decay", weight_decay, low=0.0)
     eps = check_real("eps", eps, low=0.0)
     memory = LinearMemory(momentum=momentum, inner_lr=1.0, zeta=z, nesterov=check_bool("nesterov", nesterov))
-    if readout == "newton_schulz":
-        sigma, scale = _ns_readout(ns_coefficients, ns_steps, eps, "clamp", "input"), _shape_scale(adjust_lr_fn)
-    else:
-        check_choice("adjust_lr_fn", adjust_lr_fn, _ADJUST_LR_FNS)
-        sigma, scale = (Sign() if readout == "sign" else Identity()), "none"
+    sigma, scale = _readout(readout, ns_coefficients, ns_steps, eps, adjust_lr_fn)
     rule = UpdateRule(memory=memory, readout=sigma, shape_scale=scale,
                       decoupled_weight_decay=check_bool("decoupled_weight_decay", decoupled_weight_decay))
     hp = dict(lr=lr, momentum=momentum, zeta=zeta, nesterov=nesterov, weight_decay=weight_decay,
               readout=readout, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
               adjust_lr_fn=adjust_lr_fn, decoupled_weight_decay=decoupled_weight_decay)
-    return Spec("delta_momentum", rule, freeze_hparams(hp),
-                fallback=fallback if fallback is not None else _default_fallback(lr),
-                routing=routing if routing is not None else Routing(), builder=delta_momentum)
+    if rule.needs_matrix or routing is not None:         # Newton–Schulz: 1-D goes to the fallback
+        fallback = fallback if fallback is not None else _default_fallback(lr)
+        routing = routing if routing is not None else Routing()
+    return Spec("delta_momentum", rule, freeze_hparams(hp), fallback=fallback, routing=routing,
+                builder=delta_momentum)
 
 
 def muon(
@@ -349,9 +349,10 @@ def _readout(readout: str | None, ns_coefficients: Any, ns_steps: int, eps: floa
              adjust_lr_fn: str | None, ns_dtype: str = "input") -> tuple[Any, str]:
     """σ and s(W) for presets that take ``readout=None|"identity"|"sign"|"newton_schulz"``."""
     check_choice("readout", readout, (None, "identity", "sign", "newton_schulz"))
+    ns = _ns_readout(ns_coefficients, ns_steps, eps, "clamp", ns_dtype)   # validated even if unused
+    scale = _shape_scale(adjust_lr_fn)
     if readout == "newton_schulz":
-        return _ns_readout(ns_coefficients, ns_steps, eps, "clamp", ns_dtype), _shape_scale(adjust_lr_fn)
-    check_choice("adjust_lr_fn", adjust_lr_fn, _ADJUST_LR_FNS)
+        return ns, scale
     return (Sign() if readout == "sign" else Identity()), "none"
 
 

@@ -81,8 +81,8 @@ class UpdateRule:
         """True when the rule reads the parameter as a matrix (MATH §0 matrix view)."""
         if isinstance(self.memory, DeepMemory):
             return True                                  # one memory row per matrix row
-        return (isinstance(self.readout, NewtonSchulz) or getattr(self.memory, "zeta", 0.0) > 0.0
-                or self.shape_scale != "none")
+        # Delta momentum alone does not: 1-D parameters take its recurrence with ζ = 0 (MATH §2).
+        return isinstance(self.readout, NewtonSchulz) or self.shape_scale != "none"
 
     @property
     def stateless(self) -> bool:

@@ -81,7 +81,7 @@ def linear_memory(mem: LinearMemory, state: ParamState, g: np.ndarray, v: np.nda
     else:
         s_prev = state["memory"]
         retained = alpha * s_prev
-        if mem.zeta != 0.0:
+        if mem.zeta != 0.0 and g.ndim >= 2:             # 1-D: the same recurrence with ζ = 0
             m, n = matrix_view_shape(g.shape)
             gm = g.reshape(m, n)
             k = gm / max(np.linalg.norm(gm), mem.key_eps)

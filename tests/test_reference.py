@@ -451,8 +451,6 @@ def direct_muon(spec, params, grads_stream):
 @SETTINGS
 def test_reference_sgd_equals_textbook(spec, problem):
     params, grads = problem
-    h = spec.hyperparameters
-    assume(h["momentum"] > 0 or h["dampening"] == 0)          # known gap, see the xfail below
     testing.assert_backends_agree(spec, params, grads, backends=("reference", textbook_sgd),
                                   rtol=1e-12, atol=1e-14)
 
@@ -473,8 +471,6 @@ def test_reference_muon_equals_direct_implementation(spec, problem):
                                   rtol=1e-9, atol=1e-11)
 
 
-@pytest.mark.xfail(strict=True, reason="deepopt.sgd scales the gradient by 1 − dampening when "
-                   "momentum = 0; torch.optim.SGD ignores dampening without momentum")
 def test_sgd_dampening_without_momentum_is_ignored_like_torch():
     params, grads = {"w": np.ones(3)}, [{"w": np.full(3, 2.0)}]
     spec = deepopt.sgd(lr=0.1, momentum=0.0, dampening=0.5)

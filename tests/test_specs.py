@@ -93,22 +93,16 @@ def test_bad_arguments_name_argument_value_and_range(builder, kwargs, fragments)
         assert fragment in str(info.value), (fragment, str(info.value))
 
 
-# Known gaps (deepopt bugs found by this suite; strict, so a fix turns them into a failure that
-# asks for the marker to be removed).
-KNOWN_GAPS = [
-    pytest.param(muon, dict(ns_coefficients=5), "ns_coefficients=5",
-                 marks=pytest.mark.xfail(raises=TypeError, strict=True,
-                                         reason="newton_schulz() calls tuple(5): TypeError, not ValueError")),
-    pytest.param(muon, dict(ns_coefficients=((1.0, 2.0),)), "ns_coefficients=((1.0, 2.0),)",
-                 marks=pytest.mark.xfail(strict=True, reason="the error names the internal field "
-                                         "'coefficients', not the argument 'ns_coefficients'")),
-    pytest.param(delta_momentum, dict(lr=0.1, ns_steps=0), "ns_steps=0",
-                 marks=pytest.mark.xfail(strict=True, reason="ns_* arguments are only validated when "
-                                         "readout='newton_schulz'")),
+# Former gaps found by this suite (fixed): non-iterable and malformed coefficient tables, and
+# ns_* arguments of a preset whose read-out does not use them.
+FORMER_GAPS = [
+    pytest.param(muon, dict(ns_coefficients=5), "ns_coefficients=5"),
+    pytest.param(muon, dict(ns_coefficients=((1.0, 2.0),)), "ns_coefficients=((1.0, 2.0),)"),
+    pytest.param(delta_momentum, dict(lr=0.1, ns_steps=0), "ns_steps=0"),
 ]
 
 
-@pytest.mark.parametrize("builder,kwargs,fragment", KNOWN_GAPS)
+@pytest.mark.parametrize("builder,kwargs,fragment", FORMER_GAPS)
 def test_bad_arguments_known_gaps(builder, kwargs, fragment):
     with pytest.raises(ValueError, match=re.escape(fragment)):
         builder(**kwargs)
@@ -220,9 +214,13 @@ def test_routing_without_fallback_errors_naming_the_parameter():
 
 
 def test_default_routing_and_fallback_of_matrix_presets():
-    for spec in (muon(lr=0.02), delta_momentum(0.02)):
-        assert spec.routing == Routing() and spec.fallback == adamw(lr=0.02, weight_decay=0.0)
-    for spec in (sgd(0.1), adamw()):
+    for spec in (muon(lr=0.02), delta_momentum(0.02, readout="newton_schulz"),
+                 delta_momentum(0.02, routing=Routing(fallback_patterns=("embed",)))):
+        assert spec.routing is not None and spec.fallback == adamw(lr=0.02, weight_decay=0.0)
+    assert muon(lr=0.02).routing == Routing()
+    # Delta momentum with an element-wise read-out takes every parameter: 1-D ones use its
+    # recurrence with ζ = 0 (MATH §2).
+    for spec in (sgd(0.1), adamw(), delta_momentum(0.02), delta_momentum(0.02, readout="sign")):
         assert spec.routing is None and spec.fallback is None
         assert spec.route("x", (3,)) == "rule" and spec.route("x", (3, 4, 5)) == "rule"
 

@@ -184,7 +184,7 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
         s = v if eta == 1.0 else v * eta
     else:
         s = st["memory"]
-        if mem.zeta != 0.0:
+        if mem.zeta != 0.0 and p.ndim >= 2:                  # 1-D: the recurrence with ζ = 0
             m, n = matrix_view_shape(p.shape)
             delta = delta_term(s.reshape(1, m, n), g.reshape(1, m, n), mem.key_eps).view_as(s)
             s.mul_(alpha).add_(delta, alpha=-mem.zeta).add_(v, alpha=eta)
@@ -310,9 +310,13 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
     else:
         ss = [st["memory"] for st in states]
         if mem.zeta != 0.0:
-            deltas = _batched_matrix_map(lambda s, g: delta_term(s, g, mem.key_eps), ss, gs)
+            # The delta term S KᵀK on matrix views; 1-D parameters take the ζ = 0 recurrence.
+            mats = [i for i, s in enumerate(ss) if s.ndim >= 2]
+            deltas = _batched_matrix_map(lambda s, g: delta_term(s, g, mem.key_eps),
+                                         [ss[i] for i in mats], [gs[i] for i in mats]) if mats else []
             torch._foreach_mul_(ss, alpha)
-            torch._foreach_add_(ss, deltas, alpha=-mem.zeta)
+            if mats:
+                torch._foreach_add_([ss[i] for i in mats], deltas, alpha=-mem.zeta)
             torch._foreach_add_(ss, torch._foreach_mul(vs, etas))
         elif _is_ema(mem):
             torch._foreach_lerp_(ss, vs, 1 - alpha)
