@@ -64,7 +64,7 @@ def compile_rule(rule: UpdateRule, learning_rate: optax.ScalarOrSchedule, weight
     )
 
 
-def compile(  # noqa: A001 - the public name mirrors torch_backend.compile
+def compile(  # the public name mirrors torch_backend.compile
     spec: Spec,
     *,
     learning_rate: optax.ScalarOrSchedule | None = None,
@@ -123,7 +123,7 @@ def compile(  # noqa: A001 - the public name mirrors torch_backend.compile
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: expected one of {LAYOUTS}")
     if not isinstance(spec, Spec):
-        raise ValueError(f"spec={spec!r} is invalid: expected a deepopt.Spec")
+        raise TypeError(f"spec={spec!r} is invalid: expected a deepopt.Spec")
     view = MatrixView(layout)
     hp = spec.hyperparameters
     rule = compile_rule(spec.rule,

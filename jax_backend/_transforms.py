@@ -10,6 +10,9 @@ Per-leaf state lives in pytrees shaped like the parameters (as ``optax.scale_by_
 
 Matrix rules read each leaf through a :class:`MatrixView` (MATH §0), which turns a leaf into a
 stack of ``m × n`` matrices ``(..., m, n)``; batch axes are carried by ``jnp.matmul``.
+
+``None`` leaves (optax's frozen/absent parameters) and ``optax.partition``'s masked nodes are
+empty subtrees for ``jax.tree.map``: they get no state and a ``None`` update, as in optax.
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ class MatrixView:
 
 
 def _like(x: Any, leaf: jax.Array) -> jax.Array:
-    """A (possibly traced, possibly float64) scalar in ``leaf``'s dtype, so that step-count
-    powers and traced hyperparameters never promote a float32 leaf."""
+    """A scalar (``1 − αᵗ``, η) in ``leaf``'s dtype. JAX keeps these weakly typed today, so
+    this is a guard: a strongly typed float64 scalar would otherwise promote a float32 leaf
+    (and its state) under x64, and a jitted step would retrace."""
     return jnp.asarray(x).astype(leaf.dtype)
 
 
@@ -107,7 +111,7 @@ class LinearMemoryState(NamedTuple):
 
 def scale_by_linear_memory(
     memory: LinearMemory,
-    values: IdentityValues | AdamValues = IdentityValues(),
+    values: IdentityValues | AdamValues | None = None,
     *,
     view: MatrixView | None = None,
 ) -> optax.GradientTransformation:
@@ -116,6 +120,7 @@ def scale_by_linear_memory(
         V_t = P(G_t)                                   values (MATH §3)
         K_t = G_t / max(‖G_t‖_F, key_eps)              key, on each matrix view
         S_t = S_{t−1}(α I − ζ K_tᵀK_t) + η V_t         one unit step on the inner objective
+                                                       (ζ = 0 on leaves with ndim < 2)
         D̃_t = S_t, or α S_t + η V_t (Nesterov)         read-out; optional bias correction
 
     The values live here, not in a transform of their own, because the write needs both the
@@ -123,8 +128,8 @@ def scale_by_linear_memory(
 
     Args:
       memory: the :class:`deepopt.LinearMemory` (α = momentum, η = inner_lr, ζ = zeta).
-      values: :class:`deepopt.IdentityValues` or :class:`deepopt.AdamValues`.
-      view: the matrix view; required when ``memory.zeta > 0``.
+      values: :class:`deepopt.IdentityValues` (None means this) or :class:`deepopt.AdamValues`.
+      view: the matrix view; required when ``memory.zeta > 0`` (used on leaves with ndim ≥ 2).
     """
     if memory.zeta != 0.0 and view is None:
         raise ValueError("a delta memory (zeta > 0) needs a matrix view")
@@ -160,10 +165,11 @@ def scale_by_linear_memory(
         # Values V_t = P(G_t) (MATH §3).
         if adam_values:
             b2 = values.beta2
-            values_sq = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.values_sq, updates)
+            values_sq = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g,
+                                     state.values_sq, updates)
             bc2 = _bias(b2, count)
             vals = jax.tree.map(lambda g, v: g / (jnp.sqrt(v / _like(bc2, v)) + values.eps),
-                        updates, values_sq)
+                                updates, values_sq)
         else:
             values_sq, vals = None, updates
 
@@ -178,8 +184,9 @@ def scale_by_linear_memory(
         else:
             def write(s_prev, g, v):
                 retained = alpha * s_prev
-                if zeta != 0.0:
+                if zeta != 0.0 and s_prev.ndim >= 2:
                     # Forget what S stored along the current gradient's row space (NL eq. 48).
+                    # Leaves without a matrix view keep the recurrence with ζ = 0 (MATH §2).
                     retained = retained - zeta * forget(s_prev, g)
                 return retained + _like(eta, v) * v
             new_memory = s = jax.tree.map(write, state.memory, updates, vals)

@@ -8,13 +8,13 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # float64 cases; float32 arrays stay float32
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
 
-import deepopt  # noqa: E402
-import jax_backend  # noqa: E402
+import deepopt
+import jax_backend
 
 STEPS = 32
 
@@ -61,7 +61,7 @@ def _assert_trajectories_close(ours, theirs, rtol, atol):
                                        err_msg=f"step {t + 1}, leaf {jax.tree_util.keystr(path)}")
 
 
-TOL = {"float64": dict(rtol=1e-12, atol=1e-12), "float32": dict(rtol=2e-5, atol=2e-6)}
+TOL = {"float64": {"rtol": 1e-12, "atol": 1e-12}, "float32": {"rtol": 2e-5, "atol": 2e-6}}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -94,7 +94,7 @@ def test_adamw_equals_optax_adamw(dtype, nesterov):
 # Float32 Newton–Schulz amplifies rounding (the quintic's slope at 0 is 3.4) and our matrix view
 # iterates on Xᵀ where optax iterates on X for square kernels, so the two agree to rounding of
 # the iteration, not bit for bit: ~4e-7 observed over 32 steps on O(1) parameters.
-MUON_TOL = {"float64": dict(rtol=1e-12, atol=1e-12), "float32": dict(rtol=1e-5, atol=1e-5)}
+MUON_TOL = {"float64": {"rtol": 1e-12, "atol": 1e-12}, "float32": {"rtol": 1e-5, "atol": 1e-5}}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -13,16 +13,15 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # the reference is float64
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, given, settings
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-
-import deepopt  # noqa: E402
-import jax_backend  # noqa: E402
-from deepopt import reference, testing  # noqa: E402
+import deepopt
+import jax_backend
+from deepopt import reference, testing
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -277,8 +276,9 @@ def _routed_vs_alone(spec, params, expect_fallback):
     alone = {"rule": jax_backend.compile(spec.with_routing(min_ndim=0).with_fallback(None)),
              "fallback": jax_backend.compile(spec.fallback)}
     for n, lab in flat.items():
-        pick = lambda tree: {"x": [leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
-                                   if jax_backend.path_name(p) == n][0]}
+        def pick(tree, n=n):
+            return {"x": next(leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
+                              if jax_backend.path_name(p) == n)}
         solo = _jax_trajectory(alone[lab], pick(params), [pick(g) for g in stream])
         for a, b in zip(routed, solo):
             np.testing.assert_allclose(pick(a)["x"], b["x"], rtol=1e-13, atol=1e-14, err_msg=n)
