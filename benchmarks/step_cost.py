@@ -1,0 +1,703 @@
+"""Step cost: one optimizer step of deepopt next to torch.optim and optax, side by side.
+
+    python -m benchmarks.step_cost [--quick] [--device cpu|cuda] [--only sgd,adamw] --out DIR
+
+Parameters are shaped like GPT-2 small (token and position embeddings, 12 blocks of attention
+qkv/proj and MLP fc/proj matrices with biases, layernorm vectors; ``--quick`` scales widths,
+depth and vocabulary down for a CPU). For each spec, deepopt and its anchor run interleaved in
+one process (BENCHMARKS.md): ``torch_backend.compile`` next to ``torch.optim`` (foreach, and
+fused where the device supports it), and ``jax_backend.compile`` next to optax under
+``jax.jit``. Embeddings go to the AdamW fallback on both sides, as torch's Muon docs advise.
+
+Reported per contender: median step time and spread, the ratio to the anchor (per round, A and
+B measured back to back), optimizer-state bytes per parameter (counted from the actual state),
+and the hardware floor — element-wise phases at the measured copy bandwidth, matrix phases at
+the measured matmul rate (Newton–Schulz ``4m²n + 2m³`` per iteration for m ≤ n; DMGD
+``12·m·n·h``, MATH §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. JAX rows also
+record how many times the jitted step was traced (1 = no recompilation).
+
+Writes ``DIR/step_cost.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import _common
+
+SPECS = ("sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3")
+EMBED_PATTERNS = (r"^wte\.", r"^wpe\.")   # embeddings take the AdamW fallback (torch Muon docs)
+
+# Hyperparameters shared by both sides of every pair.
+LR = {"sgd": 0.01, "adamw": 1e-3, "delta_momentum": 0.01, "muon": 0.02, "dmgd": 0.02, "m3": 0.02}
+MOMENTUM = 0.9            # sgd, delta_momentum
+ADAMW_WD = 0.01
+MUON_WD = 0.1
+NS_STEPS = 5
+M3_PERIOD = 10            # deepopt.m3's default frequency: each timed sample covers one period
+
+TARGETS = {  # issue #5: (backend, spec) -> (max ratio, reference contender)
+    ("torch", "sgd"): (1.1, "torch.optim.SGD(foreach)"),
+    ("torch", "adamw"): (1.1, "torch.optim.AdamW(foreach)"),
+    ("torch", "muon"): (1.0, "torch.optim.Muon+AdamW"),
+    ("torch", "dmgd"): (1.5, "deepopt.muon"),
+    # "every spec ≤ 1.1× its optax counterpart": only these three have one.
+    **{("jax", s): (1.1, None) for s in ("sgd", "adamw", "muon")},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter sets
+# --------------------------------------------------------------------------------------------
+
+
+SIZES = {  # vocab, context, width, depth
+    "full": (50257, 1024, 768, 12),     # GPT-2 small, 124M parameters
+    "quick": (4096, 256, 128, 4),
+    "tiny": (256, 32, 32, 2),
+}
+
+
+def gpt2_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, torch shape) of a GPT-2-like model; Linear weights are (out, in) as in torch."""
+    vocab, ctx, d, depth = SIZES[size]
+    shapes: list[tuple[str, tuple[int, ...]]] = [("wte.weight", (vocab, d)), ("wpe.weight", (ctx, d))]
+    for i in range(depth):
+        b = f"h.{i}."
+        shapes += [
+            (b + "ln_1.weight", (d,)), (b + "ln_1.bias", (d,)),
+            (b + "attn.c_attn.weight", (3 * d, d)), (b + "attn.c_attn.bias", (3 * d,)),
+            (b + "attn.c_proj.weight", (d, d)), (b + "attn.c_proj.bias", (d,)),
+            (b + "ln_2.weight", (d,)), (b + "ln_2.bias", (d,)),
+            (b + "mlp.c_fc.weight", (4 * d, d)), (b + "mlp.c_fc.bias", (4 * d,)),
+            (b + "mlp.c_proj.weight", (d, 4 * d)), (b + "mlp.c_proj.bias", (d,)),
+        ]
+    shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return shapes
+
+
+def delta_spec(deepopt):
+    """The preset as users get it (its own default routing), momentum as the SGD anchor."""
+    return deepopt.delta_momentum(LR["delta_momentum"], momentum=MOMENTUM)
+
+
+def is_matrix(name: str, shape: tuple[int, ...]) -> bool:
+    """Takes the matrix rule (Muon, DMGD, …): ≥ 2-D and not an embedding."""
+    import re
+
+    return len(shape) >= 2 and not any(re.search(p, name) for p in EMBED_PATTERNS)
+
+
+# --------------------------------------------------------------------------------------------
+# Floors (BENCHMARKS.md "Against the floor, too")
+# --------------------------------------------------------------------------------------------
+
+# fp32 words a fused kernel must move per parameter element per step (read + write).
+WORDS = {
+    "sgd": 5,        # read p, g, S; write S, p
+    "adamw": 7,      # read p, g, m, v; write m, v, p      (28 B in fp32, BENCHMARKS.md)
+    "muon": 6,       # read g, S; write S; read NS output, p; write p
+    "delta_momentum": 5,
+    "dmgd": 5,       # S, p and g as sgd; the MLP weights (2nh per matrix) are negligible
+    "m3": 10,        # read p, g, M¹, V, O², Σ; write M¹, V, Σ, p
+}
+
+
+def ns_flops(m: int, n: int, steps: int = NS_STEPS) -> float:
+    a, b = min(m, n), max(m, n)
+    return steps * (4 * a * a * b + 2 * a ** 3)
+
+
+def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: int = 4,
+                hidden: int = 16, route: Callable[[str, tuple[int, ...]], str] | None = None,
+                fallback_kind: str = "adamw") -> dict[str, float]:
+    """Bytes moved and matmul FLOPs of one step of ``kind`` over ``shapes``.
+
+    ``route(name, shape)`` says which parameters take the rule (``"rule"``) and which its
+    element-wise fallback (``"fallback"``, costed as ``fallback_kind``); by default the
+    matrices of :func:`is_matrix` take matrix rules and everything else AdamW.
+    """
+    nbytes, flops = 0.0, 0.0
+    for name, shape in shapes:
+        numel = math.prod(shape)
+        if route is None:
+            taken = kind in ("sgd", "adamw") or is_matrix(name, shape)
+        else:
+            taken = route(name, shape) == "rule"
+        if not taken:
+            nbytes += WORDS[fallback_kind] * itemsize * numel
+            continue
+        nbytes += WORDS[kind] * itemsize * numel
+        if len(shape) < 2:
+            continue                                                  # element-wise on vectors
+        m, n = shape[0], math.prod(shape[1:])
+        if kind == "muon":
+            flops += ns_flops(m, n)
+        elif kind == "delta_momentum":
+            flops += 4 * min(m, n) ** 2 * max(m, n)                 # (S Kᵀ) K on the short side
+        elif kind == "dmgd":
+            flops += 12 * m * n * hidden                              # MATH §5
+        elif kind == "m3":
+            flops += ns_flops(m, n) * (1 + 1 / M3_PERIOD)            # fast NS + amortised slow NS
+    return {"bytes": nbytes, "flops": flops}
+
+
+def floor_seconds(terms: dict[str, float], bandwidth: float, matmul_rate: float) -> float:
+    """Element-wise and matrix phases run one after the other: their floors add."""
+    return terms["bytes"] / bandwidth + (terms["flops"] / matmul_rate if terms["flops"] else 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Contenders
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Contender:
+    name: str
+    role: str                        # "deepopt" or "anchor"
+    step: Callable[[], Any] | None   # one timed sample (synchronised)
+    state_bytes: Callable[[], int] | None = None
+    floor_kind: str = ""
+    ns_dtype: str = "float32"        # matmul dtype of the matrix phase (which rate applies)
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+    route: Callable[[str, tuple[int, ...]], str] | None = None   # deepopt spec routing (floor)
+    fallback_kind: str = "adamw"
+
+
+@dataclass
+class Group:
+    backend: str
+    spec: str
+    contenders: list[Contender]
+    anchor: str | None                      # name of the anchor contender (the ratio's denominator)
+    amortize: int = 0     # > 0: time exactly this many consecutive steps (one period) and report means
+    note: str = ""
+
+
+# ---- torch ---------------------------------------------------------------------------------
+
+
+def torch_groups(shapes, device: str, only: set[str]):
+    """Yields one group at a time, so only one group's parameter copies are alive."""
+    import torch
+
+    import deepopt
+    import torch_backend
+
+    gen = torch.Generator().manual_seed(0)
+    init = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes}
+    grads = {n: (torch.randn(s, generator=gen) * 1e-3).to(device) for n, s in shapes}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    routing = deepopt.Routing(fallback_patterns=EMBED_PATTERNS)
+
+    def fresh() -> list[tuple[str, torch.nn.Parameter]]:
+        out = []
+        for n, _ in shapes:
+            p = torch.nn.Parameter(init[n].to(device).clone())
+            p.grad = grads[n]          # shared: no optimizer here writes to its gradients
+            out.append((n, p))
+        return out
+
+    def make(name, role, build, kind, ns_dtype="float32") -> Contender:
+        try:
+            opts = build(fresh())
+            opts = opts if isinstance(opts, list) else [opts]
+            for o in opts:                                    # one step outside timing: state exists
+                o.step()
+            sync()
+        except Exception as e:  # noqa: BLE001 - an unsupported configuration is a result
+            return Contender(name, role, None, error=f"{type(e).__name__}: {e}".splitlines()[0],
+                             floor_kind=kind,
+                             extra={"status": "unsupported" if isinstance(e, NotImplementedError) else "error"})
+
+        def step():
+            for o in opts:
+                o.step()
+            sync()
+
+        def state_bytes():
+            total = 0
+            for o in opts:
+                for st in o.state.values():
+                    total += sum(v.numel() * v.element_size() for v in st.values()
+                                 if isinstance(v, torch.Tensor))
+            return total
+        return Contender(name, role, step, state_bytes, kind, ns_dtype)
+
+    def deep(spec):
+        return lambda ps: torch_backend.compile(spec, ps)
+
+    def routed(c: Contender, spec) -> Contender:
+        """The floor follows the spec's own routing (which parameters take the rule)."""
+        c.route = spec.route
+        c.fallback_kind = spec.fallback.name if spec.fallback is not None else c.floor_kind
+        return c
+
+    def torch_muon(ps):
+        mats = [p for n, p in ps if is_matrix(n, tuple(p.shape))]
+        rest = [p for n, p in ps if not is_matrix(n, tuple(p.shape))]
+        return [torch.optim.Muon(mats, lr=LR["muon"], weight_decay=MUON_WD, momentum=0.95,
+                                 nesterov=True, ns_steps=NS_STEPS),
+                torch.optim.AdamW(rest, lr=LR["muon"], weight_decay=0.0, foreach=True)]
+
+    fused_ok = device == "cuda" or device == "cpu"   # torch ≥ 2.4 fuses SGD/AdamW on CPU too
+    muon_spec = deepopt.muon(lr=LR["muon"], weight_decay=MUON_WD, ns_steps=NS_STEPS, routing=routing,
+                             fallback=deepopt.adamw(LR["muon"], weight_decay=0.0))
+    for spec in SPECS:
+        if spec not in only:
+            continue
+        cs: list[Contender] = []
+        anchor = None
+        note = ""
+        if spec == "sgd":
+            cs.append(make("deepopt.sgd", "deepopt", deep(deepopt.sgd(LR["sgd"], momentum=MOMENTUM)), "sgd"))
+            cs.append(make("torch.optim.SGD(foreach)", "anchor", lambda ps: torch.optim.SGD(
+                [p for _, p in ps], lr=LR["sgd"], momentum=MOMENTUM, foreach=True), "sgd"))
+            if fused_ok:
+                cs.append(make("torch.optim.SGD(fused)", "anchor", lambda ps: torch.optim.SGD(
+                    [p for _, p in ps], lr=LR["sgd"], momentum=MOMENTUM, fused=True), "sgd"))
+            anchor = "torch.optim.SGD(foreach)"
+        elif spec == "adamw":
+            cs.append(make("deepopt.adamw", "deepopt", deep(deepopt.adamw(LR["adamw"], weight_decay=ADAMW_WD)), "adamw"))
+            cs.append(make("torch.optim.AdamW(foreach)", "anchor", lambda ps: torch.optim.AdamW(
+                [p for _, p in ps], lr=LR["adamw"], weight_decay=ADAMW_WD, foreach=True), "adamw"))
+            if fused_ok:
+                cs.append(make("torch.optim.AdamW(fused)", "anchor", lambda ps: torch.optim.AdamW(
+                    [p for _, p in ps], lr=LR["adamw"], weight_decay=ADAMW_WD, fused=True), "adamw"))
+            anchor = "torch.optim.AdamW(foreach)"
+        elif spec == "delta_momentum":
+            ds = delta_spec(deepopt)
+            cs.append(routed(make("deepopt.delta_momentum", "deepopt", deep(ds), "delta_momentum"), ds))
+            cs.append(make("torch.optim.SGD(foreach)", "anchor", lambda ps: torch.optim.SGD(
+                [p for _, p in ps], lr=LR["delta_momentum"], momentum=MOMENTUM, foreach=True), "sgd"))
+            anchor = "torch.optim.SGD(foreach)"
+            note = "no exact anchor: SGD momentum is delta momentum with zeta=0 (no S·KᵀK matmuls)"
+        elif spec == "muon":
+            cs.append(routed(make("deepopt.muon", "deepopt", deep(muon_spec), "muon", "bfloat16"), muon_spec))
+            cs.append(make("torch.optim.Muon+AdamW", "anchor", torch_muon, "muon", "bfloat16"))
+            anchor = "torch.optim.Muon+AdamW"
+        elif spec == "dmgd":
+            dm = deepopt.dmgd(LR[spec], routing=routing, fallback=deepopt.adamw(LR[spec], weight_decay=0.0))
+            cs.append(routed(make("deepopt.dmgd", "deepopt", deep(dm), "dmgd"), dm))
+            cs.append(routed(make("deepopt.muon", "deepopt-reference", deep(muon_spec), "muon", "bfloat16"),
+                             muon_spec))
+            cs.append(make("torch.optim.Muon+AdamW", "anchor", torch_muon, "muon", "bfloat16"))
+            anchor = "torch.optim.Muon+AdamW"
+            note = "default dmgd (hidden=16, identity read-out); target is vs deepopt.muon"
+        elif spec == "m3":
+            m3 = deepopt.m3(LR[spec], frequency=M3_PERIOD, routing=routing,
+                            fallback=deepopt.adamw(LR[spec], weight_decay=0.0))
+            cs.append(routed(make("deepopt.m3", "deepopt", deep(m3), "m3"), m3))
+            cs.append(make("torch.optim.Muon+AdamW", "anchor", torch_muon, "muon", "bfloat16"))
+            anchor = "torch.optim.Muon+AdamW"
+            note = f"no exact anchor (nearest: Muon); mean over {M3_PERIOD} consecutive steps (one slow write)"
+        yield Group("torch", spec, cs, anchor, M3_PERIOD if spec == "m3" else 0, note)
+
+
+def torch_rates(device: str, size: str) -> dict[str, float]:
+    """Best-of copy bandwidth (bytes/s) and matmul rates (FLOP/s) measured by torch here."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    numel = {"full": 64, "quick": 16, "tiny": 1}[size] * 2**20
+    x = torch.randn(numel, device=device)
+    y = torch.empty_like(x)
+
+    def best(fn, reps=7):
+        fn(); sync()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn(); sync()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    out = {"copy_bytes_per_s": 2 * x.numel() * 4 / best(lambda: y.copy_(x)),
+           "copy_numel": numel}
+    n = {"full": 2048, "quick": 1024, "tiny": 256}[size] * (4 if device == "cuda" else 1)
+    for dt_name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a = torch.randn(n, n, device=device, dtype=dt)
+        b = torch.randn(n, n, device=device, dtype=dt)
+        out[f"matmul_{dt_name}_flops_per_s"] = 2 * n**3 / best(lambda a=a, b=b: a @ b)
+    out["matmul_n"] = n
+    return out
+
+
+# ---- jax -----------------------------------------------------------------------------------
+
+
+def jax_groups(shapes, only: set[str]):
+    """Yields one group at a time (see :func:`torch_groups`)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import deepopt
+    import jax_backend
+
+    routing = deepopt.Routing(fallback_patterns=EMBED_PATTERNS)
+    rng = np.random.default_rng(0)
+
+    def jshape(shape):   # optax layout: kernels are (in, out)
+        return tuple(reversed(shape)) if len(shape) == 2 else shape
+
+    init = {n: jnp.asarray(rng.normal(size=jshape(s)) * 0.02, jnp.float32) for n, s in shapes}
+    grads = {n: jnp.asarray(rng.normal(size=jshape(s)) * 1e-3, jnp.float32) for n, s in shapes}
+
+    # A static tree (a callable would also be called on optax's masked trees): None → Adam.
+    muon_dims = {n: (optax.contrib.MuonDimensionNumbers() if is_matrix(n, s) else None)
+                 for n, s in shapes}
+
+    def make(name, role, build_tx, kind, spec=None) -> Contender:
+        traces = {"n": 0}
+        try:
+            tx = build_tx()
+
+            def step_fn(params, state, g):
+                traces["n"] += 1                               # runs only when jax traces
+                updates, state = tx.update(g, state, params)
+                return optax.apply_updates(params, updates), state
+
+            jitted = jax.jit(step_fn, donate_argnums=(0, 1))
+            carry = {"p": jax.tree.map(jnp.copy, init)}
+            carry["s"] = tx.init(carry["p"])
+            n_params = sum(x.size for x in jax.tree.leaves(carry["p"]))
+            carry["p"], carry["s"] = jitted(carry["p"], carry["s"], grads)
+            jax.block_until_ready(carry["p"])
+            after_first = traces["n"]
+            carry["p"], carry["s"] = jitted(carry["p"], carry["s"], grads)
+            jax.block_until_ready(carry["p"])
+            after_second = traces["n"]
+        except Exception as e:  # noqa: BLE001 - unsupported specs are a result, not a crash
+            msg = f"{type(e).__name__}: {e}".splitlines()[0]
+            return Contender(name, role, None, error=msg, floor_kind=kind,
+                             extra={"status": "unsupported" if isinstance(e, NotImplementedError) else "error"})
+
+        def step():
+            carry["p"], carry["s"] = jitted(carry["p"], carry["s"], grads)
+            jax.block_until_ready((carry["p"], carry["s"]))
+
+        def state_bytes():
+            return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry["s"])
+                       if hasattr(x, "dtype"))
+
+        c = Contender(name, role, step, state_bytes, kind)
+        if spec is not None:   # the floor follows the spec's routing; optax layout → torch names
+            c.route = lambda n, shape: spec.route(n, jshape(shape))
+            c.fallback_kind = spec.fallback.name if spec.fallback is not None else kind
+        c.extra = {"traces_after_first_step": after_first, "traces_after_second_step": after_second,
+                   "traces": traces, "n_params": n_params}
+        return c
+
+    def optax_muon():
+        return optax.contrib.muon(LR["muon"], ns_steps=NS_STEPS, beta=0.95, eps=1e-8,
+                                  weight_decay=MUON_WD, muon_weight_dimension_numbers=muon_dims)
+
+    # deepopt.muon with optax.contrib.muon's conventions (tests/test_jax_anchors.py)
+    muon_spec = deepopt.muon(
+        LR["muon"], weight_decay=MUON_WD, eps=1e-8, ns_steps=NS_STEPS, ns_normalization="add",
+        ns_dtype="input", bias_correction=True, routing=routing,
+        fallback=deepopt.adamw(LR["muon"], eps=1e-8, weight_decay=0.0, nesterov=True))
+    dmgd_spec = deepopt.dmgd(LR["dmgd"], routing=routing, fallback=deepopt.adamw(LR["dmgd"], weight_decay=0.0))
+    m3_spec = deepopt.m3(LR["m3"], frequency=M3_PERIOD, routing=routing,
+                         fallback=deepopt.adamw(LR["m3"], weight_decay=0.0))
+    d_spec = delta_spec(deepopt)
+
+    for spec in SPECS:
+        if spec not in only:
+            continue
+        cs: list[Contender] = []
+        note = ""
+        if spec == "sgd":
+            cs.append(make("deepopt.sgd", "deepopt", lambda: jax_backend.compile(
+                deepopt.sgd(LR["sgd"], momentum=MOMENTUM)), "sgd"))
+            cs.append(make("optax.sgd", "anchor", lambda: optax.sgd(LR["sgd"], momentum=MOMENTUM), "sgd"))
+            anchor = "optax.sgd"
+        elif spec == "adamw":
+            cs.append(make("deepopt.adamw", "deepopt", lambda: jax_backend.compile(
+                deepopt.adamw(LR["adamw"], weight_decay=ADAMW_WD)), "adamw"))
+            cs.append(make("optax.adamw", "anchor", lambda: optax.adamw(LR["adamw"], weight_decay=ADAMW_WD),
+                           "adamw"))
+            anchor = "optax.adamw"
+        elif spec == "delta_momentum":
+            cs.append(make("deepopt.delta_momentum", "deepopt", lambda: jax_backend.compile(d_spec),
+                           "delta_momentum", d_spec))
+            if cs[0].step is not None:     # no anchor timing when deepopt cannot run it
+                cs.append(make("optax.sgd", "anchor", lambda: optax.sgd(LR["delta_momentum"], momentum=MOMENTUM), "sgd"))
+            anchor = "optax.sgd"
+            note = "no exact anchor: SGD momentum is delta momentum with zeta=0"
+        elif spec == "muon":
+            cs.append(make("deepopt.muon", "deepopt", lambda: jax_backend.compile(muon_spec), "muon",
+                           muon_spec))
+            cs.append(make("optax.contrib.muon", "anchor", optax_muon, "muon"))
+            anchor = "optax.contrib.muon"
+        elif spec == "dmgd":
+            cs.append(make("deepopt.dmgd", "deepopt", lambda: jax_backend.compile(dmgd_spec), "dmgd",
+                           dmgd_spec))
+            if cs[0].step is not None:     # no anchor timing when deepopt cannot run it
+                cs.append(make("optax.contrib.muon", "anchor", optax_muon, "muon"))
+            anchor = "optax.contrib.muon"
+            note = "no exact anchor (nearest: Muon)"
+        else:  # m3
+            cs.append(make("deepopt.m3", "deepopt", lambda: jax_backend.compile(m3_spec), "m3", m3_spec))
+            if cs[0].step is not None:     # no anchor timing when deepopt cannot run it
+                cs.append(make("optax.contrib.muon", "anchor", optax_muon, "muon"))
+            anchor = "optax.contrib.muon"
+            note = f"no exact anchor (nearest: Muon); mean over {M3_PERIOD} consecutive steps (one slow write)"
+        yield Group("jax", spec, cs, anchor, M3_PERIOD if spec == "m3" else 0, note)
+
+
+def jax_rates(size: str) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+
+    numel = {"full": 64, "quick": 16, "tiny": 1}[size] * 2**20
+    buf = {"x": jnp.ones((numel,), jnp.float32)}
+    add = jax.jit(lambda v: v + 1.0, donate_argnums=0)   # read + write each element, in place
+
+    def bump():
+        buf["x"] = add(buf["x"])
+        return buf["x"]
+    n = {"full": 2048, "quick": 1024, "tiny": 256}[size]
+    a = jnp.ones((n, n), jnp.float32) * 0.5
+    mm = jax.jit(lambda u: u @ u)
+
+    def best(fn, reps=7):
+        jax.block_until_ready(fn())
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    return {"copy_bytes_per_s": 2 * numel * 4 / best(bump), "copy_numel": numel,
+            "matmul_float32_flops_per_s": 2 * n**3 / best(lambda: mm(a)), "matmul_n": n}
+
+
+# --------------------------------------------------------------------------------------------
+# Run
+# --------------------------------------------------------------------------------------------
+
+
+def run_group(group: Group, shapes, rates: dict[str, float], n_params: int, warmup: int,
+              repeats: int, max_seconds: float) -> tuple[list[dict], dict]:
+    live = {c.name: c for c in group.contenders if c.step is not None}
+    if group.amortize:   # one whole period of single steps: the mean includes the slow write
+        warmup, repeats, max_seconds = 1, group.amortize, None
+    times = _common.interleaved({n: c.step for n, c in live.items()}, warmup=warmup,
+                                repeats=repeats, max_seconds=max_seconds) if live else {}
+    stat = "mean" if group.amortize else "median"
+    ratio_key = "of_means" if group.amortize else "median"
+    rows = []
+    for c in group.contenders:
+        row: dict[str, Any] = {"backend": group.backend, "spec": group.spec, "contender": c.name,
+                               "role": c.role,
+                               "status": "ok" if c.step else c.extra.get("status", "error")}
+        if c.step is None:
+            row["error"] = c.error
+            rows.append(row)
+            continue
+        row["time_ms"] = _common.summary(times[c.name], 1e3)
+        row["headline_stat"] = stat
+        row["state_bytes_per_param"] = c.state_bytes() / n_params
+        terms = floor_terms(c.floor_kind, shapes, route=c.route, fallback_kind=c.fallback_kind)
+        rate = rates.get(f"matmul_{c.ns_dtype}_flops_per_s", rates["matmul_float32_flops_per_s"])
+        fl = floor_seconds(terms, rates["copy_bytes_per_s"], rate)
+        row["floor"] = {"math": c.floor_kind, "bytes": terms["bytes"], "matmul_flops": terms["flops"],
+                        "matmul_dtype": c.ns_dtype, "ms": fl * 1e3}
+        row["time_over_floor"] = row["time_ms"][stat] / (fl * 1e3)
+        row["ratios"] = {f"vs {o}": _common.ratio_summary(times[c.name], times[o])
+                         for o in live if o != c.name}
+        row.update(c.extra and {"jit": {"traces_after_first_step": c.extra["traces_after_first_step"],
+                                        "traces_after_second_step": c.extra["traces_after_second_step"],
+                                        "traces_total": c.extra["traces"]["n"],
+                                        "recompiled": c.extra["traces"]["n"] != 1}} or {})
+        rows.append(row)
+
+    # One summary per (backend, spec): deepopt vs its anchor, and the issue's target.
+    main = next(c for c in group.contenders if c.role == "deepopt")
+    pair: dict[str, Any] = {"backend": group.backend, "spec": group.spec, "deepopt": main.name,
+                            "anchor": group.anchor, "note": group.note, "headline_stat": stat}
+    target = TARGETS.get((group.backend, group.spec))
+    if main.step is None:
+        pair.update(status=main.extra.get("status", "error"), error=main.error)
+        return rows, pair
+    ref = group.anchor if target is None or target[1] is None else target[1]
+    by_name = {r["contender"]: r for r in rows}
+    pair["status"] = "ok"
+    pair["deepopt_ms"] = by_name[main.name]["time_ms"][stat]
+    if group.anchor in live:
+        pair["anchor_ms"] = by_name[group.anchor]["time_ms"][stat]
+        pair["ratio"] = by_name[main.name]["ratios"][f"vs {group.anchor}"]
+        pair["ratio_headline"] = pair["ratio"][ratio_key]
+    if target is not None:
+        pair["target"] = {"max_ratio": target[0], "vs": ref}
+        if ref in live:
+            r = by_name[main.name]["ratios"][f"vs {ref}"][ratio_key]
+            pair["target"].update(ratio=r, met=bool(r <= target[0]))
+    pair["time_over_floor"] = by_name[main.name]["time_over_floor"]
+    pair["state_bytes_per_param"] = by_name[main.name]["state_bytes_per_param"]
+    if "jit" in by_name[main.name]:
+        pair["recompiled"] = by_name[main.name]["jit"]["recompiled"]
+    return rows, pair
+
+
+def print_table(rows: list[dict]) -> str:
+    header = ["backend", "spec", "contender", "median ms", "IQR ms", "ratio vs anchor [IQR]",
+              "state B/param", "floor ms", "time/floor", "traces"]
+    table = []
+    anchors = {}
+    for r in rows:
+        if r["role"] == "anchor" and (r["backend"], r["spec"]) not in anchors:
+            anchors[(r["backend"], r["spec"])] = r["contender"]
+    for r in rows:
+        if r["status"] != "ok":
+            table.append([r["backend"], r["spec"], r["contender"], r["status"], r.get("error", "")[:60],
+                          None, None, None, None, None])
+            continue
+        t = r["time_ms"]
+        a = anchors.get((r["backend"], r["spec"]))
+        ratio = r["ratios"].get(f"vs {a}") if a and a != r["contender"] else None
+        if ratio and r["headline_stat"] == "mean":
+            rs = f"{ratio['of_means']:.2f} (of means)"
+        elif ratio:
+            rs = f"{ratio['median']:.2f} [{ratio['q1']:.2f}–{ratio['q3']:.2f}]"
+        else:
+            rs = "(anchor)"
+        tr = r.get("jit", {}).get("traces_total")
+        table.append([r["backend"], r["spec"], r["contender"],
+                      t["median"] if r["headline_stat"] == "median" else f"{t['mean']:.3g} (mean)",
+                      f"{t['q1']:.3g}–{t['q3']:.3g}", rs, r["state_bytes_per_param"], r["floor"]["ms"],
+                      r["time_over_floor"], tr])
+    return _common.fmt_table(header, table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="scaled-down GPT-2 shapes (CPU, < 1 min)")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--only", default=",".join(SPECS), help="comma-separated specs to run")
+    ap.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+
+    size = "tiny" if (args.tiny or _common.tiny()) else ("quick" if args.quick else "full")
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - set(SPECS)
+    if unknown:
+        ap.error(f"unknown specs {sorted(unknown)}; choose from {SPECS}")
+    backends = {b.strip() for b in args.backends.split(",") if b.strip()}
+    repeats = args.repeats or {"tiny": 3, "quick": 15, "full": 10}[size]
+    warmup = {"tiny": 1, "quick": 3, "full": 2}[size]
+    max_seconds = {"tiny": 1.0, "quick": 2.5, "full": 60.0}[size]
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: no CUDA device visible to torch")
+    warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
+
+    if args.threads:
+        import os
+
+        import torch
+
+        torch.set_num_threads(args.threads)
+        if args.threads == 1 and "jax" not in sys.modules:   # XLA reads its flags at start-up
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       " --xla_cpu_multi_thread_eigen=false").strip()
+    shapes = gpt2_shapes(size)
+    n_params = sum(math.prod(s) for _, s in shapes)
+    n_matrix = sum(math.prod(s) for n, s in shapes if is_matrix(n, s))
+    t_start = time.perf_counter()
+    print(f"step_cost: size={size} ({n_params/1e6:.2f}M params, {n_matrix/1e6:.2f}M in hidden "
+          f"matrices), device={args.device}", flush=True)
+
+    rows: list[dict] = []
+    pairs: list[dict] = []
+    rates: dict[str, dict] = {}
+    if "torch" in backends:
+        import torch
+
+        rates["torch"] = torch_rates(args.device, size)
+        for g in torch_groups(shapes, args.device, only):
+            r, p = run_group(g, shapes, rates["torch"], n_params, warmup, repeats, max_seconds)
+            rows += r
+            pairs.append(p)
+            print(f"  torch {g.spec}: done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+            del g                          # free this group's parameter copies before the next
+    if "jax" in backends:
+        rates["jax"] = jax_rates(size)
+        for g in jax_groups(shapes, only):
+            r, p = run_group(g, shapes, rates["jax"], n_params, warmup, repeats, max_seconds)
+            rows += r
+            pairs.append(p)
+            print(f"  jax {g.spec}: done ({time.perf_counter() - t_start:.0f}s)", flush=True)
+            del g
+
+    env = _common.environment(args.device)
+    env["jax_devices"] = _common.jax_devices() if "jax" in backends else None
+    result = {
+        "benchmark": "step_cost",
+        "config": {"size": size, "shapes": SIZES[size], "n_params": n_params,
+                   "n_matrix_params": n_matrix, "embedding_routing": list(EMBED_PATTERNS),
+                   "lr": LR, "momentum": MOMENTUM, "adamw_weight_decay": ADAMW_WD,
+                   "muon_weight_decay": MUON_WD, "ns_steps": NS_STEPS, "m3_frequency": M3_PERIOD,
+                   "warmup_rounds": warmup, "repeats": repeats, "max_seconds_per_group": max_seconds,
+                   "dtype": "float32",
+                   "torch_threads": args.threads,
+                   "floor_model": {"words_per_element": WORDS,
+                                   "rule": "bytes/copy bandwidth + matmul FLOPs/matmul rate; "
+                                           "NS 5·(4m²n+2m³), DMGD 12·m·n·h, delta 4m²n"}},
+        "environment": env,
+        "rates": rates,
+        "pairs": pairs,
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    out = _common.write_json(args.out / "step_cost.json", result)
+    table = print_table(rows)
+    print(table)
+    print()
+    print(pairs_table(pairs))
+    print(f"\nwrote {out} ({result['wall_seconds']:.0f}s)")
+    return 0
+
+
+def pairs_table(pairs: list[dict]) -> str:
+    header = ["backend", "spec", "deepopt ms", "anchor", "anchor ms", "ratio", "target",
+              "met", "time/floor", "recompiled"]
+    rows = []
+    for p in pairs:
+        if p["status"] != "ok":
+            rows.append([p["backend"], p["spec"], p["status"], p.get("anchor"), None, None,
+                         None, None, None, p.get("error", "")[:70]])
+            continue
+        t = p.get("target", {})
+        tgt = f"≤ {t['max_ratio']} vs {t['vs']}" if t else None
+        rows.append([p["backend"], p["spec"], p["deepopt_ms"], p["anchor"], p.get("anchor_ms"),
+                     p.get("ratio_headline"), tgt,
+                     (f"{'yes' if t['met'] else 'no'} ({t['ratio']:.2f})" if "met" in t else None),
+                     p["time_over_floor"], p.get("recompiled")])
+    return _common.fmt_table(header, rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
