@@ -67,6 +67,9 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float):
             # matrix rules on 2-D hidden weights only (same split as the torch stand-in)
             kwargs["routing"] = routing_cls(
                 fallback_patterns=(r"^wte\.", r"^lm_head\."), fallback_if=lambda n, shape: len(shape) != 2)
+        if "fallback" in _parameters(builder) and name != "adamw" and hasattr(deepopt, "adamw"):
+            # element-wise params at AdamW's own lr, not the matrix rule's (as the stand-in)
+            kwargs["fallback"] = deepopt.adamw(lr=DEFAULT_LR["adamw"], weight_decay=0.0)
         spec = builder(**kwargs)
         return compile_fn(spec, model.named_parameters()), f"deepopt.{name} via torch_backend.compile"
     if name not in STANDIN_NAMES:
