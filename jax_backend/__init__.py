@@ -7,6 +7,10 @@ backend-comparison protocol of ``deepopt.testing``.
 """
 
 from jax_backend._compile import compile as compile
+from jax_backend._deep_memory import DeepMemoryState as DeepMemoryState
+from jax_backend._deep_memory import scale_by_deep_memory as scale_by_deep_memory
+from jax_backend._multiscale import MultiScaleState as MultiScaleState
+from jax_backend._multiscale import scale_by_multiscale_memory as scale_by_multiscale_memory
 from jax_backend._newton_schulz import newton_schulz as newton_schulz
 from jax_backend._routing import param_labels as param_labels
 from jax_backend._routing import path_name as path_name
@@ -20,7 +24,8 @@ from jax_backend._transforms import scale_by_second_moment as scale_by_second_mo
 from jax_backend._transforms import scale_by_shape as scale_by_shape
 
 __all__ = [
-    "LinearMemoryState", "MatrixView", "SecondMomentState", "compile", "newton_schulz",
-    "param_labels", "path_name", "run_trajectory", "scale_by_linear_memory", "scale_by_readout",
-    "scale_by_second_moment", "scale_by_shape",
+    "DeepMemoryState", "LinearMemoryState", "MatrixView", "MultiScaleState", "SecondMomentState",
+    "compile", "newton_schulz", "param_labels", "path_name", "run_trajectory",
+    "scale_by_deep_memory", "scale_by_linear_memory", "scale_by_multiscale_memory",
+    "scale_by_readout", "scale_by_second_moment", "scale_by_shape",
 ]

@@ -5,7 +5,7 @@ A rule compiles to a chain, read top to bottom as ``deepopt.UpdateRule``'s docst
     optax.chain(
         optax.scale(-1.0),                           # maximize: G ← −G
         optax.add_decayed_weights(λ),                # coupled L2: G ← G + λW
-        scale_by_second_moment(                      # ÷ (√v̂ + ε), Adam's denominator
+        scale_by_second_moment(                      # ÷ (√v̂ + ε), Adam's (or M3's) denominator
             optax.chain(scale_by_linear_memory(...), #   V = P(G); S_t = S(αI − ζKᵀK) + ηV; D̃
                         scale_by_readout(...))),     #   σ(D̃)
         scale_by_shape(...),                         # × s(W)
@@ -13,7 +13,9 @@ A rule compiles to a chain, read top to bottom as ``deepopt.UpdateRule``'s docst
         optax.scale_by_learning_rate(γ),             # × −γ
     )
 
-with the links a rule does not use left out, and the spec's routing splits the pytree
+with the links a rule does not use left out. A DMGD rule's memory is ``scale_by_deep_memory``
+(MATH §5); an M3 rule's memory and σ are one ``scale_by_multiscale_memory`` (MATH §6:
+σ(D̃_fast) + w·σ(M²), whose slow read-out is state). The spec's routing splits the pytree
 between the rule and its fallback (``optax.partition``).
 """
 
@@ -24,7 +26,9 @@ from typing import Any
 
 import optax
 
-from deepopt import LinearMemory, Spec, UpdateRule
+from deepopt import DeepMemory, MultiScaleMemory, Spec, UpdateRule
+from jax_backend._deep_memory import scale_by_deep_memory
+from jax_backend._multiscale import scale_by_multiscale_memory
 from jax_backend._routing import route
 from jax_backend._transforms import (
     LAYOUTS,
@@ -41,16 +45,24 @@ def _is_zero(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not hasattr(x, "aval") and float(x) == 0.0
 
 
+def _numerator(rule: UpdateRule, view: MatrixView | None) -> optax.GradientTransformation:
+    """Values → memory write → read-out σ(D̃) (plus M3's slow term), before any denominator."""
+    mem = rule.memory
+    if isinstance(mem, MultiScaleMemory):
+        # σ lives inside: the slow level's σ(M²) is state, refreshed every `period` steps.
+        return scale_by_multiscale_memory(mem, rule.values, rule.readout, view=view)
+    if isinstance(mem, DeepMemory):
+        memory = scale_by_deep_memory(mem, rule.values, view=view)
+    else:
+        memory = scale_by_linear_memory(mem, rule.values, view=view)
+    return optax.chain(memory, scale_by_readout(rule.readout, view=view))
+
+
 def compile_rule(rule: UpdateRule, learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
                  view: MatrixView | None) -> optax.GradientTransformation:
     """One :class:`deepopt.UpdateRule` as an optax chain ending in ``scale_by_learning_rate``."""
-    if not isinstance(rule.memory, LinearMemory):
-        # DMGD (MATH §5) and M3 (MATH §6) memories are a later issue for this backend.
-        raise NotImplementedError(f"jax_backend compiles LinearMemory rules only; got "
-                                  f"memory={type(rule.memory).__name__}")
     decay = [] if _is_zero(weight_decay) else [optax.add_decayed_weights(weight_decay)]
-    numerator = optax.chain(scale_by_linear_memory(rule.memory, rule.values, view=view),
-                            scale_by_readout(rule.readout, view=view))
+    numerator = _numerator(rule, view)
     if rule.denominator is not None:
         numerator = scale_by_second_moment(rule.denominator, numerator)
     return optax.chain(
@@ -88,7 +100,7 @@ def compile(  # the public name mirrors torch_backend.compile
 
     Args:
       spec: a ``deepopt.Spec`` (``deepopt.sgd``, ``adamw``, ``delta_momentum``, ``muon``,
-        ``custom``).
+        ``dmgd``, ``m3``, ``custom``).
       learning_rate: overrides ``spec.hyperparameters["lr"]`` for the main rule: a float, an
         optax schedule (a function of the step count), or a traced scalar (so the result can
         live inside ``optax.inject_hyperparams``). The fallback keeps its own ``lr``.

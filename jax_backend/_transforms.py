@@ -18,6 +18,7 @@ empty subtrees for ``jax.tree.map``: they get no state and a ``None`` update, as
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -70,6 +71,10 @@ class MatrixView:
         if self.layout == "optax":
             return int(shape[-1]), int(shape[-2])
         return int(shape[0]), int(math.prod(shape[1:]))
+
+    def batch_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The leading batch axes of a leaf of ``shape``: ``shape[:-2]`` (optax), ``()`` (torch)."""
+        return tuple(shape[:-2]) if self.layout == "optax" else ()
 
     def to_matrix(self, x: jax.Array) -> jax.Array:
         """The leaf as a stack ``(..., m, n)`` of matrix views."""
@@ -133,7 +138,6 @@ def scale_by_linear_memory(
     """
     if memory.zeta != 0.0 and view is None:
         raise ValueError("a delta memory (zeta > 0) needs a matrix view")
-    alpha, zeta = memory.momentum, memory.zeta
     adam_values = isinstance(values, AdamValues)
 
     def init_fn(params):
@@ -143,6 +147,45 @@ def scale_by_linear_memory(
             memory=None if memory.stateless else optax.tree.zeros_like(params),
             values_sq=optax.tree.zeros_like(params) if adam_values else None,
         )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        values_sq, vals = apply_values(values, state.values_sq, updates, count)
+        new_memory, d = linear_memory_step(memory, view, state.memory, updates, vals, count)
+        return d, LinearMemoryState(count=count, memory=new_memory, values_sq=values_sq)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def apply_values(values: IdentityValues | AdamValues | None, values_sq: optax.Updates,
+                 updates: optax.Updates, count: jax.Array) -> tuple[optax.Updates, optax.Updates]:
+    """Values ``V_t = P(G_t)`` (MATH §3); returns ``(new values_sq, V)``.
+
+    Shared by every memory (linear, deep, multi-scale): ``values_sq`` is ``None`` unless
+    ``values`` is :class:`deepopt.AdamValues`; ``count`` is ``t`` after this step's increment.
+    """
+    if not isinstance(values, AdamValues):
+        return None, updates
+    b2 = values.beta2
+    values_sq = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, values_sq, updates)
+    bc2 = _bias(b2, count)
+    vals = jax.tree.map(lambda g, v: g / (jnp.sqrt(v / _like(bc2, v)) + values.eps),
+                        updates, values_sq)
+    return values_sq, vals
+
+
+def linear_memory_step(memory: LinearMemory, view: MatrixView | None, s_prev: optax.Updates,
+                       updates: optax.Updates, vals: optax.Updates,
+                       count: jax.Array) -> tuple[optax.Updates, optax.Updates]:
+    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV_t`` and read ``D̃_t`` (MATH §2); returns
+    ``(S_t or None when stateless, D̃_t)``.
+
+    The linear-memory math of :func:`scale_by_linear_memory`, also M3's fast level
+    (:func:`jax_backend.scale_by_multiscale_memory`). ``updates`` are the raw gradients
+    ``G_t`` (the delta key is built from them), ``vals`` the values ``V_t``.
+    """
+    alpha, zeta = memory.momentum, memory.zeta
 
     def forget(s: jax.Array, g: jax.Array) -> jax.Array:
         """ζ-free part of the delta term, ``S KᵀK``, on the matrix view of one leaf."""
@@ -158,56 +201,39 @@ def scale_by_linear_memory(
             sk = sm @ (kt @ k)                          # S (KᵀK) : n×m·m×n, then m×n·n×n
         return view.from_matrix(sk, s.shape)
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
+    # Inner rate η; torch SGD's first write is undamped (its buffer starts as G_1).
+    eta = jnp.where(count == 1, 1.0, memory.inner_lr) if memory.undamped_first_write \
+        else memory.inner_lr
 
-        # Values V_t = P(G_t) (MATH §3).
-        if adam_values:
-            b2 = values.beta2
-            values_sq = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g,
-                                     state.values_sq, updates)
-            bc2 = _bias(b2, count)
-            vals = jax.tree.map(lambda g, v: g / (jnp.sqrt(v / _like(bc2, v)) + values.eps),
-                                updates, values_sq)
+    # Memory write S_t = S_{t−1}(αI − ζKᵀK) + ηV_t.
+    if memory.stateless:
+        new_memory = None
+        s = jax.tree.map(lambda v: _like(eta, v) * v, vals)
+    else:
+        def write(s_prev, g, v):
+            retained = alpha * s_prev
+            if zeta != 0.0 and s_prev.ndim >= 2:
+                # Forget what S stored along the current gradient's row space (NL eq. 48).
+                # Leaves without a matrix view keep the recurrence with ζ = 0 (MATH §2).
+                retained = retained - zeta * forget(s_prev, g)
+            return retained + _like(eta, v) * v
+        new_memory = s = jax.tree.map(write, s_prev, updates, vals)
+
+    # Read-out D̃_t (Nesterov and NAdam-form bias correction as optax.contrib.muon).
+    if memory.nesterov:
+        if memory.bias_correction:
+            bc_next, bc_now = _bias(alpha, count + 1), _bias(alpha, count)
+            read = lambda s_, v: (alpha * s_ / _like(bc_next, s_)
+                                  + _like(eta, v) * v / _like(bc_now, v))
         else:
-            values_sq, vals = None, updates
-
-        # Inner rate η; torch SGD's first write is undamped (its buffer starts as G_1).
-        eta = jnp.where(count == 1, 1.0, memory.inner_lr) if memory.undamped_first_write \
-            else memory.inner_lr
-
-        # Memory write S_t = S_{t−1}(αI − ζKᵀK) + ηV_t.
-        if memory.stateless:
-            new_memory = None
-            s = jax.tree.map(lambda v: _like(eta, v) * v, vals)
-        else:
-            def write(s_prev, g, v):
-                retained = alpha * s_prev
-                if zeta != 0.0 and s_prev.ndim >= 2:
-                    # Forget what S stored along the current gradient's row space (NL eq. 48).
-                    # Leaves without a matrix view keep the recurrence with ζ = 0 (MATH §2).
-                    retained = retained - zeta * forget(s_prev, g)
-                return retained + _like(eta, v) * v
-            new_memory = s = jax.tree.map(write, state.memory, updates, vals)
-
-        # Read-out D̃_t (Nesterov and NAdam-form bias correction as optax.contrib.muon).
-        if memory.nesterov:
-            if memory.bias_correction:
-                bc_next, bc_now = _bias(alpha, count + 1), _bias(alpha, count)
-                read = lambda s_, v: (alpha * s_ / _like(bc_next, s_)
-                                      + _like(eta, v) * v / _like(bc_now, v))
-            else:
-                read = lambda s_, v: alpha * s_ + _like(eta, v) * v
-            d = jax.tree.map(read, s, vals)
-        elif memory.bias_correction:
-            bc_now = _bias(alpha, count)
-            d = jax.tree.map(lambda s_: s_ / _like(bc_now, s_), s)
-        else:
-            d = s
-        return d, LinearMemoryState(count=count, memory=new_memory, values_sq=values_sq)
-
-    return optax.GradientTransformation(init_fn, update_fn)
+            read = lambda s_, v: alpha * s_ + _like(eta, v) * v
+        d = jax.tree.map(read, s, vals)
+    elif memory.bias_correction:
+        bc_now = _bias(alpha, count)
+        d = jax.tree.map(lambda s_: s_ / _like(bc_now, s_), s)
+    else:
+        d = s
+    return new_memory, d
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,21 +241,34 @@ def scale_by_linear_memory(
 # --------------------------------------------------------------------------------------------
 
 
-def scale_by_readout(readout: Identity | Sign | NewtonSchulz, *,
-                     view: MatrixView | None = None) -> optax.GradientTransformation:
-    """Apply the read-out map σ: identity, element-wise sign, or Newton–Schulz on each matrix
-    view (the backend's one :func:`~jax_backend._newton_schulz.newton_schulz`)."""
+def readout_map(readout: Identity | Sign | NewtonSchulz, *,
+                view: MatrixView | None = None) -> Callable[[jax.Array], jax.Array] | None:
+    """σ on one leaf (MATH §4), or ``None`` for the identity.
+
+    Newton–Schulz runs on each matrix view with the backend's one
+    :func:`~jax_backend._newton_schulz.newton_schulz` (batch axes carried by matmul).
+    """
     if isinstance(readout, Identity):
-        return optax.identity()
+        return None
     if isinstance(readout, Sign):
-        return optax.stateless(lambda updates, params=None: jax.tree.map(jnp.sign, updates))
+        return jnp.sign
     if view is None:
         raise ValueError("a Newton–Schulz read-out needs a matrix view")
 
     def orthogonalise(d):
         return view.from_matrix(newton_schulz(view.to_matrix(d), readout), d.shape)
 
-    return optax.stateless(lambda updates, params=None: jax.tree.map(orthogonalise, updates))
+    return orthogonalise
+
+
+def scale_by_readout(readout: Identity | Sign | NewtonSchulz, *,
+                     view: MatrixView | None = None) -> optax.GradientTransformation:
+    """Apply the read-out map σ: identity, element-wise sign, or Newton–Schulz on each matrix
+    view (the backend's one :func:`~jax_backend._newton_schulz.newton_schulz`)."""
+    sigma = readout_map(readout, view=view)
+    if sigma is None:
+        return optax.identity()
+    return optax.stateless(lambda updates, params=None: jax.tree.map(sigma, updates))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +288,9 @@ def scale_by_second_moment(denominator: SecondMoment,
                            numerator: optax.GradientTransformation) -> optax.GradientTransformation:
     """``σ(D̃) / (√(v_t / (1 − β₂ᵗ)) + ε)`` with ``v_t = β₂ v_{t−1} + (1 − β₂) G_t²``.
 
+    ``denominator.accumulate`` is M3's literal running sum ``v_t = v_{t−1} + β₂ G_t²``
+    (NL Alg. 1, MATH §6), which never has a bias correction.
+
     A wrapper rather than a link of the chain: ``v`` is built from the incoming gradient
     ``G_t`` but divides the numerator's output ``σ(D̃_t)``, so it must see both ends (optax's
     ``scale_by_adam`` holds its two moments in one transform for the same reason).
@@ -262,7 +304,10 @@ def scale_by_second_moment(denominator: SecondMoment,
 
     def update_fn(updates, state, params=None):
         count = optax.safe_increment(state.count)
-        nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.second_moment, updates)
+        if denominator.accumulate:                      # NL Alg. 1: V_t = V_{t−1} + β₂ G²
+            nu = jax.tree.map(lambda v, g: v + b2 * g * g, state.second_moment, updates)
+        else:
+            nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.second_moment, updates)
         numer, inner_state = numerator.update(updates, state.inner_state, params)
         bc2 = _bias(b2, count) if denominator.bias_correction else 1.0
         out = jax.tree.map(lambda o, v: o / (jnp.sqrt(v / _like(bc2, v)) + eps), numer, nu)
@@ -291,6 +336,7 @@ def scale_by_shape(kind: str, *, view: MatrixView | None = None) -> optax.Gradie
 
 
 __all__ = [
-    "LAYOUTS", "LinearMemoryState", "MatrixView", "SecondMomentState", "scale_by_linear_memory",
-    "scale_by_readout", "scale_by_second_moment", "scale_by_shape",
+    "LAYOUTS", "LinearMemoryState", "MatrixView", "SecondMomentState", "apply_values",
+    "linear_memory_step", "readout_map", "scale_by_linear_memory", "scale_by_readout",
+    "scale_by_second_moment", "scale_by_shape",
 ]

@@ -1,0 +1,181 @@
+"""DMGD's deep momentum memory (MATH §5; NL eq. 50) as an optax transform.
+
+The memory of each leaf is ``M_φ(q) = S + W₂ silu(W₁ q)`` applied to the rows ``q`` of its
+matrix view; one inner gradient step per optimizer step writes it, one read at the current
+normalised gradient gives ``D̃``. The batched kernel :func:`deep_memory_kernel` works on
+stacks ``(..., m, n)``: optax-layout batch axes (stacked heads, scanned layers) ride on
+``jnp.matmul``'s broadcasting, each matrix with its own ``S``, ``W₁``, ``W₂``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from deepopt import AdamValues, DeepMemory, IdentityValues
+from jax_backend._routing import path_name
+from jax_backend._transforms import MatrixView, apply_values
+
+
+def _silu_grad(z: jax.Array) -> jax.Array:
+    """``silu'(z) = s(1 + z(1 − s))``, ``s = sigmoid(z)``: the closed form the numpy
+    reference and torch use, so float64 agrees across the three to rounding."""
+    s = jax.nn.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
+                       w2: jax.Array | None, g: jax.Array, v: jax.Array,
+                       prev_key: jax.Array | None):
+    """DMGD's write and read on stacks of matrix views; returns ``(S, W₁, W₂, D̃, Ĝ)``.
+
+    s, g, v, prev_key: ``(..., m, n)``; w1: ``(..., h, n)``; w2: ``(..., n, h)`` (``None``
+    when ``hidden = 0``; ``prev_key`` ``None`` for ``keys="current"``).
+    """
+    m = s.shape[-2]
+    alpha, eta = memory.momentum, memory.inner_lr
+
+    # Keys and queries: Ĝ, each row divided by max(‖row‖, ε) (MATH §5).
+    g_hat = g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), memory.key_eps)
+    k = g_hat if memory.keys == "current" else prev_key
+
+    # Forward at φ_{t−1}: H = silu(K W₁ᵀ), F = H W₂ᵀ.
+    if memory.hidden:
+        z = k @ _mT(w1)                                   # Z = K W₁ᵀ : m×n · n×h
+        h = jax.nn.silu(z)
+        f = h @ _mT(w2)                                   # F = H W₂ᵀ : m×h · h×n
+    # E = ∂ℓ/∂M(k_r), row by row: dot −ηv_r; l2 η(M(k_r) − v_r).
+    if memory.objective == "dot":
+        e = -eta * v
+    else:
+        e = eta * ((s + f if memory.hidden else s) - v)
+
+    # Write φ_t = αφ_{t−1} − ∇ℓ (retention folded in); the shared θ takes the row mean.
+    s = alpha * s - e                                     # ∇_S = E, row by row
+    if memory.hidden:
+        grad_w2 = _mT(e) @ h / m                          # Eᵀ H / m : n×m · m×h
+        grad_w1 = _mT((e @ w2) * _silu_grad(z)) @ k / m   # [(E W₂) ⊙ silu'(Z)]ᵀ K / m : h×m · m×n
+        w1 = alpha * w1 - grad_w1
+        w2 = alpha * w2 - grad_w2
+        # Read D = M_{φ_t}(Q) = S + silu(Q W₁ᵀ) W₂ᵀ at Q = Ĝ_t : m×n·n×h, then m×h·h×n.
+        d = s + jax.nn.silu(g_hat @ _mT(w1)) @ _mT(w2)
+    else:
+        d = s
+    if memory.nesterov:
+        d = alpha * d + eta * v                           # D̃ = αD + ηV
+    return s, w1, w2, d, g_hat
+
+
+class DeepMemoryState(NamedTuple):
+    """State of :func:`scale_by_deep_memory`. Per leaf of shape ``(*batch, in, out)``
+    (optax layout) or ``(out, in, *rest)`` (torch layout, no batch), matrix view ``m × n``."""
+
+    count: jax.Array          # shape=(), int32: t of MATH §0
+    memory: optax.Updates     # S, each leaf shaped like its parameter (m×n per matrix)
+    mlp_w1: optax.Updates     # W₁, shape=(*batch, h, n) per leaf; None when hidden = 0
+    mlp_w2: optax.Updates     # W₂, shape=(*batch, n, h) per leaf, starts at 0; None when hidden = 0
+    prev_key: optax.Updates   # Ĝ_{t−1}, like the parameters; None unless keys="previous"
+    values_sq: optax.Updates  # v of AdamValues (MATH §3), like the parameters; None otherwise
+
+
+def scale_by_deep_memory(
+    memory: DeepMemory,
+    values: IdentityValues | AdamValues | None = None,
+    *,
+    view: MatrixView,
+) -> optax.GradientTransformation:
+    """Write the gradient into a deep momentum memory and read it out (MATH §5, NL eq. 50)::
+
+        V_t = P(G_t)                                     values (MATH §3)
+        Ĝ_t = G_t, each row / max(‖row‖, key_eps)        on each matrix view
+        K = Ĝ_t (keys="current") or Ĝ_{t−1}; Q = Ĝ_t
+        H = silu(K W₁ᵀ), F = H W₂ᵀ, Z = K W₁ᵀ
+        E = −η V (dot)  or  η (S + F − V) (l2)           ∂ℓ/∂M(k_r), row by row
+        S  ← α S  − E
+        W₂ ← α W₂ − Eᵀ H / m                             row mean for the shared θ
+        W₁ ← α W₁ − [(E W₂) ⊙ silu'(Z)]ᵀ K / m
+        D  = S + silu(Q W₁ᵀ) W₂ᵀ;  D̃ = D, or α D + η V (Nesterov)
+
+    Initial state: ``S = 0``, ``W₂ = 0`` (the memory starts as plain momentum),
+    ``W₁ = memory.initial_w1(name, n)`` with ``name`` the leaf's dotted pytree path
+    (:func:`jax_backend.path_name`), so torch, JAX and the reference start from the same
+    ``W₁``. A leaf with batch axes (optax layout, e.g. a stacked ``(L, in, out)`` kernel) is
+    ``L`` independent memories that all start from the one ``W₁`` drawn for the leaf's name
+    (a name identifies a leaf, not a matrix of it); their ``W₁`` diverge from the first step.
+
+    Args:
+      memory: the :class:`deepopt.DeepMemory` (α = momentum, η = inner_lr, h = hidden).
+      values: :class:`deepopt.IdentityValues` (None means this) or :class:`deepopt.AdamValues`.
+      view: the matrix view; every leaf must have ndim ≥ 2 (route 1-D leaves to a fallback).
+    """
+    if view is None:
+        raise ValueError("a deep memory needs a matrix view")
+    adam_values = isinstance(values, AdamValues)
+    previous = memory.keys == "previous"
+
+    def init_fn(params):
+        def w1_init(path, p):
+            if len(p.shape) < 2:
+                raise ValueError(f"a deep memory needs leaves with ndim ≥ 2; "
+                                 f"{path_name(path)!r} has shape {tuple(p.shape)}")
+            n = view.mn(p.shape)[1]
+            w1 = jnp.asarray(memory.initial_w1(path_name(path), n), dtype=p.dtype)   # h×n
+            return jnp.broadcast_to(w1, (*view.batch_shape(p.shape), *w1.shape))
+
+        def w2_init(p):
+            n = view.mn(p.shape)[1]
+            return jnp.zeros((*view.batch_shape(p.shape), n, memory.hidden), p.dtype)
+
+        # W₁ is computed first: it also checks every leaf for a matrix view.
+        mlp_w1 = jax.tree_util.tree_map_with_path(w1_init, params)
+        return DeepMemoryState(
+            count=jnp.zeros([], jnp.int32),
+            memory=optax.tree.zeros_like(params),
+            mlp_w1=mlp_w1 if memory.hidden else None,
+            mlp_w2=jax.tree.map(w2_init, params) if memory.hidden else None,
+            prev_key=optax.tree.zeros_like(params) if previous else None,
+            values_sq=optax.tree.zeros_like(params) if adam_values else None,
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        values_sq, vals = apply_values(values, state.values_sq, updates, count)
+
+        def leaf(g, v, s, w1, w2, prev):
+            to = view.to_matrix
+            s, w1, w2, d, g_hat = deep_memory_kernel(
+                memory, to(s), w1, w2, to(g), to(v), to(prev) if previous else None)
+            back = lambda x: view.from_matrix(x, g.shape)
+            return back(s), w1, w2, back(d), back(g_hat) if previous else None
+
+        # Fields a config does not use are None; give tree.map a None per leaf in their place.
+        absent = jax.tree.map(lambda _: None, updates)
+        results = jax.tree.map(
+            leaf, updates, vals, state.memory,
+            state.mlp_w1 if memory.hidden else absent,
+            state.mlp_w2 if memory.hidden else absent,
+            state.prev_key if previous else absent)
+        # Unzip the per-leaf tuples into one tree per field (updates gives the structure).
+        field = lambda i: jax.tree.map(lambda _, r: r[i], updates, results)
+        new_state = DeepMemoryState(
+            count=count,
+            memory=field(0),
+            mlp_w1=field(1) if memory.hidden else None,
+            mlp_w2=field(2) if memory.hidden else None,
+            prev_key=field(4) if previous else None,
+            values_sq=values_sq,
+        )
+        return field(3), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+__all__ = ["DeepMemoryState", "deep_memory_kernel", "scale_by_deep_memory"]
