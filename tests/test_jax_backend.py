@@ -439,13 +439,6 @@ def test_zero_gradient_is_not_a_missing_gradient():
     assert not np.array_equal(ours[1]["w"], ours[0]["w"])
 
 
-@pytest.mark.parametrize("preset", ["dmgd", "m3"])
-def test_memories_beyond_linear_are_refused_clearly(preset):
-    spec = getattr(deepopt, preset)(0.1)
-    with pytest.raises(NotImplementedError, match="LinearMemory rules only"):
-        jax_backend.compile(spec)
-
-
 def test_bad_layout_raises_naming_it():
     with pytest.raises(ValueError, match="layout='jax'"):
         jax_backend.compile(deepopt.sgd(0.1), layout="jax")
