@@ -277,8 +277,9 @@ class SelfModifyingTitans(nn.Module):
         total = cum[..., -1:]  # (B, H, 1)
         carry = torch.exp(total - cum).unsqueeze(2)  # (B,H,1,C): Π_{r>t} α_r
         keep = torch.exp(total)[..., None, None]  # (B,H,1,1,1)
-        new_w1 = keep * w1 - torch.einsum("bhmc,bhmcd,bhmcf->bhmdf", carry * s1, e, a)
-        new_w2 = keep * w2 - torch.einsum("bhmc,bhmcf,bhcd->bhmfd", carry * s2, g, k)
+        # Σ_t c_t e_t a_tᵀ as one matmul per memory: (d×C)(C×f), likewise (f×C)(C×d)
+        new_w1 = keep * w1 - ((carry * s1).unsqueeze(-1) * e).transpose(-1, -2) @ a
+        new_w2 = keep * w2 - ((carry * s2).unsqueeze(-1) * g).transpose(-1, -2) @ k.unsqueeze(2)
 
         w1o, w2o = w1[:, :, MEM_OUT], w2[:, :, MEM_OUT]
         if self.cfg.out_read == "boundary":
@@ -415,8 +416,8 @@ class CMSLevel(nn.Module):
                 c_down = clip_factor((a * a).sum(-1), (e * e).sum(-1), self.clip)  # (B, P)
                 c_up = clip_factor((kp * kp).sum(-1), (g * g).sum(-1), self.clip)
                 # Σ_t ∇ℓ_t: one weighted outer-product sum per weight
-                down = down - eta * torch.einsum("bt,btd,btf->bdf", c_down, e, a)
-                up = up - eta * torch.einsum("bt,btf,btd->bfd", c_up, g, kp)
+                down = down - eta * (c_down.unsqueeze(-1) * e).transpose(1, 2) @ a  # (D×P)(P×f)
+                up = up - eta * (c_up.unsqueeze(-1) * g).transpose(1, 2) @ kp  # (f×P)(P×D)
         y = x + torch.cat(outs, dim=1)
         return (y, states) if return_states else y
 
