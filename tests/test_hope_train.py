@@ -86,3 +86,20 @@ def test_transformer_causality():
         a, b = model(idx)[0], model(changed)[0]
     torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-12)
     assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-6
+
+
+def test_standins_only_when_deepopt_lacks_the_name(monkeypatch, capsys):
+    import deepopt
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt, note = train.make_optimizer("adamw", model, 1e-3)
+    assert note.startswith("deepopt.adamw") and not isinstance(opt, torch.optim.AdamW)
+    monkeypatch.delattr(deepopt, "adamw")
+    opt, note = train.make_optimizer("adamw", model, 1e-3)
+    assert isinstance(opt, torch.optim.AdamW) and "STAND-IN" in note
+    assert "STAND-IN" in capsys.readouterr().out
+    monkeypatch.delattr(deepopt, "muon")
+    opt, note = train.make_optimizer("muon", model, 0.02)
+    muon, adamw = opt.opts  # Muon takes exactly the 2-D hidden weight, AdamW the rest
+    assert [p.shape for g in muon.param_groups for p in g["params"]] == [torch.Size([4, 4])]
+    assert sum(p.numel() for g in adamw.param_groups for p in g["params"]) == 4 + 4 + 4
