@@ -224,3 +224,20 @@ def test_bad_arguments():
         torch_backend.compile(deepopt.sgd(0.1), [])
     with pytest.raises(ValueError, match="fallback"):
         torch_backend.compile(deepopt.muon(0.02).with_fallback(None), [torch.nn.Parameter(torch.randn(2))])
+
+
+def test_bad_value_edited_into_a_group_raises_before_any_update():
+    a, b = torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3, 3))
+    opt = torch_backend.compile(deepopt.sgd(0.1, momentum=0.9), [{"params": [a]}, {"params": [b]}])
+    for p in (a, b):
+        p.grad = torch.ones(3, 3)
+    opt.step()
+    before = [a.detach().clone(), b.detach().clone(), opt.state[a]["memory"].clone()]
+    for key, bad in (("momentum", 1.5), ("lr", -0.1), ("lr", float("nan")), ("weight_decay", -1.0)):
+        original = opt.param_groups[1][key]
+        opt.param_groups[1][key] = bad
+        with pytest.raises(ValueError, match=key):
+            opt.step()
+        opt.param_groups[1][key] = original
+        assert torch.equal(a, before[0]) and torch.equal(b, before[1])       # group 0 untouched too
+        assert torch.equal(opt.state[a]["memory"], before[2])

@@ -191,20 +191,27 @@ class DeepOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            rule = self._group_rule(group)
+        # Resolve every group's rule and rates before touching anything, so that a bad value
+        # edited into any group raises with all parameters and state as they were.
+        plans = [(group, self._group_rule(group), self._rate(group, "lr"), self._rate(group, "weight_decay"))
+                 for group in self.param_groups]
+        functional = step_batched if self._foreach else step_single
+        for group, rule, lr, wd in plans:
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             states: list[dict] = []
             self._init_group(group, rule, params, grads, states)
-            if not params:
-                continue
-            lr, wd = group["lr"], group["weight_decay"]
-            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-            wd = wd.item() if isinstance(wd, torch.Tensor) else wd
-            functional = step_batched if self._foreach else step_single
-            functional(rule, params, grads, states, lr=lr, weight_decay=wd)
+            if params:
+                functional(rule, params, grads, states, lr=lr, weight_decay=wd)
         return loss
+
+    @staticmethod
+    def _rate(group: dict[str, Any], key: str) -> float:
+        value = group[key]
+        value = value.item() if isinstance(value, torch.Tensor) else value
+        if not (isinstance(value, (int, float)) and value >= 0 and value != float("inf")):
+            raise ValueError(f"param group {key}={group[key]!r} is invalid: expected a finite number >= 0")
+        return float(value)
 
 
 def compile(spec: Spec, params: Iterable[Any], *, foreach: bool | None = None) -> DeepOptimizer:
