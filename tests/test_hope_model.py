@@ -109,6 +109,21 @@ def test_causality(chunk):
             assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max() > 1e-6  # the future did change
 
 
+def test_fast_state_is_per_sequence():
+    """Sequence 0's outputs do not depend on sequence 1 of the same batch (no shared state)."""
+    torch.manual_seed(0)
+    model = Hope(tiny_cfg(n_layers=2, cms_eta_init=0.05)).to(F64)
+    idx = torch.randint(0, 256, (2, 12))
+    alone = idx[:1]
+    other = idx.clone()
+    other[1] = torch.randint(0, 256, (12,))
+    with torch.no_grad():
+        a, b, c = model(idx)[0], model(other)[0], model(alone)[0]
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(a[0], c[0], rtol=0, atol=1e-12)
+    assert (a[1] - b[1]).abs().max() > 1e-6
+
+
 # --- CMS ------------------------------------------------------------------------------------
 
 
