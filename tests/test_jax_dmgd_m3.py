@@ -1,0 +1,286 @@
+"""jax_backend's DMGD (MATH §5) and M3 (MATH §6) against the numpy reference and themselves.
+
+- DMGD and M3 variants == ``deepopt.reference`` step by step (float64, torch layout, 20+ steps,
+  with skipped gradients, a conv kernel and a fallback bias);
+- the batched DMGD write == one inner gradient step on ℓ_t computed by ``jax.grad``;
+- the state holds the reference's S, W₁, W₂; W₂ leaves zero;
+- layout="optax" on a kernel == layout="torch" on its transpose; a stacked (L, in, out) leaf ==
+  L matrices that all start from the one W₁ of the leaf's name;
+- M3's slow level is written exactly at t = f, 2f, 3f with β₃ Σ V, and O² = NS(M²);
+- no retrace on the second jitted step; inject_hyperparams with a traced lr.
+"""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)  # the reference is float64
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import deepopt
+import jax_backend
+from deepopt import reference, testing
+from jax_backend._deep_memory import deep_memory_kernel
+
+# Torch layout: a wide matrix, a tall one, a conv kernel (matrix view 4 × 12) and a bias that
+# goes to the AdamW fallback. Two parameters sit one step out (their count must not advance).
+SHAPES = {"0.weight": (5, 7), "head.weight": (9, 3), "conv.weight": (4, 3, 2, 2), "0.bias": (4,)}
+STEPS = 20
+
+
+def _stream(shapes=SHAPES, steps=STEPS, seed=0, missing=(("0.weight", 3), ("0.bias", 5))):
+    rng = np.random.default_rng(seed)
+    params = {n: rng.normal(size=s) for n, s in shapes.items()}
+    stream = [{n: rng.normal(size=s) * (1 + 0.1 * t) for n, s in shapes.items()}
+              for t in range(steps)]
+    for name, t in missing:
+        if name in shapes:
+            stream[t][name] = None
+    return params, stream
+
+
+def _states(tree, cls):
+    """Every ``cls`` state inside an optax state pytree (chain, partition, masked, inject…)."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, cls))
+    return [x for x in leaves if isinstance(x, cls)]
+
+
+def _jax_trajectory(tx, params, stream):
+    """Run ``tx`` (jitted) over full pytrees of gradients; parameters and states per step."""
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    params_out, states_out = [], []
+    for grads in stream:
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        params_out.append(params)
+        states_out.append(state)
+    return params_out, states_out
+
+
+def _close(a, b, rtol=1e-11, atol=1e-12, msg=""):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Step by step == the numpy reference (torch layout)
+# --------------------------------------------------------------------------------------------
+
+DMGD = {
+    "default": deepopt.dmgd(0.02),
+    "hidden0_dot": deepopt.dmgd(0.02, momentum=0.9, inner_lr=1.0, hidden=0, objective="dot"),
+    "dot_previous_adam_nesterov_wd": deepopt.dmgd(
+        0.02, momentum=0.9, inner_lr=0.5, hidden=4, objective="dot", keys="previous",
+        values="adam", nesterov=True, weight_decay=0.1, seed=3),
+    "newton_schulz": deepopt.dmgd(0.02, readout="newton_schulz", ns_dtype="float64",
+                                  adjust_lr_fn="original"),
+    "hidden3_l2_momentum": deepopt.dmgd(0.02, momentum=0.9, inner_lr=0.5, hidden=3),
+}
+M3 = {
+    "literal": deepopt.m3(0.01, frequency=4),
+    "decay_slow_decay_wd": deepopt.m3(0.01, frequency=3, decay=True, slow_decay=True,
+                                      weight_decay=0.1, slow_weight=0.5),
+    "frequency1": deepopt.m3(0.01, frequency=1),
+}
+
+
+@pytest.mark.parametrize("name", [*DMGD, *M3])
+def test_equals_reference_step_by_step(name):
+    spec = {**DMGD, **M3}[name]
+    params, stream = _stream()
+    trajs = testing.assert_backends_agree(spec, params, stream, backends=("reference", "jax"),
+                                          rtol=1e-11, atol=1e-12)
+    # The parameters moved: the agreement is not the trivial one of a frozen trajectory.
+    assert not np.allclose(trajs[1][-1]["conv.weight"], params["conv.weight"])
+
+
+def _rows_loss(objective, eta, s, w1, w2, k, v):
+    """The inner objective's row terms Σ_r ℓ(M_φ(k_r), v_r) without retention (MATH §5)."""
+    out = s + jax.nn.silu(k @ w1.T) @ w2.T                      # M_φ(k_r) for every row r
+    if objective == "dot":
+        return -eta * jnp.sum(out * v)
+    return 0.5 * eta * jnp.sum((out - v) ** 2)
+
+
+@pytest.mark.parametrize("keys", ["current", "previous"])
+@pytest.mark.parametrize("objective", ["dot", "l2"])
+def test_dmgd_write_is_one_inner_gradient_step_by_autograd(objective, keys):
+    """φ_t = φ_{t−1} − ∇ℓ_t (MATH §5) with ∇ by jax.grad: S takes its rows' terms, the shared θ
+    the row mean; retention ((1−α)/2)‖φ‖². On a batch of 2 matrices (each its own memory)."""
+    rng = np.random.default_rng(1)
+    b, m, n, hid = 2, 5, 4, 3
+    s, g, v, prev = (jnp.asarray(rng.normal(size=(b, m, n))) for _ in range(4))
+    w1, w2 = jnp.asarray(rng.normal(size=(b, hid, n))), jnp.asarray(rng.normal(size=(b, n, hid)))
+    mem = deepopt.DeepMemory(momentum=0.8, inner_lr=0.3, hidden=hid, objective=objective, keys=keys)
+    s_new, w1_new, w2_new, d, g_hat = deep_memory_kernel(mem, s, w1, w2, g, v, prev)
+    k = g_hat if keys == "current" else prev
+    alpha = mem.momentum
+    grad = jax.grad(_rows_loss, argnums=(2, 3, 4))
+    for i in range(b):
+        gs, g1, g2 = grad(objective, mem.inner_lr, s[i], w1[i], w2[i], k[i], v[i])
+        _close(s_new[i], s[i] - (gs + (1 - alpha) * s[i]), msg="S")
+        _close(w1_new[i], w1[i] - (g1 / m + (1 - alpha) * w1[i]), msg="W1")
+        _close(w2_new[i], w2[i] - (g2 / m + (1 - alpha) * w2[i]), msg="W2")
+        q = g[i] / jnp.linalg.norm(g[i], axis=-1, keepdims=True)   # Q = Ĝ_t, whatever the keys
+        _close(d[i], s_new[i] + jax.nn.silu(q @ w1_new[i].T) @ w2_new[i].T, msg="read")
+
+
+def test_dmgd_state_holds_the_reference_memory():
+    """S, W₁ (drawn from the leaf's name) and W₂ (zero at start, not after) == the reference's."""
+    spec = DMGD["hidden3_l2_momentum"]
+    params, stream = _stream(shapes={"w": (5, 7)}, steps=4, missing=())
+    tx = jax_backend.compile(spec, layout="torch")
+    jparams = {"w": jnp.asarray(params["w"])}
+    init = _states(tx.init(jparams), jax_backend.DeepMemoryState)[0]
+    ref = reference.init(spec, params)
+    _close(init.mlp_w1["w"], spec.rule.memory.initial_w1("w", 7), rtol=0, atol=0)
+    assert init.prev_key is None and init.values_sq is None
+    np.testing.assert_array_equal(init.mlp_w2["w"], 0.0)
+
+    _, states = _jax_trajectory(tx, jparams, [{"w": jnp.asarray(g["w"])} for g in stream])
+    for t, (grads, state) in enumerate(zip(stream, states), 1):
+        params, ref = reference.step(spec, params, grads, ref)
+        ours = _states(state, jax_backend.DeepMemoryState)[0]
+        assert int(ours.count) == t
+        for field, key in (("memory", "memory"), ("mlp_w1", "mlp_w1"), ("mlp_w2", "mlp_w2")):
+            _close(getattr(ours, field)["w"], ref["w"][key], msg=f"{field} at step {t}")
+        assert np.abs(ours.mlp_w2["w"]).max() > 1e-3          # the MLP has started to learn
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and batch axes
+# --------------------------------------------------------------------------------------------
+
+SPEC_LAYOUT = deepopt.dmgd(0.02, momentum=0.9, inner_lr=0.5, hidden=4, values="adam",
+                           readout="newton_schulz", ns_dtype="float64", adjust_lr_fn="original",
+                           weight_decay=0.1)
+
+
+def test_optax_layout_kernel_equals_torch_layout_transpose():
+    """An (in, out) kernel under layout="optax" is its (out, in) transpose under "torch": same
+    matrix view, same name "w", so the same W₁."""
+    rng = np.random.default_rng(2)
+    kernel = jnp.asarray(rng.normal(size=(7, 5)))                # (in, out): m = 5, n = 7
+    grads = [jnp.asarray(rng.normal(size=(7, 5))) for _ in range(8)]
+    optax_traj, _ = _jax_trajectory(jax_backend.compile(SPEC_LAYOUT, layout="optax"),
+                                    {"w": kernel}, [{"w": g} for g in grads])
+    torch_traj, _ = _jax_trajectory(jax_backend.compile(SPEC_LAYOUT, layout="torch"),
+                                    {"w": kernel.T}, [{"w": g.T} for g in grads])
+    for t, (a, b) in enumerate(zip(optax_traj, torch_traj), 1):
+        _close(a["w"], b["w"].T, rtol=1e-12, msg=f"step {t}")
+
+
+def test_stacked_leaf_is_independent_matrices_from_one_w1():
+    """A (L, in, out) leaf == L separate (in, out) leaves named like it; every matrix of the
+    stack starts from the W₁ drawn for the leaf's name (documented in scale_by_deep_memory)."""
+    rng = np.random.default_rng(3)
+    L, n_in, n_out = 3, 6, 4
+    stack = jnp.asarray(rng.normal(size=(L, n_in, n_out)))
+    grads = [jnp.asarray(rng.normal(size=(L, n_in, n_out))) for _ in range(6)]
+    tx = jax_backend.compile(SPEC_LAYOUT)
+    init = _states(tx.init({"w": stack}), jax_backend.DeepMemoryState)[0]
+    w1 = SPEC_LAYOUT.rule.memory.initial_w1("w", n_in)
+    assert init.mlp_w1["w"].shape == (L, 4, n_in) and init.mlp_w2["w"].shape == (L, n_in, 4)
+    for i in range(L):
+        _close(init.mlp_w1["w"][i], w1, rtol=0, atol=0)
+
+    stacked, states = _jax_trajectory(tx, {"w": stack}, [{"w": g} for g in grads])
+    for i in range(L):
+        alone, _ = _jax_trajectory(tx, {"w": stack[i]}, [{"w": g[i]} for g in grads])
+        for t, (a, b) in enumerate(zip(stacked, alone), 1):
+            _close(a["w"][i], b["w"], rtol=1e-12, msg=f"matrix {i}, step {t}")
+    final_w1 = _states(states[-1], jax_backend.DeepMemoryState)[0].mlp_w1["w"]
+    assert not np.allclose(final_w1[0], final_w1[1])           # each matrix its own memory
+
+
+# --------------------------------------------------------------------------------------------
+# M3's slow level
+# --------------------------------------------------------------------------------------------
+
+
+def test_m3_slow_level_is_written_exactly_every_f_steps():
+    """Literal M3 (ρ = 1, η₃ = β₃, identity values): at t = f, 2f, 3f, M² = β₃ Σ_{s≤t} G_s,
+    O² = NS(M²) and the accumulator is zero; in between M² and O² stay and the accumulator
+    holds the gradients since the last write."""
+    f, b3 = 3, 0.7
+    spec = deepopt.m3(0.01, betas=(0.9, 0.999, b3), frequency=f)
+    ns = spec.rule.readout
+    rng = np.random.default_rng(4)
+    grads = [rng.normal(size=(4, 6)) for _ in range(3 * f + 1)]
+    _, states = _jax_trajectory(jax_backend.compile(spec, layout="torch"),
+                                {"w": jnp.asarray(rng.normal(size=(4, 6)))},
+                                [{"w": jnp.asarray(g)} for g in grads])
+    slow_prev = readout_prev = np.zeros((4, 6))
+    written = []
+    for t, state in enumerate(states, 1):
+        ours = _states(state, jax_backend.MultiScaleState)[0]
+        slow, readout, acc = (np.asarray(x["w"]) for x in
+                              (ours.slow_memory, ours.slow_readout, ours.slow_accumulator))
+        last = f * (t // f)                                      # the last boundary ≤ t
+        _close(acc, sum(grads[last:t], np.zeros((4, 6))), msg=f"accumulator at step {t}")
+        _close(slow, b3 * sum(grads[:last], np.zeros((4, 6))), msg=f"M² at step {t}")
+        if t % f == 0:
+            written.append(t)
+            _close(readout, reference.newton_schulz(slow, ns), msg=f"O² at step {t}")
+        else:
+            np.testing.assert_array_equal(slow, slow_prev)
+            np.testing.assert_array_equal(readout, readout_prev)
+        if t > f and t % f == 0:
+            assert not np.allclose(readout, readout_prev)
+        slow_prev, readout_prev = slow, readout
+    assert written == [f, 2 * f, 3 * f]
+
+
+# --------------------------------------------------------------------------------------------
+# optax integration
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("spec", [DMGD["dot_previous_adam_nesterov_wd"], deepopt.m3(0.01, frequency=2)],
+                         ids=["dmgd", "m3"])
+def test_jit_does_not_retrace_on_second_step(spec, dtype):
+    """One trace serves every step, slow-write boundaries included (lax.cond, not Python)."""
+    traces = []
+    tx = jax_backend.compile(spec)
+
+    @jax.jit
+    def step(params, grads, state):
+        traces.append(1)                                        # runs only while tracing
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    rng = np.random.default_rng(5)
+    params = {"hidden": {"kernel": jnp.asarray(rng.normal(size=(2, 6, 4)), dtype),
+                         "bias": jnp.zeros(4, dtype)},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype)}}
+    state = tx.init(params)
+    init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    for _ in range(4):
+        params, state = step(params, jax.tree.map(jnp.ones_like, params), state)
+    assert len(traces) == 1 and step._cache_size() == 1
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
+
+
+def test_dmgd_inject_hyperparams_traced_lr_follows_the_reference():
+    """The lr is a traced state entry; changing it between steps == the reference at that lr."""
+    spec = DMGD["hidden3_l2_momentum"]
+    params, stream = _stream(shapes={"a": (5, 7), "b": (3, 4)}, steps=6, missing=())
+    lrs = [0.02, 0.02, 0.05, 0.05, 0.01, 0.01]
+    tx = optax.inject_hyperparams(
+        lambda learning_rate: jax_backend.compile(spec, learning_rate=learning_rate,
+                                                  layout="torch"))(learning_rate=lrs[0])
+    update = jax.jit(tx.update)
+    jparams = jax.tree.map(jnp.asarray, params)
+    state = tx.init(jparams)
+    ref_params, ref_state = params, reference.init(spec, params)
+    for lr, grads in zip(lrs, stream):
+        state.hyperparams["learning_rate"] = jnp.asarray(lr)
+        updates, state = update(jax.tree.map(jnp.asarray, grads), state, jparams)
+        jparams = optax.apply_updates(jparams, updates)
+        ref_params, ref_state = reference.step(spec.replace(lr=lr), ref_params, grads, ref_state)
+        for name in params:
+            _close(jparams[name], ref_params[name], msg=f"lr={lr}, {name}")
