@@ -88,7 +88,8 @@ def compile(  # the public name mirrors torch_backend.compile
     Symbols: γ = ``learning_rate`` (spec ``lr``), λ = ``weight_decay``; the rest of the rule
     (α, η, ζ, values, σ, s) is read from ``spec.rule`` (see ``deepopt.UpdateRule``).
 
-    Initial state: every memory, values and second-moment buffer at zero, ``count = 0``;
+    Initial state: every memory, values and second-moment buffer at zero (DMGD's W₁ aside),
+    ``count = 0``;
     a stateless memory (α = ζ = 0, no bias correction) keeps no per-parameter buffer.
 
     Update per leaf at step t (MATH §0–§4; NL eq. 46–49 for the memory write)::
@@ -97,6 +98,11 @@ def compile(  # the public name mirrors torch_backend.compile
         S_t = S_{t−1}(α I − ζ KᵀK) + η V
         D̃ = S_t  or  α S_t + η V
         U = −γ (s(W) σ(D̃) [/ (√v̂ + ε)] + λ W)        (decoupled decay; coupled adds λW to G)
+
+    DMGD replaces the linear write by the deep memory's inner gradient step and read
+    (MATH §5, :func:`jax_backend.scale_by_deep_memory`; W₁ is drawn from each leaf's dotted
+    path); M3 adds ``w·σ(M²)`` of a slow level written every ``period`` steps and divides by a
+    running-sum second moment (MATH §6, :func:`jax_backend.scale_by_multiscale_memory`).
 
     Args:
       spec: a ``deepopt.Spec`` (``deepopt.sgd``, ``adamw``, ``delta_momentum``, ``muon``,
