@@ -278,7 +278,8 @@ def test_output_memory_state_matters_through_writes():
 
 def test_tiny_hope_overfits_a_small_batch():
     torch.manual_seed(0)
-    model = Hope(tiny_cfg(d_model=32, n_heads=2, mem_hidden=16, cms_hidden=64, n_layers=1))
+    model = Hope(tiny_cfg(d_model=32, n_heads=2, mem_hidden=16, cms_hidden=64, n_layers=1, chunk_size=8,
+                          cms_periods=(4, 16)))
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 256, (4, 33), generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
@@ -290,4 +291,4 @@ def test_tiny_hope_overfits_a_small_batch():
         opt.step()
         first = first if first is not None else loss.item()
     assert first > math.log(256) - 0.3  # starts at chance level
-    assert loss.item() < 0.1 * first, (first, loss.item())  # seen: 5.5 -> 0.03
+    assert loss.item() < 0.1 * first, (first, loss.item())  # seen: 5.5 -> 0.02 (seeds 0, 1)
