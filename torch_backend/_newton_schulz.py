@@ -23,10 +23,19 @@ def newton_schulz(x: torch.Tensor, ns: NewtonSchulz) -> torch.Tensor:
     if ns.norm_scale != 1.0:
         norm = norm * ns.norm_scale
     x = x / (norm.clamp(min=ns.eps) if ns.normalization == "clamp" else norm + ns.eps)
-    for a, b, c in ns.schedule:
-        gram = torch.bmm(x, x.mT)                            # A = X Xᵀ       : (B, m, m)
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)   # B = bA + cA²   : (B, m, m)
-        x = torch.baddbmm(x, poly, x, beta=a)                # X ← aX + BX    : (B, m, n)
+    if x.size(0) == 1:
+        # A batch of one takes torch's 2-D kernels (addmm), cheaper than baddbmm for small m.
+        x = x[0]
+        for a, b, c in ns.schedule:
+            gram = x @ x.T                                   # A = X Xᵀ       : (m, m)
+            poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)     # B = bA + cA²   : (m, m)
+            x = torch.addmm(x, poly, x, beta=a)              # X ← aX + BX    : (m, n)
+        x = x[None]
+    else:
+        for a, b, c in ns.schedule:
+            gram = torch.bmm(x, x.mT)                        # A = X Xᵀ       : (B, m, m)
+            poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)   # B = bA + cA²   : (B, m, m)
+            x = torch.baddbmm(x, poly, x, beta=a)            # X ← aX + BX    : (B, m, n)
     if transposed:
         x = x.mT
     return x.to(out_dtype)
