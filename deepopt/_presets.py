@@ -49,8 +49,13 @@ def _ns_readout(ns_coefficients: Any, ns_steps: int, eps: float, normalization: 
     return newton_schulz(ns_coefficients, ns_steps, eps=eps, normalization=normalization, dtype=dtype)
 
 
-def _default_fallback(lr: float) -> Spec:
-    return adamw(lr=lr, weight_decay=0.0)
+def _matrix_spec(name: str, rule: UpdateRule, hp: dict[str, Any], builder: Any, lr: float,
+                 fallback: Spec | None, routing: Routing | None) -> Spec:
+    """A spec whose rule takes matrix-view parameters (ndim ≥ 2 by default); the others go to
+    ``fallback``, by default ``adamw(lr, weight_decay=0)``."""
+    return Spec(name, rule, freeze_hparams(hp),
+                fallback=fallback if fallback is not None else adamw(lr=lr, weight_decay=0.0),
+                routing=routing if routing is not None else Routing(), builder=builder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,10 +257,8 @@ def delta_momentum(
               readout=readout, ns_coefficients=ns_coefficients, ns_steps=ns_steps, eps=eps,
               adjust_lr_fn=adjust_lr_fn, decoupled_weight_decay=decoupled_weight_decay)
     if rule.needs_matrix or routing is not None:         # Newton–Schulz: 1-D goes to the fallback
-        fallback = fallback if fallback is not None else _default_fallback(lr)
-        routing = routing if routing is not None else Routing()
-    return Spec("delta_momentum", rule, freeze_hparams(hp), fallback=fallback, routing=routing,
-                builder=delta_momentum)
+        return _matrix_spec("delta_momentum", rule, hp, delta_momentum, lr, fallback, routing)
+    return Spec("delta_momentum", rule, freeze_hparams(hp), fallback=fallback, builder=delta_momentum)
 
 
 def muon(
@@ -340,9 +343,7 @@ def muon(
               ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
               adjust_lr_fn=adjust_lr_fn, ns_normalization=ns_normalization, ns_dtype=ns_dtype,
               bias_correction=bias_correction)
-    return Spec("muon", rule, freeze_hparams(hp),
-                fallback=fallback if fallback is not None else _default_fallback(lr),
-                routing=routing if routing is not None else Routing(), builder=muon)
+    return _matrix_spec("muon", rule, hp, muon, lr, fallback, routing)
 
 
 def _readout(readout: str | None, ns_coefficients: Any, ns_steps: int, eps: float,
@@ -447,9 +448,7 @@ def dmgd(
               weight_decay=weight_decay, seed=seed, betas=tuple(betas), eps=eps,
               ns_coefficients=ns_coefficients, ns_steps=ns_steps, ns_dtype=ns_dtype,
               adjust_lr_fn=adjust_lr_fn)
-    return Spec("dmgd", rule, freeze_hparams(hp),
-                fallback=fallback if fallback is not None else _default_fallback(lr),
-                routing=routing if routing is not None else Routing(), builder=dmgd)
+    return _matrix_spec("dmgd", rule, hp, dmgd, lr, fallback, routing)
 
 
 def m3(
@@ -529,9 +528,7 @@ def m3(
               weight_decay=check_real("weight_decay", weight_decay, low=0.0), ns_steps=ns_steps,
               ns_coefficients=ns_coefficients, decay=decay, slow_decay=slow_decay,
               adjust_lr_fn=adjust_lr_fn)
-    return Spec("m3", rule, freeze_hparams(hp),
-                fallback=fallback if fallback is not None else _default_fallback(lr),
-                routing=routing if routing is not None else Routing(), builder=m3)
+    return _matrix_spec("m3", rule, hp, m3, lr, fallback, routing)
 
 
 def custom(
@@ -561,12 +558,10 @@ def custom(
         raise ValueError(f"rule={rule!r} is invalid: expected a deepopt.UpdateRule")
     lr = check_real("lr", lr, low=0.0)
     weight_decay = check_real("weight_decay", weight_decay, low=0.0)
-    if rule.needs_matrix:
-        fallback = fallback if fallback is not None else _default_fallback(lr)
-        routing = routing if routing is not None else Routing()
-
     def builder(lr: float, weight_decay: float) -> Spec:
         return custom(rule, lr, weight_decay, name=name, fallback=fallback, routing=routing)
 
-    return Spec(name, rule, freeze_hparams(dict(lr=lr, weight_decay=weight_decay)), fallback=fallback,
-                routing=routing, builder=builder)
+    hp = dict(lr=lr, weight_decay=weight_decay)
+    if rule.needs_matrix:
+        return _matrix_spec(name, rule, hp, builder, lr, fallback, routing)
+    return Spec(name, rule, freeze_hparams(hp), fallback=fallback, routing=routing, builder=builder)
