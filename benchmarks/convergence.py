@@ -49,10 +49,10 @@ TASKS = ("lsq", "mlp", "lm", "mqar")
 # gradients (heavy ball: step ≈ lr/(1−0.9) per unit gradient); dmgd's default memory is an
 # EMA (step ≈ lr); muon and m3 take orthogonalised steps; the literal m3 divides by √(Σ β₂G²).
 CENTRES = {
-    "lsq": {"sgd": 0.3, "adamw": 0.03, "delta_momentum": 0.3, "muon": 0.1, "dmgd": 3.0, "m3": 0.1},
+    "lsq": {"sgd": 0.3, "adamw": 0.03, "delta_momentum": 0.3, "muon": 0.03, "dmgd": 1.0, "m3": 0.01},
     "mlp": {"sgd": 0.03, "adamw": 1e-3, "delta_momentum": 0.03, "muon": 0.01, "dmgd": 0.3, "m3": 1e-5},
-    "lm": {"sgd": 0.1, "adamw": 3e-3, "delta_momentum": 0.1, "muon": 0.03, "dmgd": 1.0, "m3": 3e-3},
-    "mqar": {"sgd": 0.3, "adamw": 0.01, "delta_momentum": 0.3, "muon": 0.03, "dmgd": 3.0, "m3": 3e-3},
+    "lm": {"sgd": 0.1, "adamw": 3e-3, "delta_momentum": 0.1, "muon": 0.03, "dmgd": 3.0, "m3": 3e-3},
+    "mqar": {"sgd": 0.3, "adamw": 0.01, "delta_momentum": 0.3, "muon": 0.03, "dmgd": 1.0, "m3": 3e-3},
 }
 
 

@@ -41,6 +41,7 @@ DEFAULTS = {"inner_lr": 0.1, "hidden": 16, "objective": "l2", "momentum": 1.0, "
 GRID = {"inner_lr": (0.03, 0.1, 0.3, 1.0), "hidden": (0, 4, 16, 32), "objective": ("l2", "dot")}
 MOMENTUM = {"l2": 1.0, "dot": 0.9}
 OUTER_MULTIPLIERS = tuple(10 ** e for e in (-1.0, -0.5, 0.0, 0.5, 1.0))
+OUTER_CENTRES = {"lsq": 3.0, "mlp": 0.3}     # the hidden = 0 tuning sweeps these × OUTER_MULTIPLIERS
 SEEDS = 2
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for task in TASKS:
         sweep = []
         for mult in multipliers:
-            lr = CENTRES[task]["dmgd"] * mult
+            lr = OUTER_CENTRES[task] * mult
             sweep.append({"lr": lr, **_runs(task, lr, h0, budget, size, seeds)})
         best = min(sweep, key=lambda s: s["mean"])
         outer[task] = {"lr": best["lr"], "sweep": sweep,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "dmgd_defaults",
         "config": {"size": size, "tasks": list(TASKS), "steps": budget.steps, "eval_every": budget.eval_every,
                    "seeds": list(range(seeds)), "grid": grid, "momentum_by_objective": MOMENTUM,
-                   "outer_lr_multipliers": list(multipliers), "outer_lr_centre": {t: CENTRES[t]["dmgd"] for t in TASKS},
+                   "outer_lr_multipliers": list(multipliers), "outer_lr_centre": OUTER_CENTRES,
                    "fallback": {t: f"adamw({CENTRES[t]['adamw']}, wd 0) for biases" for t in TASKS},
                    "score": "geometric mean over tasks of mean final loss / defaults' mean final loss",
                    "clearly_better": "on every task the worst seed beats the defaults' best seed"},

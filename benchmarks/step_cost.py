@@ -495,8 +495,10 @@ def jax_rates(size: str) -> dict[str, float]:
 def run_group(group: Group, shapes, rates: dict[str, float], n_params: int, warmup: int,
               repeats: int, max_seconds: float) -> tuple[list[dict], dict]:
     live = {c.name: c for c in group.contenders if c.step is not None}
-    if group.amortize:   # one whole period of single steps: the mean includes the slow write
-        warmup, repeats, max_seconds = 1, group.amortize, None
+    if group.amortize:
+        # Warm up for a whole period (the first slow write is a one-off: ~1 s under jit on CPU),
+        # then time one whole period of single steps: the mean includes exactly one slow write.
+        warmup, repeats, max_seconds = group.amortize, group.amortize, None
     times = _common.interleaved({n: c.step for n, c in live.items()}, warmup=warmup,
                                 repeats=repeats, max_seconds=max_seconds) if live else {}
     stat = "mean" if group.amortize else "median"
