@@ -56,7 +56,7 @@ Level objective (associative L2 on projections of the level's input u_t, as in T
 
 With no writes (η_ℓ = 0) a level is exactly a Transformer MLP.
 
-Choices where MATH §8 / the paper are ambiguous (each is a config field)
+Choices where MATH §8 / the paper are ambiguous (with the config field where one exists)
 -------------------------------------------------------------------------
 1. Heads and inputs. Memories are per head (d = D/H) to keep per-sequence state small.
    Per-head generator inputs need a mixing of the D features, so x̃ = x W_in is one fixed
@@ -73,8 +73,12 @@ Choices where MATH §8 / the paper are ambiguous (each is a config field)
 5. Inner-gradient clipping (PRIOR-ART: Titans NaNs without it): each layer's per-token
    gradient δ x_inᵀ is scaled by min(1, inner_clip / ‖δ‖‖x_in‖) before the step, in every
    path alike; `inner_clip=None` turns it off.
-6. Retrieve after store: o_t reads the state *after* token t's own write (Titans' order);
-   `out_read="boundary"` instead reads φ_b for the whole chunk (retrieve before store at C=1).
+6. Output read (`out_read`). Default "causal": o_t reads the state *after* token t's own
+   write, including the earlier writes of its chunk (Titans' retrieve-after-store; without
+   it a token could not recall anything from the C − 1 tokens before it). "boundary" is
+   MATH §8's literal sentence ("reads inside the chunk see only the state at that boundary"):
+   every read of the chunk uses φ_b, i.e. retrieve-before-store at C = 1. The generators
+   k, v, η, α and the targets v̂ always read φ_b. Both modes are tested against the reference.
 7. Targets v̂ are constants inside the inner objective (they are the memory's own earlier
    output, not something to fit); the outer gradient flows through them and through every
    inner update (no stop-gradient anywhere; the initial states are nn.Parameters).
@@ -84,14 +88,16 @@ Choices where MATH §8 / the paper are ambiguous (each is a config field)
 9. Fast state is per sequence (batch dimension), reset at the start of every training
    sequence. Sequences are windows of the corpus and may cross a file boundary; the state is
    *not* reset there (the Transformer baseline equally attends across it).
-10. Memory init: W₂,0 ~ N(0, 1/d), W₁,0 ~ N(0, 1/f) per memory, so M_k and M_v differ at
+10. The CMS write after a period fires only for a complete period; the tail of a sequence
+   shorter than C_ℓ is read but never written (no later token would read that write).
+11. Memory init: W₂,0 ~ N(0, 1/d), W₁,0 ~ N(0, 1/f) per memory, so M_k and M_v differ at
    init (with W₁,0 = 0 every memory would be the identity and k = v).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -120,7 +126,6 @@ class HopeConfig:
     alpha_bias_init: float = 4.0  # sigmoid(4) ≈ 0.982 retention at init
     inner_clip: float | None = 1.0  # per-token inner-gradient Frobenius clip
     out_read: str = "causal"     # "causal" (retrieve after store) or "boundary"
-    extra: dict = field(default_factory=dict)  # free-form notes carried into summaries
 
     def __post_init__(self):
         assert self.d_model % self.n_heads == 0, "d_model must divide into heads"
@@ -132,7 +137,7 @@ class HopeConfig:
 # Memory algebra: residual MLP, closed-form inner gradients, DGD
 
 
-def _silu_grad(z):
+def _silu_grad(z):  # z: any shape
     # d/dz [z σ(z)] = σ(z) (1 + z (1 − σ(z)))
     s = torch.sigmoid(z)
     return s * (1 + z * (1 - s))
