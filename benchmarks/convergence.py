@@ -70,7 +70,7 @@ BUDGETS = {
                    multipliers=tuple(10 ** e for e in (-1.0, -0.5, 0.0, 0.5, 1.0))),
     "quick": Budget(steps=200, seq_steps=150, eval_every=10, seeds=2,
                     multipliers=(10 ** -0.5, 1.0, 10 ** 0.5)),
-    "tiny": Budget(steps=12, seq_steps=8, eval_every=4, seeds=1, multipliers=(10 ** -0.5, 1.0)),
+    "tiny": Budget(steps=8, seq_steps=4, eval_every=4, seeds=1, multipliers=(1.0,)),
 }
 
 # Sequence models: (width, batch, context) per size.

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     size = "tiny" if (args.tiny or _common.tiny()) else ("quick" if args.quick else "full")
     budget = BUDGETS[size]
-    grid = GRID if size != "tiny" else {"inner_lr": (0.1, 1.0), "hidden": (0, 4), "objective": ("l2", "dot")}
-    multipliers = OUTER_MULTIPLIERS if size != "tiny" else (0.1, 1.0)
+    grid = GRID if size != "tiny" else {"inner_lr": (0.1,), "hidden": (0, 4), "objective": ("l2", "dot")}
+    multipliers = OUTER_MULTIPLIERS if size != "tiny" else (1.0,)
     seeds = SEEDS if size != "tiny" else 1
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -360,7 +360,18 @@ def jax_groups(shapes, only: set[str]):
     muon_dims = {n: (optax.contrib.MuonDimensionNumbers() if is_matrix(n, s) else None)
                  for n, s in shapes}
 
+    shared: dict[str, Contender] = {}
+
     def make(name, role, build_tx, kind, spec=None) -> Contender:
+        """A jitted contender; anchors are compiled once and reused by every group."""
+        if role == "anchor" and name in shared:
+            return shared[name]
+        c = _make(name, role, build_tx, kind, spec)
+        if role == "anchor" and c.step is not None:
+            shared[name] = c
+        return c
+
+    def _make(name, role, build_tx, kind, spec=None) -> Contender:
         traces = {"n": 0}
         try:
             tx = build_tx()
