@@ -284,11 +284,11 @@ def test_tiny_hope_overfits_a_small_batch():
     idx = torch.randint(0, 256, (4, 33), generator=g)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     first = None
-    for _ in range(60):
+    for _ in range(40):
         _, loss = model(idx[:, :-1], idx[:, 1:])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         first = first if first is not None else loss.item()
     assert first > math.log(256) - 0.3  # starts at chance level
-    assert loss.item() < 0.1 * first, (first, loss.item())  # seen: 5.5 -> 0.02 (seeds 0, 1)
+    assert loss.item() < 0.1 * first, (first, loss.item())  # seen at step 40: 5.5 -> 0.07 (seeds 0, 1)
