@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from deepopt import (
     AdamValues,
     DeepMemory,
+    Identity,
     LinearMemory,
     MultiScaleMemory,
     NewtonSchulz,
@@ -41,6 +43,15 @@ def _scale(rule: UpdateRule, p: torch.Tensor) -> float:
 def _linear(rule: UpdateRule) -> LinearMemory:
     """The linear memory a rule writes every step (M3's fast level)."""
     return rule.memory.fast if isinstance(rule.memory, MultiScaleMemory) else rule.memory
+
+
+def _uses_step_count(rule: UpdateRule) -> bool:
+    """Whether ``t`` enters the rule's math (bias corrections, torch's first write, M3's period)."""
+    mem = rule.memory
+    linear = None if isinstance(mem, DeepMemory) else _linear(rule)
+    return (isinstance(rule.values, AdamValues) or isinstance(mem, MultiScaleMemory)
+            or (rule.denominator is not None and rule.denominator.bias_correction)
+            or (linear is not None and (linear.bias_correction or linear.undamped_first_write)))
 
 
 def _is_ema(mem: LinearMemory) -> bool:
@@ -248,7 +259,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
                  lr: float, weight_decay: float) -> None:
     steps = [st["step"] for st in states]
     torch._foreach_add_(steps, 1)
-    ts = [int(s.item()) for s in steps]
+    ts = [int(s.item()) for s in steps] if _uses_step_count(rule) else None
 
     gs = grads
     if rule.maximize:
@@ -268,16 +279,25 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         torch._foreach_add_(denom, rule.values.eps)
         vs = torch._foreach_div(gs, denom)
 
-    # Memory write and read-out D̃.
+    # Memory write and read-out D̃. ``divisors``: a bias correction left for the final step
+    # size (exact when σ is the identity), as torch's AdamW folds it into ``lr / (1 − β₁ᵗ)``.
+    divisors = None
     if isinstance(rule.memory, DeepMemory):
         ds = _deep_memory_batched(rule.memory, states, gs, vs)
     else:
-        ds = _linear_memory_batched(_linear(rule), states, gs, vs, ts)
+        mem = _linear(rule)
+        if mem.bias_correction and not mem.nesterov and isinstance(rule.readout, Identity) \
+                and not isinstance(rule.memory, MultiScaleMemory):
+            ds = _linear_memory_batched(replace(mem, bias_correction=False), states, gs, vs, ts)
+            divisors = [1 - mem.momentum**t for t in ts]
+        else:
+            ds = _linear_memory_batched(mem, states, gs, vs, ts)
 
     # Read-out map σ, M3's slow term, denominator.
     outs = _readout_batched(rule, ds)
     if isinstance(rule.memory, MultiScaleMemory):
         outs = torch._foreach_add(outs, [st["slow_readout"] for st in states], alpha=rule.memory.slow_weight)
+    denom = None
     if rule.denominator is not None:
         den = rule.denominator
         nus = [st["second_moment"] for st in states]
@@ -290,23 +310,38 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         if den.bias_correction:
             torch._foreach_div_(denom, [math.sqrt(1 - den.beta2**t) for t in ts])
         torch._foreach_add_(denom, den.eps)
-        outs = torch._foreach_div(outs, denom)
 
-    # Outer step.
+    # Outer step W ← W − γλW − γ s(W) O, the step size carrying s(W) and any folded correction.
     if rule.decoupled_weight_decay and weight_decay != 0.0:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_add_(params, torch._foreach_mul(outs, [-lr * _scale(rule, p) for p in params]))
+    sizes = [lr * _scale(rule, p) for p in params] if rule.shape_scale != "none" else [lr] * len(params)
+    if divisors is not None:
+        sizes = [s / d for s, d in zip(sizes, divisors)]
+    if denom is not None:
+        torch._foreach_addcdiv_(params, outs, denom, [-s for s in sizes])
+    elif len(set(sizes)) == 1:
+        torch._foreach_add_(params, outs, alpha=-sizes[0])
+    else:
+        torch._foreach_add_(params, torch._foreach_mul(outs, [-s for s in sizes]))
 
     if isinstance(rule.memory, MultiScaleMemory):
         _slow_write_batched(rule, states, vs, ts)
 
 
 def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, vs: Tensors,
-                           ts: list[int]) -> Tensors:
-    alpha = mem.momentum
-    etas = [1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr for t in ts]
+                           ts: list[int] | None) -> Tensors:
+    alpha, eta = mem.momentum, mem.inner_lr
+    # η per tensor only under torch's first-write quirk; otherwise one scalar (no temporaries).
+    etas = [1.0 if t == 1 else eta for t in ts] if mem.undamped_first_write else None
+
+    def add_values(dst: Tensors) -> None:                    # dst += η V
+        if etas is None:
+            torch._foreach_add_(dst, vs, alpha=eta)
+        else:
+            torch._foreach_add_(dst, torch._foreach_mul(vs, etas))
+
     if mem.stateless:
-        ss = vs if all(e == 1.0 for e in etas) else torch._foreach_mul(vs, etas)
+        ss = vs if etas is None and eta == 1.0 else torch._foreach_mul(vs, etas or eta)
     else:
         ss = [st["memory"] for st in states]
         if mem.zeta != 0.0:
@@ -317,23 +352,24 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
             torch._foreach_mul_(ss, alpha)
             if mats:
                 torch._foreach_add_([ss[i] for i in mats], deltas, alpha=-mem.zeta)
-            torch._foreach_add_(ss, torch._foreach_mul(vs, etas))
+            add_values(ss)
         elif _is_ema(mem):
             torch._foreach_lerp_(ss, vs, 1 - alpha)
         else:
             torch._foreach_mul_(ss, alpha)
-            torch._foreach_add_(ss, torch._foreach_mul(vs, etas))
+            add_values(ss)
     if mem.nesterov:
         if mem.bias_correction:
             ds = torch._foreach_mul(ss, [alpha / (1 - alpha ** (t + 1)) for t in ts])
-            torch._foreach_add_(ds, torch._foreach_mul(vs, [e / (1 - alpha**t) for e, t in zip(etas, ts)]))
+            torch._foreach_add_(ds, torch._foreach_mul(vs, [(etas[i] if etas else eta) / (1 - alpha**t)
+                                                            for i, t in enumerate(ts)]))
             return ds
         if _is_ema(mem):
             return torch._foreach_lerp(vs, ss, alpha)
-        if all(e == 1.0 for e in etas):
-            return torch._foreach_add(vs, ss, alpha=alpha)
+        if etas is None and eta == 1.0:
+            return torch._foreach_add(vs, ss, alpha=alpha)   # torch SGD: g + μ·buf
         ds = torch._foreach_mul(ss, alpha)
-        torch._foreach_add_(ds, torch._foreach_mul(vs, etas))
+        add_values(ds)
         return ds
     return torch._foreach_div(ss, [1 - alpha**t for t in ts]) if mem.bias_correction else ss
 
