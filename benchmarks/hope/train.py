@@ -261,8 +261,10 @@ def run(args):
     try:
         from tqdm import tqdm
 
+        # In a log (no terminal) a redraw is a whole line: draw rarely there.
+        interactive = sys.stderr.isatty()
         bar = tqdm(range(steps), disable=args.no_progress, desc=f"{args.model}+{args.optimizer}",
-                   dynamic_ncols=True, mininterval=1.0)
+                   dynamic_ncols=True, mininterval=1.0 if interactive else 15.0)
     except ImportError:
         bar = range(steps)
     for step in bar:
@@ -303,7 +305,7 @@ def run(args):
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=interactive)
     metrics.close()
     train_time = time.perf_counter() - t_start
 
