@@ -34,6 +34,7 @@ from deepopt import (
 from torch_backend._newton_schulz import newton_schulz
 
 Tensors = list[torch.Tensor]
+_NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 def _scale(rule: UpdateRule, p: torch.Tensor) -> float:
@@ -244,11 +245,21 @@ def _buckets(tensors: Tensors) -> dict[tuple, list[int]]:
     return out
 
 
-def _batched_matrix_map(fn, *lists: Tensors) -> Tensors:
+def _stack(xs: Tensors, idx: list[int], m: int, n: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """``(B, m, n)`` stack of matrix views, cast while copying (one pass) when ``dtype`` is set."""
+    if dtype is None or dtype == xs[idx[0]].dtype:
+        return torch.stack([xs[i].reshape(m, n) for i in idx])
+    out = torch.empty((len(idx), m, n), dtype=dtype, device=xs[idx[0]].device)
+    for j, i in enumerate(idx):
+        out[j].copy_(xs[i].reshape(m, n))
+    return out
+
+
+def _batched_matrix_map(fn, *lists: Tensors, dtype: torch.dtype | None = None) -> Tensors:
     """Apply ``fn`` to stacks ``(B, m, n)`` of same-shape matrix views; return per-tensor views."""
     result: Tensors = [None] * len(lists[0])  # type: ignore[list-item]
     for (m, n, *_), idx in _buckets(lists[0]).items():
-        stacks = [torch.stack([xs[i].reshape(m, n) for i in idx]) for xs in lists]
+        stacks = [_stack(xs, idx, m, n, dtype) for xs in lists]
         y = fn(*stacks)
         for j, i in enumerate(idx):
             result[i] = y[j].view_as(lists[0][i])
@@ -317,12 +328,15 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     sizes = [lr * _scale(rule, p) for p in params] if rule.shape_scale != "none" else [lr] * len(params)
     if divisors is not None:
         sizes = [s / d for s, d in zip(sizes, divisors)]
-    if denom is not None:
-        torch._foreach_addcdiv_(params, outs, denom, [-s for s in sizes])
-    elif len(set(sizes)) == 1:
-        torch._foreach_add_(params, outs, alpha=-sizes[0])
-    else:
-        torch._foreach_add_(params, torch._foreach_mul(outs, [-s for s in sizes]))
+    by_size: dict[float, list[int]] = defaultdict(list)       # one foreach call per step size
+    for i, size in enumerate(sizes):
+        by_size[size].append(i)
+    for size, idx in by_size.items():
+        ps, os_ = [params[i] for i in idx], [outs[i] for i in idx]
+        if denom is not None:
+            torch._foreach_addcdiv_(ps, os_, [denom[i] for i in idx], value=-size)
+        else:
+            torch._foreach_add_(ps, os_, alpha=-size)
 
     if isinstance(rule.memory, MultiScaleMemory):
         _slow_write_batched(rule, states, vs, ts)
@@ -390,7 +404,8 @@ def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: T
 
 def _readout_batched(rule: UpdateRule, ds: Tensors) -> Tensors:
     if isinstance(rule.readout, NewtonSchulz):
-        return _batched_matrix_map(lambda x: newton_schulz(x, rule.readout), ds)
+        return _batched_matrix_map(lambda x: newton_schulz(x, rule.readout), ds,
+                                   dtype=_NS_DTYPES.get(rule.readout.dtype))
     if isinstance(rule.readout, Sign):
         return torch._foreach_sign(ds)
     return ds
