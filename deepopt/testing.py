@@ -192,9 +192,15 @@ def problems(steps: int | tuple[int, int] = (1, 8), *, min_params: int = 1, max_
 
 # -- hyperparameters of the presets, in well-conditioned ranges --------------------------------
 
+def _rate(high: float):
+    """Exactly 0, or a value in [1e-3, high]: never subnormal or near-underflow, where numpy
+    keeps gradual underflow and XLA flushes to zero (``sign`` of a flushed 1e-311 is 0)."""
+    return st.one_of(st.just(0.0), st.floats(1e-3, high))
+
+
 _LRS = st.floats(1e-3, 0.1)
 _DECAYS = st.one_of(st.just(0.0), st.floats(1e-3, 0.1))
-_MOMENTA = st.one_of(st.just(0.0), st.floats(0.0, 0.99))
+_MOMENTA = st.one_of(st.just(0.0), _rate(0.99))
 _NS_COEFFICIENTS = st.sampled_from(("muon", "polar_express", "cubic", (3.4445, -4.775, 2.0315),
                                     ((2.0, -1.5, 0.5), (1.5, -0.5, 0.0))))
 
@@ -203,7 +209,7 @@ _NS_COEFFICIENTS = st.sampled_from(("muon", "polar_express", "cubic", (3.4445, -
 def _sgd_specs(draw):
     momentum = draw(_MOMENTA)
     nesterov = momentum > 0 and draw(st.booleans())
-    dampening = 0.0 if nesterov else draw(st.one_of(st.just(0.0), st.floats(0.0, 0.5)))
+    dampening = 0.0 if nesterov else draw(st.one_of(st.just(0.0), _rate(0.5)))
     return sgd(lr=draw(_LRS), momentum=momentum, dampening=dampening, nesterov=nesterov,
                weight_decay=draw(_DECAYS), maximize=draw(st.booleans()),
                decoupled_weight_decay=draw(st.booleans()), undamped_first_step=draw(st.booleans()))
@@ -211,15 +217,15 @@ def _sgd_specs(draw):
 
 @st.composite
 def _adamw_specs(draw):
-    betas = (draw(st.floats(0.0, 0.99)), draw(st.floats(0.9, 0.9999)))
+    betas = (draw(_rate(0.99)), draw(st.floats(0.9, 0.9999)))
     return adamw(lr=draw(st.floats(1e-4, 1e-2)), betas=betas, eps=draw(st.floats(1e-8, 1e-6)),
                  weight_decay=draw(_DECAYS), nesterov=draw(st.booleans()), maximize=draw(st.booleans()))
 
 
 @st.composite
 def _delta_momentum_specs(draw):
-    momentum = draw(st.floats(0.0, 0.99))
-    zeta = draw(st.one_of(st.none(), st.floats(0.0, 1.0 + momentum)))
+    momentum = draw(_rate(0.99))
+    zeta = draw(st.one_of(st.none(), _rate(1.0 + momentum)))
     readout = draw(st.sampled_from(("identity", "sign", "newton_schulz")))
     return delta_momentum(lr=draw(_LRS), momentum=momentum, zeta=zeta, nesterov=draw(st.booleans()),
                           weight_decay=draw(_DECAYS), readout=readout,
@@ -230,7 +236,7 @@ def _delta_momentum_specs(draw):
 
 @st.composite
 def _muon_specs(draw):
-    momentum = draw(st.floats(0.0, 0.99))
+    momentum = draw(_rate(0.99))
     return muon(lr=draw(_LRS), weight_decay=draw(_DECAYS), momentum=momentum,
                 nesterov=draw(st.booleans()), ns_coefficients=draw(_NS_COEFFICIENTS),
                 ns_steps=draw(st.integers(1, 8)),
@@ -245,7 +251,7 @@ def _dmgd_specs(draw):
     from deepopt import _presets                      # dmgd/m3 are optional kinds (issue 3)
     momentum = draw(st.floats(0.5, 1.0))
     readout = draw(st.sampled_from((None, "sign", "newton_schulz")))
-    return _presets.dmgd(lr=draw(_LRS), momentum=momentum, inner_lr=draw(st.floats(0.0, 0.5)),
+    return _presets.dmgd(lr=draw(_LRS), momentum=momentum, inner_lr=draw(_rate(0.5)),
                          hidden=draw(st.sampled_from((0, 1, 4, 8))),
                          objective=draw(st.sampled_from(("l2", "dot"))),
                          keys=draw(st.sampled_from(("current", "previous"))),
@@ -262,8 +268,8 @@ def _m3_specs(draw):
     from deepopt import _presets
     decay = draw(st.booleans())
     high = 0.99 if decay else 1.0
-    betas = (draw(st.floats(0.0, high)), draw(st.floats(0.9, high)), draw(st.floats(0.0, 1.0)))
-    return _presets.m3(lr=draw(st.floats(1e-4, 1e-2)), betas=betas, slow_weight=draw(st.floats(0.0, 2.0)),
+    betas = (draw(_rate(high)), draw(st.floats(0.9, high)), draw(_rate(1.0)))
+    return _presets.m3(lr=draw(st.floats(1e-4, 1e-2)), betas=betas, slow_weight=draw(_rate(2.0)),
                        frequency=draw(st.integers(1, 5)), eps=draw(st.floats(1e-8, 1e-6)),
                        weight_decay=draw(_DECAYS), ns_steps=draw(st.integers(1, 6)),
                        ns_coefficients=draw(_NS_COEFFICIENTS), decay=decay,

@@ -46,8 +46,12 @@ def _linear(rule: UpdateRule) -> LinearMemory:
     return rule.memory.fast if isinstance(rule.memory, MultiScaleMemory) else rule.memory
 
 
-def _uses_step_count(rule: UpdateRule) -> bool:
-    """Whether ``t`` enters the rule's math (bias corrections, torch's first write, M3's period)."""
+def uses_step_count(rule: UpdateRule) -> bool:
+    """Whether ``t`` enters the rule's math (bias corrections, torch's first write, M3's period).
+
+    Only such rules keep a ``state["step"]`` (as torch's SGD and Muon keep none): counting costs
+    a dispatcher call per parameter per step, ~7% of an SGD step on CPU.
+    """
     mem = rule.memory
     linear = None if isinstance(mem, DeepMemory) else _linear(rule)
     return (isinstance(rule.values, AdamValues) or isinstance(mem, MultiScaleMemory)
@@ -135,9 +139,12 @@ def _deep_state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, g_hat) ->
 
 def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
                 lr: float, weight_decay: float) -> None:
+    counted = uses_step_count(rule)
     for p, g, st in zip(params, grads, states):
-        st["step"] += 1
-        t = int(st["step"].item())
+        t = None
+        if counted:
+            st["step"] += 1
+            t = int(st["step"].item())
         if rule.maximize:
             g = -g
         if not rule.decoupled_weight_decay and weight_decay != 0.0:
@@ -268,9 +275,11 @@ def _batched_matrix_map(fn, *lists: Tensors, dtype: torch.dtype | None = None) -
 
 def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
                  lr: float, weight_decay: float) -> None:
-    steps = [st["step"] for st in states]
-    torch._foreach_add_(steps, 1)
-    ts = [int(s.item()) for s in steps] if _uses_step_count(rule) else None
+    ts = None
+    if uses_step_count(rule):
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        ts = [int(s.item()) for s in steps]
 
     gs = grads
     if rule.maximize:

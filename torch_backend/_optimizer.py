@@ -19,7 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from deepopt import AdamValues, DeepMemory, MultiScaleMemory, Spec, UpdateRule, matrix_view_shape
-from torch_backend._functional import step_batched, step_single
+from torch_backend._functional import step_batched, step_single, uses_step_count
 
 # Extra keys a user group may carry that are not hyperparameters.
 _PASSTHROUGH_KEYS = ("params", "param_names", "name", "fallback")
@@ -156,6 +156,9 @@ class DeepOptimizer(Optimizer):
             state = self.state[p]
             if len(state) == 0:
                 self._init_state(state, rule, p, group)
+            elif "step" not in state and uses_step_count(rule):
+                # A group edited mid-run into a rule that counts steps: count from this step.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
             params.append(p)
             grads.append(p.grad)
             states.append(state)
@@ -164,7 +167,8 @@ class DeepOptimizer(Optimizer):
         """Zero state of MATH §0–§6 (DMGD's W₁ from the spec's seeded numpy draw)."""
         zeros = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
         mem = rule.memory
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if uses_step_count(rule):
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if not rule.stateless:
             state["memory"] = zeros()                                   # S (M3: fast level M¹)
         if isinstance(mem, DeepMemory):
