@@ -6,8 +6,10 @@ On the ``lsq`` and ``mlp`` tasks of ``benchmarks.convergence``:
 
 1. tune the outer lr once per task for DMGD with ``hidden=0`` (the other settings at their
    defaults: l2 objective, α = 1, η = 0.1 — i.e. an EMA of the gradient with β = 0.9);
-2. with that lr fixed, sweep ``inner_lr`` ∈ {0.03, 0.1, 0.3, 1.0} × ``hidden`` ∈ {0, 4, 16, 32}
-   × ``objective`` ∈ {"l2" (momentum 1.0), "dot" (momentum 0.9)}, ``keys="current"``, 2 seeds;
+2. sweep ``inner_lr`` ∈ {0.03, 0.1, 0.3, 1.0} × ``hidden`` ∈ {0, 4, 16, 32}
+   × ``objective`` ∈ {"l2" (momentum 1.0), "dot" (momentum 0.9)}, ``keys="current"``, 2 seeds,
+   each setting at its best outer lr among that lr × {10^−½, 1, 10^½} (``--fixed-lr``: at that
+   lr only — which favours the settings whose step size matches hidden = 0's);
 3. run the best setting, and the defaults, again with ``keys="previous"``.
 
 Each setting is scored per task by its final eval loss (mean over seeds) relative to the
@@ -43,6 +45,7 @@ MOMENTUM = {"l2": 1.0, "dot": 0.9}
 OUTER_MULTIPLIERS = tuple(10 ** e for e in (-1.0, -0.5, 0.0, 0.5, 1.0))
 OUTER_CENTRES = {"lsq": 3.0, "mlp": 0.3}     # the hidden = 0 tuning sweeps these × OUTER_MULTIPLIERS
 SEEDS = 2
+PER_SETTING_MULTIPLIERS = (10 ** -0.5, 1.0, 10 ** 0.5)   # each setting's own outer-lr sweep
 
 
 def _spec(task: str, lr: float, cfg: dict, seed: int):
@@ -65,11 +68,20 @@ def _runs(task: str, lr: float, cfg: dict, budget, size: str, seeds: int) -> dic
             "mean_curve_loss": float(np.mean(areas)) if finite else math.inf}
 
 
+def _tuned(task: str, centre: float, cfg: dict, budget, size: str, seeds: int,
+           multipliers: tuple[float, ...]) -> dict[str, Any]:
+    """The setting at its best outer lr among ``centre × multipliers`` (lowest mean final loss)."""
+    runs = [{"lr": centre * m, **_runs(task, centre * m, cfg, budget, size, seeds)} for m in multipliers]
+    return min(runs, key=lambda r: r["mean"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the convergence --quick budget (200 steps)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fixed-lr", action="store_true",
+                    help="every setting at hidden=0's outer lr (no per-setting lr sweep)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     size = "tiny" if (args.tiny or _common.tiny()) else ("quick" if args.quick else "full")
@@ -77,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = GRID if size != "tiny" else {"inner_lr": (0.1,), "hidden": (0, 4), "objective": ("l2", "dot")}
     multipliers = OUTER_MULTIPLIERS if size != "tiny" else (1.0,)
     seeds = SEEDS if size != "tiny" else 1
+    per_setting = (1.0,) if (args.fixed_lr or size == "tiny") else PER_SETTING_MULTIPLIERS
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -103,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         configs.append(dict(DEFAULTS))
     results = []
     for cfg in configs:
-        row = {"config": cfg, "tasks": {t: _runs(t, outer[t]["lr"], cfg, budget, size, seeds) for t in TASKS}}
+        row = {"config": cfg, "tasks": {t: _tuned(t, outer[t]["lr"], cfg, budget, size, seeds, per_setting)
+                                        for t in TASKS}}
         results.append(row)
         log(f"{_label(cfg):32s} " + "  ".join(f"{t} {row['tasks'][t]['mean']:.4g}" for t in TASKS))
     _score(results)
@@ -115,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dict(base, keys="previous")
         if any(_same(cfg, r["config"]) for r in extra):
             continue
-        row = {"config": cfg, "tasks": {t: _runs(t, outer[t]["lr"], cfg, budget, size, seeds) for t in TASKS}}
+        row = {"config": cfg, "tasks": {t: _tuned(t, outer[t]["lr"], cfg, budget, size, seeds, per_setting)
+                                        for t in TASKS}}
         extra.append(row)
         log(f"{_label(cfg):32s} " + "  ".join(f"{t} {row['tasks'][t]['mean']:.4g}" for t in TASKS))
     results += extra
@@ -136,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"size": size, "tasks": list(TASKS), "steps": budget.steps, "eval_every": budget.eval_every,
                    "seeds": list(range(seeds)), "grid": grid, "momentum_by_objective": MOMENTUM,
                    "outer_lr_multipliers": list(multipliers), "outer_lr_centre": OUTER_CENTRES,
+                   "per_setting_lr_multipliers": list(per_setting),
                    "fallback": {t: f"adamw({CENTRES[t]['adamw']}, wd 0) for biases" for t in TASKS},
                    "score": "geometric mean over tasks of mean final loss / defaults' mean final loss",
                    "clearly_better": "on every task the worst seed beats the defaults' best seed"},
@@ -182,8 +198,9 @@ def table(ranked: list[dict], default_row: dict) -> str:
         cells = []
         for t in TASKS:
             x = r["tasks"][t]
+            at = f" @ lr {x['lr']:.3g}" if "lr" in x else ""
             cells.append("diverged" if not math.isfinite(x["mean"]) else
-                         f"{x['mean']:.4g} ({', '.join(f'{v:.3g}' for v in x['per_seed'])})")
+                         f"{x['mean']:.4g} ({', '.join(f'{v:.3g}' for v in x['per_seed'])}){at}")
         name = "**defaults**" if r is default_row else c["objective"]
         rows.append([i + 1, name, c["momentum"], c["inner_lr"], c["hidden"], c["keys"], *cells,
                      r["score"], "yes" if r["clearly_better_than_defaults"] else ""])
