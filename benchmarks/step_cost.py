@@ -316,11 +316,13 @@ def torch_rates(device: str, size: str) -> dict[str, float]:
     y = torch.empty_like(x)
 
     def best(fn, reps=7):
-        fn(); sync()
+        fn()
+        sync()
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            fn(); sync()
+            fn()
+            sync()
             ts.append(time.perf_counter() - t0)
         return min(ts)
 

@@ -60,7 +60,6 @@ from typing import Any, Union
 import numpy as np
 from hypothesis import strategies as st
 
-from deepopt import _coefficients
 from deepopt import reference as _reference
 from deepopt._parts import NewtonSchulz
 from deepopt._presets import adamw, delta_momentum, muon, sgd
@@ -248,7 +247,7 @@ def _muon_specs(draw):
 
 @st.composite
 def _dmgd_specs(draw):
-    from deepopt import _presets                      # dmgd/m3 are optional kinds (issue 3)
+    from deepopt import _presets  # dmgd/m3 are optional kinds (issue 3)
     momentum = draw(st.floats(0.5, 1.0))
     readout = draw(st.sampled_from((None, "sign", "newton_schulz")))
     return _presets.dmgd(lr=draw(_LRS), momentum=momentum, inner_lr=draw(_rate(0.5)),

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.hope.model import (
-    MEM_OUT,
     N_MEMORIES,
     CMSLevel,
     Hope,

@@ -58,7 +58,7 @@ def test_slow_level_written_exactly_every_f_steps(foreach, decay):
     gen = torch.Generator().manual_seed(0)
     changed = []
     previous = None
-    for t in range(1, 15):
+    for _ in range(1, 15):
         w.grad = torch.randn(4, 6, generator=gen, dtype=torch.float64)
         opt.step()
         slow = opt.state[w]["slow_memory"].clone()

@@ -4,4 +4,5 @@ Run `python -m benchmarks.hope.compare --preset cpu-tiny --out runs/hope` for th
 comparison, or `python -m benchmarks.hope.train --help` for one run.
 """
 
-from .model import Hope as Hope, HopeConfig as HopeConfig
+from .model import Hope as Hope
+from .model import HopeConfig as HopeConfig
