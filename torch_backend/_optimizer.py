@@ -50,6 +50,9 @@ class DeepOptimizer(Optimizer):
         self.spec = spec
         self._foreach = True if foreach is None else foreach
         self._rules: dict[tuple, UpdateRule] = {}
+        # The hyperparameters that shape each route's rule (lr and weight decay are read per step).
+        self._rule_keys = {route: [k for k in s.hyperparameters if k not in ("lr", "weight_decay")]
+                           for route, s in (("rule", spec), ("fallback", spec.fallback)) if s is not None}
         self._n_user_groups = 0
         self._names: dict[torch.Tensor, str] = {}      # routing names (positional if unnamed)
         super().__init__(params, spec.hyperparameters)
@@ -133,11 +136,11 @@ class DeepOptimizer(Optimizer):
 
     def _group_rule(self, group: dict[str, Any]) -> UpdateRule:
         """The rule for a group's current hyperparameters (lr and weight decay are read per step)."""
-        spec = self._route_spec(group["route"])
-        keys = [k for k in spec.hyperparameters if k not in ("lr", "weight_decay")]
+        keys = self._rule_keys[group["route"]]
         cache_key = (group["route"], *(_hashable(group[k]) for k in keys))
         rule = self._rules.get(cache_key)
         if rule is None:
+            spec = self._route_spec(group["route"])
             rule = self._rules[cache_key] = spec.replace(**{k: group[k] for k in keys}).rule
         return rule
 
