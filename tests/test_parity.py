@@ -39,21 +39,14 @@ def test_backends_agree_on_drawn_problems(kind):
 @pytest.mark.parametrize("kind,steps,examples", [("dmgd", (20, 24), 8), ("m3", (1, 12), 10)])
 def test_backends_agree_on_drawn_deep_and_multiscale_specs(kind, steps, examples):
     """DMGD (MATH §5; hidden > 0 drawn most of the time, 20+ steps) and M3 (MATH §6)."""
-    try:
-        jax_backend.compile(getattr(deepopt, kind)(lr=0.01))
-        backends = BACKENDS
-    except NotImplementedError:
-        backends = ("reference", "torch")
 
     @given(spec=testing.specs(kinds=(kind,)), problem=testing.problems(steps=steps, max_params=3))
     @settings(PARITY, max_examples=examples)
     def check(spec, problem):
         params, grads = problem
-        testing.assert_backends_agree(spec, params, grads, backends=backends)
+        testing.assert_backends_agree(spec, params, grads, backends=BACKENDS)
 
     check()
-    if "jax" not in backends:
-        pytest.skip(f"jax_backend cannot compile {kind} yet: checked reference == torch only")
 
 
 # A fixed table of the specs the docs name, over a longer stream: each row once, 12 steps.
