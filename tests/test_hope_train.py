@@ -103,3 +103,14 @@ def test_standins_only_when_deepopt_lacks_the_name(monkeypatch, capsys):
     muon, adamw = opt.opts  # Muon takes exactly the 2-D hidden weight, AdamW the rest
     assert [p.shape for g in muon.param_groups for p in g["params"]] == [torch.Size([4, 4])]
     assert sum(p.numel() for g in adamw.param_groups for p in g["params"]) == 4 + 4 + 4
+
+
+@pytest.mark.parametrize("model", ["hope", "transformer"])
+def test_bf16_autocast_path_runs_on_cpu(tmp_path, model):
+    """The GPU path's bf16 autocast, exercised on CPU: finite loss, recorded in the summary."""
+    out = tmp_path / "run"
+    train.main(["--model", model, "--optimizer", "adamw", "--steps", "3", "--batch", "2", "--seq-len", "32",
+                "--preset", "cpu-tiny", "--amp", "bf16", "--out", str(out), "--no-progress"])
+    s = json.loads((out / "summary.json").read_text())
+    assert s["config"]["bf16_autocast"] is True
+    assert math.isfinite(s["final_train_loss"]) and math.isfinite(s["val_loss"])

@@ -212,6 +212,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on CUDA)")
+    ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                    help="bf16 autocast (auto: on CUDA; bf16 also runs it on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--warm", type=int, default=3, help="steps left out of tokens/s")
     ap.add_argument("--no-progress", action="store_true")
@@ -242,8 +244,11 @@ def run(args):
 
     use_cuda = device.type == "cuda"
 
+    # bf16 autocast: on by default on CUDA; --amp bf16 runs the same path on CPU (CI covers it).
+    use_amp = args.amp == "bf16" or (args.amp == "auto" and use_cuda)
+
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
     fwd, compiled = model, False
     if args.compile == "on" or (args.compile == "auto" and use_cuda):
@@ -317,7 +322,7 @@ def run(args):
         val_unit=data.unit, val_accuracy=val_acc, tokens_per_s=tps, params=n_params,
         peak_memory_bytes=peak_memory(device), steps=steps, train_time_s=train_time,
         config=dict(args=vars(args), steps=steps, batch=batch, seq_len=seq_len, lr=lr,
-                    warmup=preset["warmup"], grad_clip=1.0, compiled=compiled,
+                    warmup=preset["warmup"], grad_clip=1.0, compiled=compiled, bf16_autocast=use_amp,
                     autocast="bf16" if use_cuda else None, model=_plain(asdict(model_cfg)), data=data.meta),
         git_sha=git_sha(), versions=versions(), device=device_info(device),
         command=" ".join([sys.executable, "-m", "benchmarks.hope.train", *sys.argv[1:]])
