@@ -266,15 +266,8 @@ class NewtonSchulz:
     dtype: ComputeDtype = "input"
 
     def __post_init__(self):
-        table = self.coefficients
-        try:
-            table = tuple(tuple(float(x) for x in row) for row in table)
-        except TypeError:
-            raise ValueError(f"coefficients={self.coefficients!r} is invalid: expected a sequence "
-                             "of (a, b, c) triples") from None
-        if not table or any(len(row) != 3 for row in table):
-            raise ValueError(f"coefficients={self.coefficients!r} is invalid: expected a non-empty "
-                             "sequence of (a, b, c) triples")
+        table = _coefficient_table(self.coefficients, "coefficients",
+                                   "expected a non-empty sequence of (a, b, c) triples")
         object.__setattr__(self, "coefficients", table)
         check_int("steps", self.steps, low=0, high=99)
         check_real("eps", self.eps, low=0.0)
@@ -309,23 +302,26 @@ def newton_schulz(
             norm_scale = _coefficients.POLAR_EXPRESS_NORM_SCALE
         table = _coefficients.PRESETS[coefficients]
     else:
-        table = _coefficient_table(coefficients)
+        rows = coefficients
+        if (isinstance(rows, (tuple, list)) and len(rows) == 3
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rows)):
+            rows = (rows,)                               # one triple: used at every step
+        table = _coefficient_table(
+            rows, "ns_coefficients", "allowed: a preset name (" + ", ".join(map(repr, _coefficients.PRESETS))
+            + "), one (a, b, c) triple, or a sequence of (a, b, c) triples", shown=coefficients)
     return NewtonSchulz(table, steps, eps, normalization, norm_scale, dtype)
 
 
-def _coefficient_table(coefficients: object) -> tuple[tuple[float, float, float], ...]:
-    """An ``(a, b, c)`` triple or a per-step table of triples, else ``ValueError``."""
-    allowed = ("allowed: a preset name (" + ", ".join(map(repr, _coefficients.PRESETS))
-               + "), one (a, b, c) triple, or a sequence of (a, b, c) triples")
+def _coefficient_table(rows: object, name: str, allowed: str, *,
+                       shown: object = None) -> tuple[tuple[float, float, float], ...]:
+    """A non-empty table of ``(a, b, c)`` float triples, else ``ValueError`` naming ``name``."""
+    shown = rows if shown is None else shown
     try:
-        rows = tuple(coefficients)  # type: ignore[arg-type]
-        if len(rows) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in rows):
-            rows = (rows,)
-        table = tuple(tuple(float(x) for x in row) for row in rows)
+        table = tuple(tuple(float(x) for x in row) for row in rows)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ValueError(f"ns_coefficients={coefficients!r} is invalid: {allowed}") from None
+        raise ValueError(f"{name}={shown!r} is invalid: {allowed}") from None
     if not table or any(len(row) != 3 for row in table):
-        raise ValueError(f"ns_coefficients={coefficients!r} is invalid: {allowed}")
+        raise ValueError(f"{name}={shown!r} is invalid: {allowed}")
     return table
 
 
