@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import doctest
 import re
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -17,9 +20,51 @@ SETTINGS = settings(max_examples=25, deadline=None)
 
 
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.NonInteractiveExampleWarning")
-def test_docstring_examples_run():
-    result = doctest.testmod(testing, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 20 and result.failed == 0, result
+@pytest.mark.parametrize("module,least", [(testing, 7), (testing.checks, 20), (testing.strategies, 10)],
+                         ids=lambda m: getattr(m, "__name__", m))
+def test_docstring_examples_run(module, least):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= least and result.failed == 0, result
+
+
+_BLOCK_HYPOTHESIS = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hypothesis" or name.startswith("hypothesis."):
+            raise ImportError("hypothesis is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_checks_import_without_hypothesis():
+    """The checks (and ``from deepopt import testing``) work where hypothesis is not installed;
+    only a strategy raises, and says why."""
+    code = _BLOCK_HYPOTHESIS + textwrap.dedent("""
+        import numpy as np, deepopt
+        from deepopt import testing
+        from deepopt.testing import checks
+        testing.assert_descends(deepopt.sgd(lr=0.05, momentum=0.9), steps=10)
+        checks.assert_reduces_to(deepopt.delta_momentum(0.1, 0.9, zeta=0.0), deepopt.sgd(0.1, 0.9),
+                                 {"w": np.ones((2, 2))}, [{"w": np.eye(2)}])
+        assert "hypothesis" not in sys.modules
+        try:
+            testing.shapes()
+        except ImportError as err:
+            assert "needs hypothesis" in str(err), err
+        else:
+            raise AssertionError("a strategy loaded without hypothesis")
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_blocking_hypothesis_is_effective():
+    """The guard above can fail: with the block, importing the strategies raises."""
+    code = _BLOCK_HYPOTHESIS + "import deepopt.testing.strategies\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "hypothesis is blocked" in out.stderr
 
 
 # ============================================================================================
