@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from benchmarks.hope.model import (
     N_MEMORIES,
+    MEM_OUT,
     CMSLevel,
     Hope,
     HopeConfig,
@@ -48,10 +49,15 @@ def rand_x(B=2, T=12, D=16, seed=1, scale=3.0):
 # --- chunked == sequential --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("out_read", ["causal", "boundary"])
+READS = ["causal", "strict", "boundary"]
+GENERATORS = ["shared", "separate", "off"]
+
+
+@pytest.mark.parametrize("generators", GENERATORS)
+@pytest.mark.parametrize("out_read", READS)
 @pytest.mark.parametrize("clip", [1.0, 0.05])
-def test_chunked_equals_sequential_at_chunk_1(out_read, clip):
-    layer = titans(out_read=out_read, inner_clip=clip)
+def test_chunked_equals_sequential_at_chunk_1(out_read, clip, generators):
+    layer = titans(out_read=out_read, inner_clip=clip, generator_writes=generators)
     x = rand_x()
     with torch.no_grad():
         y, (w1, w2) = layer(x, chunk_size=1, return_state=True)
@@ -61,10 +67,11 @@ def test_chunked_equals_sequential_at_chunk_1(out_read, clip):
     torch.testing.assert_close(w2, r2, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("out_read", ["causal", "boundary"])
+@pytest.mark.parametrize("generators", GENERATORS)
+@pytest.mark.parametrize("out_read", READS)
 @pytest.mark.parametrize("chunk", [3, 4, 5, 12])  # 5 leaves a ragged last chunk
-def test_chunked_equals_boundary_gradient_reference(out_read, chunk):
-    layer = titans(out_read=out_read)
+def test_chunked_equals_boundary_gradient_reference(out_read, chunk, generators):
+    layer = titans(out_read=out_read, generator_writes=generators, out_norm=True)
     x = rand_x()
     with torch.no_grad():
         y, (w1, w2) = layer(x, chunk_size=chunk, return_state=True)
@@ -291,3 +298,79 @@ def test_tiny_hope_overfits_a_small_batch():
         first = first if first is not None else loss.item()
     assert first > math.log(256) - 0.3  # starts at chance level
     assert loss.item() < 0.1 * first, (first, loss.item())  # seen at step 40: 5.5 -> 0.07 (seeds 0, 1)
+
+
+# --- design options ----------------------------------------------------------------------
+
+
+def test_static_generators_keep_phi0_and_write_only_the_output_memory():
+    layer = titans(generator_writes="off")
+    x = rand_x()
+    with torch.no_grad():
+        _, (w1, w2) = layer(x, return_state=True)
+    phi1, phi2 = layer.mem_w1.expand_as(w1), layer.mem_w2.expand_as(w2)
+    torch.testing.assert_close(w1[:, :, :MEM_OUT], phi1[:, :, :MEM_OUT], rtol=0, atol=0)
+    torch.testing.assert_close(w2[:, :, :MEM_OUT], phi2[:, :, :MEM_OUT], rtol=0, atol=0)
+    assert (w1[:, :, MEM_OUT] - phi1[:, :, MEM_OUT]).abs().max() > 1e-3
+
+
+def test_separate_retention_decays_generators_at_their_own_rate():
+    """Generators forced to α ≈ 1 while M_memory decays: state norms follow their own α."""
+    layer = titans(generator_writes="separate")
+    x = rand_x()
+    with torch.no_grad():
+        layer.eta_b.fill_(-1e4)  # η = 0: retention alone acts
+        layer.gen_alpha_b.fill_(1e4)  # α_gen = 1
+        layer.alpha_b.fill_(-2.0)  # α_memory ≈ 0.12
+        _, (w1, _) = layer(x, return_state=True)
+    torch.testing.assert_close(w1[:, :, :MEM_OUT], layer.mem_w1.expand_as(w1)[:, :, :MEM_OUT])
+    assert w1[:, :, MEM_OUT].abs().max() < 1e-6 * layer.mem_w1[:, MEM_OUT].abs().max()
+
+
+def test_strict_read_at_chunk_1_is_the_read_before_the_write():
+    """strict reads φ_{t−1}: the first output is M_{φ₀}(q₀); causal's first output already differs."""
+    strict, causal = titans(out_read="strict"), titans(out_read="causal")
+    x = rand_x()
+    with torch.no_grad():
+        ys, yc = strict(x, chunk_size=1), causal(x, chunk_size=1)
+        strict.writes = False
+        y0 = strict(x)
+    torch.testing.assert_close(ys[:, 0], y0[:, 0], rtol=1e-12, atol=1e-12)
+    assert (yc[:, 0] - y0[:, 0]).abs().max() > 1e-6
+    assert (ys[:, 1:] - y0[:, 1:]).abs().max() > 1e-6
+
+
+def test_writes_off_is_the_phi0_model():
+    """set_writes(False) == η = 0 and α = 1 in every memory (Titans) and η_ℓ = 0 (CMS)."""
+    torch.manual_seed(0)
+    model = Hope(tiny_cfg(n_layers=2, cms_eta_init=0.05)).to(F64)
+    idx = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        on = model(idx)[0]
+        off = model.set_writes(False)(idx)[0]
+        model.set_writes(True)
+        for block in model.blocks:
+            block.titans.eta_b.fill_(-1e4)
+            block.titans.alpha_b.fill_(1e4)
+            for level in block.cms:
+                level.eta_logit.fill_(-1e4)
+        frozen = model(idx)[0]
+    torch.testing.assert_close(off, frozen, rtol=1e-10, atol=1e-10)
+    assert (on - off).abs().max() > 1e-4
+
+
+def test_memory_stats_are_recorded():
+    torch.manual_seed(0)
+    model = Hope(tiny_cfg(n_layers=2)).record_memory_stats()
+    idx = torch.randint(0, 256, (3, 12))
+    with torch.no_grad():
+        model(idx)
+    for block in model.blocks:
+        st_ = block.titans.stats
+        assert st_["alpha"].numel() == 3 * 2 * 12 and ((st_["alpha"] > 0) & (st_["alpha"] < 1)).all()
+        assert st_["state_norm_ratio"].numel() == 3 * 2 and (st_["state_norm_ratio"] > 0).all()
+
+
+def test_bad_option_is_a_clear_error():
+    with pytest.raises(ValueError, match="generator_writes='none'.*'separate'"):
+        tiny_cfg(generator_writes="none")

@@ -123,13 +123,20 @@ class HopeConfig:
     cms_eta_max: float = 0.1     # upper bound of η_ℓ
     eta_scale: float = 0.5       # η_t = min(eta_scale · softplus(·), eta_max)
     eta_max: float = 1.0         # with unit keys DGD's η′ = η/(1+η) ≤ 0.5: contractive
+    eta_bias_init: float = 0.0   # η read-out bias at init: η = eta_scale · softplus(0) ≈ 0.69 eta_scale
     alpha_bias_init: float = 4.0  # sigmoid(4) ≈ 0.982 retention at init
     inner_clip: float | None = 1.0  # per-token inner-gradient Frobenius clip
-    out_read: str = "causal"     # "causal" (retrieve after store) or "boundary"
+    out_read: str = "causal"     # "causal" (retrieve after store), "strict" (before) or "boundary"
+    generator_writes: str = "shared"  # M_k, M_v, M_η, M_α written with M_memory's α, their own, or "off"
+    out_norm: bool = False       # per-head RMSNorm of the read o before W_o
 
     def __post_init__(self):
-        assert self.d_model % self.n_heads == 0, "d_model must divide into heads"
-        assert self.out_read in ("causal", "boundary")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must divide into n_heads={self.n_heads}")
+        choices = dict(out_read=("causal", "strict", "boundary"), generator_writes=("shared", "separate", "off"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
         self.cms_periods = tuple(int(p) for p in self.cms_periods)
 
 
@@ -231,84 +238,107 @@ class SelfModifyingTitans(nn.Module):
         D, H = cfg.d_model, cfg.n_heads
         d, f = D // H, cfg.mem_hidden
         self.n_head, self.head_dim = H, d
+        self.writes = True  # False: every read uses φ₀ (static HOPE / writes-off evaluation)
+        self.record_stats = False  # True: keep the last forward's memory statistics in .stats
+        self.stats = None
         self.w_in = nn.Linear(D, D, bias=False)  # generator inputs x̃ (choice 1)
         self.w_q = nn.Linear(D, D, bias=False)  # the fixed query projection
         self.conv_in = CausalDepthwiseConv(D, cfg.conv_size)
         self.conv_q = CausalDepthwiseConv(D, cfg.conv_size)
-        # meta-learned initial fast state φ₀ of the five memories, per head (choice 10)
+        # meta-learned initial fast state φ₀ of the five memories, per head (choice 11)
         self.mem_w1 = nn.Parameter(torch.randn(H, N_MEMORIES, d, f) / math.sqrt(f))
         self.mem_w2 = nn.Parameter(torch.randn(H, N_MEMORIES, f, d) / math.sqrt(d))
         # scalar read-outs of M_η and M_α (choice 4); small random so M_η, M_α get gradient
         self.eta_w = nn.Parameter(torch.randn(H, d) * 0.1 / math.sqrt(d))
-        self.eta_b = nn.Parameter(torch.zeros(H))
+        self.eta_b = nn.Parameter(torch.full((H,), cfg.eta_bias_init))
         self.alpha_w = nn.Parameter(torch.randn(H, d) * 0.1 / math.sqrt(d))
         self.alpha_b = nn.Parameter(torch.full((H,), cfg.alpha_bias_init))
+        if cfg.generator_writes == "separate":  # the generators' own retention read-out
+            self.gen_alpha_w = nn.Parameter(torch.randn(H, d) * 0.1 / math.sqrt(d))
+            self.gen_alpha_b = nn.Parameter(torch.full((H,), cfg.alpha_bias_init))
+        self.out_norm = nn.RMSNorm(d, eps=1e-6) if cfg.out_norm else None
         self.w_o = nn.Linear(D, D, bias=False)
 
     def _heads(self, x):  # (B, T, D) -> (B, H, T, d)
         B, T, _ = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
+    @property
+    def n_written(self):
+        """How many memories the writes change: 5, or only M_memory when generators are static."""
+        return 1 if self.cfg.generator_writes == "off" else N_MEMORIES
+
     def generate(self, w1, w2, xin):
         """Read M_k, M_v, M_η, M_α at the given (boundary) state.
 
-        w1: (B, H, 5, d, f), w2: (B, H, 5, f, d); xin: (B, H, n, d)
-        returns k (B,H,n,d) unit, v (B,H,n,d), eta (B,H,n), log_alpha (B,H,n)
+        w1: (B|1, H, 4, d, f), w2: (B|1, H, 4, f, d) generator memories; xin: (B, H, n, d)
+        returns k (B,H,n,d) unit, v (B,H,n,d), eta (B,H,n) and log α (B,H,M,n) for the M
+        written memories' retentions: M = 1 (one α for all, or only M_memory written) or
+        M = 5 (`generator_writes="separate"`: the generators' α four times, then M_memory's).
         """
-        y, _, _ = mem_apply(w1[:, :, :MEM_OUT], w2[:, :, :MEM_OUT], xin.unsqueeze(2))  # (B,H,4,n,d)
+        y, _, _ = mem_apply(w1, w2, xin.unsqueeze(2))  # (B,H,4,n,d)
         k = F.normalize(y[:, :, MEM_K], dim=-1)
         v = y[:, :, MEM_V]
         eta_pre = (y[:, :, MEM_ETA] * self.eta_w[:, None, :]).sum(-1) + self.eta_b[:, None]
         eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre), max=self.cfg.eta_max)
-        alpha_pre = (y[:, :, MEM_ALPHA] * self.alpha_w[:, None, :]).sum(-1) + self.alpha_b[:, None]
-        return k, v, eta, F.logsigmoid(alpha_pre)  # log α: decay products as cumsums
+        ya = y[:, :, MEM_ALPHA]
+        log_a = F.logsigmoid((ya * self.alpha_w[:, None, :]).sum(-1) + self.alpha_b[:, None]).unsqueeze(2)
+        if self.cfg.generator_writes == "separate":
+            log_g = F.logsigmoid((ya * self.gen_alpha_w[:, None, :]).sum(-1) + self.gen_alpha_b[:, None])
+            log_a = torch.cat([log_g.unsqueeze(2).expand(-1, -1, MEM_OUT, -1), log_a], dim=2)
+        return k, v, eta, log_a  # log α: decay products as cumsums
 
-    def chunk(self, w1, w2, xin, q):
-        """One chunk of eq. 90: boundary-state reads and gradients, causal in-chunk output reads.
+    def chunk(self, w1, w2, k, v, eta, log_alpha, q):
+        """One chunk of eq. 90: boundary-state gradients, in-chunk output reads per `out_read`.
 
-        w1: (B, H, 5, d, f), w2: (B, H, 5, f, d)  fast state at the chunk's left boundary
-        xin: (B, H, C, d) generator inputs;  q: (B, H, C, d) unit queries
-        returns o (B, H, C, d) and the state at the chunk's right boundary
+        w1: (B, H, M, d, f), w2: (B, H, M, f, d)  the written memories at the chunk's left
+            boundary, M_memory last (M = 5, or 1 when the generators are static)
+        k, v: (B, H, C, d) keys (unit) and values;  eta: (B, H, C);  log_alpha: (B, H, M|1, C)
+        q: (B, H, C, d) unit queries
+        returns o (B, H, C, d) and the written memories at the chunk's right boundary
         """
         clip = self.cfg.inner_clip
-        k, v, eta, log_alpha = self.generate(w1, w2, xin)
-        vhat, _, _ = mem_apply(w1, w2, v.unsqueeze(2))  # (B,H,5,C,d): v̂_□ = M_□(v)
-        e, a, g = mem_inner_grad(w1, w2, k.unsqueeze(2), vhat)  # (B,H,5,C,d|f|f)
+        vhat, _, _ = mem_apply(w1, w2, v.unsqueeze(2))  # (B,H,M,C,d): v̂_□ = M_□(v)
+        e, a, g = mem_inner_grad(w1, w2, k.unsqueeze(2), vhat)  # (B,H,M,C,d|f|f)
         k_sq = (k * k).sum(-1).unsqueeze(2)  # (B,H,1,C); = 1 up to rounding
         s1 = dgd_rate(eta.unsqueeze(2), (a * a).sum(-1), (e * e).sum(-1), clip)  # W₁: input a
         s2 = dgd_rate(eta.unsqueeze(2), k_sq, (g * g).sum(-1), clip)  # W₂: input k
         # decay products: cum_t = Σ_{r≤t} log α_r, so Π_{s<r≤t} α_r = exp(cum_t − cum_s)
-        cum = log_alpha.cumsum(-1)  # (B, H, C)
-        total = cum[..., -1:]  # (B, H, 1)
-        carry = torch.exp(total - cum).unsqueeze(2)  # (B,H,1,C): Π_{r>t} α_r
-        keep = torch.exp(total)[..., None, None]  # (B,H,1,1,1)
+        cum = log_alpha.cumsum(-1)  # (B, H, M|1, C)
+        total = cum[..., -1:]
+        carry = torch.exp(total - cum)  # Π_{r>t} α_r
+        keep = torch.exp(total).unsqueeze(-1)  # (B,H,M|1,1,1)
         # Σ_t c_t e_t a_tᵀ as one matmul per memory: (d×C)(C×f), likewise (f×C)(C×d)
         new_w1 = keep * w1 - ((carry * s1).unsqueeze(-1) * e).transpose(-1, -2) @ a
         new_w2 = keep * w2 - ((carry * s2).unsqueeze(-1) * g).transpose(-1, -2) @ k.unsqueeze(2)
 
-        w1o, w2o = w1[:, :, MEM_OUT], w2[:, :, MEM_OUT]
-        if self.cfg.out_read == "boundary":
+        w1o, w2o = w1[:, :, -1], w2[:, :, -1]  # M_memory
+        read = self.cfg.out_read
+        if read == "boundary":
             o, _, _ = mem_apply(w1o, w2o, q)
             return o, new_w1, new_w2
-        # o_t = M_{φ_t}(q_t) with φ_t = A_t φ_b − Σ_{s≤t} D_ts s_s G_s (causal, s ≤ t)
+        # o_t = M_{φ_t}(q_t) with φ_t = A_t φ_b − Σ_{s≤t} D_ts s_s G_s ("causal", s ≤ t), or
+        # o_t = M_{φ_{t−1}}(q_t): A_{t−1}, D_{t−1,s} and s < t ("strict", NL eq. 94)
         C = q.shape[2]
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-        diff = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf"))
-        dmat = torch.exp(diff)  # (B,H,C,C): D_ts, zero above the diagonal
-        a_t = torch.exp(cum).unsqueeze(-1)  # (B,H,C,1): A_t = Π_{r≤t} α_r
+        cum_o = cum[:, :, -1]  # (B, H, C)
+        cum_r = cum_o - log_alpha[:, :, -1] if read == "strict" else cum_o  # log A at the read
+        mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if read == "strict" else 0)
+        dmat = torch.exp((cum_r.unsqueeze(-1) - cum_o.unsqueeze(-2)).masked_fill(~mask, float("-inf")))
+        a_t = torch.exp(cum_r).unsqueeze(-1)  # (B,H,C,1): A_t = Π_{r≤t} α_r
         # W₂,t q_t = A_t W₂,b q_t − Σ_s D_ts s2_s (k_s·q_t) g_s   : (C×C)(C×f)
-        scores2 = dmat * (q @ k.transpose(-1, -2)) * s2[:, :, MEM_OUT].unsqueeze(-2)
-        z = a_t * (q @ w2o.transpose(-1, -2)) - scores2 @ g[:, :, MEM_OUT]
+        scores2 = dmat * (q @ k.transpose(-1, -2)) * s2[:, :, -1].unsqueeze(-2)
+        z = a_t * (q @ w2o.transpose(-1, -2)) - scores2 @ g[:, :, -1]
         h = F.silu(z)  # (B,H,C,f)
         # W₁,t h_t = A_t W₁,b h_t − Σ_s D_ts s1_s (a_s·h_t) e_s    : (C×C)(C×d)
-        scores1 = dmat * (h @ a[:, :, MEM_OUT].transpose(-1, -2)) * s1[:, :, MEM_OUT].unsqueeze(-2)
-        o = q + a_t * (h @ w1o.transpose(-1, -2)) - scores1 @ e[:, :, MEM_OUT]
+        scores1 = dmat * (h @ a[:, :, -1].transpose(-1, -2)) * s1[:, :, -1].unsqueeze(-2)
+        o = q + a_t * (h @ w1o.transpose(-1, -2)) - scores1 @ e[:, :, -1]
         return o, new_w1, new_w2
 
     def forward(self, x, chunk_size=None, reference=False, return_state=False):
         """x: (B, T, D) (already normalised) -> (B, T, D).
 
         reference=True runs `titans_reference` (per-token loop) with the same chunk size.
+        return_state: also the final fast state (w1, w2) of all five memories, (B, H, 5, ·, ·).
         """
         B, T, D = x.shape
         C = chunk_size or self.cfg.chunk_size
@@ -317,30 +347,68 @@ class SelfModifyingTitans(nn.Module):
         # per-sequence fast state, starting from the meta-learned φ₀ (expand: no copy)
         w1 = self.mem_w1.unsqueeze(0).expand(B, *self.mem_w1.shape)
         w2 = self.mem_w2.unsqueeze(0).expand(B, *self.mem_w2.shape)
-        if reference:
-            o, w1, w2 = titans_reference(self, w1, w2, xin, q, C)
+        stats = dict(eta=[], log_alpha=[]) if self.record_stats else None
+        if not self.writes:
+            o, _, _ = mem_apply(self.mem_w1[:, MEM_OUT], self.mem_w2[:, MEM_OUT], q)
+        elif reference:
+            o, w1, w2 = titans_reference(self, w1, w2, xin, q, C, stats)
         else:
+            static = self.cfg.generator_writes == "off"
+            if static:  # generators fixed at φ₀: one read for the whole sequence
+                gens = self.generate(self.mem_w1[None, :, :MEM_OUT], self.mem_w2[None, :, :MEM_OUT], xin)
+                m1, m2 = w1[:, :, MEM_OUT:], w2[:, :, MEM_OUT:]
+            else:
+                m1, m2 = w1, w2
             outs = []
             for s in range(0, T, C):
-                o_c, w1, w2 = self.chunk(w1, w2, xin[:, :, s : s + C], q[:, :, s : s + C])
+                if static:
+                    k, v = gens[0][:, :, s : s + C], gens[1][:, :, s : s + C]
+                    eta, log_a = gens[2][..., s : s + C], gens[3][..., s : s + C]
+                else:
+                    k, v, eta, log_a = self.generate(m1[:, :, :MEM_OUT], m2[:, :, :MEM_OUT], xin[:, :, s : s + C])
+                if stats is not None:
+                    stats["eta"].append(eta)
+                    stats["log_alpha"].append(log_a[:, :, -1])
+                o_c, m1, m2 = self.chunk(m1, m2, k, v, eta, log_a, q[:, :, s : s + C])
                 outs.append(o_c)
             o = torch.cat(outs, dim=2)
+            if static:
+                w1, w2 = torch.cat([w1[:, :, :MEM_OUT], m1], 2), torch.cat([w2[:, :, :MEM_OUT], m2], 2)
+            else:
+                w1, w2 = m1, m2
+        if stats is not None:
+            self.stats = self._summarise(stats, w1, w2) if stats["eta"] else None
+        if self.out_norm is not None:
+            o = self.out_norm(o)
         y = self.w_o(o.transpose(1, 2).reshape(B, T, D))
         return (y, (w1, w2)) if return_state else y
 
+    @torch.no_grad()
+    def _summarise(self, stats, w1, w2):
+        """Per-layer memory statistics of the last forward (M_memory's retention and η, state size)."""
+        eta = torch.cat(stats["eta"], -1).float()
+        alpha = torch.cat(stats["log_alpha"], -1).float().exp()
+        end = torch.sqrt((w1[:, :, MEM_OUT] ** 2).sum((-1, -2)) + (w2[:, :, MEM_OUT] ** 2).sum((-1, -2)))
+        start = torch.sqrt((self.mem_w1[:, MEM_OUT] ** 2).sum((-1, -2)) + (self.mem_w2[:, MEM_OUT] ** 2).sum((-1, -2)))
+        return dict(alpha=alpha.flatten(), eta_at_cap=(eta >= self.cfg.eta_max * (1 - 1e-6)).float().flatten(),
+                    eta=eta.flatten(), state_norm_ratio=(end.float() / start.float()).flatten())
 
-def titans_reference(layer, w1, w2, xin, q, chunk_size):
+
+def titans_reference(layer, w1, w2, xin, q, chunk_size, stats=None):
     """Per-token reference of `SelfModifyingTitans.chunk`, computed another way.
 
     w1: (B, H, 5, d, f), w2: (B, H, 5, f, d) initial state
     xin, q: (B, H, T, d)
     Inner gradients come from autograd (torch.func.grad of ½‖M(k) − v̂‖²), the state is
     stepped one token at a time, φ_t = α_t φ_{t−1} − η′_t G_t, with G_t taken at the last
-    chunk boundary; o_t is read from φ_t (or φ_b for out_read="boundary"). At C = 1 the
-    boundary is the previous token: the plain sequential recurrence.
+    chunk boundary; o_t is read from φ_t ("causal"), φ_{t−1} ("strict") or φ_b ("boundary").
+    At C = 1 the boundary is the previous token: the plain sequential recurrence. With
+    static generators all five memories are stepped and the generators' steps thrown away.
     returns o (B, H, T, d) and the final state
     """
-    clip = layer.cfg.inner_clip
+    clip, read = layer.cfg.inner_clip, layer.cfg.out_read
+    static = layer.cfg.generator_writes == "off"
+    written = torch.arange(N_MEMORIES, device=w1.device) == MEM_OUT  # (5,): M_memory only
 
     def loss(w1_, w2_, k_, vhat_):  # Σ over (B, H, memory) of ½‖M(k) − v̂‖²
         y_, _, _ = mem_apply(w1_, w2_, k_)
@@ -351,7 +419,10 @@ def titans_reference(layer, w1, w2, xin, q, chunk_size):
     for t in range(xin.shape[2]):
         if t % chunk_size == 0:
             b1, b2 = w1, w2  # boundary state φ_b
-        k, v, eta, log_alpha = layer.generate(b1, b2, xin[:, :, t : t + 1])  # (B,H,1,·)
+        k, v, eta, log_alpha = layer.generate(b1[:, :, :MEM_OUT], b2[:, :, :MEM_OUT], xin[:, :, t : t + 1])
+        if stats is not None:
+            stats["eta"].append(eta)
+            stats["log_alpha"].append(log_alpha[:, :, -1])
         k5 = k.unsqueeze(2)  # (B,H,1,1,d), broadcast over the five memories
         vhat, _, _ = mem_apply(b1, b2, v.unsqueeze(2))  # (B,H,5,1,d)
         g1, g2 = grad_fn(b1, b2, k5.expand_as(vhat), vhat)  # (B,H,5,d,f), (B,H,5,f,d)
@@ -362,10 +433,14 @@ def titans_reference(layer, w1, w2, xin, q, chunk_size):
         if clip is not None:
             r1 = r1 * torch.clamp(clip / (g1.flatten(-2).norm(dim=-1) + 1e-15), max=1.0)
             r2 = r2 * torch.clamp(clip / (g2.flatten(-2).norm(dim=-1) + 1e-15), max=1.0)
-        alpha = torch.exp(log_alpha)[:, :, None, :, None]  # (B,H,1,1,1)
+        alpha = torch.exp(log_alpha)[..., None]  # (B,H,1|5,1,1)
+        if static:  # M_memory's α is the only one; the generators keep φ₀
+            alpha = torch.where(written[:, None, None], alpha, torch.ones_like(alpha))
+            r1, r2 = r1 * written, r2 * written
+        prev1, prev2 = w1, w2
         w1 = alpha * w1 - r1[..., None, None] * g1
         w2 = alpha * w2 - r2[..., None, None] * g2
-        r1_, r2_ = (w1, w2) if layer.cfg.out_read == "causal" else (b1, b2)
+        r1_, r2_ = {"causal": (w1, w2), "strict": (prev1, prev2), "boundary": (b1, b2)}[read]
         o, _, _ = mem_apply(r1_[:, :, MEM_OUT], r2_[:, :, MEM_OUT], q[:, :, t : t + 1])
         outs.append(o)
     return torch.cat(outs, dim=2), w1, w2
@@ -382,6 +457,7 @@ class CMSLevel(nn.Module):
         super().__init__()
         D, f = cfg.d_model, cfg.cms_hidden
         self.period, self.clip, self.eta_max = period, cfg.inner_clip, cfg.cms_eta_max
+        self.writes = True  # False: the level is the plain MLP of φ₀
         self.norm = nn.RMSNorm(D, eps=1e-6)
         # initial fast weights φ₀ = (W_up, W_down): outer parameters (a Transformer MLP)
         self.w_up = nn.Parameter(torch.randn(f, D) * 0.02)
@@ -401,6 +477,9 @@ class CMSLevel(nn.Module):
 
     def forward(self, x, reference=False, return_states=False):
         """x: (B, T, D) -> (B, T, D). return_states: also the fast weights in force per period."""
+        if not self.writes:
+            y = x + F.silu(self.norm(x) @ self.w_up.T) @ self.w_down.T
+            return (y, [(self.w_up, self.w_down)]) if return_states else y
         if reference:
             return cms_reference(self, x, return_states)
         B, T, _ = x.shape
@@ -499,6 +578,19 @@ class Hope(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+    def set_writes(self, on: bool):
+        """Switch every in-context write (Titans and CMS) on or off; off, each memory reads φ₀."""
+        for m in self.modules():
+            if isinstance(m, (SelfModifyingTitans, CMSLevel)):
+                m.writes = bool(on)
+        return self
+
+    def record_memory_stats(self, on: bool = True):
+        """Keep each Titans layer's retention, η and state-norm statistics of the next forwards."""
+        for block in self.blocks:
+            block.titans.record_stats, block.titans.stats = bool(on), None
+        return self
 
     def forward(self, idx, targets=None, chunk_size=None, reference=False):
         """idx: (B, T) token ids; targets: (B, T) or None (−100 = ignore).
