@@ -95,7 +95,12 @@ def linear_memory(mem: LinearMemory, state: ParamState, g: np.ndarray, v: np.nda
 
 
 def deep_memory(mem: DeepMemory, state: ParamState, g: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """DMGD (MATH §5): one inner gradient step on ``φ = (S, W₁, W₂)``, then read at ``Q``."""
+    """DMGD (docs/math.md §5): one inner step on ``φ = (S, W₁, W₂)``, then read at ``Q``.
+
+    The MLP's read is ``ν f_θ(q)``: ``θ`` sees only unit-scale inputs (unit keys, errors
+    divided by ``ν``) and takes rate-normalised steps, so the update is homogeneous in the
+    gradient's scale and every write of ``θ`` is bounded.
+    """
     m, n = matrix_view_shape(g.shape)
     gm, vm = g.reshape(m, n), v.reshape(m, n)
     rows = np.maximum(np.linalg.norm(gm, axis=1, keepdims=True), mem.key_eps)
@@ -104,33 +109,70 @@ def deep_memory(mem: DeepMemory, state: ParamState, g: np.ndarray, v: np.ndarray
     s = state["memory"].reshape(m, n)
     alpha, eta = mem.momentum, mem.inner_lr
 
-    # Forward at φ_{t−1}: H = σ(K W₁ᵀ) : m×h, F = H W₂ᵀ : m×n.
+    # Value scale ν_t = max(β ν_{t−1}, ‖V‖_F/√m, ε), then the MLP's read at φ_{t−1} in its units:
+    # H = σ(K W₁ᵀ) : m×h, F = ν H W₂ᵀ : m×n.
     if mem.hidden:
+        nu = state["value_scale"] = max(mem.scale_decay * state["value_scale"],
+                                        np.linalg.norm(vm) / np.sqrt(m), mem.key_eps)
         w1, w2 = state["mlp_w1"], state["mlp_w2"]
         z = k @ w1.T
         h = silu(z)
-        f = h @ w2.T
+        f = nu * (h @ w2.T)
     else:
         f = 0.0
     # E = ∂ℓ/∂M(k_r), row by row: dot −ηv_r; l2 η(M(k_r) − v_r).
     e = -eta * vm if mem.objective == "dot" else eta * (s + f - vm)
 
-    # Write φ_t = αφ_{t−1} − ∇ℓ (retention folded in); θ takes the row mean.
-    s = alpha * s - e                                     # ∇_S = E
+    # Write: S ← αS − E. θ: the row mean of its gradient in units of ν (Ê = E/ν), each weight at
+    # a rate normalised by a bound on its curvature, η′ = η/(1 + ηλ̄) (delta-GD style).
+    s = alpha * s - e
     if mem.hidden:
-        grad_w2 = e.T @ h / m                             # Eᵀ H / m              : n×h
-        grad_w1 = ((e @ w2) * silu_grad(z)).T @ k / m     # [(E W₂) ⊙ σ'(Z)]ᵀ K / m : h×n
-        w1 = state["mlp_w1"] = alpha * w1 - grad_w1
+        e_hat = e / nu
+        rate_w2 = 1.0 / (1.0 + eta * np.sum(h * h) / m)                          # λ̄ = ‖H‖²/m
+        rate_w1 = 1.0 / (1.0 + eta * mem.SILU_SLOPE_SQ * np.sum(w2 * w2))        # λ̄ = 1.21‖W₂‖²
+        grad_w2 = rate_w2 * (e_hat.T @ h) / m                          # Êᵀ H / m : n×h
+        grad_w1 = rate_w1 * ((e_hat @ w2) * silu_grad(z)).T @ k / m    # [(Ê W₂) ⊙ σ'(Z)]ᵀ K / m : h×n
+        w1 = state["mlp_w1"] = w1 - grad_w1                            # no retention on W₁
         w2 = state["mlp_w2"] = alpha * w2 - grad_w2
     state["memory"] = s.reshape(g.shape)
     if mem.keys == "previous":
         state["prev_key"] = g_hat.reshape(g.shape)
 
-    # Read D_t = M_{φ_t}(Q_t), Q = Ĝ_t.
-    d = s + (silu(g_hat @ w1.T) @ w2.T if mem.hidden else 0.0)
+    # Read D_t = M_{φ_t}(Q_t) = S + ν σ(Q W₁ᵀ) W₂ᵀ, Q = Ĝ_t.
+    d = s + (nu * (silu(g_hat @ w1.T) @ w2.T) if mem.hidden else 0.0)
     if mem.nesterov:
         d = alpha * d + eta * vm
     return d.reshape(g.shape)
+
+
+def deep_memory_stats(rule: UpdateRule, state: ParamState, g: np.ndarray) -> dict[str, float]:
+    """What the deep part of a DMGD memory contributes, read at state ``state`` for gradient ``g``.
+
+    - ``mlp_share = ‖ν f_θ(Q)‖_F / ‖S‖_F``: the MLP's read against the linear part's (``Q = Ĝ``);
+    - ``inner_loss = ‖M_φ(Q) − V‖²_F / ‖V‖²_F``: how well the whole memory, read at the
+      gradient's direction, predicts its values ``V = P(g)`` (0 perfect, 1 as good as nothing);
+    - ``value_scale``: ``ν``, the MLP's output unit.
+
+    The backends' ``memory_stats`` compute the same numbers (``tests/test_dmgd.py``).
+    """
+    mem = rule.memory
+    m, n = matrix_view_shape(np.shape(g))
+    gm = np.asarray(g, dtype=np.float64).reshape(m, n)
+    s = np.asarray(state["memory"], dtype=np.float64).reshape(m, n)
+    v = gm
+    if isinstance(rule.values, AdamValues):               # V of MATH §3 at the state's step
+        b2, t = rule.values.beta2, max(int(state["step"]), 1)
+        nu_sq = np.asarray(state["values_sq"], dtype=np.float64).reshape(m, n)
+        v = gm / (np.sqrt(nu_sq / (1 - b2**t)) + rule.values.eps)
+    g_hat = gm / np.maximum(np.linalg.norm(gm, axis=1, keepdims=True), mem.key_eps)
+    nu, f = 0.0, np.zeros_like(s)
+    if mem.hidden:
+        nu = float(state["value_scale"])
+        f = nu * (silu(g_hat @ np.asarray(state["mlp_w1"]).T) @ np.asarray(state["mlp_w2"]).T)
+    s_norm, v_sq = np.linalg.norm(s), np.sum(v * v)
+    return {"mlp_share": float(np.linalg.norm(f) / s_norm) if s_norm > 0 else 0.0,
+            "inner_loss": float(np.sum((s + f - v) ** 2) / v_sq) if v_sq > 0 else 0.0,
+            "value_scale": nu}
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +190,7 @@ def rule_init(rule: UpdateRule, shape: tuple[int, ...], name: str = "") -> Param
         if mem.hidden:
             state["mlp_w1"] = mem.initial_w1(name, n)    # W₁ : h×n
             state["mlp_w2"] = np.zeros((n, mem.hidden))  # W₂ : n×h, zero: starts as momentum
+            state["value_scale"] = 0.0                   # ν : the MLP's output unit
         if mem.keys == "previous":
             state["prev_key"] = np.zeros(shape)
     if isinstance(mem, MultiScaleMemory):

@@ -32,45 +32,53 @@ def _mT(x: jax.Array) -> jax.Array:
 
 
 def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
-                       w2: jax.Array | None, g: jax.Array, v: jax.Array,
+                       w2: jax.Array | None, nu: jax.Array | None, g: jax.Array, v: jax.Array,
                        prev_key: jax.Array | None):
-    """DMGD's write and read on stacks of matrix views; returns ``(S, W₁, W₂, D̃, Ĝ)``.
+    """DMGD's scale-stable write and read on stacks of matrix views (docs/math.md §5).
 
-    s, g, v, prev_key: ``(..., m, n)``; w1: ``(..., h, n)``; w2: ``(..., n, h)`` (``None``
-    when ``hidden = 0``; ``prev_key`` ``None`` for ``keys="current"``).
+    s, g, v, prev_key: ``(..., m, n)``; w1: ``(..., h, n)``; w2: ``(..., n, h)``; nu: ``(...)``,
+    the value scale ν (``None`` with w1, w2 when ``hidden = 0``; ``prev_key`` ``None`` for
+    ``keys="current"``). Returns ``(S, W₁, W₂, ν, D̃, Ĝ)``.
     """
     m = s.shape[-2]
     alpha, eta = memory.momentum, memory.inner_lr
 
-    # Keys and queries: Ĝ, each row divided by max(‖row‖, ε) (MATH §5).
+    # Keys and queries: Ĝ, each row divided by max(‖row‖, ε).
     g_hat = g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), memory.key_eps)
     k = g_hat if memory.keys == "current" else prev_key
 
-    # Forward at φ_{t−1}: H = silu(K W₁ᵀ), F = H W₂ᵀ.
+    # ν = max(β ν, ‖V‖_F/√m, ε); the MLP's read at φ_{t−1} in units of ν: H = silu(K W₁ᵀ), F = ν H W₂ᵀ.
     if memory.hidden:
+        rms = jnp.linalg.norm(v, axis=(-2, -1)) / jnp.sqrt(jnp.asarray(m, v.dtype))
+        nu = jnp.maximum(jnp.maximum(memory.scale_decay * nu, rms), memory.key_eps).astype(v.dtype)
+        scale = nu[..., None, None]
         z = k @ _mT(w1)                                   # Z = K W₁ᵀ : m×n · n×h
         h = jax.nn.silu(z)
-        f = h @ _mT(w2)                                   # F = H W₂ᵀ : m×h · h×n
+        f = scale * (h @ _mT(w2))                         # F = ν H W₂ᵀ : m×h · h×n
     # E = ∂ℓ/∂M(k_r), row by row: dot −ηv_r; l2 η(M(k_r) − v_r).
     if memory.objective == "dot":
         e = -eta * v
     else:
         e = eta * ((s + f if memory.hidden else s) - v)
 
-    # Write φ_t = αφ_{t−1} − ∇ℓ (retention folded in); the shared θ takes the row mean.
+    # Write: S ← αS − E; θ: row mean of its gradient in units of ν, rates η/(1 + ηλ̄) per weight.
     s = alpha * s - e                                     # ∇_S = E, row by row
     if memory.hidden:
-        grad_w2 = _mT(e) @ h / m                          # Eᵀ H / m : n×m · m×h
-        grad_w1 = _mT((e @ w2) * _silu_grad(z)) @ k / m   # [(E W₂) ⊙ silu'(Z)]ᵀ K / m : h×m · m×n
-        w1 = alpha * w1 - grad_w1
+        e_hat = e / scale
+        sq = lambda x: jnp.sum(x * x, axis=(-2, -1))[..., None, None]
+        rate_w2 = 1 / (1 + (eta / m) * sq(h))                              # λ̄ = ‖H‖²/m
+        rate_w1 = 1 / (1 + eta * memory.SILU_SLOPE_SQ * sq(w2))            # λ̄ = 1.21‖W₂‖²
+        grad_w2 = (_mT(e_hat) @ h) * (rate_w2 / m)                         # Êᵀ H / m : n×m · m×h
+        grad_w1 = (_mT((e_hat @ w2) * _silu_grad(z)) @ k) * (rate_w1 / m)  # [(Ê W₂) ⊙ silu'(Z)]ᵀ K / m
+        w1 = w1 - grad_w1                                 # no retention on W₁
         w2 = alpha * w2 - grad_w2
-        # Read D = M_{φ_t}(Q) = S + silu(Q W₁ᵀ) W₂ᵀ at Q = Ĝ_t : m×n·n×h, then m×h·h×n.
-        d = s + jax.nn.silu(g_hat @ _mT(w1)) @ _mT(w2)
+        # Read D = M_{φ_t}(Q) = S + ν silu(Q W₁ᵀ) W₂ᵀ at Q = Ĝ_t : m×n·n×h, then m×h·h×n.
+        d = s + scale * (jax.nn.silu(g_hat @ _mT(w1)) @ _mT(w2))
     else:
         d = s
     if memory.nesterov:
         d = alpha * d + eta * v                           # D̃ = αD + ηV
-    return s, w1, w2, d, g_hat
+    return s, w1, w2, nu, d, g_hat
 
 
 class DeepMemoryState(NamedTuple):
@@ -81,6 +89,7 @@ class DeepMemoryState(NamedTuple):
     memory: optax.Updates     # S, each leaf shaped like its parameter (m×n per matrix)
     mlp_w1: optax.Updates     # W₁, shape=(*batch, h, n) per leaf; None when hidden = 0
     mlp_w2: optax.Updates     # W₂, shape=(*batch, n, h) per leaf, starts at 0; None when hidden = 0
+    value_scale: optax.Updates  # ν, shape=(*batch,) per leaf, starts at 0; None when hidden = 0
     prev_key: optax.Updates   # Ĝ_{t−1}, like the parameters; None unless keys="previous"
     values_sq: optax.Updates  # v of AdamValues (MATH §3), like the parameters; None otherwise
 
@@ -140,6 +149,8 @@ def scale_by_deep_memory(
             memory=optax.tree.zeros_like(params),
             mlp_w1=mlp_w1 if memory.hidden else None,
             mlp_w2=jax.tree.map(w2_init, params) if memory.hidden else None,
+            value_scale=jax.tree.map(lambda p: jnp.zeros(view.batch_shape(p.shape), p.dtype), params)
+            if memory.hidden else None,
             prev_key=optax.tree.zeros_like(params) if previous else None,
             values_sq=optax.tree.zeros_like(params) if adam_values else None,
         )
@@ -149,12 +160,12 @@ def scale_by_deep_memory(
         count = optax.safe_increment(state.count)
         values_sq, vals = apply_values(values, state.values_sq, updates, count)
 
-        def leaf(g, v, s, w1, w2, prev):
+        def leaf(g, v, s, w1, w2, nu, prev):
             to = view.to_matrix
-            s, w1, w2, d, g_hat = deep_memory_kernel(
-                memory, to(s), w1, w2, to(g), to(v), to(prev) if previous else None)
+            s, w1, w2, nu, d, g_hat = deep_memory_kernel(
+                memory, to(s), w1, w2, nu, to(g), to(v), to(prev) if previous else None)
             back = lambda x: view.from_matrix(x, g.shape)
-            return back(s), w1, w2, back(d), back(g_hat) if previous else None
+            return back(s), w1, w2, back(d), back(g_hat) if previous else None, nu
 
         # Fields a config does not use are None; give tree.map a None per leaf in their place.
         absent = jax.tree.map(lambda _: None, updates)
@@ -162,6 +173,7 @@ def scale_by_deep_memory(
             leaf, updates, vals, state.memory,
             state.mlp_w1 if memory.hidden else absent,
             state.mlp_w2 if memory.hidden else absent,
+            state.value_scale if memory.hidden else absent,
             state.prev_key if previous else absent)
         # Unzip the per-leaf tuples into one tree per field (updates gives the structure).
         field = lambda i: jax.tree.map(lambda _, r: r[i], updates, results)
@@ -170,6 +182,7 @@ def scale_by_deep_memory(
             memory=field(0),
             mlp_w1=field(1) if memory.hidden else None,
             mlp_w2=field(2) if memory.hidden else None,
+            value_scale=field(5) if memory.hidden else None,
             prev_key=field(4) if previous else None,
             values_sq=values_sq,
         )

@@ -83,47 +83,58 @@ def test_hidden0_dmgd_in_bf16_equals_torch_optim_muon():
 # --------------------------------------------------------------------------------------------
 
 
-def _inner_case(objective, seed=0, m=5, n=4, h=3):
+def _inner_case(objective, seed=0, m=5, n=4, h=3, nu_prev=2.5):
     rng = np.random.default_rng(seed)
     mem = deepopt.DeepMemory(momentum=0.8, inner_lr=0.3, hidden=h, objective=objective)
     s, w1, w2 = rng.standard_normal((m, n)), rng.standard_normal((h, n)), rng.standard_normal((n, h))
     g, v = rng.standard_normal((m, n)), rng.standard_normal((m, n))
     k = g / np.linalg.norm(g, axis=1, keepdims=True)
-    return mem, s, w1, w2, g, v, k
+    # ν_t = max(β ν_{t−1}, ‖V‖_F/√m): pick ν_{t−1} so that each branch of the max is exercised.
+    nu = max(mem.scale_decay * nu_prev, np.linalg.norm(v) / np.sqrt(m))
+    return mem, s, w1, w2, g, v, k, nu_prev, nu
 
 
-def _objective(lib, mem, s, w1, w2, k, v):
-    """Σ_r ℓ_r(φ) of MATH §5 without the retention term (added separately)."""
+def _objective(lib, mem, nu, s, w1, w2, k, v):
+    """Σ_r ℓ_r(φ) of docs/math.md §5 without the retention term, ``M(k) = S + ν f_θ(k)``."""
     silu = (lambda z: z * lib.sigmoid(z)) if lib is torch else (lambda z: z / (1 + __import__("jax").numpy.exp(-z)))
-    out = s + silu(k @ w1.T) @ w2.T                       # M_φ(k_r) for every row
+    out = s + nu * (silu(k @ w1.T) @ w2.T)                # M_φ(k_r) for every row
     if mem.objective == "dot":
         return -mem.inner_lr * (out * v).sum()
     return 0.5 * mem.inner_lr * ((out - v) ** 2).sum()
 
 
-def _expected_write(grads, mem, s, w1, w2, m):
-    """φ_t = φ − ∇ℓ − (1−α)φ, with θ's gradient averaged over the m rows."""
+def _expected_write(grads, mem, s, w1, w2, k, nu):
+    """S ← αS − ∇_S ℓ; θ ← θ − (rate/ν²)·∇_θ ℓ / m (W₂ also retained by α, W₁ not), with the
+    delta-GD rates η/(1 + ηλ̄): λ̄ = ‖H‖²/m for W₂, 1.21‖W₂‖² for W₁."""
     gs, g1, g2 = grads
-    a = mem.momentum
-    return a * s - gs, a * w1 - g1 / m, a * w2 - g2 / m
+    a, eta, m = mem.momentum, mem.inner_lr, s.shape[0]
+    h = reference.silu(k @ w1.T)
+    rate_w2 = 1 / (1 + eta * np.sum(h * h) / m)
+    rate_w1 = 1 / (1 + eta * 1.21 * np.sum(w2 * w2))
+    return a * s - gs, w1 - rate_w1 * g1 / (m * nu**2), a * w2 - rate_w2 * g2 / (m * nu**2)
 
 
+@pytest.mark.parametrize("nu_prev", [0.0, 50.0], ids=["nu=rms", "nu=decayed"])
 @pytest.mark.parametrize("objective", ["dot", "l2"])
-def test_closed_form_inner_step_equals_torch_autograd(objective):
+def test_closed_form_inner_step_equals_torch_autograd(objective, nu_prev):
     from torch.func import grad
 
-    mem, s, w1, w2, g, v, k = _inner_case(objective)
+    mem, s, w1, w2, g, v, k, nu_prev, nu = _inner_case(objective, nu_prev=nu_prev)
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    grads = grad(lambda a, b, c: _objective(torch, mem, a, b, c, t(k), t(v)), argnums=(0, 1, 2))(t(s), t(w1), t(w2))
-    expected = _expected_write([x.numpy() for x in grads], mem, s, w1, w2, s.shape[0])
+    grads = grad(lambda a, b, c: _objective(torch, mem, nu, a, b, c, t(k), t(v)),
+                 argnums=(0, 1, 2))(t(s), t(w1), t(w2))
+    expected = _expected_write([x.numpy() for x in grads], mem, s, w1, w2, k, nu)
 
-    state = {"memory": s.copy(), "mlp_w1": w1.copy(), "mlp_w2": w2.copy()}
+    state = {"memory": s.copy(), "mlp_w1": w1.copy(), "mlp_w2": w2.copy(), "value_scale": nu_prev}
     reference.deep_memory(mem, state, g, v)
+    assert state["value_scale"] == pytest.approx(nu, rel=1e-15)
     for got, want in zip((state["memory"], state["mlp_w1"], state["mlp_w2"]), expected):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     # The torch kernel's own closed forms, too.
     from torch_backend._functional import deep_memory_kernel
-    s2, w1b, w2b, _, _ = deep_memory_kernel(mem, t(s)[None], t(w1)[None], t(w2)[None], t(g)[None], t(v)[None], None)
+    s2, w1b, w2b, nu2, _, _ = deep_memory_kernel(mem, t(s)[None], t(w1)[None], t(w2)[None],
+                                                 t(nu_prev).view(1, 1, 1), t(g)[None], t(v)[None], None)
+    assert nu2.item() == pytest.approx(nu, rel=1e-15)
     for got, want in zip((s2[0], w1b[0], w2b[0]), expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
 
@@ -134,11 +145,11 @@ def test_closed_form_inner_step_equals_jax_grad(objective):
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    mem, s, w1, w2, g, v, k = _inner_case(objective, seed=1)
-    grads = jax.grad(lambda a, b, c: _objective(jax, mem, a, b, c, jnp.asarray(k), jnp.asarray(v)),
+    mem, s, w1, w2, g, v, k, nu_prev, nu = _inner_case(objective, seed=1)
+    grads = jax.grad(lambda a, b, c: _objective(jax, mem, nu, a, b, c, jnp.asarray(k), jnp.asarray(v)),
                      argnums=(0, 1, 2))(jnp.asarray(s), jnp.asarray(w1), jnp.asarray(w2))
-    expected = _expected_write([np.asarray(x) for x in grads], mem, s, w1, w2, s.shape[0])
-    state = {"memory": s.copy(), "mlp_w1": w1.copy(), "mlp_w2": w2.copy()}
+    expected = _expected_write([np.asarray(x) for x in grads], mem, s, w1, w2, k, nu)
+    state = {"memory": s.copy(), "mlp_w1": w1.copy(), "mlp_w2": w2.copy(), "value_scale": nu_prev}
     reference.deep_memory(mem, state, g, v)
     for got, want in zip((state["memory"], state["mlp_w1"], state["mlp_w2"]), expected):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

@@ -96,9 +96,9 @@ def test_equals_reference_step_by_step(name):
     assert not np.allclose(trajs[1][-1]["conv.weight"], params["conv.weight"])
 
 
-def _rows_loss(objective, eta, s, w1, w2, k, v):
-    """The inner objective's row terms Σ_r ℓ(M_φ(k_r), v_r) without retention (MATH §5)."""
-    out = s + jax.nn.silu(k @ w1.T) @ w2.T                      # M_φ(k_r) for every row r
+def _rows_loss(objective, eta, nu, s, w1, w2, k, v):
+    """The inner objective's row terms Σ_r ℓ(M_φ(k_r), v_r) without retention, M = S + ν f_θ."""
+    out = s + nu * (jax.nn.silu(k @ w1.T) @ w2.T)               # M_φ(k_r) for every row r
     if objective == "dot":
         return -eta * jnp.sum(out * v)
     return 0.5 * eta * jnp.sum((out - v) ** 2)
@@ -107,24 +107,31 @@ def _rows_loss(objective, eta, s, w1, w2, k, v):
 @pytest.mark.parametrize("keys", ["current", "previous"])
 @pytest.mark.parametrize("objective", ["dot", "l2"])
 def test_dmgd_write_is_one_inner_gradient_step_by_autograd(objective, keys):
-    """φ_t = φ_{t−1} − ∇ℓ_t (MATH §5) with ∇ by jax.grad: S takes its rows' terms, the shared θ
-    the row mean; retention ((1−α)/2)‖φ‖². On a batch of 2 matrices (each its own memory)."""
+    """docs/math.md §5 with ∇ by jax.grad: S takes its rows' terms (retention α); the shared θ
+    the row mean preconditioned by 1/ν² at the delta-GD rates (W₂ retained by α, W₁ not).
+    On a batch of 2 matrices (each its own memory and value scale)."""
     rng = np.random.default_rng(1)
     b, m, n, hid = 2, 5, 4, 3
     s, g, v, prev = (jnp.asarray(rng.normal(size=(b, m, n))) for _ in range(4))
     w1, w2 = jnp.asarray(rng.normal(size=(b, hid, n))), jnp.asarray(rng.normal(size=(b, n, hid)))
+    nu_prev = jnp.asarray([0.0, 40.0])                           # ν from the rms, and from the decay
     mem = deepopt.DeepMemory(momentum=0.8, inner_lr=0.3, hidden=hid, objective=objective, keys=keys)
-    s_new, w1_new, w2_new, d, g_hat = deep_memory_kernel(mem, s, w1, w2, g, v, prev)
+    s_new, w1_new, w2_new, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu_prev, g, v, prev)
     k = g_hat if keys == "current" else prev
-    alpha = mem.momentum
-    grad = jax.grad(_rows_loss, argnums=(2, 3, 4))
+    alpha, eta = mem.momentum, mem.inner_lr
+    grad = jax.grad(_rows_loss, argnums=(3, 4, 5))
     for i in range(b):
-        gs, g1, g2 = grad(objective, mem.inner_lr, s[i], w1[i], w2[i], k[i], v[i])
+        want_nu = max(mem.scale_decay * float(nu_prev[i]), float(jnp.linalg.norm(v[i])) / np.sqrt(m))
+        _close(nu[i], want_nu, msg="nu")
+        gs, g1, g2 = grad(objective, eta, want_nu, s[i], w1[i], w2[i], k[i], v[i])
+        h = jax.nn.silu(k[i] @ w1[i].T)
+        rate_w2 = 1 / (1 + eta * jnp.sum(h * h) / m)
+        rate_w1 = 1 / (1 + eta * 1.21 * jnp.sum(w2[i] * w2[i]))
         _close(s_new[i], s[i] - (gs + (1 - alpha) * s[i]), msg="S")
-        _close(w1_new[i], w1[i] - (g1 / m + (1 - alpha) * w1[i]), msg="W1")
-        _close(w2_new[i], w2[i] - (g2 / m + (1 - alpha) * w2[i]), msg="W2")
+        _close(w1_new[i], w1[i] - rate_w1 * g1 / (m * want_nu**2), msg="W1")
+        _close(w2_new[i], w2[i] - (rate_w2 * g2 / (m * want_nu**2) + (1 - alpha) * w2[i]), msg="W2")
         q = g[i] / jnp.linalg.norm(g[i], axis=-1, keepdims=True)   # Q = Ĝ_t, whatever the keys
-        _close(d[i], s_new[i] + jax.nn.silu(q @ w1_new[i].T) @ w2_new[i].T, msg="read")
+        _close(d[i], s_new[i] + want_nu * (jax.nn.silu(q @ w1_new[i].T) @ w2_new[i].T), msg="read")
 
 
 def test_dmgd_state_holds_the_reference_memory():
@@ -144,7 +151,8 @@ def test_dmgd_state_holds_the_reference_memory():
         params, ref = reference.step(spec, params, grads, ref)
         ours = _states(state, jax_backend.DeepMemoryState)[0]
         assert int(ours.count) == t
-        for field, key in (("memory", "memory"), ("mlp_w1", "mlp_w1"), ("mlp_w2", "mlp_w2")):
+        for field, key in (("memory", "memory"), ("mlp_w1", "mlp_w1"), ("mlp_w2", "mlp_w2"),
+                           ("value_scale", "value_scale")):
             _close(getattr(ours, field)["w"], ref["w"][key], msg=f"{field} at step {t}")
         assert np.abs(ours.mlp_w2["w"]).max() > 1e-3          # the MLP has started to learn
 

@@ -83,34 +83,42 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
 
 
 def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None,
-                       w2: torch.Tensor | None, g: torch.Tensor, v: torch.Tensor,
-                       prev_key: torch.Tensor | None):
-    """DMGD's write and read (MATH §5) on stacks; returns ``(S, W₁, W₂, D̃, Ĝ)``, all new tensors.
+                       w2: torch.Tensor | None, nu: torch.Tensor | None, g: torch.Tensor,
+                       v: torch.Tensor, prev_key: torch.Tensor | None):
+    """DMGD's scale-stable write and read (docs/math.md §5) on stacks.
 
-    s, g, v, prev_key: (B, m, n); w1: (B, h, n); w2: (B, n, h).
+    s, g, v, prev_key: (B, m, n); w1: (B, h, n); w2: (B, n, h); nu: (B, 1, 1), the value
+    scale ν. Returns ``(S, W₁, W₂, ν, D̃, Ĝ)``, all new tensors.
     """
     m = s.size(-2)
     alpha, eta = mem.momentum, mem.inner_lr
     g_hat = g / g.norm(dim=-1, keepdim=True).clamp(min=mem.key_eps)   # Ĝ: rows normalised
     k = g_hat if mem.keys == "current" else prev_key
     if mem.hidden:
+        # ν = max(β ν, ‖V‖_F/√m, ε); the MLP's read at φ_{t−1} in units of ν.
+        rms = v.norm(dim=(-2, -1), keepdim=True) / math.sqrt(m)
+        nu = torch.maximum(nu * mem.scale_decay, rms).clamp_(min=mem.key_eps)
         z = torch.bmm(k, w1.mT)                              # Z = K W₁ᵀ : (B,m,h)
         h = F.silu(z)
-        f = torch.bmm(h, w2.mT)                              # F = H W₂ᵀ : (B,m,n)
+        f = torch.bmm(h, w2.mT).mul_(nu)                     # F = ν H W₂ᵀ : (B,m,n)
     # E = ∂ℓ/∂M(k_r) row by row: dot −ηV, l2 η(S + F − V).
     e = -eta * v if mem.objective == "dot" else eta * ((s + f if mem.hidden else s) - v)
     s = alpha * s - e                                        # S ← αS − ∇_S
     if mem.hidden:
-        grad_w2 = torch.bmm(e.mT, h) / m                     # Eᵀ H / m               : (B,n,h)
-        grad_w1 = torch.bmm((torch.bmm(e, w2) * _silu_grad(z)).mT, k) / m   # [(EW₂)⊙σ'(Z)]ᵀK/m : (B,h,n)
-        w1 = alpha * w1 - grad_w1
+        # θ: row mean of the gradient in units of ν, rates η/(1 + ηλ̄) per weight.
+        e_hat = e / nu
+        rate_w2 = 1 / (1 + (eta / m) * h.square().sum(dim=(-2, -1), keepdim=True))         # (B,1,1)
+        rate_w1 = 1 / (1 + eta * mem.SILU_SLOPE_SQ * w2.square().sum(dim=(-2, -1), keepdim=True))
+        grad_w2 = torch.bmm(e_hat.mT, h).mul_(rate_w2 / m)   # Êᵀ H / m              : (B,n,h)
+        grad_w1 = torch.bmm((torch.bmm(e_hat, w2) * _silu_grad(z)).mT, k).mul_(rate_w1 / m)  # (B,h,n)
+        w1 = w1 - grad_w1                                    # no retention on W₁
         w2 = alpha * w2 - grad_w2
-        d = s + torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT)   # D = S + σ(Q W₁ᵀ) W₂ᵀ
+        d = s + torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT).mul_(nu)   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
     else:
         d = s
     if mem.nesterov:
         d = alpha * d + eta * v
-    return s, w1, w2, d, g_hat
+    return s, w1, w2, nu, d, g_hat
 
 
 def _deep_state_stacks(mem: DeepMemory, sts: list[dict], shape: tuple[int, int]):
@@ -118,16 +126,18 @@ def _deep_state_stacks(mem: DeepMemory, sts: list[dict], shape: tuple[int, int])
     s = torch.stack([st["memory"].reshape(m, n) for st in sts])
     w1 = torch.stack([st["mlp_w1"] for st in sts]) if mem.hidden else None
     w2 = torch.stack([st["mlp_w2"] for st in sts]) if mem.hidden else None
+    nu = torch.stack([st["value_scale"] for st in sts]).view(-1, 1, 1) if mem.hidden else None
     prev = torch.stack([st["prev_key"].reshape(m, n) for st in sts]) if mem.keys == "previous" else None
-    return s, w1, w2, prev
+    return s, w1, w2, nu, prev
 
 
-def _deep_state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, g_hat) -> None:
+def _deep_state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> None:
     for j, st in enumerate(sts):
         st["memory"].copy_(s[j].view_as(st["memory"]))
         if mem.hidden:
             st["mlp_w1"].copy_(w1[j])
             st["mlp_w2"].copy_(w2[j])
+            st["value_scale"].copy_(nu[j].view(()))
         if mem.keys == "previous":
             st["prev_key"].copy_(g_hat[j].view_as(st["prev_key"]))
 
@@ -161,10 +171,10 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
         if isinstance(rule.memory, DeepMemory):
             mem = rule.memory
             shape = matrix_view_shape(p.shape)
-            s, w1, w2, prev = _deep_state_stacks(mem, [st], shape)
-            s, w1, w2, d, g_hat = deep_memory_kernel(mem, s, w1, w2, g.reshape(1, *shape),
-                                                     v.reshape(1, *shape), prev)
-            _deep_state_writeback(mem, [st], s, w1, w2, g_hat)
+            s, w1, w2, nu, prev = _deep_state_stacks(mem, [st], shape)
+            s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g.reshape(1, *shape),
+                                                         v.reshape(1, *shape), prev)
+            _deep_state_writeback(mem, [st], s, w1, w2, nu, g_hat)
             d = d[0].view_as(p)
         else:
             d = _linear_memory_single(_linear(rule), st, p, g, v, t)
@@ -401,11 +411,11 @@ def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: T
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
     for (m, n, *_), idx in _buckets(gs).items():
         sts = [states[i] for i in idx]
-        s, w1, w2, prev = _deep_state_stacks(mem, sts, (m, n))
+        s, w1, w2, nu, prev = _deep_state_stacks(mem, sts, (m, n))
         g = torch.stack([gs[i].reshape(m, n) for i in idx])
         v = torch.stack([vs[i].reshape(m, n) for i in idx])
-        s, w1, w2, d, g_hat = deep_memory_kernel(mem, s, w1, w2, g, v, prev)
-        _deep_state_writeback(mem, sts, s, w1, w2, g_hat)
+        s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
+        _deep_state_writeback(mem, sts, s, w1, w2, nu, g_hat)
         for j, i in enumerate(idx):
             ds[i] = d[j].view_as(gs[i])
     return ds

@@ -180,6 +180,7 @@ class DeepOptimizer(Optimizer):
                 w1 = mem.initial_w1(self._names[p], n)
                 state["mlp_w1"] = torch.as_tensor(w1, dtype=p.dtype, device=p.device)
                 state["mlp_w2"] = p.new_zeros(n, mem.hidden)            # W₂ = 0: starts as momentum
+                state["value_scale"] = p.new_zeros(())                  # ν: the MLP's output unit
             if mem.keys == "previous":
                 state["prev_key"] = zeros()
         if isinstance(mem, MultiScaleMemory):
