@@ -1,7 +1,9 @@
-"""Shared pieces of the deepopt benchmarks (BENCHMARKS.md, STYLE.md §15).
+"""Shared pieces of the deepopt benchmarks (how they measure: docs/benchmarks.md).
 
+- :func:`limit_threads`: pin torch's, XLA's and the BLAS libraries' thread pools before
+  those libraries start (they share the cores; oversubscribed, step times swing severalfold).
 - :func:`environment`: what every result file records — git SHA (and whether the tree was
-  dirty), library versions, device name, command line, date.
+  dirty), deepopt and library versions, device name, thread count, command line, date.
 - :func:`interleaved`: the timer. Callables run round-robin (A, B, C, A, B, C, …) after a
   warm-up, so slow drifts of a shared machine hit every contender alike; each callable must
   return only when its work is done (synchronise inside it).
@@ -25,6 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks._threads import THREAD_VARIABLES, limit_threads
+
+__all__ = ["environment", "fmt_table", "interleaved", "limit_threads", "ratio_summary", "summary",
+           "tiny", "write_json"]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,10 +78,11 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {m: _version(m) for m in ("numpy", "torch", "jax", "optax", "matplotlib")},
+        "versions": {m: _version(m) for m in ("deepopt", "numpy", "torch", "jax", "optax", "matplotlib")},
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "device": device,
+        "thread_limits": {var: os.environ.get(var) for var in (*THREAD_VARIABLES, "XLA_FLAGS")},
     }
     try:
         import torch

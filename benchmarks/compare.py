@@ -1,24 +1,25 @@
 """Every deepopt optimizer through both backends on one small problem, side by side.
 
-    python -m benchmarks.compare [--steps 150] [--out runs/compare]
+    python -m benchmarks.compare [--steps 150] [--threads 1] [--out runs/compare]
 
 A two-layer MLP regresses a fixed random teacher on generated data. torch trains
 ``nn.Linear`` weights ``(out, in)``; JAX trains optax-style kernels ``(in, out)`` with the
 default layout, whose matrix view is the same ``out × in`` (MATH §0), so the two runs are the
 same math from the same start. The table shows the losses, how far apart the two backends'
-parameters ended, and the step times.
+parameters ended, and the step times; ``compare.json`` adds the run's provenance (git SHA,
+deepopt and library versions, command, date: ``benchmarks/_common.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 
 import deepopt
+from benchmarks import _common
 
 OPTIMIZERS = {
     "sgd": lambda: deepopt.sgd(0.05, momentum=0.9, nesterov=True),
@@ -77,9 +78,9 @@ def run_jax(spec, x, y, params, steps):
 
     import jax_backend
 
-    # optax layout: kernels (in, out), nested like a flax params tree.
-    # optax layout: kernels (in, out). The leaves keep torch's names ("fc1.weight") so that
-    # DMGD, which seeds W₁ by parameter name, starts from the same memory on both backends.
+    # optax layout: kernels (in, out), nested like a flax params tree. The dotted pytree paths
+    # are torch's names ("fc1.weight"), so DMGD, which seeds W₁ by parameter name, starts from
+    # the same memory on both backends.
     tree = {layer: {"weight": jnp.asarray(params[f"{layer}.weight"].T), "bias": jnp.asarray(params[f"{layer}.bias"])}
             for layer in ("fc1", "fc2")}
     tx = jax_backend.compile(spec)
@@ -110,8 +111,12 @@ def run_jax(spec, x, y, params, steps):
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and XLA (default: leave the libraries' own)")
     parser.add_argument("--out", default="runs/compare")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        _common.limit_threads(args.threads)
     x, y, params = make_problem()
     rows = []
     for name, make in OPTIMIZERS.items():
@@ -134,9 +139,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['optimizer']:<15} {r['initial_loss']:8.4f} {r['torch_final_loss']:8.4f} "
               f"{r['jax_final_loss']:8.4f} {r['max_param_gap_torch_vs_jax']:9.2e} "
               f"{r['torch_ms_per_step']:9.3f} {r['jax_ms_per_step']:7.3f}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "compare.json"), "w") as f:
-        json.dump({"steps": args.steps, "rows": rows}, f, indent=2)
+    _common.write_json(os.path.join(args.out, "compare.json"),
+                       {"environment": _common.environment(), "steps": args.steps, "rows": rows})
     return rows
 
 

@@ -5,6 +5,8 @@ A spec is data (numpy only). Compile it with ``torch_backend.compile(spec, param
 ``optax.GradientTransformation``. ``deepopt.reference`` is the numpy statement of the math.
 """
 
+from importlib import metadata as _metadata
+
 from deepopt import reference as reference
 from deepopt._coefficients import PRESETS as NS_COEFFICIENT_PRESETS
 from deepopt._parts import AdamValues as AdamValues
@@ -30,8 +32,13 @@ from deepopt._spec import Spec as Spec
 from deepopt._spec import UpdateRule as UpdateRule
 from deepopt._spec import matrix_view_shape as matrix_view_shape
 
+try:
+    __version__ = _metadata.version("deepopt")
+except _metadata.PackageNotFoundError:     # run from a source tree without installing it
+    __version__ = "0.1.0"                  # keep equal to pyproject.toml's version
+
 __all__ = [
-    "NS_COEFFICIENT_PRESETS", "AdamValues", "DeepMemory", "Identity", "IdentityValues",
+    "__version__", "NS_COEFFICIENT_PRESETS", "AdamValues", "DeepMemory", "Identity", "IdentityValues",
     "LinearMemory", "MultiScaleMemory", "NewtonSchulz", "Routing", "SecondMoment", "Sign", "Spec",
     "UpdateRule", "adamw", "custom", "delta_momentum", "dmgd", "m3", "matrix_view_shape", "muon",
     "newton_schulz", "reference", "sgd", "shape_scale_factor",

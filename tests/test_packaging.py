@@ -1,0 +1,56 @@
+"""What a user installs: the version, the license, and which packages go into site-packages."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+from importlib import metadata
+
+import pytest
+
+import deepopt
+
+try:
+    import tomllib
+except ModuleNotFoundError:                              # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_version_matches_pyproject_and_its_fallback():
+    version = PYPROJECT["project"]["version"]
+    assert deepopt.__version__ == version
+    try:                                                 # the installed metadata, when installed
+        assert metadata.version("deepopt") == version
+    except metadata.PackageNotFoundError:
+        pass
+    # the literal used when deepopt runs from a source tree that was never installed
+    tree = ast.parse((ROOT / "deepopt" / "__init__.py").read_text())
+    literals = [node.value.value for node in ast.walk(tree)
+                if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets)
+                and isinstance(node.value, ast.Constant)]
+    assert literals == [version]
+
+
+def test_license_file_is_the_one_pyproject_names():
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+    assert PYPROJECT["project"]["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert re.search(r"Apache License\s+Version 2\.0, January 2004", text)
+    assert "END OF TERMS AND CONDITIONS" in text           # the full text, not a stub
+
+
+def test_benchmarks_are_not_installed_as_a_top_level_package():
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert not any(pattern.startswith("benchmarks") for pattern in include), include
+    assert {"deepopt*", "torch_backend*", "jax_backend*"} <= set(include)
+    assert "." in PYPROJECT["tool"]["pytest"]["ini_options"]["pythonpath"]
+
+
+def test_test_extra_installs_the_linter_ci_runs():
+    assert any(req.startswith("ruff") for req in PYPROJECT["project"]["optional-dependencies"]["test"])
+    pins = (ROOT / "constraints.txt").read_text()
+    assert re.search(r"^ruff==\d", pins, flags=re.M)
