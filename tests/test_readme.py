@@ -53,3 +53,27 @@ def test_docs_link_only_inside_the_repository(path):
             continue
         resolved = (path.parent / target).resolve()
         assert resolved.exists() and ROOT in resolved.parents, f"{path.name} links to {target}"
+
+
+def _bash_block_after(heading: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(heading) + r".*?```bash\n(.*?)```", text, flags=re.S)
+    assert block, f"README lost its {heading} command"
+    lines = block.group(1).strip().splitlines()
+    assert len(lines) == 1, f"README's {heading} command is not one line: {lines}"
+    return lines[0]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    command = _bash_block_after("**Tests**")
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    assert ci == [command]
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    assert "ruff check ." in command and command.endswith("python -m pytest -q")
+
+
+def test_main_job_command_makes_a_venv_and_runs_from_the_root():
+    command = _bash_block_after("**Main job**")
+    assert command.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    assert command.endswith("python -m benchmarks.main")
