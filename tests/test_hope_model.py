@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.hope.model import (
-    N_MEMORIES,
     MEM_OUT,
+    N_MEMORIES,
     CMSLevel,
     Hope,
     HopeConfig,

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -39,10 +40,50 @@ def test_smoke_train_transformer_on_mqar(tmp_path):
     assert s["config"]["data"]["source"] == "mqar" and 0.0 <= s["val_accuracy"] <= 1.0
 
 
-def test_unknown_optimizer_lists_known_names():
-    model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="known names:.*adamw"):
-        train.make_optimizer("no_such_rule", model, 1e-3)
+def _cli_error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(argv)
+    assert exc.value.code == 2  # argparse's usage error, before any work
+    return capsys.readouterr().err
+
+
+def test_wrong_optimizer_is_rejected_by_argparse_listing_only_optimizers(capsys, monkeypatch):
+    # loading data would fail loudly: the rejection must come before it
+    monkeypatch.setattr(train, "DataSource", None)
+    err = _cli_error(capsys, ["--optimizer", "no_such_rule", "--out", "x"])
+    listed = err.split("choose from")[1]
+    assert "adamw" in listed and "dmgd" in listed
+    for not_an_optimizer in ("custom", "reference", "newton_schulz", "Routing", "testing"):
+        assert not_an_optimizer not in listed
+
+
+@pytest.mark.parametrize("opt, message", [
+    ("hiden=32", "hiden: not a hyperparameter of deepopt.dmgd; allowed: .*hidden"),
+    ("inner_lr=-1", "inner_lr"),
+    ("lr=0.1", "lr: not a hyperparameter.*use --lr"),
+    ("novalue", "expected KEY=VALUE"),
+])
+def test_bad_opt_is_a_clear_error_before_any_work(capsys, opt, message):
+    err = _cli_error(capsys, ["--optimizer", "dmgd", "--opt", opt, "--out", "x"])
+    assert re.search(message, err), err
+
+
+def test_opt_values_reach_the_optimizer_and_the_fallback_lr_is_stated():
+    args = train.parse_args(["--optimizer", "dmgd", "--opt", "hidden=4", "--opt", "inner_lr=0.3",
+                             "--lr", "0.05", "--fallback-lr", "0.002", "--out", "x"])
+    spec = train.build_spec(args.optimizer, args.lr, dict(args.opt), args.fallback_lr)
+    model = Hope(hope_config("cpu-tiny", 256))
+    opt, _ = train.make_optimizer(spec, model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            lrs[names[id(p)]] = float(g["lr"]) * g.get("lr_ratio", 1.0)  # the lr it runs at
+    hp = dict(spec.hparams)
+    assert hp["hidden"] == 4 and hp["inner_lr"] == 0.3
+    assert lrs["blocks.0.titans.w_q.weight"] == 0.05  # 2-D hidden weight: the matrix rule
+    for name in ("wte.weight", "blocks.0.titans.mem_w1", "blocks.0.norm.weight"):  # the fallback
+        assert lrs[name] == pytest.approx(0.002), name
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -54,14 +95,14 @@ def test_lr_schedule_warmup_then_cosine():
     assert train.lr_scale_at(mid, 100, 10) == pytest.approx(0.1 + 0.9 * 0.5)
 
 
-@pytest.mark.parametrize("preset", ["cpu-tiny", "gpu-small"])
+@pytest.mark.parametrize("preset", ["cpu-tiny", "cpu-mqar", "gpu-small"])
 def test_transformer_is_parameter_matched(preset):
     hcfg = hope_config(preset, 256)
     tcfg = matched_transformer_config(hcfg)
     with torch.device("meta"):
         n_hope, n_tf = Hope(hcfg).num_params(), Transformer(tcfg).num_params()
     assert abs(n_tf - n_hope) / n_hope < 0.01
-    assert set(PRESETS) == {"cpu-tiny", "gpu-small", "gpu-125m"}
+    assert set(PRESETS) == {"cpu-tiny", "cpu-mqar", "gpu-small", "gpu-125m"}
 
 
 def test_rope_is_a_relative_position_encoding():
@@ -86,23 +127,6 @@ def test_transformer_causality():
         a, b = model(idx)[0], model(changed)[0]
     torch.testing.assert_close(a[:, :6], b[:, :6], rtol=0, atol=1e-12)
     assert (a[:, 6:] - b[:, 6:]).abs().max() > 1e-6
-
-
-def test_standins_only_when_deepopt_lacks_the_name(monkeypatch, capsys):
-    import deepopt
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt, note = train.make_optimizer("adamw", model, 1e-3)
-    assert note.startswith("deepopt.adamw") and not isinstance(opt, torch.optim.AdamW)
-    monkeypatch.delattr(deepopt, "adamw")
-    opt, note = train.make_optimizer("adamw", model, 1e-3)
-    assert isinstance(opt, torch.optim.AdamW) and "STAND-IN" in note
-    assert "STAND-IN" in capsys.readouterr().out
-    monkeypatch.delattr(deepopt, "muon")
-    opt, note = train.make_optimizer("muon", model, 0.02)
-    muon, adamw = opt.opts  # Muon takes exactly the 2-D hidden weight, AdamW the rest
-    assert [p.shape for g in muon.param_groups for p in g["params"]] == [torch.Size([4, 4])]
-    assert sum(p.numel() for g in adamw.param_groups for p in g["params"]) == 4 + 4 + 4
 
 
 @pytest.mark.parametrize("model", ["hope", "transformer"])

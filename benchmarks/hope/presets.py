@@ -22,6 +22,11 @@ PRESETS = {
                    cms_periods=(16, 64), cms_hidden=128),
         train=dict(batch=8, seq_len=128, steps=200, warmup=20, val_batches=8, log_every=5),
     ),
+    "cpu-mqar": dict(
+        model=dict(d_model=64, n_layers=2, n_heads=2, mem_hidden=32, chunk_size=16,
+                   cms_periods=(16, 64), cms_hidden=128),
+        train=dict(batch=32, seq_len=64, steps=400, warmup=20, val_batches=4, log_every=10),
+    ),
     "gpu-small": dict(
         model=dict(d_model=256, n_layers=4, n_heads=4, mem_hidden=64, chunk_size=16,
                    cms_periods=(16, 64, 256), cms_hidden=512),
@@ -59,9 +64,12 @@ def matched_transformer_config(hope_cfg: HopeConfig) -> TransformerConfig:
     return TransformerConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=hope_cfg.n_heads, ffn_hidden=h)
 
 
-def build_model(kind: str, preset: str, vocab_size: int):
-    """-> (model, config dataclass) for kind "hope" or "transformer" (parameter-matched)."""
-    hcfg = hope_config(preset, vocab_size)
+def build_model(kind: str, preset: str, vocab_size: int, **overrides):
+    """-> (model, config dataclass) for kind "hope" or "transformer" (parameter-matched).
+
+    overrides: HopeConfig fields; the Transformer++ is matched to the overridden HOPE.
+    """
+    hcfg = hope_config(preset, vocab_size, **overrides)
     if kind == "hope":
         return Hope(hcfg), hcfg
     if kind == "transformer":

@@ -19,6 +19,8 @@ autocast and `torch.compile` when it compiles (falls back to eager, with a print
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import math
 import os
@@ -33,91 +35,80 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import deepopt
+import torch_backend
+
 from .data import DataSource
 from .presets import DEFAULT_LR, PRESETS, build_model
 
-STANDIN_NAMES = ("adamw", "sgd", "muon")
+# deepopt presets a run can name (`custom` needs a rule, so it is not one)
+OPTIMIZERS = ("adamw", "sgd", "muon", "dmgd", "m3", "delta_momentum")
+# set by the harness, not by --opt
+RESERVED_OPT_KEYS = ("lr", "fallback", "routing")
 
 
 # -----------------------------------------------------------------------------
-# Optimizer: deepopt spec compiled by torch_backend, torch.optim stand-ins until they exist
+# Optimizer: a deepopt spec compiled by torch_backend
 
 
-def _is_matrix_param(name, p):
+def optimizer_names():
+    """The OPTIMIZERS this deepopt provides."""
+    return tuple(n for n in OPTIMIZERS if callable(getattr(deepopt, n, None)))
+
+
+def parse_opt(text):
+    """'key=value' -> (key, value); the value is a Python literal (0.3, 32, (0.9, 0.99), True)
+    or, failing that, a string (`--opt readout=newton_schulz`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"--opt {text!r}: expected KEY=VALUE, e.g. --opt inner_lr=0.3")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def _is_matrix_param(name, shape):
     """2-D hidden weights take matrix rules; embeddings/head (tied), norms, N-D states do not."""
-    return p.ndim == 2 and not name.startswith(("wte.", "lm_head."))
+    return len(shape) == 2 and not name.startswith(("wte.", "lm_head."))
 
 
-def make_optimizer(name: str, model: torch.nn.Module, lr: float):
-    """-> (torch.optim.Optimizer, note). deepopt's spec when it exists, else a torch stand-in."""
+def _to_fallback(name, shape):
+    return not _is_matrix_param(name, shape)
+
+
+def build_spec(name: str, lr: float, opts: dict, fallback_lr: float):
+    """deepopt.<name>(lr, **opts) with HOPE's routing: matrix rules take the 2-D hidden weights;
+    embeddings, norms, biases and the N-D memory states go to AdamW at `fallback_lr` (no decay).
+
+    Raises ValueError naming what was wrong: an unknown optimizer, a key that is not one of the
+    builder's hyperparameters, or a value the builder's own validation rejects.
+    """
+    if name not in optimizer_names():
+        raise ValueError(f"unknown optimizer {name!r}: expected one of {', '.join(optimizer_names())}")
+    builder = getattr(deepopt, name)
+    params = inspect.signature(builder).parameters
+    allowed = [k for k in params if k not in RESERVED_OPT_KEYS]
+    bad = [k for k in opts if k not in allowed]
+    if bad:
+        raise ValueError(f"--opt {', '.join(bad)}: not a hyperparameter of deepopt.{name}; "
+                         f"allowed: {', '.join(allowed)} (lr: use --lr, fallback lr: --fallback-lr)")
+    kwargs = dict(opts, lr=lr)
+    if "routing" in params:
+        kwargs["routing"] = deepopt.Routing(fallback_patterns=(r"^wte\.", r"^lm_head\."), fallback_if=_to_fallback)
+    if "fallback" in params:
+        kwargs["fallback"] = deepopt.adamw(lr=fallback_lr, weight_decay=0.0)
     try:
-        import deepopt
-    except ImportError:
-        deepopt = None
-    try:
-        import torch_backend
-    except ImportError:
-        torch_backend = None
-    builder = getattr(deepopt, name, None) if deepopt is not None else None
-    compile_fn = getattr(torch_backend, "compile", None) if torch_backend is not None else None
-    if callable(builder) and callable(compile_fn):
-        kwargs = dict(lr=lr)
-        routing_cls = getattr(deepopt, "Routing", None)
-        if routing_cls is not None and "routing" in _parameters(builder):
-            # matrix rules on 2-D hidden weights only (same split as the torch stand-in)
-            kwargs["routing"] = routing_cls(
-                fallback_patterns=(r"^wte\.", r"^lm_head\."), fallback_if=lambda n, shape: len(shape) != 2)
-        if "fallback" in _parameters(builder) and name != "adamw" and hasattr(deepopt, "adamw"):
-            # element-wise params at AdamW's own lr, not the matrix rule's (as the stand-in)
-            kwargs["fallback"] = deepopt.adamw(lr=DEFAULT_LR["adamw"], weight_decay=0.0)
-        spec = builder(**kwargs)
-        return compile_fn(spec, model.named_parameters()), f"deepopt.{name} via torch_backend.compile"
-    if name not in STANDIN_NAMES:
-        known = sorted(set(STANDIN_NAMES) | {n for n in dir(deepopt or object) if _is_builder(deepopt, n)})
-        raise ValueError(f"unknown optimizer {name!r}: neither deepopt nor the torch stand-ins have it; "
-                         f"known names: {', '.join(known)}")
-    missing = "deepopt." + name if builder is None else "torch_backend.compile"
-    note = f"STAND-IN: {missing} is not available; using torch.optim for {name!r}"
-    print(note, flush=True)
-    params = list(model.named_parameters())
-    if name == "adamw":
-        return torch.optim.AdamW([p for _, p in params], lr=lr), note
-    if name == "sgd":
-        return torch.optim.SGD([p for _, p in params], lr=lr, momentum=0.9), note
-    matrix = [p for n, p in params if _is_matrix_param(n, p)]
-    other = [p for n, p in params if not _is_matrix_param(n, p)]
-    return _Chained([torch.optim.Muon(matrix, lr=lr), torch.optim.AdamW(other, lr=3e-3)]), note + \
-        " (torch.optim.Muon on 2-D hidden weights, AdamW lr 3e-3 on the rest)"
+        return builder(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"deepopt.{name}(lr={lr}, {', '.join(f'{k}={v!r}' for k, v in opts.items())}): {e}") from None
 
 
-def _parameters(fn):
-    import inspect
-
-    try:
-        return inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return {}
-
-
-def _is_builder(mod, n):
-    return not n.startswith("_") and n.islower() and callable(getattr(mod, n))
-
-
-class _Chained(torch.optim.Optimizer):
-    """Two optimizers stepped together (Muon + AdamW fallback stand-in)."""
-
-    def __init__(self, opts):
-        self.opts = opts
-        self.param_groups = [g for o in opts for g in o.param_groups]
-        self.defaults, self.state = {}, {}
-
-    def step(self, closure=None):
-        for o in self.opts:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.opts:
-            o.zero_grad(set_to_none=set_to_none)
+def make_optimizer(spec, model: torch.nn.Module):
+    """-> (torch.optim.Optimizer, a one-line description) for a spec from `build_spec`."""
+    opt = torch_backend.compile(spec, model.named_parameters())
+    return opt, f"deepopt.{spec.name} via torch_backend.compile"
 
 
 def set_lr(opt, lr_scale, base_lrs):
@@ -142,7 +133,7 @@ def lr_scale_at(step, steps, warmup):
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast):
-    """Mean loss over every supervised unit of the fixed val batches, and answer accuracy."""
+    """-> (mean loss over every supervised unit of the fixed val batches, accuracy, units)."""
     model.eval()
     total, count, correct = 0.0, 0, 0
     for x, y in batches:
@@ -155,7 +146,36 @@ def evaluate(model, batches, device, autocast):
         correct += (logits.argmax(-1) == y[mask]).sum().item()
         count += int(mask.sum())
     model.train()
-    return total / count, correct / count
+    return total / count, correct / count, count
+
+
+@torch.no_grad()
+def memory_stats(model, batches, device, autocast):
+    """Per Titans layer over the val batches: M_memory's retention α (mean, 5th percentile),
+    the fraction of tokens whose η sits at its cap, and the end-of-sequence state-norm ratio
+    ‖φ_T‖ / ‖φ₀‖ of M_memory (mean over sequences and heads; 1 = unchanged, 0 = erased)."""
+    model.eval()
+    model.record_memory_stats(True)
+    per_layer = [dict(alpha=[], eta_at_cap=[], eta=[], state_norm_ratio=[]) for _ in model.blocks]
+    for x, _ in batches:
+        with autocast():
+            model(x.to(device))
+        for acc, block in zip(per_layer, model.blocks):
+            for key, value in (block.titans.stats or {}).items():
+                acc[key].append(value.cpu())
+    model.record_memory_stats(False)
+    model.train()
+    out = []
+    for acc in per_layer:
+        if not acc["alpha"]:
+            out.append(None)
+            continue
+        alpha, ratio = torch.cat(acc["alpha"]).double(), torch.cat(acc["state_norm_ratio"]).double()
+        out.append(dict(alpha_mean=alpha.mean().item(), alpha_p05=torch.quantile(alpha, 0.05).item(),
+                        eta_mean=torch.cat(acc["eta"]).double().mean().item(),
+                        eta_at_cap=torch.cat(acc["eta_at_cap"]).double().mean().item(),
+                        state_norm_ratio=ratio.mean().item()))
+    return out
 
 
 def git_sha():
@@ -170,11 +190,11 @@ def git_sha():
 
 def versions():
     out = dict(python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__)
-    for mod in ("deepopt", "torch_backend", "tqdm"):
-        try:
-            out[mod] = getattr(__import__(mod), "__version__", "present")
-        except ImportError:
-            out[mod] = None
+    out["deepopt"] = getattr(deepopt, "__version__", "unknown")
+    try:
+        out["tqdm"] = __import__("tqdm").__version__
+    except ImportError:
+        out["tqdm"] = None
     return out
 
 
@@ -198,11 +218,21 @@ def peak_memory(device):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.hope.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("hope", "transformer"), default="hope")
-    ap.add_argument("--optimizer", default="adamw", help="a deepopt preset name (adamw, muon, dmgd, ...)")
+    ap.add_argument("--optimizer", choices=optimizer_names(), default="adamw", help="a deepopt preset")
     ap.add_argument("--preset", choices=tuple(PRESETS), default="cpu-tiny")
     ap.add_argument("--steps", type=int, default=None, help="default: the preset's")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--lr", type=float, default=None, help="peak lr (default per optimizer)")
+    ap.add_argument("--lr", type=float, default=None, help="peak lr (default: presets.DEFAULT_LR)")
+    ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", type=parse_opt,
+                    help="any hyperparameter of the deepopt preset, e.g. --opt hidden=32 --opt inner_lr=0.3 "
+                         "(repeatable; validated by the preset before any work)")
+    ap.add_argument("--fallback-lr", type=float, default=None,
+                    help="AdamW lr of the parameters a matrix rule does not take (embeddings, norms, memory "
+                         "states) for muon, dmgd, m3, ... (default: presets.DEFAULT_LR['adamw'])")
+    ap.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE", type=_model_opt,
+                    help="override a HOPE config field, e.g. --model-opt generator_writes=off (repeatable)")
+    ap.add_argument("--train-writes", choices=("on", "off"), default="on",
+                    help="off: static HOPE (no in-context writes in training or evaluation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", choices=("stdlib", "mqar", "file"), default="stdlib")
     ap.add_argument("--data-path", default=None, help="text file for --data file")
@@ -217,7 +247,46 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--warm", type=int, default=3, help="steps left out of tokens/s")
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    args.fallback_lr = args.fallback_lr if args.fallback_lr is not None else DEFAULT_LR["adamw"]
+    try:  # the preset's own validation, before any data is loaded
+        build_spec(args.optimizer, args.lr, dict(args.opt), args.fallback_lr)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def _model_opt(text):
+    """'key=value' -> (key, value) typed like HopeConfig's field; a clear error otherwise."""
+    from dataclasses import fields
+
+    from .model import HopeConfig
+
+    key, sep, raw = text.partition("=")
+    types = {f.name: f.type for f in fields(HopeConfig)}
+    if not sep or key not in types:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+    kind = str(types[key])
+    try:
+        if raw.lower() == "none" and "None" in kind:
+            value = None
+        elif kind.startswith("bool"):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            value = raw.lower() in ("true", "1")
+        elif kind.startswith("int"):
+            value = int(raw)
+        elif kind.startswith("float"):
+            value = float(raw)
+        elif kind.startswith("tuple"):
+            value = tuple(int(p) for p in raw.split(","))
+        else:
+            value = raw
+        HopeConfig(**{key: value})  # the config's own validation
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"--model-opt {text!r}: {e}") from None
+    return key, value
 
 
 def run(args):
@@ -225,7 +294,7 @@ def run(args):
     steps = args.steps if args.steps is not None else preset["steps"]
     batch = args.batch or preset["batch"]
     seq_len = args.seq_len or preset["seq_len"]
-    lr = args.lr if args.lr is not None else DEFAULT_LR.get(args.optimizer, 1e-3)
+    lr = args.lr
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -236,10 +305,15 @@ def run(args):
 
     data = DataSource(args.data, seq_len, batch, path=args.data_path, mqar_vocab=args.mqar_vocab,
                       mqar_pairs=args.mqar_pairs, val_batches=preset["val_batches"], seed=args.seed)
-    model, model_cfg = build_model(args.model, args.preset, data.vocab_size)
+    model, model_cfg = build_model(args.model, args.preset, data.vocab_size, **dict(args.model_opt))
     model.to(device)
+    if args.train_writes == "off":
+        if args.model != "hope":
+            raise ValueError("--train-writes off applies to --model hope")
+        model.set_writes(False)
     n_params = model.num_params()
-    opt, opt_note = make_optimizer(args.optimizer, model, lr)
+    spec = build_spec(args.optimizer, lr, dict(args.opt), args.fallback_lr)
+    opt, opt_note = make_optimizer(spec, model)
     base_lrs = [float(g["lr"]) for g in opt.param_groups]
 
     use_cuda = device.type == "cuda"
@@ -309,19 +383,32 @@ def run(args):
                        elapsed_s=now - t_start)
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tps:,.0f}", refresh=interactive)
+            if hasattr(bar, "set_postfix") and time_timed > 0:  # the summary's tokens/s, so far
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_timed / time_timed:,.0f}",
+                                refresh=interactive)
     metrics.close()
     train_time = time.perf_counter() - t_start
 
-    val_loss, val_acc = evaluate(fwd if not compiled else model, data.val_batches, device, autocast)
+    val_loss, val_acc, val_tokens = evaluate(model, data.val_batches, device, autocast)
+    diagnostics = {}
+    if args.model == "hope":  # the same trained model with every in-context write switched off
+        model.set_writes(False)
+        off_loss, off_acc, _ = evaluate(model, data.val_batches, device, autocast)
+        model.set_writes(args.train_writes == "on")
+        diagnostics = dict(val_loss_writes_off=off_loss, val_bpb_writes_off=off_loss / math.log(2),
+                           val_accuracy_writes_off=off_acc,
+                           memory_stats=memory_stats(model, data.val_batches, device, autocast))
     tps = tokens_timed / time_timed if time_timed > 0 else float("nan")
     summary = dict(
         model=args.model, optimizer=args.optimizer, optimizer_impl=opt_note, preset=args.preset,
         final_train_loss=float(np.mean(losses[-10:])), val_loss=val_loss, val_bpb=val_loss / math.log(2),
-        val_unit=data.unit, val_accuracy=val_acc, tokens_per_s=tps, params=n_params,
+        val_unit=data.unit, val_accuracy=val_acc, val_tokens=val_tokens, **diagnostics,
+        tokens_per_s=tps, params=n_params,
         peak_memory_bytes=peak_memory(device), steps=steps, train_time_s=train_time,
-        config=dict(args=vars(args), steps=steps, batch=batch, seq_len=seq_len, lr=lr,
+        config=dict(args=_plain(vars(args)), steps=steps, batch=batch, seq_len=seq_len, lr=lr,
+                    optimizer=dict(name=args.optimizer, lr=lr, opts=_plain(dict(args.opt)),
+                                   fallback_lr=args.fallback_lr if spec.fallback is not None else None,
+                                   group_lrs=base_lrs),
                     warmup=preset["warmup"], grad_clip=1.0, compiled=compiled, bf16_autocast=use_amp,
                     autocast="bf16" if use_cuda else None, model=_plain(asdict(model_cfg)), data=data.meta),
         git_sha=git_sha(), versions=versions(), device=device_info(device),
@@ -330,7 +417,9 @@ def run(args):
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"{args.model}+{args.optimizer}: val_loss {val_loss:.4f}  val_bpb {summary['val_bpb']:.4f}  "
+    off = (f" (writes off {diagnostics['val_bpb_writes_off']:.4f}, acc {val_acc:.3f} / "
+           f"{diagnostics['val_accuracy_writes_off']:.3f})") if diagnostics else f" (acc {val_acc:.3f})"
+    print(f"{args.model}+{args.optimizer}: val_loss {val_loss:.4f}  val_bpb {summary['val_bpb']:.4f}{off}  "
           f"tokens/s {tps:,.0f}  params {n_params:,}  -> {out / 'summary.json'}", flush=True)
     return summary
 
