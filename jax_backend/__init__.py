@@ -14,6 +14,7 @@ from jax_backend._multiscale import scale_by_multiscale_memory as scale_by_multi
 from jax_backend._newton_schulz import newton_schulz as newton_schulz
 from jax_backend._routing import param_labels as param_labels
 from jax_backend._routing import path_name as path_name
+from jax_backend._stats import memory_stats as memory_stats
 from jax_backend._trajectory import run_trajectory as run_trajectory
 from jax_backend._transforms import LinearMemoryState as LinearMemoryState
 from jax_backend._transforms import MatrixView as MatrixView
@@ -25,7 +26,7 @@ from jax_backend._transforms import scale_by_shape as scale_by_shape
 
 __all__ = [
     "DeepMemoryState", "LinearMemoryState", "MatrixView", "MultiScaleState", "SecondMomentState",
-    "compile", "newton_schulz", "param_labels", "path_name", "run_trajectory",
+    "compile", "memory_stats", "newton_schulz", "param_labels", "path_name", "run_trajectory",
     "scale_by_deep_memory", "scale_by_linear_memory", "scale_by_multiscale_memory",
     "scale_by_readout", "scale_by_second_moment", "scale_by_shape",
 ]

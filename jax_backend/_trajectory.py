@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -13,6 +14,20 @@ from deepopt import Spec
 from jax_backend._compile import compile
 
 _DTYPES = ("float64", "float32")
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_step(spec: Spec, layout: str):
+    """``compile(spec)`` and its jitted step, shared by runs of the same (hashable) spec, so a
+    test that replays one spec on many streams traces once per leaf structure and dtype."""
+    tx = compile(spec, layout=layout)
+
+    @jax.jit
+    def step(p, g, state):
+        updates, state = tx.update(g, state, p)
+        return optax.apply_updates(p, updates), state
+
+    return tx, step
 
 
 def run_trajectory(spec: Spec, params: Mapping[str, np.ndarray],
@@ -42,13 +57,7 @@ def run_trajectory(spec: Spec, params: Mapping[str, np.ndarray],
         raise ValueError(f"dtype={dtype!r} is invalid: expected one of {_DTYPES}")
     if dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    tx = compile(spec, layout=layout)
-
-    @jax.jit
-    def step(p, g, state):
-        updates, state = tx.update(g, state, p)
-        return optax.apply_updates(p, updates), state
-
+    tx, step = _jitted_step(spec, layout)
     current = {n: {n: jnp.asarray(np.asarray(p), dtype=dtype)} for n, p in params.items()}
     states = {n: tx.init(leaf) for n, leaf in current.items()}
     out = []

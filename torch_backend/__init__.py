@@ -6,6 +6,7 @@
 from torch_backend._newton_schulz import newton_schulz as newton_schulz
 from torch_backend._optimizer import DeepOptimizer as DeepOptimizer
 from torch_backend._optimizer import compile as compile
+from torch_backend._stats import memory_stats as memory_stats
 from torch_backend._trajectory import run_trajectory as run_trajectory
 
-__all__ = ["DeepOptimizer", "compile", "newton_schulz", "run_trajectory"]
+__all__ = ["DeepOptimizer", "compile", "memory_stats", "newton_schulz", "run_trajectory"]

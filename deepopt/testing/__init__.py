@@ -7,15 +7,16 @@ specs and your own implementations the same way. Two modules, both re-exported h
   backends that use them). **Checks** a user calls on a spec: :func:`assert_backends_agree`
   (every backend gives the same parameters after every step), :func:`assert_reduces_to` (two
   specs give the same trajectory), :func:`assert_descends` (a small step decreases a convex
-  quadratic) and :func:`assert_newton_schulz_invariants` (the read-out map is odd,
+  quadratic), :func:`assert_scale_stable` (finite for gradient streams from 1e-6 to 1e6, on
+  the backends you choose) and :func:`assert_newton_schulz_invariants` (the read-out map is odd,
   scale-invariant and acts on singular values as its scalar polynomial). **Oracles**:
   :func:`polar_factor` (the exact ``U Vᵀ``), :func:`reference_trajectory` and
   :func:`scalar_newton_schulz` (the polynomial composition Newton–Schulz applies to each
   singular value).
 - :mod:`deepopt.testing.strategies` needs hypothesis. **Strategies** that draw what an
   optimizer consumes: :func:`shapes`, :func:`matrix_shapes`, :func:`named_params`,
-  :func:`gradient_streams`, :func:`problems` and :func:`specs`. They are loaded on first use,
-  so ``from deepopt import testing`` and every check work without hypothesis installed.
+  :func:`gradient_streams`, :func:`gradient_scales`, :func:`problems` and :func:`specs`. They
+  are loaded on first use, so ``from deepopt import testing`` and every check work without hypothesis installed.
 
 A backend is the string ``"reference"``, ``"torch"`` or ``"jax"``, or any callable
 ``run_trajectory(spec, params, grads_stream) -> list[dict[str, np.ndarray]]`` returning the
@@ -53,6 +54,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from deepopt.testing.checks import DEFAULT_SCALES as DEFAULT_SCALES
 from deepopt.testing.checks import Backend as Backend
 from deepopt.testing.checks import ConvexQuadratic as ConvexQuadratic
 from deepopt.testing.checks import Params as Params
@@ -62,19 +64,23 @@ from deepopt.testing.checks import assert_backends_agree as assert_backends_agre
 from deepopt.testing.checks import assert_descends as assert_descends
 from deepopt.testing.checks import assert_newton_schulz_invariants as assert_newton_schulz_invariants
 from deepopt.testing.checks import assert_reduces_to as assert_reduces_to
+from deepopt.testing.checks import assert_scale_stable as assert_scale_stable
 from deepopt.testing.checks import polar_factor as polar_factor
 from deepopt.testing.checks import reference_trajectory as reference_trajectory
 from deepopt.testing.checks import resolve_backend as resolve_backend
 from deepopt.testing.checks import run_backend as run_backend
 from deepopt.testing.checks import scalar_newton_schulz as scalar_newton_schulz
+from deepopt.testing.checks import scale_problem as scale_problem
 
-_STRATEGIES = ("gradient_streams", "matrix_shapes", "named_params", "problems", "shapes", "specs")
+_STRATEGIES = ("gradient_scales", "gradient_streams", "matrix_shapes", "named_params", "problems", "shapes",
+               "specs")
 
 __all__ = [
-    "ConvexQuadratic", "assert_backends_agree", "assert_descends", "assert_newton_schulz_invariants",
-    "assert_reduces_to", "gradient_streams", "matrix_shapes", "named_params", "polar_factor",
+    "DEFAULT_SCALES", "ConvexQuadratic", "assert_backends_agree", "assert_descends",
+    "assert_newton_schulz_invariants", "assert_reduces_to", "assert_scale_stable", "gradient_scales",
+    "gradient_streams", "matrix_shapes", "named_params", "polar_factor",
     "problems", "reference_trajectory", "resolve_backend", "run_backend", "scalar_newton_schulz",
-    "shapes", "specs",
+    "scale_problem", "shapes", "specs",
 ]
 
 

@@ -6,8 +6,8 @@ re-exported by :mod:`deepopt.testing`.
 
 - **Backends**: :func:`reference_trajectory`, :func:`resolve_backend`, :func:`run_backend`.
 - **Checks**: :func:`assert_backends_agree`, :func:`assert_reduces_to`,
-  :func:`assert_descends` (on a :class:`ConvexQuadratic`) and
-  :func:`assert_newton_schulz_invariants`.
+  :func:`assert_descends` (on a :class:`ConvexQuadratic`), :func:`assert_scale_stable` (on
+  :func:`scale_problem`) and :func:`assert_newton_schulz_invariants`.
 - **Oracles**: :func:`polar_factor` and :func:`scalar_newton_schulz`.
 """
 
@@ -32,8 +32,9 @@ RunTrajectory = Callable[[Spec, Mapping[str, np.ndarray], Sequence[Mapping[str, 
 Backend = Union[str, RunTrajectory, tuple[str, RunTrajectory]]
 
 __all__ = [
-    "Backend", "ConvexQuadratic", "Params", "RunTrajectory", "Trajectory", "assert_backends_agree",
-    "assert_descends", "assert_newton_schulz_invariants", "assert_reduces_to", "polar_factor",
+    "DEFAULT_SCALES", "Backend", "ConvexQuadratic", "Params", "RunTrajectory", "Trajectory",
+    "assert_backends_agree", "assert_descends", "assert_newton_schulz_invariants",
+    "assert_reduces_to", "assert_scale_stable", "polar_factor", "scale_problem",
     "reference_trajectory", "resolve_backend", "run_backend", "scalar_newton_schulz",
 ]
 
@@ -298,6 +299,86 @@ def assert_descends(spec: Spec, *, dim: int = 8, rows: int = 4, steps: int = 50,
         raise AssertionError(f"{where}: a late loss exceeds the initial loss {losses[0]:.4g}: "
                              f"last {last} losses {late}")
     return losses
+
+
+# ============================================================================================
+# Scale stability
+# ============================================================================================
+
+#: Gradient scales of :func:`assert_scale_stable`: twelve decades around 1.
+DEFAULT_SCALES = (1e-6, 1e-3, 1.0, 30.0, 1e3, 1e6)
+
+
+def scale_problem(steps: int = 20, seed: int = 0) -> tuple[Params, list[Params]]:
+    """A unit-scale problem for :func:`assert_scale_stable`: a 12×8 matrix, a (6, 3, 2) conv-like
+    kernel and an 8-vector, and ``steps`` gradients of standard-normal entries, one step ×10
+    (a spike) and one ×0.1 (a lull), so that normalisers see the scale move."""
+    rng = np.random.default_rng(seed)
+    shapes = {"weight": (12, 8), "conv": (6, 3, 2), "bias": (8,)}
+    params = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
+    factors = np.ones(steps)
+    factors[steps // 3] = 10.0
+    factors[(2 * steps) // 3] = 0.1
+    stream = [{name: c * rng.standard_normal(shape) for name, shape in shapes.items()} for c in factors]
+    return params, stream
+
+
+def assert_scale_stable(spec: Spec, params: Mapping[str, np.ndarray] | None = None,
+                        grads_stream: Sequence[Mapping[str, np.ndarray]] | None = None, *,
+                        scales: Sequence[float] = DEFAULT_SCALES,
+                        backends: Sequence[Backend] = ("reference",), dtype: str = "float32",
+                        steps: int = 20, seed: int = 0) -> dict[float, float]:
+    """Every parameter stays finite when the gradient stream is multiplied by each of ``scales``.
+
+    Runs ``spec`` on ``c · grads_stream`` for every ``c`` in ``scales`` (default 1e-6 … 1e6) and
+    every backend (``"reference"`` in float64; ``"torch"`` and ``"jax"`` in ``dtype``, float32 by
+    default, where overflow bites first; or any ``run_trajectory`` callable), and asserts that
+    the parameters are finite after every step. Without ``params``/``grads_stream`` it uses
+    :func:`scale_problem` (``steps`` gradients, seeded by ``seed``). The stream does not depend
+    on the parameters, so what is tested is the rule, not a training loop's feedback.
+
+    Returns ``{c: max |W_t − W_0|}`` over the run on the first backend — how far the rule moves
+    the parameters at each scale (a rule homogeneous of degree d in the gradient moves them
+    ``∝ c^d``).
+
+    >>> import deepopt
+    >>> from deepopt import testing
+    >>> moved = testing.assert_scale_stable(deepopt.dmgd(lr=0.02), scales=(1e-6, 1.0, 1e6))
+    >>> sorted(moved) == [1e-6, 1.0, 1e6]
+    True
+    """
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} is invalid: allowed 'float32', 'float64'")
+    if not scales or not all(isinstance(c, (int, float)) and math.isfinite(c) and c > 0 for c in scales):
+        raise ValueError(f"scales={scales!r} is invalid: expected positive finite numbers")
+    if (params is None) != (grads_stream is None):
+        raise ValueError("pass both params and grads_stream, or neither (then scale_problem is used)")
+    if params is None:
+        params, grads_stream = scale_problem(steps, seed)
+    modules = {"torch": "torch_backend", "jax": "jax_backend"}
+    runners = []
+    for backend in backends:
+        if backend in modules:
+            extra = {"layout": "torch"} if backend == "jax" else {}
+            runners.append((backend, _module_backend(modules[backend], dtype=dtype, **extra)))
+        else:
+            runners.append(resolve_backend(backend))
+    moved: dict[float, float] = {}
+    for c in scales:
+        stream = [{k: None if g is None else c * np.asarray(g, dtype=np.float64) for k, g in grads.items()}
+                  for grads in grads_stream]
+        for i, (label, fn) in enumerate(runners):
+            traj = run_backend((label, fn), spec, params, stream)
+            for t, step in enumerate(traj, 1):
+                bad = [k for k, v in step.items() if not np.all(np.isfinite(v))]
+                if bad:
+                    raise AssertionError(
+                        f"{_spec_label(spec)} on backend {label} went non-finite at gradient scale "
+                        f"{c:g}, step {t} of {len(traj)}, parameter(s) {bad}")
+            if i == 0:
+                moved[c] = max(float(np.max(np.abs(traj[-1][k] - np.asarray(params[k])), initial=0.0))
+                               for k in params)
+    return moved
 
 
 # ============================================================================================

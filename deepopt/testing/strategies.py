@@ -8,6 +8,7 @@ the presets with well-conditioned hyperparameters). Needs hypothesis; the checks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 
 from deepopt._presets import adamw, delta_momentum, dmgd, m3, muon, sgd
 
-__all__ = ["gradient_streams", "matrix_shapes", "named_params", "problems", "shapes", "specs"]
+__all__ = ["gradient_scales", "gradient_streams", "matrix_shapes", "named_params", "problems", "shapes",
+           "specs"]
 
 _SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 
@@ -110,6 +112,25 @@ def gradient_streams(shapes_or_params: Mapping[str, Any], steps: int | tuple[int
                 for c in factors]
 
     return stream()
+
+
+def gradient_scales(low: float = 1e-6, high: float = 1e6, *, powers_of_two: bool = False):
+    """Positive gradient scales, log-uniform in ``[low, high]``.
+
+    With ``powers_of_two`` they are exact powers of two in that range: multiplying by one is
+    exact in floating point, so a rule homogeneous of degree d in the gradient must give
+    *bit-identical* results up to the factor ``c^d`` (see ``tests/test_scale_stability.py``).
+
+    >>> from deepopt import testing
+    >>> 1e-6 <= testing.gradient_scales().example() <= 1e6
+    True
+    """
+    if not 0 < low <= high < float("inf"):
+        raise ValueError(f"low={low!r}, high={high!r} are invalid: expected 0 < low ≤ high < inf")
+    lo, hi = math.log2(low), math.log2(high)
+    if powers_of_two:
+        return st.integers(math.ceil(lo), math.floor(hi)).map(lambda k: 2.0**k)
+    return st.floats(lo, hi).map(lambda e: float(2.0**e))
 
 
 def problems(steps: int | tuple[int, int] = (1, 8), *, min_params: int = 1, max_params: int = 4,
