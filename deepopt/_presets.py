@@ -381,28 +381,36 @@ def dmgd(
 ) -> Spec:
     r"""Deep Momentum Gradient Descent: the momentum is an MLP memory trained online.
 
-    Symbols: γ = ``lr``, α = ``momentum`` (retention of every memory weight), η = ``inner_lr``,
-    h = ``hidden``, λ = ``weight_decay``. Memory ``M_φ(q) = S + W₂ σ(W₁ q)`` per row q of the
-    parameter's matrix view (``S``: m×n, ``W₁``: h×n, ``W₂``: n×h shared by the rows; σ = SiLU).
+    Symbols: γ = ``lr``, α = ``momentum`` (retention of S and W₂), η = ``inner_lr``,
+    h = ``hidden``, λ = ``weight_decay``. Memory ``M_φ(q) = S + ν W₂ σ(W₁ q)`` per row q of the
+    parameter's matrix view (``S``: m×n, ``W₁``: h×n, ``W₂``: n×h shared by the rows; σ = SiLU;
+    ν the value scale, so the MLP reads in units of the gradient's size).
 
-    Initial state: ``S = 0``, ``W₂ = 0`` (starts as plain momentum), ``W₁ ~ N(0, 1/n)`` seeded by
-    ``seed`` and the parameter's name — identical on torch and JAX.
+    Initial state: ``S = 0``, ``W₂ = 0`` (starts as plain momentum), ``ν = 0``, ``W₁ ~ N(0, 1)``
+    seeded by ``seed`` and the parameter's name — identical on torch and JAX.
 
-    Update at step t (MATH §5; NL eq. 50 gives only ``W ← W + m(u)``, ``m ← αm − η∇ℓ(m; u)``)::
+    Update at step t (docs/math.md §5; NL eq. 50 gives only ``W ← W + m(u)``, ``m ← αm − η∇ℓ(m; u)``)::
 
         Ĝ = G with each row divided by its norm;  K = Q = Ĝ  (keys="previous": K = Ĝ_{t−1})
-        V = P(G)                                              values: identity or adam (MATH §3)
-        H = σ(K W₁ᵀ), F = H W₂ᵀ
+        V = P(G)                                              values: identity or adam
+        ν = max(β ν, ‖V‖_F/√m)                               β = |α − η| (l2), α (dot)
+        H = σ(K W₁ᵀ), F = ν H W₂ᵀ
         E = −η V  (dot)   or   η (S + F − V)  (l2)            ∂ℓ/∂M(k_r), row by row
-        S ← α S − E
-        W₂ ← α W₂ − Eᵀ H / m                                 row-mean for the shared θ
-        W₁ ← α W₁ − [(E W₂) ⊙ σ'(K W₁ᵀ)]ᵀ K / m
-        D = S + σ(Q W₁ᵀ) W₂ᵀ ;  D̃ = D  or  α D + η V         read at φ_t (Nesterov)
+        S ← α S − E ;  Ê = E / ν                              θ trains on unit-scale errors
+        W₂ ← α W₂ − ρ₂ Êᵀ H / m                               ρ₂ = 1/(1 + η‖H‖²/m)
+        W₁ ←   W₁ − ρ₁ [(Ê W₂) ⊙ σ'(K W₁ᵀ)]ᵀ K / m           ρ₁ = 1/(1 + 1.21 η‖W₂‖²)
+        D = S + ν σ(Q W₁ᵀ) W₂ᵀ ;  D̃ = D  or  α D + η V        read at φ_t (Nesterov)
         W ← W − γ λ W − γ s(W) σ_out(D̃)                       decoupled decay
+
+    Scale: the update is exactly homogeneous in the gradient — degree 1 (like SGD momentum:
+    the lr depends on the gradient's scale) with identity values and read-out, degree 0 (like
+    Adam / Muon: the lr transfers) with ``values="adam"`` or a ``"sign"`` / ``"newton_schulz"``
+    read-out — and finite for gradients of any scale (``deepopt.testing.assert_scale_stable``).
+    ``torch_backend.memory_stats`` / ``jax_backend.memory_stats`` show what the MLP contributes.
 
     Args:
       lr: learning rate γ.
-      momentum: retention α in [0, 1] of S, W₁, W₂ (1: no retention loss).
+      momentum: retention α in [0, 1] of S and W₂ (1: no retention loss; W₁ is not decayed).
       inner_lr: η ≥ 0; with ``objective="l2"`` at most 1 + α.
       hidden: MLP width h ≥ 0; 0 means no MLP (a linear memory).
       objective: ``"l2"`` (regression: the memory forgets what it mispredicts; with
