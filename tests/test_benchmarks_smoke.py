@@ -1,8 +1,10 @@
-"""Smoke tests (STYLE.md §14): each benchmark's ``--quick`` mode, shrunk further by the hidden
-``--tiny`` size, runs as a module and writes well-formed JSON — expected keys, finite numbers,
-one row per optimizer. The numbers themselves are never asserted.
+"""Smoke tests: each benchmark's ``--quick`` mode, shrunk further by the hidden ``--tiny``
+size, runs as a module from the repository root and writes well-formed JSON — expected keys,
+finite numbers, one row per deepopt preset, provenance. The numbers themselves are never
+asserted.
 
-The three benchmarks start together (a module fixture) so the file stays well under a minute.
+The benchmarks start together (a module fixture) so the file stays well under a minute. The
+whole main job (HOPE included) is behind the ``slow`` marker: ``python -m pytest -q -m slow``.
 """
 
 from __future__ import annotations
@@ -16,14 +18,28 @@ from pathlib import Path
 
 import pytest
 
+import deepopt
+
 REPO = Path(__file__).resolve().parent.parent
-OPTIMIZERS = ("sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3")
-BENCHMARKS = {
-    "step_cost": ["--quick", "--tiny", "--threads", "1"],
-    "convergence": ["--quick", "--tiny"],
-    "dmgd_defaults": ["--quick", "--tiny"],
+BENCHMARKS = {   # module -> (arguments, the JSON file it writes under --out)
+    "step_cost": (["--quick", "--tiny", "--threads", "1"], "step_cost.json"),
+    "convergence": (["--quick", "--tiny"], "convergence.json"),
+    "dmgd_defaults": (["--quick", "--tiny"], "dmgd_defaults.json"),
+    "main": (["--quick", "--skip-hope"], "compare/compare.json"),
 }
 TIMEOUT_S = 150
+
+
+@pytest.fixture(scope="module")
+def optimizers(spec_table):
+    """Every preset constructor of the shared spec table (a custom rule is not a benchmark row)."""
+    return sorted({make().name for make in spec_table.values()} - {"custom"})
+
+
+def _env():
+    """The benchmarks run from the repository root, which is not installed: put it on the path."""
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                MPLBACKEND="Agg")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +47,11 @@ def results(tmp_path_factory):
     """Run every benchmark (in parallel) once; {name: (returncode, output, parsed JSON or None)}."""
     pytest.importorskip("torch")
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MPLBACKEND="Agg")
     procs = {name: subprocess.Popen([sys.executable, "-m", f"benchmarks.{name}", *args,
                                      "--out", str(out / name)],
-                                    cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
-             for name, args in BENCHMARKS.items()}
+             for name, (args, _) in BENCHMARKS.items()}
     done = {}
     for name, p in procs.items():
         try:
@@ -45,7 +59,7 @@ def results(tmp_path_factory):
         except subprocess.TimeoutExpired:
             p.kill()
             text, _ = p.communicate()
-        path = out / name / f"{name}.json"
+        path = out / name / BENCHMARKS[name][1]
         done[name] = (p.returncode, text, json.loads(path.read_text()) if path.exists() else None, out / name)
     return done
 
@@ -72,11 +86,12 @@ def _assert_finite_numbers(obj, path="$"):
 def _assert_environment(env):
     for key in ("git_sha", "command", "date_utc", "versions", "device", "device_name", "python"):
         assert key in env, key
-    assert env["versions"]["torch"]
+    assert env["versions"]["torch"] and env["versions"]["jax"]
+    assert env["versions"]["deepopt"] == deepopt.__version__
     assert env["command"].startswith("python -m benchmarks.")
 
 
-def test_smoke_step_cost(results):
+def test_smoke_step_cost(results, optimizers):
     data, _ = _get(results, "step_cost")
     assert data["benchmark"] == "step_cost"
     _assert_environment(data["environment"])
@@ -85,25 +100,22 @@ def test_smoke_step_cost(results):
     pairs = data["pairs"]
     for backend in ("torch", "jax"):
         specs = [p["spec"] for p in pairs if p["backend"] == backend]
-        assert sorted(specs) == sorted(OPTIMIZERS), (backend, specs)      # one row per optimizer
-    for p in pairs:
-        assert p["status"] in ("ok", "unsupported", "error")
-        if p["status"] == "ok":
-            assert p["deepopt_ms"] > 0 and p["time_over_floor"] > 0
-            assert p["state_bytes_per_param"] >= 0
-            if p["backend"] == "jax":
-                assert isinstance(p["recompiled"], bool)
-        else:
-            assert p["error"]
-    for r in data["rows"]:
-        if r["status"] == "ok":
-            assert {"median", "q1", "q3", "min", "max"} <= set(r["time_ms"])
-            assert r["floor"]["ms"] > 0
+        assert sorted(specs) == optimizers, (backend, specs)      # one row per optimizer
+    for p in pairs:                                # every deepopt preset runs on both backends
+        assert p["status"] == "ok", p
+        assert p["deepopt_ms"] > 0 and p["time_over_floor"] > 0
+        assert p["state_bytes_per_param"] >= 0
+        if p["backend"] == "jax":
+            assert isinstance(p["recompiled"], bool)
+    for r in data["rows"]:                         # and so does every anchor (torch fused included)
+        assert r["status"] == "ok", r
+        assert {"median", "q1", "q3", "min", "max"} <= set(r["time_ms"])
+        assert r["floor"]["ms"] > 0
     for key in ("copy_bytes_per_s", "matmul_float32_flops_per_s"):
         assert data["rates"]["torch"][key] > 0
 
 
-def test_smoke_convergence(results):
+def test_smoke_convergence(results, optimizers):
     data, folder = _get(results, "convergence")
     assert data["benchmark"] == "convergence"
     _assert_environment(data["environment"])
@@ -111,7 +123,8 @@ def test_smoke_convergence(results):
     assert set(data["tasks"]) == {"lsq", "mlp", "lm", "mqar"}
     for task, r in data["tasks"].items():
         assert r["target"]["kind"] in ("fraction_of_initial", "absolute")
-        assert sorted(r["optimizers"]) == sorted(OPTIMIZERS), task
+        presets = [n for n in r["optimizers"] if n not in ("dmgd_identity", "dmgd_adam", "dmgd_ns")]
+        assert sorted(presets) == optimizers, task      # plus DMGD's read-out contenders
         for res in r["optimizers"].values():
             assert res["best_lr"] > 0
             assert {"mean", "std", "per_seed"} <= set(res["final_loss"])
@@ -135,3 +148,34 @@ def test_smoke_dmgd_defaults(results):
     assert keys == {"current", "previous"}
     for r in data["results"]:
         assert set(r["tasks"]) == {"lsq", "mlp"}
+
+
+def test_smoke_main_job_compare(results, optimizers):
+    """Part 1 of the main job: both backends trained every preset from the same start."""
+    data, folder = _get(results, "main")
+    _assert_environment(data["environment"])
+    _assert_finite_numbers(data)
+    assert data["environment"]["command"] == "python -m benchmarks.main --quick --skip-hope --out " + str(folder)
+    assert data["environment"]["thread_limits"]["OMP_NUM_THREADS"] == "1"      # the main job's default
+    assert sorted(r["optimizer"] for r in data["rows"]) == optimizers
+    for r in data["rows"]:
+        assert r["torch_final_loss"] < r["initial_loss"] and r["jax_final_loss"] < r["initial_loss"], r
+        assert r["max_param_gap_torch_vs_jax"] < 1e-2, r          # same math, float32 rounding only
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["size"] == "quick" and set(summary["durations"]) == {"compare_s", "total_s"}
+    text = results["main"][1]
+    assert "Caveats:" in text and "expected" in text and "main job done in" in text
+
+
+@pytest.mark.slow
+def test_main_job_quick_with_hope(tmp_path):
+    """The whole main job at --quick (HOPE included): it finishes and records every part."""
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.main", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["durations"]) == {"compare_s", "hope_s", "total_s"}
+    assert summary["environment"]["versions"]["deepopt"] == deepopt.__version__
+    assert (tmp_path / "compare" / "compare.json").exists()
+    assert any((tmp_path / "hope").rglob("summary.json"))

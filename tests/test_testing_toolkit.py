@@ -148,11 +148,6 @@ def test_specs_rejects_unknown_kinds():
 # assert_backends_agree
 # ============================================================================================
 
-PARAMS = {"w": np.linspace(-1, 1, 12).reshape(3, 4), "b": np.array([0.5, -0.5, 1.0])}
-GRADS = [{"w": np.sin(np.arange(12.0) + t).reshape(3, 4), "b": np.cos(np.arange(3.0) * t)}
-         for t in range(1, 6)]
-
-
 def hand_sgd(nesterov_sign=+1.0, decay=True):
     """A user's SGD (coupled weight decay, heavy ball, optional Nesterov) written by hand."""
 
@@ -174,52 +169,61 @@ def hand_sgd(nesterov_sign=+1.0, decay=True):
     return run
 
 
-SGD_SPEC = deepopt.sgd(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
+@pytest.fixture
+def sgd_spec(spec_table):
+    """Heavy ball with Nesterov and coupled weight decay: what ``hand_sgd`` writes by hand."""
+    return spec_table["sgd"]()
 
 
-def test_correct_user_backend_agrees():
-    trajs = testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", hand_sgd()))
-    assert len(trajs) == 2 and len(trajs[0]) == len(GRADS)
+def test_correct_user_backend_agrees(sgd_spec, problem):
+    params, grads = problem
+    trajs = testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", hand_sgd()))
+    assert len(trajs) == 2 and len(trajs[0]) == len(grads)
 
 
-def test_planted_bug_wrong_nesterov_sign_is_caught():
+def test_planted_bug_wrong_nesterov_sign_is_caught(sgd_spec, problem):
+    params, grads = problem
     with pytest.raises(AssertionError) as info:
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS,
+        testing.assert_backends_agree(sgd_spec, params, grads,
                                       backends=("reference", ("my_sgd", hand_sgd(nesterov_sign=-1.0))))
     msg = str(info.value)
     assert "my_sgd and reference disagree after step 1 on parameter" in msg
     assert "max abs error" in msg and "max rel error" in msg and "nesterov=True" in msg
 
 
-def test_planted_bug_skipped_weight_decay_is_caught():
+def test_planted_bug_skipped_weight_decay_is_caught(sgd_spec, problem):
+    params, grads = problem
     with pytest.raises(AssertionError, match=r"disagree after step 1 on parameter 'w'"):
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", hand_sgd(decay=False)))
+        testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", hand_sgd(decay=False)))
 
 
-@pytest.mark.parametrize("spec", [deepopt.adamw(lr=1e-2, weight_decay=0.1),
-                                  deepopt.muon(lr=0.02, ns_dtype="float64"),
-                                  deepopt.delta_momentum(0.05, 0.9, weight_decay=0.1)])
-def test_planted_bug_skipped_weight_decay_in_presets(spec):
+@pytest.mark.specs(where=lambda spec: spec.weight_decay > 0)
+def test_planted_bug_skipped_weight_decay_in_presets(spec, problem):
     def no_decay(spec, params, grads_stream):
         return testing.reference_trajectory(spec.replace(weight_decay=0.0), params, grads_stream)
 
+    params, grads = problem
     with pytest.raises(AssertionError, match="disagree after step 1 on parameter 'w'"):
-        testing.assert_backends_agree(spec, PARAMS, GRADS, backends=("reference", no_decay))
+        testing.assert_backends_agree(spec, params, grads, backends=("reference", no_decay))
 
 
-def test_a_late_divergence_names_its_step():
+def test_a_late_divergence_names_its_step(sgd_spec, problem):
+    params, grads = problem
+
     def late_bug(spec, params, grads_stream):
         traj = testing.reference_trajectory(spec, params, grads_stream)
         traj[3]["b"] = traj[3]["b"] + 1e-6
         return traj
 
     with pytest.raises(AssertionError, match=re.escape("disagree after step 4 on parameter 'b' (shape (3,))")):
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", late_bug))
+        testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", late_bug))
     # ... and a difference inside the tolerance passes
-    testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", late_bug), rtol=1e-3)
+    testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", late_bug), rtol=1e-3)
 
 
-def test_malformed_backend_answers_are_caught():
+def test_malformed_backend_answers_are_caught(sgd_spec, problem):
+    params, grads = problem
+
     def too_short(spec, params, grads_stream):
         return testing.reference_trajectory(spec, params, grads_stream)[:-1]
 
@@ -232,35 +236,37 @@ def test_malformed_backend_answers_are_caught():
         return traj
 
     with pytest.raises(AssertionError, match="returned 4 steps for a stream of 5"):
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", too_short))
+        testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", too_short))
     with pytest.raises(AssertionError, match="parameter names"):
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", renamed))
+        testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", renamed))
     with pytest.raises(AssertionError, match="non-finite"):
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", nan))
+        testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", nan))
 
 
-def test_backends_get_private_copies():
+def test_backends_get_private_copies(sgd_spec, problem):
     def vandal(spec, params, grads_stream):               # mutates its inputs in place
         traj = testing.reference_trajectory(spec, params, grads_stream)
         params["w"] += 100.0
         grads_stream[0]["w"] *= 0.0
         return traj
 
-    params = {k: v.copy() for k, v in PARAMS.items()}
-    grads = [{k: v.copy() for k, v in g.items()} for g in GRADS]
-    testing.assert_backends_agree(SGD_SPEC, params, grads, backends=(vandal, "reference", vandal))
-    np.testing.assert_array_equal(params["w"], PARAMS["w"])
-    np.testing.assert_array_equal(grads[0]["w"], GRADS[0]["w"])
+    original_params, original_grads = problem
+    params = {k: v.copy() for k, v in original_params.items()}
+    grads = [{k: v.copy() for k, v in g.items()} for g in original_grads]
+    testing.assert_backends_agree(sgd_spec, params, grads, backends=(vandal, "reference", vandal))
+    np.testing.assert_array_equal(params["w"], original_params["w"])
+    np.testing.assert_array_equal(grads[0]["w"], original_grads[0]["w"])
 
 
-def test_backend_arguments_are_validated():
+def test_backend_arguments_are_validated(sgd_spec, problem):
+    params, grads = problem
     with pytest.raises(ValueError, match="backend='numpy' is invalid"):
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference", "numpy"))
+        testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference", "numpy"))
     with pytest.raises(ValueError, match="at least two backends"):
-        testing.assert_backends_agree(SGD_SPEC, PARAMS, GRADS, backends=("reference",))
+        testing.assert_backends_agree(sgd_spec, params, grads, backends=("reference",))
 
 
-def test_planted_bug_in_a_library_backend_is_caught(monkeypatch):
+def test_planted_bug_in_a_library_backend_is_caught(monkeypatch, problem):
     """A spec whose torch and jax compilations differ (issue 3): break jax's run_trajectory."""
     pytest.importorskip("torch_backend")
     jax_backend = pytest.importorskip("jax_backend")
@@ -268,8 +274,8 @@ def test_planted_bug_in_a_library_backend_is_caught(monkeypatch):
         pytest.skip("jax_backend.run_trajectory not written yet")
     real = jax_backend.run_trajectory
     spec = deepopt.muon(lr=0.02, ns_dtype="float64", ns_steps=5)
-    params = {"w": PARAMS["w"]}
-    grads = [{"w": g["w"]} for g in GRADS[:3]]
+    params = {"w": problem[0]["w"]}
+    grads = [{"w": g["w"]} for g in problem[1][:3]]
     testing.assert_backends_agree(spec, params, grads)              # the real ones agree
 
     def one_step_short(spec, params, grads_stream, **kw):         # NS with one step fewer
@@ -292,14 +298,14 @@ def test_planted_bug_in_a_library_backend_is_caught(monkeypatch):
     (deepopt.muon(0.02, ns_dtype="float64"), deepopt.muon(0.02, ns_dtype="float64", ns_coefficients="cubic")),
     (deepopt.adamw(1e-2), deepopt.adamw(1e-2, nesterov=True)),
 ])
-def test_reduces_to_catches_different_specs(spec_a, spec_b):
-    params, grads = {"w": PARAMS["w"]}, [{"w": g["w"]} for g in GRADS]
+def test_reduces_to_catches_different_specs(spec_a, spec_b, problem):
+    params, grads = {"w": problem[0]["w"]}, [{"w": g["w"]} for g in problem[1]]
     with pytest.raises(AssertionError, match="reduction on backend reference: .* disagree after step"):
         testing.assert_reduces_to(spec_a, spec_b, params, grads)
 
 
-def test_reduces_to_accepts_equal_specs_through_a_user_backend():
-    params, grads = {"w": PARAMS["w"]}, [{"w": g["w"]} for g in GRADS]
+def test_reduces_to_accepts_equal_specs_through_a_user_backend(problem):
+    params, grads = {"w": problem[0]["w"]}, [{"w": g["w"]} for g in problem[1]]
     testing.assert_reduces_to(deepopt.delta_momentum(0.1, 0.9, zeta=0.0, weight_decay=0.01),
                               deepopt.sgd(0.1, 0.9, weight_decay=0.01), params, grads,
                               backend=testing.reference_trajectory)
@@ -309,17 +315,8 @@ def test_reduces_to_accepts_equal_specs_through_a_user_backend():
 # assert_descends
 # ============================================================================================
 
-DESCENDING = [
-    deepopt.sgd(0.05), deepopt.sgd(0.05, 0.9), deepopt.sgd(0.05, 0.9, nesterov=True, weight_decay=1e-3),
-    deepopt.adamw(0.05), deepopt.adamw(0.02, betas=(0.5, 0.99), nesterov=True),
-    deepopt.muon(0.02, ns_dtype="float64"), deepopt.muon(0.02, ns_coefficients="polar_express", ns_dtype="float64"),
-    deepopt.delta_momentum(0.05, 0.9), deepopt.delta_momentum(0.02, 0.9, readout="newton_schulz"),
-    deepopt.delta_momentum(0.005, 0.5, readout="sign"),
-]
-
-
-@pytest.mark.parametrize("spec", DESCENDING, ids=lambda s: s.name)
-def test_presets_descend(spec):
+def test_every_spec_in_the_table_descends(spec):
+    """Every entry of the shared spec table (tests/conftest.py) goes down on the quadratic."""
     losses = testing.assert_descends(spec)
     assert len(losses) == 51 and losses[-1] < losses[0]
 
