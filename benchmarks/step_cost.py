@@ -1,11 +1,11 @@
 """Step cost: one optimizer step of deepopt next to torch.optim and optax, side by side.
 
-    python -m benchmarks.step_cost [--quick] [--device cpu|cuda] [--only sgd,adamw] --out DIR
+    python -m benchmarks.step_cost [--quick] [--device cpu|cuda] [--threads 1] [--only sgd,adamw] --out DIR
 
 Parameters are shaped like GPT-2 small (token and position embeddings, 12 blocks of attention
 qkv/proj and MLP fc/proj matrices with biases, layernorm vectors; ``--quick`` scales widths,
 depth and vocabulary down for a CPU). For each spec, deepopt and its anchor run interleaved in
-one process (BENCHMARKS.md): ``torch_backend.compile`` next to ``torch.optim`` (foreach, and
+one process (docs/benchmarks.md): ``torch_backend.compile`` next to ``torch.optim`` (foreach, and
 fused where the device supports it), and ``jax_backend.compile`` next to optax under
 ``jax.jit``. Embeddings go to the AdamW fallback on both sides, as torch's Muon docs advise.
 
@@ -16,7 +16,8 @@ the measured matmul rate (Newton–Schulz ``4m²n + 2m³`` per iteration for m �
 ``12·m·n·h``, MATH §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. JAX rows also
 record how many times the jitted step was traced (1 = no recompilation).
 
-Writes ``DIR/step_cost.json`` and prints a table.
+Contenders come from one table per backend (:func:`torch_table`, :func:`jax_table`: spec →
+its entries, anchor and note). Writes ``DIR/step_cost.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ MUON_WD = 0.1
 NS_STEPS = 5
 M3_PERIOD = 10            # deepopt.m3's default frequency: each timed sample covers one period
 
-TARGETS = {  # issue #5: (backend, spec) -> (max ratio, reference contender)
+TARGETS = {  # (backend, spec) -> (max ratio, reference contender); standing in benchmarks/README.md
     ("torch", "sgd"): (1.1, "torch.optim.SGD(foreach)"),
     ("torch", "adamw"): (1.1, "torch.optim.AdamW(foreach)"),
     ("torch", "muon"): (1.0, "torch.optim.Muon+AdamW"),
@@ -86,11 +87,6 @@ def gpt2_shapes(size: str) -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def delta_spec(deepopt):
-    """The preset as users get it (its own default routing), momentum as the SGD anchor."""
-    return deepopt.delta_momentum(LR["delta_momentum"], momentum=MOMENTUM)
-
-
 def is_matrix(name: str, shape: tuple[int, ...]) -> bool:
     """Takes the matrix rule (Muon, DMGD, …): ≥ 2-D and not an embedding."""
     import re
@@ -99,13 +95,13 @@ def is_matrix(name: str, shape: tuple[int, ...]) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Floors (BENCHMARKS.md "Against the floor, too")
+# Floors (docs/benchmarks.md, "Against the hardware floor, too")
 # --------------------------------------------------------------------------------------------
 
 # fp32 words a fused kernel must move per parameter element per step (read + write).
 WORDS = {
     "sgd": 5,        # read p, g, S; write S, p
-    "adamw": 7,      # read p, g, m, v; write m, v, p      (28 B in fp32, BENCHMARKS.md)
+    "adamw": 7,      # read p, g, m, v; write m, v, p      (28 B in fp32)
     "muon": 6,       # read g, S; write S; read NS output, p; write p
     "delta_momentum": 5,
     "dmgd": 5,       # S, p and g as sgd; the MLP weights (2nh per matrix) are negligible
@@ -162,14 +158,36 @@ def floor_seconds(terms: dict[str, float], bandwidth: float, matmul_rate: float)
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One row of a contender table: how to build a contender, before it is built."""
+
+    name: str
+    role: str                        # "deepopt", "deepopt-reference" or "anchor"
+    build: Callable[..., Any]        # torch: (named params) -> optimizer(s); jax: () -> optax transform
+    floor_kind: str                  # which floor model applies (a key of WORDS)
+    ns_dtype: str = "float32"        # matmul dtype of the matrix phase (which rate applies)
+    spec: Any = None                 # the deepopt spec, whose routing the floor follows
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A contender table's value: the entries of one group, its anchor and its note."""
+
+    entries: tuple[Entry, ...]
+    anchor: str                      # name of the anchor entry (the ratio's denominator)
+    note: str = ""
+    amortize: int = 0     # > 0: time exactly this many consecutive steps (one period) and report means
+
+
 @dataclass
 class Contender:
     name: str
-    role: str                        # "deepopt" or "anchor"
+    role: str
     step: Callable[[], Any] | None   # one timed sample (synchronised)
     state_bytes: Callable[[], int] | None = None
     floor_kind: str = ""
-    ns_dtype: str = "float32"        # matmul dtype of the matrix phase (which rate applies)
+    ns_dtype: str = "float32"
     error: str | None = None
     extra: dict = field(default_factory=dict)
     route: Callable[[str, tuple[int, ...]], str] | None = None   # deepopt spec routing (floor)
@@ -182,11 +200,112 @@ class Group:
     spec: str
     contenders: list[Contender]
     anchor: str | None                      # name of the anchor contender (the ratio's denominator)
-    amortize: int = 0     # > 0: time exactly this many consecutive steps (one period) and report means
+    amortize: int = 0
     note: str = ""
 
 
+def _failed(entry: Entry, e: Exception) -> Contender:
+    """An unsupported configuration is a result (status "unsupported"), any other error too."""
+    return Contender(entry.name, entry.role, None, error=f"{type(e).__name__}: {e}".splitlines()[0],
+                     floor_kind=entry.floor_kind,
+                     extra={"status": "unsupported" if isinstance(e, NotImplementedError) else "error"})
+
+
+def _with_floor_routing(c: Contender, entry: Entry, shape_of=lambda shape: shape) -> Contender:
+    """The floor follows the deepopt spec's own routing (which parameters take the rule)."""
+    if entry.spec is not None:
+        spec = entry.spec
+        c.route = lambda name, shape: spec.route(name, shape_of(shape))
+        c.fallback_kind = spec.fallback.name if spec.fallback is not None else entry.floor_kind
+    return c
+
+
+def build_groups(backend: str, table: dict[str, Plan], make: Callable[[Entry], Contender],
+                 only: set[str]):
+    """Yield one group at a time, in ``SPECS`` order, so only one group's copies are alive.
+    The anchors of a group are not built when its deepopt contender cannot run."""
+    for spec in SPECS:
+        if spec not in only:
+            continue
+        plan = table[spec]
+        contenders: list[Contender] = []
+        for entry in plan.entries:
+            contenders.append(make(entry))
+            if entry.role == "deepopt" and contenders[-1].step is None:
+                break
+        yield Group(backend, spec, contenders, plan.anchor, plan.amortize, plan.note)
+
+
+def deepopt_specs(deepopt, backend: str) -> dict[str, Any]:
+    """The deepopt side of every group: same hyperparameters as its anchor. Matrix rules send
+    the embeddings to an AdamW fallback, as the anchors do; Muon follows the conventions of the
+    backend's own Muon (torch: clamped norm, bf16 Newton–Schulz; optax: tests/test_jax_anchors.py)."""
+    routing = deepopt.Routing(fallback_patterns=EMBED_PATTERNS)
+
+    def fallback(lr, **kw):
+        return deepopt.adamw(lr, weight_decay=0.0, **kw)
+
+    if backend == "torch":
+        muon = deepopt.muon(LR["muon"], weight_decay=MUON_WD, ns_steps=NS_STEPS, routing=routing,
+                            fallback=fallback(LR["muon"]))
+    else:
+        muon = deepopt.muon(LR["muon"], weight_decay=MUON_WD, eps=1e-8, ns_steps=NS_STEPS,
+                            ns_normalization="add", ns_dtype="input", bias_correction=True,
+                            routing=routing, fallback=fallback(LR["muon"], eps=1e-8, nesterov=True))
+    return {
+        "sgd": deepopt.sgd(LR["sgd"], momentum=MOMENTUM),
+        "adamw": deepopt.adamw(LR["adamw"], weight_decay=ADAMW_WD),
+        # the preset as users get it (its own default routing), momentum as the SGD anchor
+        "delta_momentum": deepopt.delta_momentum(LR["delta_momentum"], momentum=MOMENTUM),
+        "muon": muon,
+        "dmgd": deepopt.dmgd(LR["dmgd"], routing=routing, fallback=fallback(LR["dmgd"])),
+        "m3": deepopt.m3(LR["m3"], frequency=M3_PERIOD, routing=routing, fallback=fallback(LR["m3"])),
+    }
+
+
+M3_NOTE = f"no exact anchor (nearest: Muon); mean over {M3_PERIOD} consecutive steps (one slow write)"
+
+
 # ---- torch ---------------------------------------------------------------------------------
+
+
+def torch_table(deepopt, torch, torch_backend) -> dict[str, Plan]:
+    """Contenders per spec: deepopt's optimizer, torch.optim's (foreach and fused)."""
+    specs = deepopt_specs(deepopt, "torch")
+
+    def ours(name: str, kind: str | None = None, ns_dtype: str = "float32", role: str = "deepopt") -> Entry:
+        spec = specs[name]
+        return Entry(f"deepopt.{name}", role, lambda ps: torch_backend.compile(spec, ps), kind or name,
+                     ns_dtype, spec)
+
+    def sgd(variant: str, lr: float) -> Entry:
+        return Entry(f"torch.optim.SGD({variant})", "anchor", lambda ps: torch.optim.SGD(
+            [p for _, p in ps], lr=lr, momentum=MOMENTUM, **{variant: True}), "sgd")
+
+    def adamw(variant: str) -> Entry:
+        return Entry(f"torch.optim.AdamW({variant})", "anchor", lambda ps: torch.optim.AdamW(
+            [p for _, p in ps], lr=LR["adamw"], weight_decay=ADAMW_WD, **{variant: True}), "adamw")
+
+    def muon_adamw(ps):
+        mats = [p for n, p in ps if is_matrix(n, tuple(p.shape))]
+        rest = [p for n, p in ps if not is_matrix(n, tuple(p.shape))]
+        return [torch.optim.Muon(mats, lr=LR["muon"], weight_decay=MUON_WD, momentum=0.95,
+                                 nesterov=True, ns_steps=NS_STEPS),
+                torch.optim.AdamW(rest, lr=LR["muon"], weight_decay=0.0, foreach=True)]
+
+    torch_muon = Entry("torch.optim.Muon+AdamW", "anchor", muon_adamw, "muon", "bfloat16")
+    return {   # torch ≥ 2.4 has fused SGD/AdamW on CPU as well as CUDA
+        "sgd": Plan((ours("sgd"), sgd("foreach", LR["sgd"]), sgd("fused", LR["sgd"])),
+                    "torch.optim.SGD(foreach)"),
+        "adamw": Plan((ours("adamw"), adamw("foreach"), adamw("fused")), "torch.optim.AdamW(foreach)"),
+        "delta_momentum": Plan((ours("delta_momentum"), sgd("foreach", LR["delta_momentum"])),
+                               "torch.optim.SGD(foreach)",
+                               "no exact anchor: SGD momentum is delta momentum with zeta=0 (no S·KᵀK matmuls)"),
+        "muon": Plan((ours("muon", ns_dtype="bfloat16"), torch_muon), torch_muon.name),
+        "dmgd": Plan((ours("dmgd"), ours("muon", ns_dtype="bfloat16", role="deepopt-reference"), torch_muon),
+                     torch_muon.name, "default dmgd (hidden=16, identity read-out); target is vs deepopt.muon"),
+        "m3": Plan((ours("m3"), torch_muon), torch_muon.name, M3_NOTE, amortize=M3_PERIOD),
+    }
 
 
 def torch_groups(shapes, device: str, only: set[str]):
@@ -200,7 +319,6 @@ def torch_groups(shapes, device: str, only: set[str]):
     init = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes}
     grads = {n: (torch.randn(s, generator=gen) * 1e-3).to(device) for n, s in shapes}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    routing = deepopt.Routing(fallback_patterns=EMBED_PATTERNS)
 
     def fresh() -> list[tuple[str, torch.nn.Parameter]]:
         out = []
@@ -210,17 +328,15 @@ def torch_groups(shapes, device: str, only: set[str]):
             out.append((n, p))
         return out
 
-    def make(name, role, build, kind, ns_dtype="float32") -> Contender:
+    def make(entry: Entry) -> Contender:
         try:
-            opts = build(fresh())
+            opts = entry.build(fresh())
             opts = opts if isinstance(opts, list) else [opts]
             for o in opts:                                    # one step outside timing: state exists
                 o.step()
             sync()
         except Exception as e:  # noqa: BLE001 - an unsupported configuration is a result
-            return Contender(name, role, None, error=f"{type(e).__name__}: {e}".splitlines()[0],
-                             floor_kind=kind,
-                             extra={"status": "unsupported" if isinstance(e, NotImplementedError) else "error"})
+            return _failed(entry, e)
 
         def step():
             for o in opts:
@@ -228,82 +344,13 @@ def torch_groups(shapes, device: str, only: set[str]):
             sync()
 
         def state_bytes():
-            total = 0
-            for o in opts:
-                for st in o.state.values():
-                    total += sum(v.numel() * v.element_size() for v in st.values()
-                                 if isinstance(v, torch.Tensor))
-            return total
-        return Contender(name, role, step, state_bytes, kind, ns_dtype)
+            return sum(v.numel() * v.element_size() for o in opts for st in o.state.values()
+                       for v in st.values() if isinstance(v, torch.Tensor))
 
-    def deep(spec):
-        return lambda ps: torch_backend.compile(spec, ps)
+        return _with_floor_routing(Contender(entry.name, entry.role, step, state_bytes, entry.floor_kind,
+                                             entry.ns_dtype), entry)
 
-    def routed(c: Contender, spec) -> Contender:
-        """The floor follows the spec's own routing (which parameters take the rule)."""
-        c.route = spec.route
-        c.fallback_kind = spec.fallback.name if spec.fallback is not None else c.floor_kind
-        return c
-
-    def torch_muon(ps):
-        mats = [p for n, p in ps if is_matrix(n, tuple(p.shape))]
-        rest = [p for n, p in ps if not is_matrix(n, tuple(p.shape))]
-        return [torch.optim.Muon(mats, lr=LR["muon"], weight_decay=MUON_WD, momentum=0.95,
-                                 nesterov=True, ns_steps=NS_STEPS),
-                torch.optim.AdamW(rest, lr=LR["muon"], weight_decay=0.0, foreach=True)]
-
-    fused_ok = device == "cuda" or device == "cpu"   # torch ≥ 2.4 fuses SGD/AdamW on CPU too
-    muon_spec = deepopt.muon(lr=LR["muon"], weight_decay=MUON_WD, ns_steps=NS_STEPS, routing=routing,
-                             fallback=deepopt.adamw(LR["muon"], weight_decay=0.0))
-    for spec in SPECS:
-        if spec not in only:
-            continue
-        cs: list[Contender] = []
-        anchor = None
-        note = ""
-        if spec == "sgd":
-            cs.append(make("deepopt.sgd", "deepopt", deep(deepopt.sgd(LR["sgd"], momentum=MOMENTUM)), "sgd"))
-            cs.append(make("torch.optim.SGD(foreach)", "anchor", lambda ps: torch.optim.SGD(
-                [p for _, p in ps], lr=LR["sgd"], momentum=MOMENTUM, foreach=True), "sgd"))
-            if fused_ok:
-                cs.append(make("torch.optim.SGD(fused)", "anchor", lambda ps: torch.optim.SGD(
-                    [p for _, p in ps], lr=LR["sgd"], momentum=MOMENTUM, fused=True), "sgd"))
-            anchor = "torch.optim.SGD(foreach)"
-        elif spec == "adamw":
-            cs.append(make("deepopt.adamw", "deepopt", deep(deepopt.adamw(LR["adamw"], weight_decay=ADAMW_WD)), "adamw"))
-            cs.append(make("torch.optim.AdamW(foreach)", "anchor", lambda ps: torch.optim.AdamW(
-                [p for _, p in ps], lr=LR["adamw"], weight_decay=ADAMW_WD, foreach=True), "adamw"))
-            if fused_ok:
-                cs.append(make("torch.optim.AdamW(fused)", "anchor", lambda ps: torch.optim.AdamW(
-                    [p for _, p in ps], lr=LR["adamw"], weight_decay=ADAMW_WD, fused=True), "adamw"))
-            anchor = "torch.optim.AdamW(foreach)"
-        elif spec == "delta_momentum":
-            ds = delta_spec(deepopt)
-            cs.append(routed(make("deepopt.delta_momentum", "deepopt", deep(ds), "delta_momentum"), ds))
-            cs.append(make("torch.optim.SGD(foreach)", "anchor", lambda ps: torch.optim.SGD(
-                [p for _, p in ps], lr=LR["delta_momentum"], momentum=MOMENTUM, foreach=True), "sgd"))
-            anchor = "torch.optim.SGD(foreach)"
-            note = "no exact anchor: SGD momentum is delta momentum with zeta=0 (no S·KᵀK matmuls)"
-        elif spec == "muon":
-            cs.append(routed(make("deepopt.muon", "deepopt", deep(muon_spec), "muon", "bfloat16"), muon_spec))
-            cs.append(make("torch.optim.Muon+AdamW", "anchor", torch_muon, "muon", "bfloat16"))
-            anchor = "torch.optim.Muon+AdamW"
-        elif spec == "dmgd":
-            dm = deepopt.dmgd(LR[spec], routing=routing, fallback=deepopt.adamw(LR[spec], weight_decay=0.0))
-            cs.append(routed(make("deepopt.dmgd", "deepopt", deep(dm), "dmgd"), dm))
-            cs.append(routed(make("deepopt.muon", "deepopt-reference", deep(muon_spec), "muon", "bfloat16"),
-                             muon_spec))
-            cs.append(make("torch.optim.Muon+AdamW", "anchor", torch_muon, "muon", "bfloat16"))
-            anchor = "torch.optim.Muon+AdamW"
-            note = "default dmgd (hidden=16, identity read-out); target is vs deepopt.muon"
-        elif spec == "m3":
-            m3 = deepopt.m3(LR[spec], frequency=M3_PERIOD, routing=routing,
-                            fallback=deepopt.adamw(LR[spec], weight_decay=0.0))
-            cs.append(routed(make("deepopt.m3", "deepopt", deep(m3), "m3"), m3))
-            cs.append(make("torch.optim.Muon+AdamW", "anchor", torch_muon, "muon", "bfloat16"))
-            anchor = "torch.optim.Muon+AdamW"
-            note = f"no exact anchor (nearest: Muon); mean over {M3_PERIOD} consecutive steps (one slow write)"
-        yield Group("torch", spec, cs, anchor, M3_PERIOD if spec == "m3" else 0, note)
+    yield from build_groups("torch", torch_table(deepopt, torch, torch_backend), make, only)
 
 
 def torch_rates(device: str, size: str) -> dict[str, float]:
@@ -340,6 +387,35 @@ def torch_rates(device: str, size: str) -> dict[str, float]:
 # ---- jax -----------------------------------------------------------------------------------
 
 
+def jax_table(deepopt, optax, jax_backend, shapes) -> dict[str, Plan]:
+    """Contenders per spec: deepopt's transformation, optax's (``optax.contrib.muon`` for matrix
+    rules without an exact optax counterpart)."""
+    specs = deepopt_specs(deepopt, "jax")
+    # A static tree (a callable would also be called on optax's masked trees): None → Adam.
+    muon_dims = {n: (optax.contrib.MuonDimensionNumbers() if is_matrix(n, s) else None) for n, s in shapes}
+
+    def ours(name: str) -> Entry:
+        spec = specs[name]
+        return Entry(f"deepopt.{name}", "deepopt", lambda: jax_backend.compile(spec), name, spec=spec)
+
+    def sgd(lr: float) -> Entry:
+        return Entry("optax.sgd", "anchor", lambda: optax.sgd(lr, momentum=MOMENTUM), "sgd")
+
+    optax_muon = Entry("optax.contrib.muon", "anchor", lambda: optax.contrib.muon(
+        LR["muon"], ns_steps=NS_STEPS, beta=0.95, eps=1e-8, weight_decay=MUON_WD,
+        muon_weight_dimension_numbers=muon_dims), "muon")
+    return {
+        "sgd": Plan((ours("sgd"), sgd(LR["sgd"])), "optax.sgd"),
+        "adamw": Plan((ours("adamw"), Entry("optax.adamw", "anchor", lambda: optax.adamw(
+            LR["adamw"], weight_decay=ADAMW_WD), "adamw")), "optax.adamw"),
+        "delta_momentum": Plan((ours("delta_momentum"), sgd(LR["delta_momentum"])), "optax.sgd",
+                               "no exact anchor: SGD momentum is delta momentum with zeta=0"),
+        "muon": Plan((ours("muon"), optax_muon), optax_muon.name),
+        "dmgd": Plan((ours("dmgd"), optax_muon), optax_muon.name, "no exact anchor (nearest: Muon)"),
+        "m3": Plan((ours("m3"), optax_muon), optax_muon.name, M3_NOTE, amortize=M3_PERIOD),
+    }
+
+
 def jax_groups(shapes, only: set[str]):
     """Yields one group at a time (see :func:`torch_groups`)."""
     import jax
@@ -349,7 +425,6 @@ def jax_groups(shapes, only: set[str]):
     import deepopt
     import jax_backend
 
-    routing = deepopt.Routing(fallback_patterns=EMBED_PATTERNS)
     rng = np.random.default_rng(0)
 
     def jshape(shape):   # optax layout: kernels are (in, out)
@@ -357,26 +432,21 @@ def jax_groups(shapes, only: set[str]):
 
     init = {n: jnp.asarray(rng.normal(size=jshape(s)) * 0.02, jnp.float32) for n, s in shapes}
     grads = {n: jnp.asarray(rng.normal(size=jshape(s)) * 1e-3, jnp.float32) for n, s in shapes}
-
-    # A static tree (a callable would also be called on optax's masked trees): None → Adam.
-    muon_dims = {n: (optax.contrib.MuonDimensionNumbers() if is_matrix(n, s) else None)
-                 for n, s in shapes}
-
     shared: dict[str, Contender] = {}
 
-    def make(name, role, build_tx, kind, spec=None) -> Contender:
+    def make(entry: Entry) -> Contender:
         """A jitted contender; anchors are compiled once and reused by every group."""
-        if role == "anchor" and name in shared:
-            return shared[name]
-        c = _make(name, role, build_tx, kind, spec)
-        if role == "anchor" and c.step is not None:
-            shared[name] = c
+        if entry.role == "anchor" and entry.name in shared:
+            return shared[entry.name]
+        c = _make(entry)
+        if entry.role == "anchor" and c.step is not None:
+            shared[entry.name] = c
         return c
 
-    def _make(name, role, build_tx, kind, spec=None) -> Contender:
+    def _make(entry: Entry) -> Contender:
         traces = {"n": 0}
         try:
-            tx = build_tx()
+            tx = entry.build()
 
             def step_fn(params, state, g):
                 traces["n"] += 1                               # runs only when jax traces
@@ -394,9 +464,7 @@ def jax_groups(shapes, only: set[str]):
             jax.block_until_ready(carry["p"])
             after_second = traces["n"]
         except Exception as e:  # noqa: BLE001 - unsupported specs are a result, not a crash
-            msg = f"{type(e).__name__}: {e}".splitlines()[0]
-            return Contender(name, role, None, error=msg, floor_kind=kind,
-                             extra={"status": "unsupported" if isinstance(e, NotImplementedError) else "error"})
+            return _failed(entry, e)
 
         def step():
             carry["p"], carry["s"] = jitted(carry["p"], carry["s"], grads)
@@ -406,70 +474,12 @@ def jax_groups(shapes, only: set[str]):
             return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(carry["s"])
                        if hasattr(x, "dtype"))
 
-        c = Contender(name, role, step, state_bytes, kind)
-        if spec is not None:   # the floor follows the spec's routing; optax layout → torch names
-            c.route = lambda n, shape: spec.route(n, jshape(shape))
-            c.fallback_kind = spec.fallback.name if spec.fallback is not None else kind
+        c = Contender(entry.name, entry.role, step, state_bytes, entry.floor_kind)
         c.extra = {"traces_after_first_step": after_first, "traces_after_second_step": after_second,
                    "traces": traces, "n_params": n_params}
-        return c
+        return _with_floor_routing(c, entry, jshape)    # optax layout → torch shapes for routing
 
-    def optax_muon():
-        return optax.contrib.muon(LR["muon"], ns_steps=NS_STEPS, beta=0.95, eps=1e-8,
-                                  weight_decay=MUON_WD, muon_weight_dimension_numbers=muon_dims)
-
-    # deepopt.muon with optax.contrib.muon's conventions (tests/test_jax_anchors.py)
-    muon_spec = deepopt.muon(
-        LR["muon"], weight_decay=MUON_WD, eps=1e-8, ns_steps=NS_STEPS, ns_normalization="add",
-        ns_dtype="input", bias_correction=True, routing=routing,
-        fallback=deepopt.adamw(LR["muon"], eps=1e-8, weight_decay=0.0, nesterov=True))
-    dmgd_spec = deepopt.dmgd(LR["dmgd"], routing=routing, fallback=deepopt.adamw(LR["dmgd"], weight_decay=0.0))
-    m3_spec = deepopt.m3(LR["m3"], frequency=M3_PERIOD, routing=routing,
-                         fallback=deepopt.adamw(LR["m3"], weight_decay=0.0))
-    d_spec = delta_spec(deepopt)
-
-    for spec in SPECS:
-        if spec not in only:
-            continue
-        cs: list[Contender] = []
-        note = ""
-        if spec == "sgd":
-            cs.append(make("deepopt.sgd", "deepopt", lambda: jax_backend.compile(
-                deepopt.sgd(LR["sgd"], momentum=MOMENTUM)), "sgd"))
-            cs.append(make("optax.sgd", "anchor", lambda: optax.sgd(LR["sgd"], momentum=MOMENTUM), "sgd"))
-            anchor = "optax.sgd"
-        elif spec == "adamw":
-            cs.append(make("deepopt.adamw", "deepopt", lambda: jax_backend.compile(
-                deepopt.adamw(LR["adamw"], weight_decay=ADAMW_WD)), "adamw"))
-            cs.append(make("optax.adamw", "anchor", lambda: optax.adamw(LR["adamw"], weight_decay=ADAMW_WD),
-                           "adamw"))
-            anchor = "optax.adamw"
-        elif spec == "delta_momentum":
-            cs.append(make("deepopt.delta_momentum", "deepopt", lambda: jax_backend.compile(d_spec),
-                           "delta_momentum", d_spec))
-            if cs[0].step is not None:     # no anchor timing when deepopt cannot run it
-                cs.append(make("optax.sgd", "anchor", lambda: optax.sgd(LR["delta_momentum"], momentum=MOMENTUM), "sgd"))
-            anchor = "optax.sgd"
-            note = "no exact anchor: SGD momentum is delta momentum with zeta=0"
-        elif spec == "muon":
-            cs.append(make("deepopt.muon", "deepopt", lambda: jax_backend.compile(muon_spec), "muon",
-                           muon_spec))
-            cs.append(make("optax.contrib.muon", "anchor", optax_muon, "muon"))
-            anchor = "optax.contrib.muon"
-        elif spec == "dmgd":
-            cs.append(make("deepopt.dmgd", "deepopt", lambda: jax_backend.compile(dmgd_spec), "dmgd",
-                           dmgd_spec))
-            if cs[0].step is not None:     # no anchor timing when deepopt cannot run it
-                cs.append(make("optax.contrib.muon", "anchor", optax_muon, "muon"))
-            anchor = "optax.contrib.muon"
-            note = "no exact anchor (nearest: Muon)"
-        else:  # m3
-            cs.append(make("deepopt.m3", "deepopt", lambda: jax_backend.compile(m3_spec), "m3", m3_spec))
-            if cs[0].step is not None:     # no anchor timing when deepopt cannot run it
-                cs.append(make("optax.contrib.muon", "anchor", optax_muon, "muon"))
-            anchor = "optax.contrib.muon"
-            note = f"no exact anchor (nearest: Muon); mean over {M3_PERIOD} consecutive steps (one slow write)"
-        yield Group("jax", spec, cs, anchor, M3_PERIOD if spec == "m3" else 0, note)
+    yield from build_groups("jax", jax_table(deepopt, optax, jax_backend, shapes), make, only)
 
 
 def jax_rates(size: str) -> dict[str, float]:
@@ -609,9 +619,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
+                    help="torch and XLA CPU threads (default: the libraries' own); 1 is steadier on a busy machine")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    if args.threads:
+        _common.limit_threads(args.threads)      # before torch or jax is imported
 
     size = "tiny" if (args.tiny or _common.tiny()) else ("quick" if args.quick else "full")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -629,15 +641,6 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--device cuda: no CUDA device visible to torch")
     warnings.filterwarnings("ignore", message=".*[Dd]onat.*")
 
-    if args.threads:
-        import os
-
-        import torch
-
-        torch.set_num_threads(args.threads)
-        if args.threads == 1 and "jax" not in sys.modules:   # XLA reads its flags at start-up
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                       " --xla_cpu_multi_thread_eigen=false").strip()
     shapes = gpt2_shapes(size)
     n_params = sum(math.prod(s) for _, s in shapes)
     n_matrix = sum(math.prod(s) for n, s in shapes if is_matrix(n, s))
