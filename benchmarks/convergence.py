@@ -3,7 +3,7 @@
     python -m benchmarks.convergence [--quick] [--only sgd,muon] [--tasks lsq,mlp] --out DIR
 
 Tasks (all data generated in-process or read from the Python standard library; nothing is
-downloaded, BENCHMARKS.md):
+downloaded; docs/benchmarks.md):
 
 - ``lsq``: least squares ``½‖X Wᵀ − Y‖²`` for one 32×64 matrix W, an ill-conditioned design
   (singular values from 1 to 0.1) and a little label noise; minibatches of 64.

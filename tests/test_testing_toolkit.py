@@ -267,11 +267,9 @@ def test_backend_arguments_are_validated(sgd_spec, problem):
 
 
 def test_planted_bug_in_a_library_backend_is_caught(monkeypatch, problem):
-    """A spec whose torch and jax compilations differ (issue 3): break jax's run_trajectory."""
+    """A spec whose torch and jax compilations differ: break jax's run_trajectory."""
     pytest.importorskip("torch_backend")
     jax_backend = pytest.importorskip("jax_backend")
-    if not hasattr(jax_backend, "run_trajectory"):
-        pytest.skip("jax_backend.run_trajectory not written yet")
     real = jax_backend.run_trajectory
     spec = deepopt.muon(lr=0.02, ns_dtype="float64", ns_steps=5)
     params = {"w": problem[0]["w"]}
