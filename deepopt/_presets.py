@@ -7,6 +7,7 @@ again, so parameter-group overrides are validated the same way.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from deepopt import _coefficients
@@ -26,6 +27,21 @@ from deepopt._spec import Routing, Spec, UpdateRule, freeze_hparams
 from deepopt._validate import check_bool, check_choice, check_int, check_real
 
 _ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "none")
+
+#: The default fallback (AdamW on what a matrix rule does not take) runs at this fraction of
+#: the rule's lr; see ``benchmarks/fallback_ratio.py`` for the measurement behind it.
+DEFAULT_FALLBACK_LR_RATIO = 0.3
+
+# torch.optim's execution flags: not part of the math, so a spec does not hold them.
+_TORCH_FLAG_DEFAULTS = {"foreach": None, "fused": None, "capturable": False, "differentiable": False}
+
+
+def _refuse_torch_flags(name: str, **flags: Any) -> None:
+    for flag, value in flags.items():
+        if value != _TORCH_FLAG_DEFAULTS[flag]:
+            raise ValueError(f"deepopt.{name}({flag}={value!r}): {flag} is an execution flag of "
+                             "torch.optim, not part of the update rule; pass it to "
+                             f"torch_backend.compile(spec, params, {flag}={value!r})")
 
 
 def _betas(betas: Any) -> tuple[float, float]:
@@ -53,9 +69,12 @@ def _matrix_spec(name: str, rule: UpdateRule, hp: dict[str, Any], builder: Any, 
                  fallback: Spec | None, routing: Routing | None) -> Spec:
     """A spec whose rule takes matrix-view parameters (ndim ≥ 2 by default); the others go to
     ``fallback``, by default ``adamw(lr, weight_decay=0)``."""
-    return Spec(name, rule, freeze_hparams(hp),
-                fallback=fallback if fallback is not None else adamw(lr=lr, weight_decay=0.0),
-                routing=routing if routing is not None else Routing(), builder=builder)
+    ratio = None if fallback is not None else DEFAULT_FALLBACK_LR_RATIO
+    if fallback is None:
+        fallback = adamw(lr=lr * DEFAULT_FALLBACK_LR_RATIO, weight_decay=0.0)
+    return Spec(name, rule, freeze_hparams(hp), fallback=fallback,
+                routing=routing if routing is not None else Routing(), builder=builder,
+                fallback_lr_ratio=ratio)
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +90,9 @@ def sgd(
     maximize: bool = False,
     decoupled_weight_decay: bool = False,
     undamped_first_step: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    differentiable: bool = False,
 ) -> Spec:
     r"""Stochastic gradient descent with heavy-ball momentum: a Hebbian linear memory.
 
@@ -109,14 +131,16 @@ def sgd(
 
     References: Polyak (1964); Sutskever et al. (2013); NL §4.
     """
+    _refuse_torch_flags("sgd", foreach=foreach, fused=fused, differentiable=differentiable)
     lr = check_real("lr", lr, low=0.0)
     momentum = check_real("momentum", momentum, low=0.0, high=1.0)
     dampening = check_real("dampening", dampening, low=0.0, high=1.0)
     check_bool("nesterov", nesterov)
     weight_decay = check_real("weight_decay", weight_decay, low=0.0)
     if nesterov and (momentum <= 0.0 or dampening != 0.0):
-        raise ValueError(f"nesterov=True requires momentum > 0 and dampening = 0; got "
-                         f"momentum={momentum}, dampening={dampening}")
+        raise ValueError("Nesterov momentum requires a momentum and zero dampening (nesterov=True "
+                         "requires momentum > 0 and dampening = 0; got "
+                         f"momentum={momentum}, dampening={dampening})")
     # Without momentum there is no buffer to damp: torch ignores dampening, and so do we.
     memory = LinearMemory(momentum=momentum, inner_lr=1.0 - dampening if momentum > 0 else 1.0,
                           nesterov=nesterov,
@@ -137,6 +161,11 @@ def adamw(
     *,
     nesterov: bool = False,
     maximize: bool = False,
+    amsgrad: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    capturable: bool = False,
+    differentiable: bool = False,
 ) -> Spec:
     r"""AdamW: an EMA memory read with bias correction, divided by Adam's second moment.
 
@@ -170,6 +199,11 @@ def adamw(
 
     References: Kingma & Ba (2015); Loshchilov & Hutter (2019); Dozat (2016) for NAdam.
     """
+    _refuse_torch_flags("adamw", foreach=foreach, fused=fused, capturable=capturable,
+                        differentiable=differentiable)
+    if amsgrad is not False:
+        raise ValueError(f"deepopt.adamw(amsgrad={amsgrad!r}): AMSGrad is not implemented; "
+                         "amsgrad=False (torch's default) is the only allowed value")
     lr = check_real("lr", lr, low=0.0)
     b1, b2 = _betas(betas)
     eps = check_real("eps", eps, low=0.0)
@@ -568,10 +602,15 @@ def custom(
         raise ValueError(f"rule={rule!r} is invalid: expected a deepopt.UpdateRule")
     lr = check_real("lr", lr, low=0.0)
     weight_decay = check_real("weight_decay", weight_decay, low=0.0)
-    def builder(lr: float, weight_decay: float) -> Spec:
-        return custom(rule, lr, weight_decay, name=name, fallback=fallback, routing=routing)
+    # A partial of a module-level function, not a closure, so that the spec pickles.
+    builder = functools.partial(_custom_builder, rule, name=name, fallback=fallback, routing=routing)
 
     hp = dict(lr=lr, weight_decay=weight_decay)
     if rule.needs_matrix:
         return _matrix_spec(name, rule, hp, builder, lr, fallback, routing)
     return Spec(name, rule, freeze_hparams(hp), fallback=fallback, routing=routing, builder=builder)
+
+
+def _custom_builder(rule: UpdateRule, lr: float, weight_decay: float, *, name: str,
+                    fallback: Spec | None, routing: Routing | None) -> Spec:
+    return custom(rule, lr, weight_decay, name=name, fallback=fallback, routing=routing)

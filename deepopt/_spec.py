@@ -151,6 +151,11 @@ class Spec:
     ``hparams`` are flat and named as in ``torch.optim`` (they become each torch parameter
     group's keys); ``replace(**changes)`` rebuilds the spec through its constructor, so every
     change is validated exactly as at construction.
+
+    The fallback's learning rate is a ratio of the spec's: ``fallback.lr ==
+    fallback_lr_ratio × lr``. The ratio is derived from the fallback's own lr when not given,
+    and it is what the backends keep when the lr changes (``replace(lr=...)``, a parameter
+    group's ``lr``, a scheduler, a script writing ``group["lr"]``, JAX's ``learning_rate=``).
     """
 
     name: str
@@ -159,6 +164,7 @@ class Spec:
     fallback: Spec | None = None
     routing: Routing | None = None
     builder: Builder = field(default=None, compare=False, repr=False)
+    fallback_lr_ratio: float | None = None
 
     def __post_init__(self):
         hp = dict(self.hparams)
@@ -175,6 +181,27 @@ class Spec:
                                  "element-wise (e.g. deepopt.adamw or deepopt.sgd)")
         if self.routing is not None and not isinstance(self.routing, Routing):
             raise ValueError(f"routing={self.routing!r} is invalid: expected a deepopt.Routing or None")
+        self._set_fallback_lr_ratio(float(hp["lr"]))
+
+    def _set_fallback_lr_ratio(self, lr: float) -> None:
+        """The fallback runs at ``fallback_lr_ratio × lr``: derive the ratio from the fallback's
+        own lr when it is not given, else rescale the fallback's lr to it."""
+        ratio = self.fallback_lr_ratio
+        if self.fallback is None:
+            if ratio is not None:
+                raise ValueError(f"fallback_lr_ratio={ratio!r} is invalid: the spec has no fallback")
+            return
+        fb_lr = self.fallback.lr
+        if ratio is None:
+            if lr == 0.0 and fb_lr != 0.0:
+                raise ValueError(f"{self.name}: lr=0 leaves the fallback's lr={fb_lr!r} without a ratio; "
+                                 "state it with spec.with_fallback(fallback, lr_ratio=...)")
+            ratio = fb_lr / lr if lr != 0.0 else 1.0
+        ratio = check_real("fallback_lr_ratio", ratio, low=0.0)
+        object.__setattr__(self, "fallback_lr_ratio", ratio)
+        if fb_lr != ratio * lr:
+            fb_hp = {**self.fallback.hyperparameters, "lr": ratio * lr}
+            object.__setattr__(self, "fallback", replace(self.fallback, hparams=freeze_hparams(fb_hp)))
 
     # -- hyperparameters ----------------------------------------------------------------------
     @property
@@ -200,11 +227,17 @@ class Spec:
             raise ValueError(f"{self.name}: unknown hyperparameter(s) {unknown}; "
                              f"allowed: {sorted(hp)}")
         new = self.builder(**{**hp, **changes})
-        return replace(new, fallback=self.fallback, routing=self.routing)
+        # The fallback keeps its ratio to lr (so its lr follows an lr change).
+        return replace(new, fallback=self.fallback, routing=self.routing,
+                       fallback_lr_ratio=self.fallback_lr_ratio)
 
     # -- routing ------------------------------------------------------------------------------
-    def with_fallback(self, fallback: Spec | None) -> Spec:
-        return replace(self, fallback=fallback)
+    def with_fallback(self, fallback: Spec | None, *, lr_ratio: float | None = None) -> Spec:
+        """A copy with another fallback spec. Its lr becomes a ratio of this spec's lr
+        (``fallback.lr / lr``) unless ``lr_ratio`` states one; the fallback then runs at
+        ``lr_ratio × lr`` — under group overrides, schedulers and scripts that write
+        ``group["lr"]`` alike."""
+        return replace(self, fallback=fallback, fallback_lr_ratio=lr_ratio)
 
     def with_routing(self, routing: Routing | None = None, **kwargs: Any) -> Spec:
         """A copy with new routing: a :class:`Routing`, or its fields as keywords."""

@@ -7,6 +7,24 @@ import numbers
 from collections.abc import Iterable
 from typing import Any
 
+# torch.optim's wording for the same checks, kept at the front of ours so that existing
+# knowledge (and tests written against torch) transfer: "Invalid momentum value: -0.5 (...)".
+TORCH_PHRASES = {
+    "lr": "Invalid learning rate",
+    "momentum": "Invalid momentum value",
+    "dampening": "Invalid dampening value",
+    "weight_decay": "Invalid weight_decay value",
+    "eps": "Invalid epsilon value",
+    "betas[0]": "Invalid beta parameter at index 0",
+    "betas[1]": "Invalid beta parameter at index 1",
+    "betas[2]": "Invalid beta parameter at index 2",
+}
+
+
+def _with_phrase(name: str, value: Any, message: str) -> str:
+    phrase = TORCH_PHRASES.get(name)
+    return f"{phrase}: {value!r} ({message})" if phrase else message
+
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -18,12 +36,13 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
     interval = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
                 + ("inf" if high is None else f"{high:g}") + (")" if high_open else "]"))
     if not _is_real(value) or not math.isfinite(float(value)):
-        raise ValueError(f"{name}={value!r} is invalid: expected a finite real number in {interval}")
+        raise ValueError(_with_phrase(name, value, f"{name}={value!r} is invalid: expected a finite real "
+                                                   f"number in {interval}"))
     v = float(value)
     too_low = low is not None and (v <= low if low_open else v < low)
     too_high = high is not None and (v >= high if high_open else v > high)
     if too_low or too_high:
-        raise ValueError(f"{name}={value!r} is out of range: allowed {interval}")
+        raise ValueError(_with_phrase(name, value, f"{name}={value!r} is out of range: allowed {interval}"))
     return v
 
 

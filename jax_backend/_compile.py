@@ -21,9 +21,11 @@ between the rule and its fallback (``optax.partition``).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
+import jax
 import optax
 
 from deepopt import DeepMemory, MultiScaleMemory, Spec, UpdateRule
@@ -107,9 +109,10 @@ def compile(  # the public name mirrors torch_backend.compile
     Args:
       spec: a ``deepopt.Spec`` (``deepopt.sgd``, ``adamw``, ``delta_momentum``, ``muon``,
         ``dmgd``, ``m3``, ``custom``).
-      learning_rate: overrides ``spec.hyperparameters["lr"]`` for the main rule: a float, an
-        optax schedule (a function of the step count), or a traced scalar (so the result can
-        live inside ``optax.inject_hyperparams``). The fallback keeps its own ``lr``.
+      learning_rate: overrides ``spec.hyperparameters["lr"]``: a float ≥ 0, an optax schedule
+        (a function of the step count), or a traced scalar (so the result can live inside
+        ``optax.inject_hyperparams``). The fallback runs at ``spec.fallback_lr_ratio`` times
+        it, as in torch.
       weight_decay: overrides ``spec.hyperparameters["weight_decay"]`` for the main rule (a
         float or a traced scalar); the fallback keeps its own.
       layout: the matrix view of leaves with ndim ≥ 2 (MATH §0). ``"optax"`` (default) follows
@@ -142,6 +145,8 @@ def compile(  # the public name mirrors torch_backend.compile
         raise ValueError(f"layout={layout!r} is invalid: expected one of {LAYOUTS}")
     if not isinstance(spec, Spec):
         raise TypeError(f"spec={spec!r} is invalid: expected a deepopt.Spec")
+    _check_rate("learning_rate", learning_rate, schedule=True)
+    _check_rate("weight_decay", weight_decay, schedule=False)
     view = MatrixView(layout)
     hp = spec.hyperparameters
     rule = compile_rule(spec.rule,
@@ -151,8 +156,29 @@ def compile(  # the public name mirrors torch_backend.compile
     fallback = None
     if spec.fallback is not None:
         fb = spec.fallback
-        fallback = compile_rule(fb.rule, fb.lr, fb.weight_decay, view)
+        fb_lr = fb.lr if learning_rate is None else _scaled(learning_rate, spec.fallback_lr_ratio)
+        fallback = compile_rule(fb.rule, fb_lr, fb.weight_decay, view)
     return route(spec, rule, fallback)
+
+
+def _check_rate(name: str, value: Any, *, schedule: bool) -> None:
+    """A concrete rate must be a finite number ≥ 0; schedules and traced values pass as given."""
+    if value is None or isinstance(value, jax.core.Tracer) or (schedule and callable(value)):
+        return
+    allowed = "a number >= 0" + (", an optax schedule" if schedule else "") + " or a traced scalar"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def _scaled(learning_rate: optax.ScalarOrSchedule, ratio: float) -> optax.ScalarOrSchedule:
+    """``ratio × learning_rate`` for a number, a traced scalar or a schedule."""
+    if callable(learning_rate):
+        return lambda count: ratio * learning_rate(count)
+    return ratio * learning_rate
 
 
 __all__ = ["compile", "compile_rule"]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -56,14 +57,30 @@ def route(spec: Spec, rule: optax.GradientTransformation,
     that a leaf the rule cannot take (ndim < 2 for a matrix rule) fails early and clearly.
     """
     labels = param_labels(spec)
-    if fallback is None:
-        rule = optax.with_extra_args_support(rule)
+    tx = (optax.with_extra_args_support(rule) if fallback is None
+          else optax.partition({"rule": rule, "fallback": fallback}, labels))
 
-        def init_fn(params):
-            labels(params)                              # validate the assignment
-            return rule.init(params)
-        return optax.GradientTransformationExtraArgs(init_fn, rule.update)
-    return optax.partition({"rule": rule, "fallback": fallback}, labels)
+    def init_fn(params):
+        check_leaves(spec, params)
+        labels(params)                                  # validate the assignment
+        return tx.init(params)
+    return optax.GradientTransformationExtraArgs(init_fn, tx.update)
 
 
-__all__ = ["param_labels", "path_name", "route"]
+def check_leaves(spec: Spec, params: optax.Params) -> None:
+    """Refuse leaves deepopt does not optimise, naming them: complex ones (as torch_backend
+    does: the rules' squares and Newton–Schulz are written for real numbers) and integer or
+    boolean ones (no gradient step exists for them)."""
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise ValueError(f"deepopt.{spec.name}: leaf {path_name(path)!r} is complex ({dtype}); deepopt "
+                             "optimises real parameters: split it into real and imaginary parts "
+                             "(e.g. optax.contrib.split_real_and_imaginary) or use a real view")
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"deepopt.{spec.name}: leaf {path_name(path)!r} has dtype {dtype}, not a "
+                             "floating-point dtype; leave it out of the optimised tree (e.g. with "
+                             "optax.partition and optax.set_to_zero)")
+
+
+__all__ = ["check_leaves", "param_labels", "path_name", "route"]

@@ -93,7 +93,7 @@ def _like(x: Any, leaf: jax.Array) -> jax.Array:
     """A scalar (``1 − αᵗ``, η) in ``leaf``'s dtype. JAX keeps these weakly typed today, so
     this is a guard: a strongly typed float64 scalar would otherwise promote a float32 leaf
     (and its state) under x64, and a jitted step would retrace."""
-    return jnp.asarray(x).astype(leaf.dtype)
+    return jnp.asarray(x).astype(jnp.result_type(leaf))     # result_type: Python-float leaves too
 
 
 def _bias(decay: float, count: jax.Array) -> jax.Array:

@@ -155,7 +155,9 @@ def test_replace_rebuilds_rule_and_keeps_routing():
     new = spec.replace(momentum=0.5, lr=0.1)
     assert new.rule.memory.momentum == 0.5 and new.rule.memory.inner_lr == pytest.approx(0.5)
     assert new.lr == 0.1 and new.hyperparameters["momentum"] == 0.5
-    assert new.fallback == fallback and new.routing == routing
+    # The fallback keeps its lr as a ratio of the spec's (0.01 / 0.02): 0.1 → 0.05.
+    assert new.fallback == fallback.replace(lr=0.05) and new.routing == routing
+    assert new.fallback_lr_ratio == spec.fallback_lr_ratio == 0.5
     assert spec.replace() is spec
     assert spec.replace(momentum=0.9, lr=0.02) == spec
     assert custom(deepopt.UpdateRule(), lr=0.1).replace(lr=0.2).lr == 0.2
@@ -216,7 +218,9 @@ def test_routing_without_fallback_errors_naming_the_parameter():
 def test_default_routing_and_fallback_of_matrix_presets():
     for spec in (muon(lr=0.02), delta_momentum(0.02, readout="newton_schulz"),
                  delta_momentum(0.02, routing=Routing(fallback_patterns=("embed",)))):
-        assert spec.routing is not None and spec.fallback == adamw(lr=0.02, weight_decay=0.0)
+        # The default fallback runs AdamW at a stated ratio of the rule's lr.
+        assert spec.routing is not None and spec.fallback == adamw(lr=0.02 * 0.3, weight_decay=0.0)
+        assert spec.fallback_lr_ratio == 0.3
     assert muon(lr=0.02).routing == Routing()
     # Delta momentum with an element-wise read-out takes every parameter: 1-D ones use its
     # recurrence with ζ = 0 (MATH §2).

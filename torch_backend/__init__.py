@@ -3,6 +3,8 @@
     opt = torch_backend.compile(deepopt.muon(lr=0.02), model.named_parameters())
 """
 
+from torch_backend._checkpoint import convert_state_dict as convert_state_dict
+from torch_backend._checkpoint import to_torch_state_dict as to_torch_state_dict
 from torch_backend._newton_schulz import newton_schulz as newton_schulz
 from torch_backend._optimizer import DeepOptimizer as DeepOptimizer
 from torch_backend._optimizer import compile as compile

@@ -35,6 +35,7 @@ from torch_backend._newton_schulz import newton_schulz
 
 Tensors = list[torch.Tensor]
 _NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _scale(rule: UpdateRule, p: torch.Tensor) -> float:
@@ -197,7 +198,10 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
 
         # Outer step W ← W − γλW − γ s(W) O (MATH §0).
         if rule.decoupled_weight_decay and weight_decay != 0.0:
-            p.mul_(1 - lr * weight_decay)
+            if p.dtype in _HALF:
+                p.add_(p, alpha=-lr * weight_decay)          # as the batched twin (see _decay)
+            else:
+                p.mul_(1 - lr * weight_decay)
         p.add_(out, alpha=-lr * _scale(rule, p))
 
         if isinstance(rule.memory, MultiScaleMemory):
@@ -343,7 +347,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
 
     # Outer step W ← W − γλW − γ s(W) O, the step size carrying s(W) and any folded correction.
     if rule.decoupled_weight_decay and weight_decay != 0.0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        _decay(params, lr * weight_decay)
     sizes = [lr * _scale(rule, p) for p in params] if rule.shape_scale != "none" else [lr] * len(params)
     if divisors is not None:
         sizes = [s / d for s, d in zip(sizes, divisors)]
@@ -359,6 +363,17 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
 
     if isinstance(rule.memory, MultiScaleMemory):
         _slow_write_batched(rule, states, vs, ts)
+
+
+def _decay(params: Tensors, rate: float) -> None:
+    """``W ← W − rate·W``. ``_foreach_mul_`` rounds a Python scalar to a half dtype first
+    (bf16: 1 − 0.002 → 0.99609, twice the decay), so half-precision parameters take
+    ``W + (−rate)·W``, whose scalar stays in float32."""
+    half = [p for p in params if p.dtype in _HALF]
+    if half:
+        torch._foreach_add_(half, half, alpha=-rate)
+    if len(half) < len(params):
+        torch._foreach_mul_([p for p in params if p.dtype not in _HALF], 1 - rate)
 
 
 def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, vs: Tensors,
