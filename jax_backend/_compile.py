@@ -167,6 +167,8 @@ def _check_rate(name: str, value: Any, *, schedule: bool) -> None:
         return
     allowed = "a number >= 0" + (", an optax schedule" if schedule else "") + " or a traced scalar"
     try:
+        if isinstance(value, (str, bytes, bool)):
+            raise TypeError
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}={value!r} is invalid: expected {allowed}") from None
