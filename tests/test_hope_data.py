@@ -1,6 +1,7 @@
 """HOPE benchmark data (benchmarks/hope/data.py): determinism, splits, MQAR answerability."""
 
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 from benchmarks.hope.data import (
     DOC_SEPARATOR,
     IGNORE,
+    OVERLAP_BYTES,
     DataSource,
     build_file_corpus,
     build_stdlib_corpus,
@@ -34,8 +36,12 @@ def test_stdlib_corpus_is_deterministic(corpus):
 
 def test_stdlib_hash_matches_an_independent_recomputation(corpus):
     root = stdlib_root()
+    skip = {"test", "tests", "idle_test", "site-packages", "__pycache__", "encodings", "pydoc_data"}
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
-                   if not {"test", "tests", "idle_test", "site-packages", "__pycache__"} & set(p.relative_to(root).parts))
+                   if not skip & set(p.relative_to(root).parts)
+                   and not re.search(rb"auto-?generated|automatically generated|this file is generated|do not edit"
+                                     rb"|with gencodec\.py|generated and used by the sysconfig",
+                                     p.read_bytes()[:1024].lower()))
     assert files == stdlib_files()
     h = hashlib.sha256()
     for rel in files:
@@ -102,3 +108,26 @@ def test_mqar_source_val_is_fixed_and_differs_from_train():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(src.val_batches, again.val_batches))
     x, _ = src.train_batch(torch.Generator().manual_seed(3))
     assert not torch.equal(x, src.val_batches[0][0])
+
+
+def test_no_generated_tables_in_the_corpus():
+    files = stdlib_files()
+    assert not [f for f in files if f.startswith(("encodings/", "pydoc_data/"))]
+    assert "stringprep.py" not in files and "token.py" not in files  # "generated ... do not edit"
+    assert "argparse.py" in files and "json/decoder.py" in files
+
+
+def test_validation_is_64_kib_and_no_window_starts_with_train_text(corpus):
+    from benchmarks.hope.presets import PRESETS
+
+    train_cfg = PRESETS["cpu-tiny"]["train"]
+    src = DataSource("stdlib", train_cfg["seq_len"], train_cfg["batch"], val_batches=train_cfg["val_batches"])
+    n_tokens = sum(y.numel() for _, y in src.val_batches)
+    assert n_tokens >= 64 * 1024
+    train_bytes = corpus.train.tobytes()
+    heads = [bytes(row[:OVERLAP_BYTES].to(torch.uint8).tolist()) for x, _ in src.val_batches for row in x]
+    assert len(set(heads)) == len(heads)  # distinct windows
+    assert not [h for h in heads if h in train_bytes]  # checked by plain substring search
+    # the check is not vacuous: plain even spacing does start windows with train text
+    plain = even_windows(corpus.val, train_cfg["batch"], train_cfg["seq_len"], train_cfg["val_batches"])
+    assert any(bytes(row[:OVERLAP_BYTES].to(torch.uint8).tolist()) in train_bytes for x, _ in plain for row in x)

@@ -20,12 +20,12 @@ PRESETS = {
     "cpu-tiny": dict(
         model=dict(d_model=64, n_layers=2, n_heads=2, mem_hidden=32, chunk_size=16,
                    cms_periods=(16, 64), cms_hidden=128),
-        train=dict(batch=8, seq_len=128, steps=200, warmup=20, val_batches=8, log_every=5),
+        train=dict(batch=8, seq_len=128, steps=200, warmup=20, val_batches=64, log_every=5),  # 64 KiB val
     ),
     "cpu-mqar": dict(
         model=dict(d_model=64, n_layers=2, n_heads=2, mem_hidden=32, chunk_size=16,
                    cms_periods=(16, 64), cms_hidden=128),
-        train=dict(batch=32, seq_len=64, steps=400, warmup=20, val_batches=4, log_every=10),
+        train=dict(batch=32, seq_len=64, steps=1200, warmup=50, val_batches=4, log_every=10),
     ),
     "gpu-small": dict(
         model=dict(d_model=256, n_layers=4, n_heads=4, mem_hidden=64, chunk_size=16,
