@@ -60,6 +60,15 @@ def uses_step_count(rule: UpdateRule) -> bool:
             or (linear is not None and (linear.bias_correction or linear.undamped_first_write)))
 
 
+def _folds_bias_correction(rule: UpdateRule) -> bool:
+    """Whether the memory's bias correction ``1/(1 − αᵗ)`` can move into the step size (exact
+    when σ is the identity), as torch's AdamW folds it into ``lr / (1 − β₁ᵗ)``."""
+    if isinstance(rule.memory, (MultiScaleMemory, DeepMemory)):
+        return False
+    mem = rule.memory
+    return mem.bias_correction and not mem.nesterov and isinstance(rule.readout, Identity)
+
+
 def _is_ema(mem: LinearMemory) -> bool:
     """η = 1 − α: write and Nesterov read are lerps, as torch's AdamW and Muon compute them."""
     return mem.inner_lr == 1.0 - mem.momentum and not mem.undamped_first_write
@@ -152,7 +161,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
                 lr: float, weight_decay: float) -> None:
     counted = uses_step_count(rule)
     for p, g, st in zip(params, grads, states):
-        t = None
+        t, divisor, denom = None, 1.0, None
         if counted:
             st["step"] += 1
             t = int(st["step"].item())
@@ -178,7 +187,10 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
             _deep_state_writeback(mem, [st], s, w1, w2, nu, g_hat)
             d = d[0].view_as(p)
         else:
-            d = _linear_memory_single(_linear(rule), st, p, g, v, t)
+            mem = _linear(rule)
+            if _folds_bias_correction(rule):                 # as the batched twin does
+                mem, divisor = replace(mem, bias_correction=False), 1 - mem.momentum**t
+            d = _linear_memory_single(mem, st, p, g, v, t)
 
         # Read-out map σ (MATH §4), M3's slow term, denominator.
         out = _readout_single(rule, d)
@@ -194,15 +206,16 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
             denom = nu.sqrt()
             if den.bias_correction:
                 denom.div_(math.sqrt(1 - den.beta2**t))
-            out = out / denom.add_(den.eps)
+            denom.add_(den.eps)
 
-        # Outer step W ← W − γλW − γ s(W) O (MATH §0).
+        # Outer step W ← W − γλW − γ s(W) O / denom (MATH §0); one rounding in half precision.
         if rule.decoupled_weight_decay and weight_decay != 0.0:
-            if p.dtype in _HALF:
-                p.add_(p, alpha=-lr * weight_decay)          # as the batched twin (see _decay)
-            else:
-                p.mul_(1 - lr * weight_decay)
-        p.add_(out, alpha=-lr * _scale(rule, p))
+            p.mul_(1 - lr * weight_decay)
+        size = lr * _scale(rule, p) / divisor
+        if denom is not None:
+            p.addcdiv_(out, denom, value=-size)
+        else:
+            p.add_(out, alpha=-size)
 
         if isinstance(rule.memory, MultiScaleMemory):
             _slow_write_single(rule, st, v, t)
@@ -306,11 +319,11 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     if isinstance(rule.values, AdamValues):
         b2 = rule.values.beta2
         nus = [st["values_sq"] for st in states]
-        torch._foreach_mul_(nus, b2)
+        _scalar_op("mul", nus, b2, inplace=True)
         torch._foreach_addcmul_(nus, gs, gs, value=1 - b2)
-        denom = torch._foreach_div(nus, [1 - b2**t for t in ts])
+        denom = _scalar_op("div", nus, [1 - b2**t for t in ts])
         torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, rule.values.eps)
+        _scalar_op("add", denom, rule.values.eps, inplace=True)
         vs = torch._foreach_div(gs, denom)
 
     # Memory write and read-out D̃. ``divisors``: a bias correction left for the final step
@@ -320,8 +333,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         ds = _deep_memory_batched(rule.memory, states, gs, vs)
     else:
         mem = _linear(rule)
-        if mem.bias_correction and not mem.nesterov and isinstance(rule.readout, Identity) \
-                and not isinstance(rule.memory, MultiScaleMemory):
+        if _folds_bias_correction(rule):
             ds = _linear_memory_batched(replace(mem, bias_correction=False), states, gs, vs, ts)
             divisors = [1 - mem.momentum**t for t in ts]
         else:
@@ -338,12 +350,12 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         if den.accumulate:
             torch._foreach_addcmul_(nus, gs, gs, value=den.beta2)
         else:
-            torch._foreach_mul_(nus, den.beta2)
+            _scalar_op("mul", nus, den.beta2, inplace=True)
             torch._foreach_addcmul_(nus, gs, gs, value=1 - den.beta2)
         denom = torch._foreach_sqrt(nus)
         if den.bias_correction:
-            torch._foreach_div_(denom, [math.sqrt(1 - den.beta2**t) for t in ts])
-        torch._foreach_add_(denom, den.eps)
+            _scalar_op("div", denom, [math.sqrt(1 - den.beta2**t) for t in ts], inplace=True)
+        _scalar_op("add", denom, den.eps, inplace=True)
 
     # Outer step W ← W − γλW − γ s(W) O, the step size carrying s(W) and any folded correction.
     if rule.decoupled_weight_decay and weight_decay != 0.0:
@@ -366,14 +378,33 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
 
 
 def _decay(params: Tensors, rate: float) -> None:
-    """``W ← W − rate·W``. ``_foreach_mul_`` rounds a Python scalar to a half dtype first
-    (bf16: 1 − 0.002 → 0.99609, twice the decay), so half-precision parameters take
-    ``W + (−rate)·W``, whose scalar stays in float32."""
-    half = [p for p in params if p.dtype in _HALF]
-    if half:
-        torch._foreach_add_(half, half, alpha=-rate)
-    if len(half) < len(params):
-        torch._foreach_mul_([p for p in params if p.dtype not in _HALF], 1 - rate)
+    """``W ← W (1 − rate)``, as ``Tensor.mul_`` rounds it in every dtype (see :func:`_scalar_op`)."""
+    _scalar_op("mul", params, 1 - rate, inplace=True)
+
+
+def _scalar_op(op: str, xs: Tensors, value: float | list[float], *, inplace: bool = False) -> Tensors:
+    """``torch._foreach_{op}`` of ``xs`` by a Python scalar or one scalar per tensor.
+
+    For half dtypes foreach ops round a Python scalar (and a scalar list) to the tensors' dtype
+    before using it (bf16: 1 − 0.002 → 0.99609, twice the decay; fp16: 0.9 → 0.89990),
+    while ``Tensor.mul_`` and the other single-tensor ops keep it in float32. A float32 0-d
+    tensor keeps it in float32 here too, so both twins round once, identically.
+    """
+    fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
+    if not any(x.dtype in _HALF for x in xs):
+        return fn(xs, value)
+    values = value if isinstance(value, list) else [value] * len(xs)
+    out: Tensors = list(xs)
+    by_value: dict[float, list[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        by_value[float(v)].append(i)
+    for v, idx in by_value.items():
+        scalar = torch.tensor(v, dtype=torch.float32, device=xs[idx[0]].device)
+        result = fn([xs[i] for i in idx], scalar)
+        if not inplace:
+            for i, r in zip(idx, result):
+                out[i] = r
+    return xs if inplace else out
 
 
 def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, vs: Tensors,
@@ -386,10 +417,10 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
         if etas is None:
             torch._foreach_add_(dst, vs, alpha=eta)
         else:
-            torch._foreach_add_(dst, torch._foreach_mul(vs, etas))
+            torch._foreach_add_(dst, _scalar_op("mul", vs, etas))
 
     if mem.stateless:
-        ss = vs if etas is None and eta == 1.0 else torch._foreach_mul(vs, etas or eta)
+        ss = vs if etas is None and eta == 1.0 else _scalar_op("mul", vs, etas or eta)
     else:
         ss = [st["memory"] for st in states]
         if mem.zeta != 0.0:
@@ -397,29 +428,29 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
             mats = [i for i, s in enumerate(ss) if s.ndim >= 2]
             deltas = _batched_matrix_map(lambda s, g: delta_term(s, g, mem.key_eps),
                                          [ss[i] for i in mats], [gs[i] for i in mats]) if mats else []
-            torch._foreach_mul_(ss, alpha)
+            _scalar_op("mul", ss, alpha, inplace=True)
             if mats:
                 torch._foreach_add_([ss[i] for i in mats], deltas, alpha=-mem.zeta)
             add_values(ss)
         elif _is_ema(mem):
             torch._foreach_lerp_(ss, vs, 1 - alpha)
         else:
-            torch._foreach_mul_(ss, alpha)
+            _scalar_op("mul", ss, alpha, inplace=True)
             add_values(ss)
     if mem.nesterov:
         if mem.bias_correction:
-            ds = torch._foreach_mul(ss, [alpha / (1 - alpha ** (t + 1)) for t in ts])
-            torch._foreach_add_(ds, torch._foreach_mul(vs, [(etas[i] if etas else eta) / (1 - alpha**t)
+            ds = _scalar_op("mul", ss, [alpha / (1 - alpha ** (t + 1)) for t in ts])
+            torch._foreach_add_(ds, _scalar_op("mul", vs, [(etas[i] if etas else eta) / (1 - alpha**t)
                                                             for i, t in enumerate(ts)]))
             return ds
         if _is_ema(mem):
             return torch._foreach_lerp(vs, ss, alpha)
         if etas is None and eta == 1.0:
             return torch._foreach_add(vs, ss, alpha=alpha)   # torch SGD: g + μ·buf
-        ds = torch._foreach_mul(ss, alpha)
+        ds = _scalar_op("mul", ss, alpha)
         add_values(ds)
         return ds
-    return torch._foreach_div(ss, [1 - alpha**t for t in ts]) if mem.bias_correction else ss
+    return _scalar_op("div", ss, [1 - alpha**t for t in ts]) if mem.bias_correction else ss
 
 
 def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: Tensors) -> Tensors:
@@ -453,7 +484,7 @@ def _slow_write_batched(rule: UpdateRule, states: list[dict], vs: Tensors, ts: l
         return
     slow = [st["slow_memory"] for st in due]
     acc = [st["slow_accumulator"] for st in due]
-    torch._foreach_mul_(slow, mem.slow_momentum)
+    _scalar_op("mul", slow, mem.slow_momentum, inplace=True)
     torch._foreach_add_(slow, acc, alpha=mem.slow_inner_lr)
     torch._foreach_copy_([st["slow_readout"] for st in due], _readout_batched(rule, slow))
     torch._foreach_zero_(acc)
