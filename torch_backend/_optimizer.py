@@ -130,7 +130,7 @@ class DeepOptimizer(Optimizer):
         super().__init__(params, spec.hyperparameters)
 
     def _reset_caches(self) -> None:
-        self._rules: OrderedDict[tuple, UpdateRule] = OrderedDict()
+        self._rules: OrderedDict[tuple, tuple[UpdateRule, tuple]] = OrderedDict()  # -> (rule, layout)
         self._layouts: dict[int, tuple] = {}           # id(group) -> layout its state was checked for
         # The hyperparameters that shape each route's rule (lr and weight decay are read per step).
         self._rule_keys = {route: [k for k in s.hyperparameters if k not in ("lr", "weight_decay")]
@@ -350,21 +350,24 @@ class DeepOptimizer(Optimizer):
         Cached per distinct value, least recently used first out: a scheduler cycling momentum
         makes a new rule every step, and the cache stays small.
         """
+        return self._rule_and_layout(group)[0]
+
+    def _rule_and_layout(self, group: dict[str, Any]) -> tuple[UpdateRule, tuple]:
         route = group["route"]
         keys = self._rule_keys[route]
         cache_key = (route, *(_hashable(group[k]) for k in keys))
-        rule = self._rules.get(cache_key)
-        if rule is None:
+        entry = self._rules.get(cache_key)
+        if entry is None:
             spec = self._route_spec(route)
             rule = spec.replace(**{k: group[k] for k in keys}).rule
             if self._maximize and not rule.maximize:
                 rule = replace(rule, maximize=True)
-            self._rules[cache_key] = rule
+            entry = self._rules[cache_key] = (rule, _layout(rule))
             if len(self._rules) > _RULE_CACHE_SIZE:
                 self._rules.popitem(last=False)
         else:
             self._rules.move_to_end(cache_key)
-        return rule
+        return entry
 
     # -- step --------------------------------------------------------------------------------
     def _init_group(self, group: dict[str, Any], rule: UpdateRule, params: list, grads: list,
@@ -461,12 +464,11 @@ class DeepOptimizer(Optimizer):
                 loss = closure()
         plans, fills, layouts = [], [], []
         for group in self.param_groups:
-            rule = self._group_rule(group)
+            rule, layout = self._rule_and_layout(group)
             lr = self._rate(group, "lr")
             if "lr_ratio" in group:
                 lr *= self._rate(group, "lr_ratio")
             wd = self._rate(group, "weight_decay")
-            layout = _layout(rule)
             if self._layouts.get(id(group)) != layout:
                 fills += self._check_layout(group, rule)
                 layouts.append((id(group), layout))
