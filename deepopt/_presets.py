@@ -68,7 +68,7 @@ def _ns_readout(ns_coefficients: Any, ns_steps: int, eps: float, normalization: 
 def _matrix_spec(name: str, rule: UpdateRule, hp: dict[str, Any], builder: Any, lr: float,
                  fallback: Spec | None, routing: Routing | None) -> Spec:
     """A spec whose rule takes matrix-view parameters (ndim ≥ 2 by default); the others go to
-    ``fallback``, by default ``adamw(lr, weight_decay=0)``."""
+    ``fallback``, by default ``adamw(0.3·lr, weight_decay=0)``."""
     ratio = None if fallback is not None else DEFAULT_FALLBACK_LR_RATIO
     if fallback is None:
         fallback = adamw(lr=lr * DEFAULT_FALLBACK_LR_RATIO, weight_decay=0.0)
@@ -264,7 +264,7 @@ def delta_momentum(
       ns_coefficients, ns_steps, eps: Newton–Schulz settings when ``readout="newton_schulz"``.
       adjust_lr_fn: shape scale s(W) for Newton–Schulz read-outs (as ``muon``); 1 otherwise.
       fallback, routing: with ``readout="newton_schulz"``, parameters with fewer than 2 dims go
-        to ``fallback`` (default ``adamw(lr, weight_decay=0)``). With an element-wise read-out
+        to ``fallback`` (default ``adamw(0.3·lr, weight_decay=0)``). With an element-wise read-out
         every parameter takes this rule, and 1-D ones use its recurrence with ζ = 0 (MATH §2),
         so ``delta_momentum(zeta=0)`` is ``sgd`` on every parameter.
 
@@ -340,7 +340,7 @@ def muon(
       ns_dtype: Newton–Schulz compute dtype: ``"bfloat16"`` (torch) or ``"input"`` (optax),
         ``"float32"``, ``"float64"``.
       bias_correction: optax's bias-corrected (NAdam-form) read-out.
-      fallback: element-wise spec for the rest (default ``adamw(lr, weight_decay=0)``).
+      fallback: element-wise spec for the rest (default ``adamw(0.3·lr, weight_decay=0)``).
       routing: which parameters take Muon (default: ndim ≥ 2; add name patterns for
         embeddings and output heads).
 
@@ -588,7 +588,7 @@ def custom(
 
     Its hyperparameters are ``lr`` and ``weight_decay``; other settings live in ``rule``.
     A rule that needs the matrix view (Newton–Schulz, ζ > 0, a shape scale) gets the default
-    routing (ndim ≥ 2) and an ``adamw(lr, weight_decay=0)`` fallback unless given others.
+    routing (ndim ≥ 2) and an ``adamw(0.3·lr, weight_decay=0)`` fallback unless given others.
 
     Example::
 
