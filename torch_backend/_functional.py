@@ -31,6 +31,7 @@ from deepopt import (
     matrix_view_shape,
     shape_scale_factor,
 )
+from torch_backend import _distributed
 from torch_backend._newton_schulz import newton_schulz
 
 Tensors = list[torch.Tensor]
@@ -38,8 +39,15 @@ _NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": t
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _scale(rule: UpdateRule, p: torch.Tensor) -> float:
-    return shape_scale_factor(rule.shape_scale, *matrix_view_shape(p.shape)) if p.ndim >= 2 else 1.0
+def _scale(rule: UpdateRule, shape: torch.Size) -> float:
+    return shape_scale_factor(rule.shape_scale, *matrix_view_shape(shape)) if len(shape) >= 2 else 1.0
+
+
+def _shapes(params: Tensors, layouts: list | None) -> list[torch.Size]:
+    """Each parameter's global shape (a local shard's layout knows its parameter's)."""
+    if layouts is None:
+        return [p.shape for p in params]
+    return [p.shape if lay is None else lay.shape for p, lay in zip(params, layouts)]
 
 
 def _linear(rule: UpdateRule) -> LinearMemory:
@@ -158,9 +166,12 @@ def _deep_state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat
 
 
 def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
-                lr: float, weight_decay: float) -> None:
+                lr: float, weight_decay: float, layouts: list | None = None) -> None:
+    """``layouts``: with local shards of distributed parameters, each one's
+    :class:`~torch_backend._distributed.Layout` (whole-matrix phases then communicate)."""
     counted = uses_step_count(rule)
-    for p, g, st in zip(params, grads, states):
+    for i, (p, g, st) in enumerate(zip(params, grads, states)):
+        lay = layouts[i] if layouts is not None else None
         t, divisor, denom = None, 1.0, None
         if counted:
             st["step"] += 1
@@ -178,7 +189,9 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
             v = g / nu.div(1 - b2**t).sqrt_().add_(rule.values.eps)
 
         # Memory write and read-out D̃.
-        if isinstance(rule.memory, DeepMemory):
+        if isinstance(rule.memory, DeepMemory) and lay is not None:
+            d = _deep_memory_batched(rule.memory, [st], [g], [v], [lay])[0]
+        elif isinstance(rule.memory, DeepMemory):
             mem = rule.memory
             shape = matrix_view_shape(p.shape)
             s, w1, w2, nu, prev = _deep_state_stacks(mem, [st], shape)
@@ -190,10 +203,10 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
             mem = _linear(rule)
             if _folds_bias_correction(rule):                 # as the batched twin does
                 mem, divisor = replace(mem, bias_correction=False), 1 - mem.momentum**t
-            d = _linear_memory_single(mem, st, p, g, v, t)
+            d = _linear_memory_single(mem, st, p, g, v, t, lay)
 
         # Read-out map σ (MATH §4), M3's slow term, denominator.
-        out = _readout_single(rule, d)
+        out = _readout_single(rule, d, lay)
         if isinstance(rule.memory, MultiScaleMemory):
             out = out + rule.memory.slow_weight * st["slow_readout"]
         if rule.denominator is not None:
@@ -211,18 +224,18 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
         # Outer step W ← W − γλW − γ s(W) O / denom (MATH §0); one rounding in half precision.
         if rule.decoupled_weight_decay and weight_decay != 0.0:
             p.mul_(1 - lr * weight_decay)
-        size = lr * _scale(rule, p) / divisor
+        size = lr * _scale(rule, p.shape if lay is None else lay.shape) / divisor
         if denom is not None:
             p.addcdiv_(out, denom, value=-size)
         else:
             p.add_(out, alpha=-size)
 
         if isinstance(rule.memory, MultiScaleMemory):
-            _slow_write_single(rule, st, v, t)
+            _slow_write_single(rule, st, v, t, lay)
 
 
 def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch.Tensor,
-                          v: torch.Tensor, t: int) -> torch.Tensor:
+                          v: torch.Tensor, t: int, lay=None) -> torch.Tensor:
     """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (MATH §2) and return the read-out D̃."""
     alpha = mem.momentum
     eta = 1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr
@@ -231,8 +244,12 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
     else:
         s = st["memory"]
         if mem.zeta != 0.0 and p.ndim >= 2:                  # 1-D: the recurrence with ζ = 0
-            m, n = matrix_view_shape(p.shape)
-            delta = delta_term(s.reshape(1, m, n), g.reshape(1, m, n), mem.key_eps).view_as(s)
+            if lay is not None:                              # whole matrices on their owner
+                delta = _distributed.map_whole(lay, lambda s, g: delta_term(s, g, mem.key_eps),
+                                               [s[None], g[None]])[0]
+            else:
+                m, n = matrix_view_shape(p.shape)
+                delta = delta_term(s.reshape(1, m, n), g.reshape(1, m, n), mem.key_eps).view_as(s)
             s.mul_(alpha).add_(delta, alpha=-mem.zeta).add_(v, alpha=eta)
         elif _is_ema(mem):
             s.lerp_(v, 1 - alpha)
@@ -247,7 +264,9 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
     return s / (1 - alpha**t) if mem.bias_correction else s
 
 
-def _readout_single(rule: UpdateRule, d: torch.Tensor) -> torch.Tensor:
+def _readout_single(rule: UpdateRule, d: torch.Tensor, lay=None) -> torch.Tensor:
+    if isinstance(rule.readout, NewtonSchulz) and lay is not None:   # whole matrix on its owner
+        return _distributed.map_whole(lay, lambda x: newton_schulz(x, rule.readout), [d[None]])[0]
     if isinstance(rule.readout, NewtonSchulz):
         m, n = matrix_view_shape(d.shape)
         return newton_schulz(d.reshape(1, m, n), rule.readout).view_as(d)
@@ -256,13 +275,13 @@ def _readout_single(rule: UpdateRule, d: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def _slow_write_single(rule: UpdateRule, st: dict, v: torch.Tensor, t: int) -> None:
+def _slow_write_single(rule: UpdateRule, st: dict, v: torch.Tensor, t: int, lay=None) -> None:
     """M3: accumulate V; every ``period`` steps write M² and refresh O² = σ(M²) (MATH §6)."""
     mem = rule.memory
     st["slow_accumulator"].add_(v)
     if t % mem.period == 0:
         st["slow_memory"].mul_(mem.slow_momentum).add_(st["slow_accumulator"], alpha=mem.slow_inner_lr)
-        st["slow_readout"].copy_(_readout_single(rule, st["slow_memory"]))
+        st["slow_readout"].copy_(_readout_single(rule, st["slow_memory"], lay))
         st["slow_accumulator"].zero_()
 
 
@@ -271,11 +290,14 @@ def _slow_write_single(rule: UpdateRule, st: dict, v: torch.Tensor, t: int) -> N
 # --------------------------------------------------------------------------------------------
 
 
-def _buckets(tensors: Tensors) -> dict[tuple, list[int]]:
-    """Indices of tensors that share a matrix view, dtype and device."""
+def _buckets(tensors: Tensors, layouts: list | None = None) -> dict[tuple, list[int]]:
+    """Indices of tensors that share a matrix view, dtype, device and distributed layout
+    (``(m, n, dtype, device, layout)``; the layout is None for plain tensors)."""
     out: dict[tuple, list[int]] = defaultdict(list)
     for i, x in enumerate(tensors):
-        out[(*matrix_view_shape(x.shape), x.dtype, x.device)].append(i)
+        lay = layouts[i] if layouts is not None else None
+        shape = x.shape if lay is None else lay.shape
+        out[(*matrix_view_shape(shape), x.dtype, x.device, lay)].append(i)
     return out
 
 
@@ -289,19 +311,27 @@ def _stack(xs: Tensors, idx: list[int], m: int, n: int, dtype: torch.dtype | Non
     return out
 
 
-def _batched_matrix_map(fn, *lists: Tensors, dtype: torch.dtype | None = None) -> Tensors:
-    """Apply ``fn`` to stacks ``(B, m, n)`` of same-shape matrix views; return per-tensor views."""
+def _batched_matrix_map(fn, *lists: Tensors, dtype: torch.dtype | None = None,
+                        layouts: list | None = None) -> Tensors:
+    """Apply ``fn`` to stacks ``(B, m, n)`` of same-shape matrix views; return per-tensor views.
+
+    Local shards of distributed parameters (``layouts``) are stacked as they are — cast to
+    ``dtype`` before any communication — and ``fn`` runs on whole matrices on their owners.
+    """
     result: Tensors = [None] * len(lists[0])  # type: ignore[list-item]
-    for (m, n, *_), idx in _buckets(lists[0]).items():
-        stacks = [_stack(xs, idx, m, n, dtype) for xs in lists]
-        y = fn(*stacks)
+    for (m, n, _, _, lay), idx in _buckets(lists[0], layouts).items():
+        if lay is not None:
+            stacks = [torch.stack([xs[i] for i in idx]).to(dtype or xs[idx[0]].dtype) for xs in lists]
+            y = _distributed.map_whole(lay, fn, stacks)                  # (B, *local shape)
+        else:
+            y = fn(*(_stack(xs, idx, m, n, dtype) for xs in lists))
         for j, i in enumerate(idx):
             result[i] = y[j].view_as(lists[0][i])
     return result
 
 
 def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
-                 lr: float, weight_decay: float) -> None:
+                 lr: float, weight_decay: float, layouts: list | None = None) -> None:
     ts = None
     if uses_step_count(rule):
         steps = [st["step"] for st in states]
@@ -330,17 +360,17 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     # size (exact when σ is the identity), as torch's AdamW folds it into ``lr / (1 − β₁ᵗ)``.
     divisors = None
     if isinstance(rule.memory, DeepMemory):
-        ds = _deep_memory_batched(rule.memory, states, gs, vs)
+        ds = _deep_memory_batched(rule.memory, states, gs, vs, layouts)
     else:
         mem = _linear(rule)
         if _folds_bias_correction(rule):
-            ds = _linear_memory_batched(replace(mem, bias_correction=False), states, gs, vs, ts)
+            ds = _linear_memory_batched(replace(mem, bias_correction=False), states, gs, vs, ts, layouts)
             divisors = [1 - mem.momentum**t for t in ts]
         else:
-            ds = _linear_memory_batched(mem, states, gs, vs, ts)
+            ds = _linear_memory_batched(mem, states, gs, vs, ts, layouts)
 
     # Read-out map σ, M3's slow term, denominator.
-    outs = _readout_batched(rule, ds)
+    outs = _readout_batched(rule, ds, layouts)
     if isinstance(rule.memory, MultiScaleMemory):
         outs = torch._foreach_add(outs, [st["slow_readout"] for st in states], alpha=rule.memory.slow_weight)
     denom = None
@@ -360,7 +390,8 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     # Outer step W ← W − γλW − γ s(W) O, the step size carrying s(W) and any folded correction.
     if rule.decoupled_weight_decay and weight_decay != 0.0:
         _decay(params, lr * weight_decay)
-    sizes = [lr * _scale(rule, p) for p in params] if rule.shape_scale != "none" else [lr] * len(params)
+    sizes = ([lr * _scale(rule, shape) for shape in _shapes(params, layouts)] if rule.shape_scale != "none"
+             else [lr] * len(params))
     if divisors is not None:
         sizes = [s / d for s, d in zip(sizes, divisors)]
     by_size: dict[float, list[int]] = defaultdict(list)       # one foreach call per step size
@@ -374,7 +405,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
             torch._foreach_add_(ps, os_, alpha=-size)
 
     if isinstance(rule.memory, MultiScaleMemory):
-        _slow_write_batched(rule, states, vs, ts)
+        _slow_write_batched(rule, states, vs, ts, layouts)
 
 
 def _decay(params: Tensors, rate: float) -> None:
@@ -408,7 +439,7 @@ def _scalar_op(op: str, xs: Tensors, value: float | list[float], *, inplace: boo
 
 
 def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, vs: Tensors,
-                           ts: list[int] | None) -> Tensors:
+                           ts: list[int] | None, layouts: list | None = None) -> Tensors:
     alpha, eta = mem.momentum, mem.inner_lr
     # η per tensor only under torch's first-write quirk; otherwise one scalar (no temporaries).
     etas = [1.0 if t == 1 else eta for t in ts] if mem.undamped_first_write else None
@@ -427,7 +458,9 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
             # The delta term S KᵀK on matrix views; 1-D parameters take the ζ = 0 recurrence.
             mats = [i for i, s in enumerate(ss) if s.ndim >= 2]
             deltas = _batched_matrix_map(lambda s, g: delta_term(s, g, mem.key_eps),
-                                         [ss[i] for i in mats], [gs[i] for i in mats]) if mats else []
+                                         [ss[i] for i in mats], [gs[i] for i in mats],
+                                         layouts=None if layouts is None else [layouts[i] for i in mats]
+                                         ) if mats else []
             _scalar_op("mul", ss, alpha, inplace=True)
             if mats:
                 torch._foreach_add_([ss[i] for i in mats], deltas, alpha=-mem.zeta)
@@ -453,38 +486,73 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
     return _scalar_op("div", ss, [1 - alpha**t for t in ts]) if mem.bias_correction else ss
 
 
-def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: Tensors) -> Tensors:
+def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: Tensors,
+                         layouts: list | None = None) -> Tensors:
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
-    for (m, n, *_), idx in _buckets(gs).items():
+    for (m, n, _, _, lay), idx in _buckets(gs, layouts).items():
         sts = [states[i] for i in idx]
-        s, w1, w2, nu, prev = _deep_state_stacks(mem, sts, (m, n))
-        g = torch.stack([gs[i].reshape(m, n) for i in idx])
-        v = torch.stack([vs[i].reshape(m, n) for i in idx])
-        s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
-        _deep_state_writeback(mem, sts, s, w1, w2, nu, g_hat)
+        if lay is not None:
+            d = _deep_memory_whole(mem, lay, sts, [gs[i] for i in idx], [vs[i] for i in idx])
+        else:
+            s, w1, w2, nu, prev = _deep_state_stacks(mem, sts, (m, n))
+            g = torch.stack([gs[i].reshape(m, n) for i in idx])
+            v = torch.stack([vs[i].reshape(m, n) for i in idx])
+            s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
+            _deep_state_writeback(mem, sts, s, w1, w2, nu, g_hat)
         for j, i in enumerate(idx):
             ds[i] = d[j].view_as(gs[i])
     return ds
 
 
-def _readout_batched(rule: UpdateRule, ds: Tensors) -> Tensors:
+def _deep_memory_whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: Tensors) -> torch.Tensor:
+    """DMGD on a bucket of local shards: the kernel runs on whole matrices, each on its owner
+    (θ's gradients and ν read every row); rows go back to their shards, and θ, ν to every rank.
+    Three collectives per bucket. Returns the read-outs ``(B, *local shape)``."""
+    m, n = matrix_view_shape(tuple(lay.shape))
+    rows = [[st["memory"] for st in sts], gs, vs]
+    if mem.keys == "previous":
+        rows.append([st["prev_key"] for st in sts])
+    whole, b = _distributed.gather_whole(lay, [torch.stack(x) for x in rows])      # (b', k, *shape)
+    s, g, v, *prev = (whole[:, j].reshape(-1, m, n) for j in range(len(rows)))
+    w1 = w2 = nu = None
+    if mem.hidden:                                           # θ, ν: every rank's copy → owner's share
+        w1 = _distributed.share_of(lay, torch.stack([st["mlp_w1"] for st in sts]))
+        w2 = _distributed.share_of(lay, torch.stack([st["mlp_w2"] for st in sts]))
+        nu = _distributed.share_of(lay, torch.stack([st["value_scale"] for st in sts])).view(-1, 1, 1)
+    s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev[0] if prev else None)
+    outs = [s, d, g_hat] if prev else [s, d]
+    back = _distributed.scatter_whole(lay, [x[:b].reshape(b, *lay.shape) for x in outs], len(sts))
+    if mem.hidden:                                           # one all-gather for W₁, W₂ and ν
+        h = mem.hidden
+        theta = torch.cat([w1.flatten(1), w2.flatten(1), nu.flatten(1)], dim=1)[:b]
+        theta = _distributed.share_all(lay, theta, len(sts))
+        w1, w2, nu = theta.split([h * n, n * h, 1], dim=1)
+        w1, w2 = w1.reshape(-1, h, n), w2.reshape(-1, n, h)
+    _deep_state_writeback(mem, sts, back[:, 0], w1, w2, nu, back[:, 2] if prev else None)
+    return back[:, 1]
+
+
+def _readout_batched(rule: UpdateRule, ds: Tensors, layouts: list | None = None) -> Tensors:
     if isinstance(rule.readout, NewtonSchulz):
         return _batched_matrix_map(lambda x: newton_schulz(x, rule.readout), ds,
-                                   dtype=_NS_DTYPES.get(rule.readout.dtype))
+                                   dtype=_NS_DTYPES.get(rule.readout.dtype), layouts=layouts)
     if isinstance(rule.readout, Sign):
         return torch._foreach_sign(ds)
     return ds
 
 
-def _slow_write_batched(rule: UpdateRule, states: list[dict], vs: Tensors, ts: list[int]) -> None:
+def _slow_write_batched(rule: UpdateRule, states: list[dict], vs: Tensors, ts: list[int],
+                        layouts: list | None = None) -> None:
     mem = rule.memory
     torch._foreach_add_([st["slow_accumulator"] for st in states], vs)
-    due = [st for st, t in zip(states, ts) if t % mem.period == 0]
-    if not due:
+    due_idx = [i for i, t in enumerate(ts) if t % mem.period == 0]
+    if not due_idx:
         return
+    due = [states[i] for i in due_idx]
     slow = [st["slow_memory"] for st in due]
     acc = [st["slow_accumulator"] for st in due]
     _scalar_op("mul", slow, mem.slow_momentum, inplace=True)
     torch._foreach_add_(slow, acc, alpha=mem.slow_inner_lr)
-    torch._foreach_copy_([st["slow_readout"] for st in due], _readout_batched(rule, slow))
+    due_layouts = None if layouts is None else [layouts[i] for i in due_idx]
+    torch._foreach_copy_([st["slow_readout"] for st in due], _readout_batched(rule, slow, due_layouts))
     torch._foreach_zero_(acc)
