@@ -45,7 +45,7 @@ DEFAULT_SPECS = {
     "delta_momentum": lambda: deepopt.delta_momentum(0.05),
     "muon": lambda: deepopt.muon(),
     "muon_fp32": lambda: deepopt.muon(ns_dtype="float32"),
-    "dmgd": lambda: deepopt.dmgd(),
+    "dmgd": lambda: deepopt.dmgd(0.02, readout="newton_schulz"),   # a deep Muon
     "m3": lambda: deepopt.m3(),
     "m3_slow": lambda: deepopt.m3(frequency=2),
 }

@@ -32,6 +32,7 @@ from deepopt import (
     shape_scale_factor,
 )
 from torch_backend import _distributed
+from torch_backend._fused import classic_kind, fused_groups, step_fused
 from torch_backend._newton_schulz import newton_schulz
 
 Tensors = list[torch.Tensor]
@@ -331,7 +332,13 @@ def _batched_matrix_map(fn, *lists: Tensors, dtype: torch.dtype | None = None,
 
 
 def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
-                 lr: float, weight_decay: float, layouts: list | None = None) -> None:
+                 lr: float, weight_decay: float, layouts: list | None = None,
+                 fused: bool | None = None) -> None:
+    kind = classic_kind(rule)
+    groups = fused_groups(params, grads, fused) if kind is not None else None
+    if groups is not None:                                      # torch's own AdamW / SGD kernel
+        step_fused(kind, rule, params, grads, states, groups, lr=lr, weight_decay=weight_decay)
+        return
     ts = None
     if uses_step_count(rule):
         steps = [st["step"] for st in states]
