@@ -1,0 +1,88 @@
+"""torch's fused AdamW / SGD kernels take the classic rules (torch_backend/_fused.py) and compute
+what the foreach twin computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deepopt
+import torch_backend
+from torch_backend import _fused
+from torch_backend._functional import step_batched
+
+CLASSIC = {
+    "adamw": deepopt.adamw(1e-2, weight_decay=0.1),
+    "adamw_maximize": deepopt.adamw(1e-2, betas=(0.8, 0.99), eps=1e-6, maximize=True),
+    "sgd": deepopt.sgd(0.1),
+    "sgd_momentum": deepopt.sgd(0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
+    "sgd_nesterov": deepopt.sgd(0.05, momentum=0.9, nesterov=True, maximize=True),
+    "delta_zeta0": deepopt.delta_momentum(0.05, momentum=0.9, zeta=0.0),
+}
+NOT_CLASSIC = {
+    "adamw_nesterov": deepopt.adamw(1e-2, nesterov=True),
+    "sgd_decoupled": deepopt.sgd(0.1, momentum=0.9, decoupled_weight_decay=True),
+    "sgd_torch_first_step": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True),
+    "ema_nesterov": deepopt.custom(deepopt.UpdateRule(memory=deepopt.LinearMemory(0.9, 0.1, nesterov=True)), 0.1),
+    "delta": deepopt.delta_momentum(0.05, momentum=0.9),
+    "muon": deepopt.muon(0.02),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIC))
+def test_classic_rules_are_recognised(name):
+    assert _fused.classic_kind(CLASSIC[name].rule) in ("adamw", "sgd")
+
+
+@pytest.mark.parametrize("name", sorted(NOT_CLASSIC))
+def test_other_rules_are_not(name):
+    assert _fused.classic_kind(NOT_CLASSIC[name].rule) is None
+
+
+def _run(spec, fused, dtype=torch.float64, steps=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(5, 3), (3,), (4, 6)]
+    params = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    opt = torch_backend.compile(spec, [torch.nn.Parameter(p.clone()) for p in params])  # for its state
+    ps = opt.param_groups[0]["params"]
+    for p in ps:
+        opt._init_state(opt.state[p], spec.rule, p, opt.param_groups[0])
+    states = [opt.state[p] for p in ps]
+    for _ in range(steps):
+        grads = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+        with torch.no_grad():
+            step_batched(spec.rule, list(ps), grads, states, lr=spec.lr, weight_decay=spec.weight_decay,
+                         fused=fused)
+    return [p.detach().clone() for p in ps], states
+
+
+@pytest.mark.parametrize("name", sorted(CLASSIC))
+def test_fused_path_runs_the_kernel_and_equals_the_foreach_twin(name, monkeypatch):
+    spec = CLASSIC[name]
+    calls = []
+    kernel = "_fused_adamw_" if _fused.classic_kind(spec.rule) == "adamw" else "_fused_sgd_"
+    real = getattr(torch, kernel)
+    monkeypatch.setattr(torch, kernel, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    fused, fused_states = _run(spec, None)
+    assert calls, "the fused kernel was not used"
+    calls.clear()
+    plain, plain_states = _run(spec, False)
+    assert not calls
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for sa, sb in zip(fused_states, plain_states):          # same state layout and values
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-12)
+
+
+def test_half_precision_is_fused_only_on_request():
+    spec = CLASSIC["adamw"]
+    bf16 = [torch.zeros(3, dtype=torch.bfloat16)]
+    assert _fused.fused_groups(bf16, bf16, None) is None
+    assert _fused.fused_groups(bf16, bf16, True) == [[0]]
+    assert _fused.fused_groups(bf16, bf16, False) is None
+    assert _fused.fused_groups(bf16, [torch.zeros(3)], True) is None        # grad of another dtype
+    mixed = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(3)]
+    assert _fused.fused_groups(mixed, mixed, None) == [[0, 2], [1]]
+    assert _fused.classic_kind(spec.rule) == "adamw"

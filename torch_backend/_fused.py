@@ -1,0 +1,100 @@
+"""torch's fused kernels for the two classic element-wise rules.
+
+When a rule *is* ``torch.optim.AdamW`` or ``torch.optim.SGD`` — the same memory, values,
+denominator and weight-decay convention (docs/math.md §2–§3) — the batched path hands the whole
+group to ``torch._fused_adamw_`` / ``torch._fused_sgd_``: one kernel per (device, dtype) over
+every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is what makes
+``deepopt.adamw`` (and the AdamW fallback of every matrix rule) as fast as
+``torch.optim.AdamW(fused=True)``. The state is deepopt's own (``memory``, ``second_moment``,
+``step``), so checkpoints do not depend on which path ran.
+
+``fused=None`` (the default) fuses float32/float64 tensors, where the kernels agree with the
+foreach and single-tensor twins to float rounding; ``fused=True`` also fuses float16/bfloat16
+(the kernels compute in float32 internally, so half-precision results differ from the twins by
+ulps, as torch's fused and foreach optimizers do); ``fused=False`` never fuses.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from typing import Literal
+
+import torch
+
+from deepopt import Identity, IdentityValues, LinearMemory, UpdateRule
+
+Kind = Literal["adamw", "sgd"]
+_DEVICES = ("cpu", "cuda")
+_EXACT = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+@functools.lru_cache(maxsize=256)
+def classic_kind(rule: UpdateRule) -> Kind | None:
+    """``"adamw"`` / ``"sgd"`` when ``rule`` computes exactly what that torch kernel computes."""
+    mem = rule.memory
+    if not (isinstance(mem, LinearMemory) and mem.zeta == 0.0 and not mem.undamped_first_write
+            and isinstance(rule.values, IdentityValues) and isinstance(rule.readout, Identity)
+            and rule.shape_scale == "none"):
+        return None
+    den = rule.denominator
+    if (den is not None and den.bias_correction and not den.accumulate and mem.bias_correction
+            and not mem.nesterov and mem.inner_lr == 1.0 - mem.momentum and rule.decoupled_weight_decay):
+        return "adamw"          # EMA memory, bias-corrected read, ÷ (√v̂ + ε), decoupled decay
+    if (den is None and not mem.bias_correction and not rule.decoupled_weight_decay
+            and (not mem.nesterov or mem.inner_lr == 1.0)):
+        return "sgd"            # heavy ball with dampening 1 − η, coupled L2 decay; torch's
+    return None                 # Nesterov read is g + μ·buf, i.e. η = 1
+
+
+def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
+                 fused: bool | None) -> list[list[int]] | None:
+    """Indices of ``params`` by (device, dtype) if the fused kernels can take them all — plain
+    dense tensors on CPU/CUDA, each gradient of its parameter's dtype and device, float32/float64
+    (any float with ``fused=True``) — else None."""
+    if fused is False or not params:
+        return None
+    dtypes = _EXACT + (_HALF if fused else ())
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        device, dtype = p.device, p.dtype
+        if not (type(p) in _PLAIN and type(g) in _PLAIN and p.layout == g.layout == torch.strided
+                and device.type in _DEVICES and dtype in dtypes and g.dtype == dtype and g.device == device):
+            return None
+        groups[(device, dtype)].append(i)
+    return list(groups.values())
+
+
+def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: list[torch.Tensor],
+               states: list[dict], groups: list[list[int]], *, lr: float, weight_decay: float) -> None:
+    """One step of a classic rule through torch's fused kernel, one call per (device, dtype)
+    group of :func:`fused_groups` (mutates params and states)."""
+    mem = rule.memory
+    if kind == "adamw":
+        for p, st in zip(params, states):           # the kernel wants t on the parameter's device
+            if st["step"].device != p.device:
+                st["step"] = st["step"].to(p.device)
+        lists = (params, grads, [st["memory"] for st in states], [st["second_moment"] for st in states],
+                 [st["step"] for st in states])
+    else:
+        lists = (params, grads) if mem.stateless else (params, grads, [st["memory"] for st in states])
+    for idx in groups:
+        ps, gs, *rest = lists if len(groups) == 1 else [[xs[i] for i in idx] for xs in lists]
+        if kind == "adamw":
+            m1, m2, steps = rest
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(ps, gs, m1, m2, [], steps, amsgrad=False, lr=lr, beta1=mem.momentum,
+                                beta2=rule.denominator.beta2, weight_decay=weight_decay,
+                                eps=rule.denominator.eps, maximize=rule.maximize,
+                                grad_scale=None, found_inf=None)
+        else:
+            # S_0 = 0, so the first write is the ordinary one: never torch's "first step" copy.
+            torch._fused_sgd_(ps, gs, rest[0] if rest else [], weight_decay=weight_decay,
+                              momentum=mem.momentum, lr=lr, dampening=1.0 - mem.inner_lr,
+                              nesterov=mem.nesterov, maximize=rule.maximize, is_first_step=False,
+                              grad_scale=None, found_inf=None)
+
+
+__all__ = ["classic_kind", "fused_groups", "step_fused"]
