@@ -71,7 +71,8 @@ def test_chunked_equals_sequential_at_chunk_1(out_read, clip, generators):
 @pytest.mark.parametrize("out_read", READS)
 @pytest.mark.parametrize("chunk", [3, 4, 5, 12])  # 5 leaves a ragged last chunk
 def test_chunked_equals_boundary_gradient_reference(out_read, chunk, generators):
-    layer = titans(out_read=out_read, generator_writes=generators, out_norm=True)
+    inputs = "separate" if chunk == 5 else "shared"
+    layer = titans(out_read=out_read, generator_writes=generators, out_norm=True, generator_inputs=inputs)
     x = rand_x()
     with torch.no_grad():
         y, (w1, w2) = layer(x, chunk_size=chunk, return_state=True)
@@ -374,3 +375,18 @@ def test_memory_stats_are_recorded():
 def test_bad_option_is_a_clear_error():
     with pytest.raises(ValueError, match="generator_writes='none'.*'separate'"):
         tiny_cfg(generator_writes="none")
+
+
+def test_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = Hope(tiny_cfg(n_layers=2, cms_eta_init=0.05)).to(F64)
+    idx = torch.randint(0, 256, (2, 13))
+    grads = []
+    for on in (False, True):
+        model.zero_grad()
+        _, loss = model.set_checkpointing(on)(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == grads[1][0]
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

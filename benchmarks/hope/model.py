@@ -102,6 +102,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -128,12 +129,14 @@ class HopeConfig:
     inner_clip: float | None = 1.0  # per-token inner-gradient Frobenius clip
     out_read: str = "causal"     # "causal" (retrieve after store), "strict" (before) or "boundary"
     generator_writes: str = "shared"  # M_k, M_v, M_η, M_α written with M_memory's α, their own, or "off"
+    generator_inputs: str = "shared"  # one fixed projection x̃ for all four generators, or "separate"
     out_norm: bool = False       # per-head RMSNorm of the read o before W_o
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must divide into n_heads={self.n_heads}")
-        choices = dict(out_read=("causal", "strict", "boundary"), generator_writes=("shared", "separate", "off"))
+        choices = dict(out_read=("causal", "strict", "boundary"), generator_writes=("shared", "separate", "off"),
+                       generator_inputs=("shared", "separate"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -241,9 +244,10 @@ class SelfModifyingTitans(nn.Module):
         self.writes = True  # False: every read uses φ₀ (static HOPE / writes-off evaluation)
         self.record_stats = False  # True: keep the last forward's memory statistics in .stats
         self.stats = None
-        self.w_in = nn.Linear(D, D, bias=False)  # generator inputs x̃ (choice 1)
+        self.n_inputs = MEM_OUT if cfg.generator_inputs == "separate" else 1  # G: x̃ per generator or one
+        self.w_in = nn.Linear(D, self.n_inputs * D, bias=False)  # generator inputs x̃ (choice 1)
         self.w_q = nn.Linear(D, D, bias=False)  # the fixed query projection
-        self.conv_in = CausalDepthwiseConv(D, cfg.conv_size)
+        self.conv_in = CausalDepthwiseConv(self.n_inputs * D, cfg.conv_size)
         self.conv_q = CausalDepthwiseConv(D, cfg.conv_size)
         # meta-learned initial fast state φ₀ of the five memories, per head (choice 11)
         self.mem_w1 = nn.Parameter(torch.randn(H, N_MEMORIES, d, f) / math.sqrt(f))
@@ -263,6 +267,10 @@ class SelfModifyingTitans(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
 
+    def _gen_heads(self, x):  # (B, T, G·D) -> (B, H, G, T, d), G generator inputs
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_inputs, self.n_head, self.head_dim).permute(0, 3, 2, 1, 4)
+
     @property
     def n_written(self):
         """How many memories the writes change: 5, or only M_memory when generators are static."""
@@ -271,12 +279,13 @@ class SelfModifyingTitans(nn.Module):
     def generate(self, w1, w2, xin):
         """Read M_k, M_v, M_η, M_α at the given (boundary) state.
 
-        w1: (B|1, H, 4, d, f), w2: (B|1, H, 4, f, d) generator memories; xin: (B, H, n, d)
+        w1: (B|1, H, 4, d, f), w2: (B|1, H, 4, f, d) generator memories
+        xin: (B, H, G, n, d) inputs, G = 1 (one x̃ for all four) or 4 (one per generator)
         returns k (B,H,n,d) unit, v (B,H,n,d), eta (B,H,n) and log α (B,H,M,n) for the M
         written memories' retentions: M = 1 (one α for all, or only M_memory written) or
         M = 5 (`generator_writes="separate"`: the generators' α four times, then M_memory's).
         """
-        y, _, _ = mem_apply(w1, w2, xin.unsqueeze(2))  # (B,H,4,n,d)
+        y, _, _ = mem_apply(w1, w2, xin)  # (B,H,4,n,d)
         k = F.normalize(y[:, :, MEM_K], dim=-1)
         v = y[:, :, MEM_V]
         eta_pre = (y[:, :, MEM_ETA] * self.eta_w[:, None, :]).sum(-1) + self.eta_b[:, None]
@@ -342,7 +351,7 @@ class SelfModifyingTitans(nn.Module):
         """
         B, T, D = x.shape
         C = chunk_size or self.cfg.chunk_size
-        xin = self._heads(self.conv_in(self.w_in(x)))  # (B,H,T,d)
+        xin = self._gen_heads(self.conv_in(self.w_in(x)))  # (B,H,G,T,d)
         q = F.normalize(self._heads(self.conv_q(self.w_q(x))), dim=-1)  # (B,H,T,d)
         # per-sequence fast state, starting from the meta-learned φ₀ (expand: no copy)
         w1 = self.mem_w1.unsqueeze(0).expand(B, *self.mem_w1.shape)
@@ -365,7 +374,7 @@ class SelfModifyingTitans(nn.Module):
                     k, v = gens[0][:, :, s : s + C], gens[1][:, :, s : s + C]
                     eta, log_a = gens[2][..., s : s + C], gens[3][..., s : s + C]
                 else:
-                    k, v, eta, log_a = self.generate(m1[:, :, :MEM_OUT], m2[:, :, :MEM_OUT], xin[:, :, s : s + C])
+                    k, v, eta, log_a = self.generate(m1[:, :, :MEM_OUT], m2[:, :, :MEM_OUT], xin[..., s : s + C, :])
                 if stats is not None:
                     stats["eta"].append(eta)
                     stats["log_alpha"].append(log_a[:, :, -1])
@@ -398,7 +407,7 @@ def titans_reference(layer, w1, w2, xin, q, chunk_size, stats=None):
     """Per-token reference of `SelfModifyingTitans.chunk`, computed another way.
 
     w1: (B, H, 5, d, f), w2: (B, H, 5, f, d) initial state
-    xin, q: (B, H, T, d)
+    xin: (B, H, G, T, d) generator inputs; q: (B, H, T, d)
     Inner gradients come from autograd (torch.func.grad of ½‖M(k) − v̂‖²), the state is
     stepped one token at a time, φ_t = α_t φ_{t−1} − η′_t G_t, with G_t taken at the last
     chunk boundary; o_t is read from φ_t ("causal"), φ_{t−1} ("strict") or φ_b ("boundary").
@@ -416,10 +425,10 @@ def titans_reference(layer, w1, w2, xin, q, chunk_size, stats=None):
 
     grad_fn = torch.func.grad(loss, argnums=(0, 1))
     outs = []
-    for t in range(xin.shape[2]):
+    for t in range(q.shape[2]):
         if t % chunk_size == 0:
             b1, b2 = w1, w2  # boundary state φ_b
-        k, v, eta, log_alpha = layer.generate(b1[:, :, :MEM_OUT], b2[:, :, :MEM_OUT], xin[:, :, t : t + 1])
+        k, v, eta, log_alpha = layer.generate(b1[:, :, :MEM_OUT], b2[:, :, :MEM_OUT], xin[..., t : t + 1, :])
         if stats is not None:
             stats["eta"].append(eta)
             stats["log_alpha"].append(log_alpha[:, :, -1])
@@ -552,11 +561,20 @@ class HopeBlock(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.titans = SelfModifyingTitans(cfg)
         self.cms = nn.ModuleList(CMSLevel(cfg, p) for p in cfg.cms_periods)
+        self.checkpoint = False  # True: keep only each segment's input, recompute it in backward
+
+    def _titans(self, x, chunk_size=None, reference=False):
+        return x + self.titans(self.norm(x), chunk_size=chunk_size, reference=reference)
+
+    def segments(self):
+        """The checkpointed units, in order: the Titans sub-layer, then each CMS level."""
+        return [self._titans, *self.cms]
 
     def forward(self, x, chunk_size=None, reference=False):  # x: (B, T, D)
-        x = x + self.titans(self.norm(x), chunk_size=chunk_size, reference=reference)
-        for level in self.cms:
-            x = level(x, reference=reference)
+        ckpt = self.checkpoint and torch.is_grad_enabled()
+        for i, seg in enumerate(self.segments()):
+            kw = dict(chunk_size=chunk_size, reference=reference) if i == 0 else dict(reference=reference)
+            x = torch.utils.checkpoint.checkpoint(seg, x, use_reentrant=False, **kw) if ckpt else seg(x, **kw)
         return x
 
 
@@ -578,6 +596,13 @@ class Hope(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # tied weights count once
+
+    def set_checkpointing(self, on: bool):
+        """Activation checkpointing per Titans sub-layer and per CMS level (same values and
+        gradients; the backward recomputes each segment from its saved input)."""
+        for block in self.blocks:
+            block.checkpoint = bool(on)
+        return self
 
     def set_writes(self, on: bool):
         """Switch every in-context write (Titans and CMS) on or off; off, each memory reads φ₀."""

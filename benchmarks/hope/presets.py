@@ -25,7 +25,8 @@ PRESETS = {
     "cpu-mqar": dict(
         model=dict(d_model=64, n_layers=2, n_heads=2, mem_hidden=32, chunk_size=16,
                    cms_periods=(16, 64), cms_hidden=128),
-        train=dict(batch=32, seq_len=64, steps=1200, warmup=50, val_batches=4, log_every=10),
+        train=dict(batch=32, seq_len=48, steps=1000, warmup=50, val_batches=8, log_every=10,
+                   mqar_vocab=64, mqar_pairs=6),
     ),
     "gpu-small": dict(
         model=dict(d_model=256, n_layers=4, n_heads=4, mem_hidden=64, chunk_size=16,
@@ -35,7 +36,8 @@ PRESETS = {
     "gpu-125m": dict(
         model=dict(d_model=768, n_layers=12, n_heads=12, mem_hidden=64, chunk_size=64,
                    cms_periods=(16, 64, 256), cms_hidden=1024),
-        train=dict(batch=16, seq_len=1024, steps=5000, warmup=250, val_batches=32, log_every=10),
+        train=dict(batch=16, seq_len=1024, steps=5000, warmup=250, val_batches=32, log_every=10,
+                   micro_batch=8, checkpoint=True),
     ),
 }
 

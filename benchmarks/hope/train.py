@@ -236,8 +236,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", choices=("stdlib", "mqar", "file"), default="stdlib")
     ap.add_argument("--data-path", default=None, help="text file for --data file")
-    ap.add_argument("--mqar-vocab", type=int, default=64)
-    ap.add_argument("--mqar-pairs", type=int, default=8)
+    ap.add_argument("--mqar-vocab", type=int, default=None, help="default: the preset's, else 64")
+    ap.add_argument("--mqar-pairs", type=int, default=None, help="default: the preset's, else 8")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
@@ -247,7 +247,17 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--warm", type=int, default=3, help="steps left out of tokens/s")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="rows per forward/backward; gradients accumulate to --batch (default: the preset's)")
+    ap.add_argument("--checkpoint", choices=("auto", "on", "off"), default="auto",
+                    help="activation checkpointing per HOPE sub-layer (auto: the preset's)")
+    ap.add_argument("--plan", action="store_true",
+                    help="write OUT/plan.json (memory and FLOPs of one training step, measured at the preset's "
+                         "shapes on the meta device) and exit without training")
     args = ap.parse_args(argv)
+    preset = PRESETS[args.preset]["train"]
+    args.mqar_vocab = args.mqar_vocab or preset.get("mqar_vocab", 64)
+    args.mqar_pairs = args.mqar_pairs or preset.get("mqar_pairs", 8)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     args.fallback_lr = args.fallback_lr if args.fallback_lr is not None else DEFAULT_LR["adamw"]
     try:  # the preset's own validation, before any data is loaded
@@ -324,6 +334,10 @@ def run(args):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
 
+    micro = min(args.micro_batch or preset.get("micro_batch") or batch, batch)
+    checkpointing = args.checkpoint == "on" or (args.checkpoint == "auto" and preset.get("checkpoint", False))
+    if checkpointing and hasattr(model, "set_checkpointing"):
+        model.set_checkpointing(True)
     fwd, compiled = model, False
     if args.compile == "on" or (args.compile == "auto" and use_cuda):
         try:
@@ -351,18 +365,22 @@ def run(args):
         x, y = data.train_batch(gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         set_lr(opt, lr_scale_at(step, steps, preset["warmup"]), base_lrs)
-        try:
-            with autocast():
-                _, loss = fwd(x, y)
-        except Exception as e:  # noqa: BLE001 - torch.compile errors surface on the first call
-            if not compiled:
-                raise
-            print(f"torch.compile failed ({type(e).__name__}); falling back to eager", flush=True)
-            fwd, compiled = model, False
-            with autocast():
-                _, loss = fwd(x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for xm, ym in zip(x.split(micro), y.split(micro)):  # gradient accumulation
+            try:
+                with autocast():
+                    _, part = fwd(xm, ym)
+            except Exception as e:  # noqa: BLE001 - torch.compile errors surface on the first call
+                if not compiled:
+                    raise
+                print(f"torch.compile failed ({type(e).__name__}); falling back to eager", flush=True)
+                fwd, compiled = model, False
+                with autocast():
+                    _, part = fwd(xm, ym)
+            part = part * (xm.shape[0] / x.shape[0])  # equal supervised units per row: the batch mean
+            part.backward()
+            loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_value = loss.item()  # synchronises: the step's time is complete here
@@ -409,6 +427,7 @@ def run(args):
                     optimizer=dict(name=args.optimizer, lr=lr, opts=_plain(dict(args.opt)),
                                    fallback_lr=args.fallback_lr if spec.fallback is not None else None,
                                    group_lrs=base_lrs),
+                    micro_batch=micro, checkpointing=checkpointing,
                     warmup=preset["warmup"], grad_clip=1.0, compiled=compiled, bf16_autocast=use_amp,
                     autocast="bf16" if use_cuda else None, model=_plain(asdict(model_cfg)), data=data.meta),
         git_sha=git_sha(), versions=versions(), device=device_info(device),
@@ -432,6 +451,10 @@ def _plain(obj):
 def main(argv=None):
     args = parse_args(argv)
     args.command = " ".join(["python -m benchmarks.hope.train", *(argv if argv is not None else sys.argv[1:])])
+    if args.plan:
+        from .plan import write_plan
+
+        return write_plan(args)
     return run(args)
 
 
