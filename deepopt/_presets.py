@@ -508,6 +508,7 @@ def m3(
     decay: bool = False,
     slow_decay: bool = False,
     adjust_lr_fn: str = "none",
+    ns_dtype: str = "input",
     fallback: Spec | None = None,
     routing: Routing | None = None,
 ) -> Spec:
@@ -540,6 +541,9 @@ def m3(
       ns_steps, ns_coefficients: Newton–Schulz settings (both levels).
       decay, slow_decay: EMA variants, see above.
       adjust_lr_fn: shape scale s(W) (``"none"``: the paper has none).
+      ns_dtype: Newton–Schulz compute dtype, as ``muon`` (``"input"`` by default;
+        ``"bfloat16"`` is what ``deepopt.muon`` and ``torch.optim.Muon`` use, and costs M3
+        about what it costs Muon).
       fallback, routing: as ``muon`` (M3 takes parameters with ndim ≥ 2).
 
     Example::
@@ -566,12 +570,13 @@ def m3(
     denominator = (SecondMoment(beta2=b2, eps=check_real("eps", eps, low=0.0), bias_correction=True)
                    if decay else SecondMoment(beta2=b2, eps=check_real("eps", eps, low=0.0),
                                               bias_correction=False, accumulate=True))
-    rule = UpdateRule(memory=memory, readout=_ns_readout(ns_coefficients, ns_steps, 1e-7, "clamp", "input"),
+    check_choice("ns_dtype", ns_dtype, ("input", "bfloat16", "float32", "float64"))
+    rule = UpdateRule(memory=memory, readout=_ns_readout(ns_coefficients, ns_steps, 1e-7, "clamp", ns_dtype),
                       denominator=denominator, shape_scale=_shape_scale(adjust_lr_fn))
     hp = dict(lr=lr, betas=(b1, b2, b3), slow_weight=slow_weight, frequency=frequency, eps=eps,
               weight_decay=check_real("weight_decay", weight_decay, low=0.0), ns_steps=ns_steps,
               ns_coefficients=ns_coefficients, decay=decay, slow_decay=slow_decay,
-              adjust_lr_fn=adjust_lr_fn)
+              adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype)
     return _matrix_spec("m3", rule, hp, m3, lr, fallback, routing)
 
 

@@ -97,3 +97,20 @@ def test_m3_bad_arguments():
         deepopt.m3(betas=(0.9, 0.99))
     with pytest.raises(ValueError, match="decay=True"):
         deepopt.m3(betas=(1.0, 0.9, 0.9), decay=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_bfloat16_newton_schulz_is_an_option_close_to_float32(backend):
+    """``ns_dtype="bfloat16"`` (what muon uses) runs both levels' Newton–Schulz in bf16: close
+    to the float32 run, and not identical to it (so bf16 really ran)."""
+    import jax_backend
+
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((6, 5))}
+    stream = [{"w": rng.standard_normal((6, 5))} for _ in range(7)]
+    run = torch_backend.run_trajectory if backend == "torch" else jax_backend.run_trajectory
+    a = run(deepopt.m3(0.01, frequency=3, ns_dtype="bfloat16"), params, stream, dtype="float32")
+    b = run(deepopt.m3(0.01, frequency=3), params, stream, dtype="float32")
+    moved = np.abs(b[-1]["w"] - params["w"]).max()
+    diff = np.abs(a[-1]["w"] - b[-1]["w"]).max()
+    assert 0 < diff < 0.05 * moved, (diff, moved)
