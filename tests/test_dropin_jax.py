@@ -3,6 +3,7 @@ computes what optax computes), what deepopt cannot optimise is refused at init, 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -55,3 +56,18 @@ def test_fallback_follows_the_learning_rate_override_by_the_specs_ratio():
     ref = _run(optax.adamw(lambda c: spec.fallback_lr_ratio * schedule(c), weight_decay=0.0),
                {"b": params["b"]}, [{"b": g["b"]} for g in grads])
     np.testing.assert_allclose(ours["b"], ref["b"], rtol=1e-6)
+
+
+def test_optax_apply_if_finite_skips_a_non_finite_step():
+    tx = optax.apply_if_finite(jax_backend.compile(deepopt.muon(0.02)), max_consecutive_errors=3)
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3)}
+    good = {"w": jnp.full((4, 3), 0.5), "b": jnp.full(3, 0.5)}
+    bad = {"w": jnp.full((4, 3), jnp.nan), "b": jnp.ones(3)}
+    state = tx.init(params)
+    _, state = tx.update(good, state, params)
+    inner = state.inner_state
+    updates, state = tx.update(bad, state, params)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))      # the step is skipped
+    assert int(state.notfinite_count) == 1
+    for a, b in zip(jax.tree.leaves(inner), jax.tree.leaves(state.inner_state)):
+        np.testing.assert_array_equal(a, b)                               # and the memory kept
