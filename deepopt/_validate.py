@@ -27,22 +27,26 @@ def _with_phrase(name: str, value: Any, message: str) -> str:
 
 
 def _is_real(value: Any) -> bool:
+    if type(value) is float or type(value) is int:     # the common case, without the ABC check
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                low_open: bool = False, high_open: bool = False) -> float:
     """Return ``float(value)`` if it is a finite real in the interval, else raise ``ValueError``."""
-    interval = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
+    def interval() -> str:
+        return (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
                 + ("inf" if high is None else f"{high:g}") + (")" if high_open else "]"))
+
     if not _is_real(value) or not math.isfinite(float(value)):
         raise ValueError(_with_phrase(name, value, f"{name}={value!r} is invalid: expected a finite real "
-                                                   f"number in {interval}"))
+                                                   f"number in {interval()}"))
     v = float(value)
     too_low = low is not None and (v <= low if low_open else v < low)
     too_high = high is not None and (v >= high if high_open else v > high)
     if too_low or too_high:
-        raise ValueError(_with_phrase(name, value, f"{name}={value!r} is out of range: allowed {interval}"))
+        raise ValueError(_with_phrase(name, value, f"{name}={value!r} is out of range: allowed {interval()}"))
     return v
 
 
