@@ -12,8 +12,11 @@ of two), a 1×5 head (fewer rows than ranks: one rank holds none) and biases (th
 
 from __future__ import annotations
 
+import datetime
 import os
+import pathlib
 import pickle
+import re
 import socket
 import tempfile
 
@@ -64,12 +67,15 @@ def _free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, worker, args: tuple, out_dir: str) -> None:
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))                      # as torchrun sets them
+    # A mismatched collective fails within 90 s instead of hanging the suite.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=90))
     try:
         result = worker(rank, world, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
 
@@ -184,8 +190,9 @@ def _fsdp_parity_worker(rank: int, world: int, table: str) -> dict:
                 error = _rel_error(full, {n: p.detach() for n, p in ref.named_parameters()})
             out[(name, foreach)] = (error, theta, sum(isinstance(st.get("mlp_w1"), DTensor)
                                                       for st in opt.state.values()))
-    out["counts"] = {(name, ns): _fsdp_step_counts(specs[name]().replace(ns_steps=ns), world, rank)
-                     for name in COUNTED for ns in (2, 5)}
+    if table == "default":
+        out["counts"] = {(name, ns): _fsdp_step_counts(specs[name]().replace(ns_steps=ns), world, rank)
+                         for name in COUNTED for ns in (2, 5)}
     return out
 
 
@@ -205,9 +212,23 @@ def _fsdp_step_counts(spec, world: int, rank: int) -> dict:
     return {str(op): n for op, n in comm.get_comm_counts().items()}
 
 
+def _suite_worker(rank: int, world: int, root: str, ports: list[int]) -> dict:
+    """Every default case in one world (spawning one costs more than most cases)."""
+    out = {"fsdp": _fsdp_parity_worker(rank, world, "default"), "ddp": _ddp_worker(rank, world, "default"),
+           "dcp": _dcp_worker(rank, world, "default", root)}
+    dist.destroy_process_group()
+    out["readme"] = _readme_worker(rank, world, ports, root)
+    return out
+
+
 @pytest.fixture(scope="module")
-def fsdp_results():
-    return spawn(_fsdp_parity_worker, "default")
+def suite(tmp_path_factory):
+    return spawn(_suite_worker, str(tmp_path_factory.mktemp("distributed")), [_free_port(), _free_port()])
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(suite):
+    return [r["fsdp"] for r in suite]
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
@@ -241,10 +262,9 @@ HEAD_TO_FALLBACK = deepopt.Routing(fallback_patterns=(r"^head\.",))
 
 
 #: Collectives in a DDP step with ``ddp_mesh``: one all-gather per bucket of matrices whose
-#: whole-matrix work is split (DMGD: three, its memory's rows and θ, then Newton–Schulz); the
-#: head is on the fallback where the spec has one (muon, dmgd, m3: buckets 5×7 and 2 × 5×5),
-#: delta momentum has three buckets.
-DDP_GATHERS = {"sgd": 0, "adamw": 0, "delta_momentum": 3, "muon": 2, "muon_fp32": 2, "dmgd": 6,
+#: Newton–Schulz is split (the head is on the fallback: buckets 5×7 and 2 × 5×5). The delta
+#: term and DMGD's memory run on each replica, as without ``ddp_mesh``.
+DDP_GATHERS = {"sgd": 0, "adamw": 0, "delta_momentum": 0, "muon": 2, "muon_fp32": 2, "dmgd": 2,
                "m3": 2, "m3_slow": 2}
 
 
@@ -287,8 +307,8 @@ def _ddp_worker(rank: int, world: int, table: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ddp_results():
-    return spawn(_ddp_worker, "default")
+def ddp_results(suite):
+    return [r["ddp"] for r in suite]
 
 
 @pytest.mark.parametrize("name", list(DEFAULT_SPECS))
@@ -358,8 +378,8 @@ def _dcp_worker(rank: int, world: int, table: str, root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dcp_results(tmp_path_factory):
-    return spawn(_dcp_worker, "default", str(tmp_path_factory.mktemp("dcp")))
+def dcp_results(suite):
+    return [r["dcp"] for r in suite]
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
@@ -376,3 +396,65 @@ def test_dcp_resume_is_bit_exact(dcp_results, name, kind):
 def test_dcp_fsdp2_checkpoint_loads_into_ddp(dcp_results, name):
     error = dcp_results[0][name]["fsdp_to_ddp"]
     assert error < TOL, f"{name}: DDP resumed from the FSDP2 checkpoint differs by {error:.2e}"
+
+
+# --------------------------------------------------------------------------------------------
+# The README's distributed examples, as torchrun would run them
+# --------------------------------------------------------------------------------------------
+
+
+def _readme_examples() -> list[str]:
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("\n## Distributed", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```py\n(.*?)```", section, flags=re.S)
+
+
+def _readme_worker(rank: int, world: int, ports: list[int], root: str) -> list[str]:
+    """Run each example as ``torchrun`` would (it initialises its own process group)."""
+    dirs = []
+    for i, code in enumerate(_readme_examples()):
+        os.environ["MASTER_PORT"] = str(ports[i])
+        cwd = os.path.join(root, f"readme{i}")
+        os.makedirs(cwd, exist_ok=True)
+        os.chdir(cwd)
+        exec(compile(code, "README.md (Distributed)", "exec"), {"__name__": "__main__"})
+        assert not dist.is_initialized(), "the example leaves its process group open"
+        dirs.append(cwd)
+    return dirs
+
+
+def test_smoke_readme_distributed_examples_run(suite):
+    assert len(_readme_examples()) == 2, "README's Distributed section lost its FSDP2+DCP or DDP example"
+    dirs = suite[0]["readme"]
+    assert len(dirs) == 2
+    assert os.path.exists(os.path.join(dirs[0], "ckpt", ".metadata")), "the FSDP2 example saved no checkpoint"
+
+
+# --------------------------------------------------------------------------------------------
+# The whole spec table of tests/conftest.py (slow: python -m pytest -q -m slow tests/test_distributed_torch.py)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_every_table_spec_under_fsdp2_ddp_and_dcp(tmp_path):
+    from conftest import SPECS
+
+    fsdp = spawn(_fsdp_parity_worker, "all")
+    ddp = spawn(_ddp_worker, "all")
+    ckpt = spawn(_dcp_worker, "all", str(tmp_path))
+    failures = []
+    for name in SPECS:
+        for foreach in (True, False):
+            r = fsdp[0][(name, foreach)]
+            if isinstance(r, str) or r[0] >= TOL:
+                failures.append(f"fsdp2 {name} foreach={foreach}: {r if isinstance(r, str) else r[0]}")
+        for rank_result in ddp:
+            (p0, s0, *_), (p1, s1, *_) = rank_result[name]
+            if not (all(torch.equal(a, b) for a, b in zip(p0, p1)) and all(torch.equal(a, b) for a, b in zip(s0, s1))):
+                failures.append(f"ddp split {name}: not bit-identical")
+        for kind in ("fsdp", "ddp"):
+            if not all(r[name][kind][0] for r in ckpt) or ckpt[0][name][kind][1] != ckpt[1][name][kind][1]:
+                failures.append(f"dcp {kind} {name}: resume not exact or keys differ across ranks")
+        if ckpt[0][name]["fsdp_to_ddp"] >= TOL:
+            failures.append(f"dcp fsdp->ddp {name}: {ckpt[0][name]['fsdp_to_ddp']:.2e}")
+    assert not failures, "\n".join(failures)

@@ -64,6 +64,11 @@ class Layout:
     shape: torch.Size
     split_replicas: bool = False    # DDP: Replicate() dims also split the work
 
+    @property
+    def sharded(self) -> bool:
+        """Whether a rank holds only part of each matrix (else it could compute it alone)."""
+        return any(isinstance(pl, Shard) for pl in self.placements)
+
     def stacked(self, lead: int) -> tuple[Placement, ...]:
         """Placements of a stack ``(B, *lead dims, *shape)`` of this layout's local tensors."""
         return tuple(Shard(pl.dim + 1 + lead) if isinstance(pl, Shard) else pl for pl in self.placements)
@@ -106,6 +111,20 @@ def layouts(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ddp_m
             out.append(Layout(ddp_mesh, (Replicate(),), p.shape, split_replicas=True))
         else:
             out.append(None)
+    return out if any(lay is not None for lay in out) else None
+
+
+def sharded_only(layouts: list[Layout | None] | None) -> list[Layout | None] | None:
+    """``layouts`` with None wherever each rank already holds whole matrices (DDP replicas).
+
+    There, the delta term and DMGD's memory run locally, with no communication: a split
+    would save little, and their element-wise ``silu``/``sigmoid`` round differently at
+    different positions in a batch (vectorised body, scalar tail), so only Newton–Schulz —
+    matmuls, bit for bit wherever it runs — is split across replicas.
+    """
+    if layouts is None:
+        return None
+    out = [lay if lay is not None and lay.sharded else None for lay in layouts]
     return out if any(lay is not None for lay in out) else None
 
 

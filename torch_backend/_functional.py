@@ -190,7 +190,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
             v = g / nu.div(1 - b2**t).sqrt_().add_(rule.values.eps)
 
         # Memory write and read-out D̃.
-        if isinstance(rule.memory, DeepMemory) and lay is not None:
+        if isinstance(rule.memory, DeepMemory) and lay is not None and lay.sharded:
             d = _deep_memory_batched(rule.memory, [st], [g], [v], [lay])[0]
         elif isinstance(rule.memory, DeepMemory):
             mem = rule.memory
@@ -245,7 +245,7 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
     else:
         s = st["memory"]
         if mem.zeta != 0.0 and p.ndim >= 2:                  # 1-D: the recurrence with ζ = 0
-            if lay is not None:                              # whole matrices on their owner
+            if lay is not None and lay.sharded:              # whole matrices on their owner
                 delta = _distributed.map_whole(lay, lambda s, g: delta_term(s, g, mem.key_eps),
                                                [s[None], g[None]])[0]
             else:
@@ -466,8 +466,8 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
             mats = [i for i, s in enumerate(ss) if s.ndim >= 2]
             deltas = _batched_matrix_map(lambda s, g: delta_term(s, g, mem.key_eps),
                                          [ss[i] for i in mats], [gs[i] for i in mats],
-                                         layouts=None if layouts is None else [layouts[i] for i in mats]
-                                         ) if mats else []
+                                         layouts=None if layouts is None else
+                                         _distributed.sharded_only([layouts[i] for i in mats])) if mats else []
             _scalar_op("mul", ss, alpha, inplace=True)
             if mats:
                 torch._foreach_add_([ss[i] for i in mats], deltas, alpha=-mem.zeta)
@@ -496,7 +496,7 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
 def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: Tensors,
                          layouts: list | None = None) -> Tensors:
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
-    for (m, n, _, _, lay), idx in _buckets(gs, layouts).items():
+    for (m, n, _, _, lay), idx in _buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
         if lay is not None:
             d = _deep_memory_whole(mem, lay, sts, [gs[i] for i in idx], [vs[i] for i in idx])
