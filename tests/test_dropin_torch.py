@@ -429,3 +429,15 @@ def test_half_precision_foreach_and_single_tensor_twins_round_alike(name, spec, 
             out[foreach] = ps
         for a, b in zip(out[True], out[False]):
             assert torch.equal(a, b), (name, seed)
+
+
+def test_torch_flags_in_a_group_are_refused_unless_false():
+    model = _model()
+    with pytest.raises(ValueError, match="maximize=True"):
+        torch_backend.compile(deepopt.muon(0.02), [{"params": model.named_parameters(), "maximize": True}])
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        torch_backend.compile(deepopt.adamw(), [{"params": model.parameters(), "amsgrad": True}])
+    opt = torch_backend.compile(deepopt.muon(0.02), [{"params": model.named_parameters(), "maximize": False,
+                                                      "foreach": None, "fused": None}])
+    sgd = torch_backend.compile(deepopt.sgd(0.1), [{"params": _model().parameters(), "maximize": True}])
+    assert sgd.param_groups[0]["maximize"] is True and opt.param_groups[0]["maximize"] is False

@@ -44,6 +44,9 @@ _RESERVED = ("params", "param_names", "route", "lr_ratio", "fallback")
 _TORCH_GROUP_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum",
                      "foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad",
                      "decoupled_weight_decay", "name")
+# torch.optim flags a group may carry; where they are not the spec's hyperparameters, only a
+# false value (torch's default) can be honoured.
+_TORCH_FLAG_KEYS = ("fused", "capturable", "differentiable", "maximize", "amsgrad")
 _ROUTES = ("rule", "fallback")
 # Distinct (route, hyperparameters) rules kept; momentum-cycling schedulers make one per step.
 _RULE_CACHE_SIZE = 32
@@ -244,7 +247,9 @@ class DeepOptimizer(Optimizer):
             known = fb_hp
         else:
             rule_over = {k: group[k] for k in rule_hp if k in group}
-            fb_over = {k: group[k] for k in fb_hp - rule_hp if k in group}
+            # Keys only the fallback has reach it (betas); maximize is not one: it would flip
+            # the fallback's parameters alone.
+            fb_over = {k: group[k] for k in fb_hp - rule_hp - {"maximize"} if k in group}
             if "weight_decay" in group:
                 fb_over["weight_decay"] = group["weight_decay"]    # the group's decay is everyone's
             nested = group.get("fallback")
@@ -260,11 +265,15 @@ class DeepOptimizer(Optimizer):
                     raise ValueError(f"{fb.name} (fallback): unknown hyperparameter(s) {unknown}; "
                                      f"allowed: {sorted(fb_hp | {'lr_ratio'})}")
                 fb_over.update(nested)
-            known = rule_hp | fb_hp
+            known = rule_hp | (fb_hp - {"maximize"})
         if "lr_ratio" in group:
             fb_over["lr_ratio"] = group["lr_ratio"]
         extra = {k: v for k, v in group.items() if k not in known and k not in _RESERVED}
         for key in extra:
+            if key in _TORCH_FLAG_KEYS and extra[key]:
+                raise ValueError(f"{spec.name}: group key {key}={extra[key]!r} is a torch.optim flag that "
+                                 f"deepopt.{spec.name} does not take per group; only a false value is "
+                                 "accepted (see torch_backend.compile's flags)")
             guess = None if key in _TORCH_GROUP_KEYS else _did_you_mean(key, known | {"lr_ratio"})
             if guess is not None:
                 raise ValueError(f"{spec.name}: unknown hyperparameter {key!r}; did you mean {guess!r}? "
