@@ -118,6 +118,8 @@ def sgd(
       decoupled_weight_decay: apply λ as ``W ← W − γλW`` (MATH §0) instead of as L2.
       undamped_first_step: torch's quirk — the first write uses η = 1 (its buffer starts as a
         copy of ``G_1``). Off by default (MATH §2); set it to reproduce torch with dampening.
+      foreach, fused, differentiable: torch.optim's execution flags, accepted at their defaults
+        only (a spec holds the math); pass them to ``torch_backend.compile``.
 
     Example::
 
@@ -189,6 +191,9 @@ def adamw(
       nesterov: NAdam-style read-out ``β₁ S_t/(1−β₁ᵗ⁺¹) + (1−β₁) G/(1−β₁ᵗ)``
         (optax's ``adamw(nesterov=True)``, which ``optax.contrib.muon`` uses as its fallback).
       maximize: ascend instead of descend.
+      amsgrad: only ``False`` (AMSGrad is not implemented).
+      foreach, fused, capturable, differentiable: torch.optim's execution flags, accepted at
+        their defaults only; pass them to ``torch_backend.compile``.
 
     Example::
 

@@ -138,8 +138,9 @@ def compile(  # the public name mirrors torch_backend.compile
     (``"params.embed.w"``). ``None`` leaves pass through as in optax.
 
     Raises:
-      ValueError: ``layout`` is not ``"optax"`` or ``"torch"``; at ``init``, a leaf with
-        ndim < 2 would reach a matrix rule with no fallback.
+      ValueError: ``layout`` is not ``"optax"`` or ``"torch"``; a concrete ``learning_rate`` or
+        ``weight_decay`` is not a finite number ≥ 0; at ``init``, a leaf is complex or not a
+        float (named), or one with ndim < 2 would reach a matrix rule with no fallback.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: expected one of {LAYOUTS}")
