@@ -148,12 +148,13 @@ def even_windows(data: np.ndarray, batch: int, seq_len: int, n_batches: int, exc
     if exclude is None:
         starts = np.linspace(0, data.size - seq_len - 1, n).astype(np.int64)
     else:
-        grid = np.linspace(0, data.size - seq_len - 1, 4 * n).astype(np.int64)
-        cand = np.sort(window_hashes(data, OVERLAP_BYTES)[grid])
+        grid = np.linspace(0, data.size - max(seq_len + 1, OVERLAP_BYTES), 4 * n).astype(np.int64)
+        grid_hashes = window_hashes(data, OVERLAP_BYTES)[grid]
+        cand = np.sort(grid_hashes)
         train = window_hashes(np.frombuffer(exclude, dtype=np.uint8), OVERLAP_BYTES)
         at = np.minimum(np.searchsorted(cand, train), cand.size - 1)  # small table, big query
         seen = np.unique(cand[at][cand[at] == train])  # candidate hashes that occur in train
-        fresh = grid[~np.isin(window_hashes(data, OVERLAP_BYTES)[grid], seen)]
+        fresh = grid[~np.isin(grid_hashes, seen)]
         if len(fresh) < n:
             raise ValueError(f"only {len(fresh)} of {4 * n} validation windows do not overlap train; need {n}")
         starts = [fresh[i] for i in np.linspace(0, len(fresh) - 1, n).astype(np.int64)]

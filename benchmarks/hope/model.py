@@ -3,88 +3,105 @@
 Reads top to bottom in the order data flows: config → memory algebra (the residual-MLP
 memory, its closed-form inner gradients, the DGD step) → self-modifying Titans (generators,
 one chunk of eq. 90, the sequential per-token reference) → CMS levels → HOPE block → LM.
-Everything follows `/work/shared/design/MATH.md` §7–§8 ("MATH" below). Notation: B batch,
-T tokens, D model width, H heads, d head width, f memory hidden width, C chunk size,
-M = 5 memories stacked in the order (k, v, η, α, memory).
+The math is docs/math.md §7–§8. Notation: B batch, T tokens, D model width, H heads,
+d = D/H head width, f memory hidden width, C chunk size; the five memories are stacked in
+the order (k, v, η, α, memory).
 
-Self-modifying Titans, per head and token t (MATH §8, NL eq. 83–88)
--------------------------------------------------------------------
-    x̃_t = conv(x_t W_in)               generator input (fixed projection, see choice 1)
-    q_t = normalize(conv(x_t W_q))      the one fixed query projection
-    k_t = normalize(M_k(x̃_t))   v_t = M_v(x̃_t)                   memories read at the
-    η_t = bound_η(w_ηᵀ M_η(x̃_t) + b_η)   α_t = σ(w_αᵀ M_α(x̃_t) + b_α)   previous state
-    v̂_□ = M_□(v_t)                     each memory's self-generated target
-    every □ ∈ {k, v, η, α, memory}:  φ_□ ← DGD step on ℓ_□ = ½‖M_□(k_t) − v̂_□‖², retention α_t
-    o_t = M_memory(q_t)
+The equations implemented (defaults; the options are listed under "Choices")
+-----------------------------------------------------------------------------
+Every memory is a residual two-layer MLP per head, M_φ(x) = x + W₁ σ(W₂ x), φ = (W₁, W₂),
+W₂: f×d, W₁: d×f, σ = SiLU. For each head and token t = 1…T of a sequence:
 
-with every memory the residual two-layer MLP  M(x) = x + W₁ σ(W₂ x),  W₂: f×d, W₁: d×f,
-σ = SiLU. DGD (MATH §7) is applied layer by layer: a layer `y = W x_in` whose output
-receives the error δ = ∂ℓ/∂y takes the step
+    x̃_t = conv(x_t W_in),   q_t = normalize(conv(x_t W_q))         fixed projections
+    k_t = normalize(M_k(x̃_t)),  v_t = M_v(x̃_t)                     generator memories
+    η_t = min(s_η · softplus(w_ηᵀ M_η(x̃_t) + b_η), η_max)            (s_η = 4, η_max = 16)
+    α_t = sigmoid(w_αᵀ M_α(x̃_t) + b_α)                              (b_α = 4 at init)
+    v̂_t = M_{φ_{t−1}}(v_t)                                           self-generated target
+    ℓ_t(φ) = ½ ‖M_φ(k_t) − v̂_t‖²
+    for each layer W ∈ {W₁, W₂} of M_memory, with x_in its input and δ = ∂ℓ_t/∂(W x_in):
+        W_t = α_t W_{t−1} − η′_t c_t δ x_inᵀ,   η′_t = η_t / (1 + η_t ‖x_in‖²)    (DGD, §7)
+        c_t = min(1, 1 / ‖δ x_inᵀ‖_F)                                    inner clip
+    o_t = M_{φ_t}(q_t)                                                read after the write
+    y_t = W_o [o_t]_heads
 
-    W ← α W − η′ δ x_inᵀ,   η′ = η / (1 + η ‖x_in‖²)
+The generators M_k, M_v, M_η, M_α are fixed at their meta-learned φ₀ (they are not
+written; `generator_writes` restores the paper's self-modification, see choice 12). Every
+initial state φ₀ is an outer parameter; the fast state is per sequence.
 
-which is MATH §7's closed form with target u = y − δ, written with decoupled retention
-(`α W` instead of `W`, like AdamW's decoupled decay): it equals MATH §8's
-`M(α I − η k kᵀ) + η v̂ kᵀ` with η → η′, with the k kᵀ shrink applied once (NL eq. 93
-applies it twice; see `dgd_step`). For the output layer W₁ this step is *the exact
-proximal minimiser* of ℓ with W₂ frozen (tested); for W₂ it is the proximal step on the
-Gauss–Newton model of ℓ with unit curvature in W₂'s output.
+Chunked training (eq. 90 made causal): within a chunk of C tokens starting at state φ_b,
+every target v̂ and every inner gradient is taken at φ_b; the recurrence is unrolled in
+closed form, φ_t = (Π_{r≤t} α_r) φ_b − Σ_{s≤t} (Π_{s<r≤t} α_r) η′_s c_s G_s, so the
+chunk's end state is one weighted sum of outer products and o_t = M_{φ_t}(q_t) for every t
+in the chunk comes from C×C masked score matrices (as chunked linear attention). At C = 1
+this is the plain per-token recurrence. `titans_reference` computes the same thing token
+by token with autograd inner gradients; tests hold the two equal in float64.
 
-Chunk-parallel training (NL eq. 90, fixed as MATH §8 says)
-----------------------------------------------------------
-Tokens are cut into chunks of C. Inside a chunk starting at boundary state φ_b:
-  * k, v, η, α and the targets v̂ are read at φ_b (the "previous state" of every token in
-    the chunk; the paper's `C⌈t/C⌉` would read the future);
-  * every inner gradient G_t is taken at φ_b;
-  * the state recurrence φ_t = α_t φ_{t−1} − η′_t G_t is unrolled in closed form,
-    φ_t = (Π_{r≤t} α_r) φ_b − Σ_{s≤t} (Π_{s<r≤t} α_r) η′_s G_s, so the chunk's end state is
-    one weighted sum of outer products, and the output read o_t = M_{φ_t}(q_t) sees the
-    writes of tokens s ≤ t of its own chunk (causal) through C×C masked score matrices,
-    the way chunked linear attention does — no per-token loop, only a loop over chunks.
-`titans_reference` runs the same semantics token by token with autograd inner gradients;
-at C = 1 it *is* the plain sequential recurrence. Tests hold the two equal in float64.
+CMS (eq. 70–71): levels ℓ = 1…L in sequence, each h ← h + MLP_{φ_ℓ}(RMSNorm(h)) with
+MLP(u) = W_down σ(W_up u); φ_ℓ starts at outer parameters and is written only after tokens
+t ≡ 0 (mod C_ℓ) with the sum of the per-token gradients of the last C_ℓ tokens, all at the
+level's current state: φ_ℓ ← φ_ℓ − η_ℓ Σ_{t in period} c_t ∇ℓ_t(φ_ℓ), with
+ℓ_t(φ) = ½ ‖MLP_φ(u_t W_κᵀ) − u_t W_νᵀ‖² (u_t the level's normalised input; W_κ, W_ν outer
+parameters) and η_ℓ = η_max,CMS · sigmoid(ρ_ℓ) learned. With η_ℓ = 0 a level is exactly a
+Transformer MLP.
 
-CMS (MATH §8, NL eq. 70–71)
----------------------------
-Levels ℓ = 1…L in sequence, each `h ← h + MLP_ℓ(RMSNorm(h))` with MLP(u) = W_down σ(W_up u).
-The fast weights (W_up, W_down) start from outer parameters and are written only after
-tokens t ≡ 0 (mod C_ℓ) (1-indexed), with the sum of the per-token inner gradients of the
-last C_ℓ tokens, all taken at the level's current state:  φ ← φ − η_ℓ Σ_{t in period} ∇ℓ_t(φ).
-Level objective (associative L2 on projections of the level's input u_t, as in TTT):
+"Writes off" (`Hope.set_writes(False)`): every memory reads φ₀ (Titans: o_t = M_{φ₀}(q_t);
+CMS: the MLP of φ₀). It is how a run checks that the memory does the remembering, and,
+with `train --train-writes off`, the "static HOPE" baseline.
 
-    ℓ_t(φ) = ½ ‖MLP_φ(u_t W_κᵀ) − u_t W_νᵀ‖²,   W_κ, W_ν outer parameters.
+How it was decided (MQAR, `python -m benchmarks.hope.ablate`)
+----------------------------------------------------------------
+The design before this ablation (generators written with M_memory's α, η = min(0.5 ·
+softplus, 1)) was inert on text and learned recall slowly. The MQAR recipe `cpu-mqar`
+(vocab 64, 6 pairs, T = 48, B = 32, AdamW lr 3e-3, 1000 steps) at the same lr:
 
-With no writes (η_ℓ = 0) a level is exactly a Transformer MLP.
+    variant (overrides)                          train loss @450 @990   val acc (writes off)
+    old: generators written, η ≤ 1 (s_η 0.5)      see benchmarks/README.md
+    generators static, s_η 4, η_max 16           2.28   ABL_B_990  ABL_B_ACC
+    + separate generator inputs (W_in per gen.)  3.30   (stopped: still at chance)
 
-Choices where MATH §8 / the paper are ambiguous (with the config field where one exists)
--------------------------------------------------------------------------
+Why these three changes:
+  * η scale and cap. With the residual MLP's hidden activations a = σ(W₂ k) of norm ~0.5 at
+    init, η = 0.35 corrected η‖a‖²/(1 + η‖a‖²) ≈ 8% of a key's recall error per write: the
+    read of a stored key barely moved, so the memory could not recall. DGD's η′ makes any η
+    safe — the corrected fraction η‖x‖²/(1 + η‖x‖²) stays below 1 for every η — so the cap
+    is raised to 16 and the scale to 4 (≈ 40% correction per write at init, learnable
+    towards an exact projection).
+  * Static generators. Written with M_memory's α, the k/v/η/α memories decay and drift
+    with the state they generate (the old design's retention fell to a mean of 0.59 with a
+    5th percentile of 0.0 on text, η hit its cap on 23% of tokens: a feedback loop). Static
+    generators remove the loop, and the chunk loop then writes one memory instead of five
+    (a step costs less than half: see benchmarks/README.md).
+  * One shared generator input. Separate projections per generator learned recall much
+    more slowly (table).
+Not ablated for lack of time, kept as options with tests: `out_read="strict"` (NL eq. 94's
+s < t read), `out_norm` (Titans' output RMSNorm), `generator_writes="separate"` (the
+generators' own retention), α's initialisation (`alpha_bias_init`).
+
+Choices where docs/math.md §8 / the paper are ambiguous (config field where one exists)
+----------------------------------------------------------------------------------------
 1. Heads and inputs. Memories are per head (d = D/H) to keep per-sequence state small.
    Per-head generator inputs need a mixing of the D features, so x̃ = x W_in is one fixed
-   projection shared by M_k, M_v, M_η, M_α (departure: MATH calls W_q "the one fixed
-   projection"; W_in only routes features to heads, all adaptivity stays in the memories).
+   projection shared by M_k, M_v, M_η, M_α (`generator_inputs="separate"`: one each).
    Head outputs are mixed by a fixed W_o, as in attention.
 2. Convolutions: causal depthwise, window `conv_size` = 4, on x W_in and x W_q, i.e. right
-   after the fixed projections (MATH: "follow the projections"), initialised near identity.
+   after the fixed projections, initialised near identity.
 3. q is not adaptive (the paper's ablation finds a fixed q slightly better).
 4. η, α memories output d-vectors (the residual MLP is square); a fixed per-head read-out
-   vector and bias turn them into one scalar per head and token, shared by all five memories:
-   η_t = min(eta_scale · softplus(·), eta_max) (bounded, "softplus times a small scale"),
-   α_t = sigmoid(·) ∈ (0, 1), bias initialised to `alpha_bias_init` (α ≈ 0.98).
-5. Inner-gradient clipping (PRIOR-ART: Titans NaNs without it): each layer's per-token
-   gradient δ x_inᵀ is scaled by min(1, inner_clip / ‖δ‖‖x_in‖) before the step, in every
-   path alike; `inner_clip=None` turns it off.
-6. Output read (`out_read`). Default "causal": o_t reads the state *after* token t's own
-   write, including the earlier writes of its chunk (Titans' retrieve-after-store; without
-   it a token could not recall anything from the C − 1 tokens before it). "boundary" is
-   MATH §8's literal sentence ("reads inside the chunk see only the state at that boundary"):
-   every read of the chunk uses φ_b, i.e. retrieve-before-store at C = 1. The generators
-   k, v, η, α and the targets v̂ always read φ_b. Both modes are tested against the reference.
-7. Targets v̂ are constants inside the inner objective (they are the memory's own earlier
-   output, not something to fit); the outer gradient flows through them and through every
-   inner update (no stop-gradient anywhere; the initial states are nn.Parameters).
+   vector and bias turn them into one scalar per head and token:
+   η_t = min(eta_scale · softplus(·), eta_max), α_t = sigmoid(·) ∈ (0, 1), bias initialised
+   to `alpha_bias_init` (α ≈ 0.98).
+5. Inner-gradient clipping (Titans NaNs without it): each layer's per-token gradient
+   δ x_inᵀ is scaled by min(1, inner_clip / ‖δ‖‖x_in‖) before the step, in every path
+   alike; `inner_clip=None` turns it off.
+6. Output read (`out_read`). "causal" (default): o_t reads the state *after* token t's own
+   write (Titans' retrieve-after-store). "strict": o_t reads φ_{t−1} (NL eq. 94's s < t).
+   "boundary": every read of a chunk uses φ_b. The generators and targets always read φ_b.
+   All three are tested against the reference.
+7. Targets v̂ are constants inside the inner objective; the outer gradient flows through
+   them and through every inner update (no stop-gradient; the initial states are
+   nn.Parameters).
 8. CMS: periods from the preset (e.g. (16, 64, 256) tokens for GPU presets, shorter for CPU);
-   η_ℓ = cms_eta_max · sigmoid(ρ_ℓ) learned per level; no retention in CMS levels (fast state
-   lives one sequence); the same inner clipping per token.
+   η_ℓ learned per level; no retention in CMS levels; the same inner clipping per token.
 9. Fast state is per sequence (batch dimension), reset at the start of every training
    sequence. Sequences are windows of the corpus and may cross a file boundary; the state is
    *not* reset there (the Transformer baseline equally attends across it).
@@ -92,6 +109,12 @@ Choices where MATH §8 / the paper are ambiguous (with the config field where on
    shorter than C_ℓ is read but never written (no later token would read that write).
 11. Memory init: W₂,0 ~ N(0, 1/d), W₁,0 ~ N(0, 1/f) per memory, so M_k and M_v differ at
    init (with W₁,0 = 0 every memory would be the identity and k = v).
+12. `generator_writes`: "off" (default, above); "shared": the generators take the same DGD
+   step as M_memory, with the same α_t (the paper's self-modification, the old default);
+   "separate": the same step with their own retention read-out α_gen,t.
+13. DGD's closed form is applied layer by layer (W₁: the exact proximal minimiser of ℓ with
+   W₂ frozen, tested; W₂: the proximal step on the Gauss–Newton model of ℓ), with decoupled
+   retention (α W instead of W) and the k kᵀ shrink applied once (NL eq. 93 applies it twice).
 """
 
 from __future__ import annotations
@@ -122,13 +145,13 @@ class HopeConfig:
     cms_hidden: int = 128        # hidden width of each CMS level's MLP
     cms_eta_init: float = 0.01   # η_ℓ at init
     cms_eta_max: float = 0.1     # upper bound of η_ℓ
-    eta_scale: float = 0.5       # η_t = min(eta_scale · softplus(·), eta_max)
-    eta_max: float = 1.0         # with unit keys DGD's η′ = η/(1+η) ≤ 0.5: contractive
+    eta_scale: float = 4.0       # η_t = min(eta_scale · softplus(·), eta_max) (ablation: 0.5 was inert)
+    eta_max: float = 16.0        # DGD's η′ = η/(1+η‖x‖²) keeps every η contractive
     eta_bias_init: float = 0.0   # η read-out bias at init: η = eta_scale · softplus(0) ≈ 0.69 eta_scale
     alpha_bias_init: float = 4.0  # sigmoid(4) ≈ 0.982 retention at init
     inner_clip: float | None = 1.0  # per-token inner-gradient Frobenius clip
     out_read: str = "causal"     # "causal" (retrieve after store), "strict" (before) or "boundary"
-    generator_writes: str = "shared"  # M_k, M_v, M_η, M_α written with M_memory's α, their own, or "off"
+    generator_writes: str = "off"  # M_k, M_v, M_η, M_α static, or written with M_memory's α / their own
     generator_inputs: str = "shared"  # one fixed projection x̃ for all four generators, or "separate"
     out_norm: bool = False       # per-head RMSNorm of the read o before W_o
 

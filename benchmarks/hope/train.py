@@ -151,7 +151,7 @@ def evaluate(model, batches, device, autocast):
 
 @torch.no_grad()
 def memory_stats(model, batches, device, autocast):
-    """Per Titans layer over the val batches: M_memory's retention α (mean, 5th percentile),
+    """Per Titans layer over the given val batches: M_memory's retention α (mean, 5th percentile),
     the fraction of tokens whose η sits at its cap, and the end-of-sequence state-norm ratio
     ‖φ_T‖ / ‖φ₀‖ of M_memory (mean over sequences and heads; 1 = unchanged, 0 = erased)."""
     model.eval()
@@ -415,7 +415,7 @@ def run(args):
         model.set_writes(args.train_writes == "on")
         diagnostics = dict(val_loss_writes_off=off_loss, val_bpb_writes_off=off_loss / math.log(2),
                            val_accuracy_writes_off=off_acc,
-                           memory_stats=memory_stats(model, data.val_batches, device, autocast))
+                           memory_stats=memory_stats(model, data.val_batches[:8], device, autocast))
     tps = tokens_timed / time_timed if time_timed > 0 else float("nan")
     summary = dict(
         model=args.model, optimizer=args.optimizer, optimizer_impl=opt_note, preset=args.preset,

@@ -1,0 +1,79 @@
+"""HOPE step cost against the parameter-matched Transformer++: aten ops and interleaved time.
+
+    python -m benchmarks.hope.speed [--preset cpu-tiny] [--repeats 15] [--variant name=key:value,...]
+
+Counts the aten operators one forward + backward dispatches (a TorchDispatchMode), and times
+forward + backward of each model alternated A, B, C, A, B, C, … in this process after
+warm-up (one thread unless --threads), reporting medians and each HOPE's ratio to
+Transformer++. Variants are HOPE config overrides; "old" is the design before the ablation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .presets import PRESETS, build_model
+
+VARIANTS = {
+    "old": dict(generator_writes="shared", eta_scale=0.5, eta_max=1.0),
+    "default": {},
+}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.hope.speed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cpu-tiny", choices=tuple(PRESETS))
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train_cfg = PRESETS[args.preset]["train"]
+    B, T = train_cfg["batch"], train_cfg["seq_len"]
+    torch.manual_seed(0)
+    models = {f"hope[{k}]": build_model("hope", args.preset, 256, **v)[0] for k, v in VARIANTS.items()}
+    models["transformer"] = build_model("transformer", args.preset, 256)[0]
+    x = torch.randint(0, 256, (B, T + 1))
+
+    def step(m):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+
+    ops = {}
+    for name, m in models.items():
+        with _CountOps() as c:
+            step(m)
+        ops[name] = c.n
+    times = {k: [] for k in models}
+    for m in models.values():
+        step(m)
+    for _ in range(args.repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            step(m)
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tf = med["transformer"]
+    print(f"{args.preset}: B={B}, T={T}, {args.threads} thread(s), median of {args.repeats} interleaved fwd+bwd")
+    for name in models:
+        print(f"  {name:<14} {ops[name]:>7,} aten ops   {med[name] * 1e3:8.1f} ms   {med[name] / tf:5.2f}x Transformer++   "
+              f"params {sum(p.numel() for p in models[name].parameters()):,}")
+    return dict(ops=ops, median_s=med, ratio={k: v / tf for k, v in med.items()})
+
+
+if __name__ == "__main__":
+    main()
