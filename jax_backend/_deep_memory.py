@@ -1,10 +1,11 @@
-"""DMGD's deep momentum memory (MATH §5; NL eq. 50) as an optax transform.
+"""DMGD's deep momentum memory (docs/math.md §5; NL eq. 50) as an optax transform.
 
-The memory of each leaf is ``M_φ(q) = S + W₂ silu(W₁ q)`` applied to the rows ``q`` of its
+The memory of each leaf is ``M_φ(q) = S + ν W₂ silu(W₁ q)`` applied to the rows ``q`` of its
 matrix view; one inner gradient step per optimizer step writes it, one read at the current
 normalised gradient gives ``D̃``. The batched kernel :func:`deep_memory_kernel` works on
-stacks ``(..., m, n)``: optax-layout batch axes (stacked heads, scanned layers) ride on
-``jnp.matmul``'s broadcasting, each matrix with its own ``S``, ``W₁``, ``W₂``.
+stacks of matrix views, ``(..., m, n)``, or of their transposes, ``(..., n, m)`` — optax's
+``(in, out)`` kernels as stored, so no m×n array is transposed. Batch axes (stacked heads,
+scanned layers) ride on ``einsum``'s ellipsis, each matrix with its own ``S``, ``W₁``, ``W₂``, ν.
 """
 
 from __future__ import annotations
@@ -27,24 +28,44 @@ def _silu_grad(z: jax.Array) -> jax.Array:
     return s * (1 + z * (1 - s))
 
 
-def _mT(x: jax.Array) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2)
+def _einsum(spec: str):
+    return lambda a, b: jnp.einsum(spec, a, b)
+
+
+# The kernel's products for each storage of the m×n quantities (S, G, V, D): the matrix view
+# itself, ``(..., m, n)``, with H as m×h; or its transpose, ``(..., n, m)`` (optax's (in, out)
+# kernels), with H as h×m. The operand orders are the ones XLA's CPU dot runs fast (contracting
+# the lhs's last axis): on a 512×128 matrix with h = 16 the slow orders cost 2–8× as much.
+_EINSUMS = {
+    False: {"Z = K W1^T": _einsum("...mn,...hn->...mh"), "F = H W2^T": _einsum("...mh,...nh->...mn"),
+            "E^T H": lambda e, h: jnp.swapaxes(_einsum("...mh,...mn->...hn")(h, e), -1, -2),
+            "E W2": _einsum("...mn,...nh->...mh"), "B^T K": _einsum("...mh,...mn->...hn")},
+    True: {"Z = K W1^T": lambda k, w1: _einsum("...hn,...nm->...hm")(w1, k),
+           "F = H W2^T": lambda h, w2: _einsum("...nh,...hm->...nm")(w2, h),
+           "E^T H": _einsum("...nm,...hm->...nh"),
+           "E W2": lambda e, w2: _einsum("...nh,...nm->...hm")(w2, e),
+           "B^T K": _einsum("...hm,...nm->...hn")},
+}
 
 
 def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
                        w2: jax.Array | None, nu: jax.Array | None, g: jax.Array, v: jax.Array,
-                       prev_key: jax.Array | None):
+                       prev_key: jax.Array | None, *, transposed: bool = False):
     """DMGD's scale-stable write and read on stacks of matrix views (docs/math.md §5).
 
-    s, g, v, prev_key: ``(..., m, n)``; w1: ``(..., h, n)``; w2: ``(..., n, h)``; nu: ``(...)``,
-    the value scale ν (``None`` with w1, w2 when ``hidden = 0``; ``prev_key`` ``None`` for
-    ``keys="current"``). Returns ``(S, W₁, W₂, ν, D̃, Ĝ)``.
+    s, g, v, prev_key: ``(..., m, n)`` — or ``(..., n, m)``, the matrix views' transposes, with
+    ``transposed=True`` (optax's ``(in, out)`` kernels as they are: every product below names
+    its axes, so no m×n array is ever transposed); w1: ``(..., h, n)``; w2: ``(..., n, h)``;
+    nu: ``(...)``, the value scale ν (``None`` with w1, w2 when ``hidden = 0``; ``prev_key``
+    ``None`` for ``keys="current"``). Returns ``(S, W₁, W₂, ν, D̃, Ĝ)`` in the inputs' layout.
     """
-    m = s.shape[-2]
+    ein = _EINSUMS[transposed]
+    m = s.shape[-1] if transposed else s.shape[-2]
     alpha, eta = memory.momentum, memory.inner_lr
 
-    # Keys and queries: Ĝ, each row divided by max(‖row‖, ε).
-    g_hat = g / jnp.maximum(jnp.linalg.norm(g, axis=-1, keepdims=True), memory.key_eps)
+    # Keys and queries: Ĝ, each row of the view (length n) divided by max(‖row‖, ε).
+    row = -2 if transposed else -1
+    g_hat = g / jnp.maximum(jnp.linalg.norm(g, axis=row, keepdims=True), memory.key_eps)
     k = g_hat if memory.keys == "current" else prev_key
 
     # ν = max(β ν, ‖V‖_F/√m, ε); the MLP's read at φ_{t−1} in units of ν: H = silu(K W₁ᵀ), F = ν H W₂ᵀ.
@@ -52,9 +73,9 @@ def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
         rms = jnp.linalg.norm(v, axis=(-2, -1)) / jnp.sqrt(jnp.asarray(m, v.dtype))
         nu = jnp.maximum(jnp.maximum(memory.scale_decay * nu, rms), memory.key_eps).astype(v.dtype)
         scale = nu[..., None, None]
-        z = k @ _mT(w1)                                   # Z = K W₁ᵀ : m×n · n×h
+        z = ein["Z = K W1^T"](k, w1)                      # m×h
         h = jax.nn.silu(z)
-        f = scale * (h @ _mT(w2))                         # F = ν H W₂ᵀ : m×h · h×n
+        f = scale * ein["F = H W2^T"](h, w2)              # m×n
     # E = ∂ℓ/∂M(k_r), row by row: dot −ηv_r; l2 η(M(k_r) − v_r).
     if memory.objective == "dot":
         e = -eta * v
@@ -68,12 +89,13 @@ def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
         sq = lambda x: jnp.sum(x * x, axis=(-2, -1))[..., None, None]
         rate_w2 = 1 / (1 + (eta / m) * sq(h))                              # λ̄ = ‖H‖²/m
         rate_w1 = 1 / (1 + eta * memory.SILU_SLOPE_SQ * sq(w2))            # λ̄ = 1.21‖W₂‖²
-        grad_w2 = (_mT(e_hat) @ h) * (rate_w2 / m)                         # Êᵀ H / m : n×m · m×h
-        grad_w1 = (_mT((e_hat @ w2) * _silu_grad(z)) @ k) * (rate_w1 / m)  # [(Ê W₂) ⊙ silu'(Z)]ᵀ K / m
+        grad_w2 = ein["E^T H"](e_hat, h) * (rate_w2 / m)                      # Êᵀ H / m   : n×h
+        back = ein["E W2"](e_hat, w2) * _silu_grad(z)                           # (Ê W₂) ⊙ silu'(Z)
+        grad_w1 = ein["B^T K"](back, k) * (rate_w1 / m)                         # [·]ᵀ K / m : h×n
         w1 = w1 - grad_w1                                 # no retention on W₁
         w2 = alpha * w2 - grad_w2
-        # Read D = M_{φ_t}(Q) = S + ν silu(Q W₁ᵀ) W₂ᵀ at Q = Ĝ_t : m×n·n×h, then m×h·h×n.
-        d = s + scale * (jax.nn.silu(g_hat @ _mT(w1)) @ _mT(w2))
+        # Read D = M_{φ_t}(Q) = S + ν silu(Q W₁ᵀ) W₂ᵀ at Q = Ĝ_t.
+        d = s + scale * ein["F = H W2^T"](jax.nn.silu(ein["Z = K W1^T"](g_hat, w1)), w2)
     else:
         d = s
     if memory.nesterov:
@@ -161,10 +183,13 @@ def scale_by_deep_memory(
         values_sq, vals = apply_values(values, state.values_sq, updates, count)
 
         def leaf(g, v, s, w1, w2, nu, prev):
-            to = view.to_matrix
+            if view.layout == "optax":       # (..., in, out) is the view's transpose: use it as is
+                to = back = lambda x: x
+            else:
+                to, back = view.to_matrix, lambda x: view.from_matrix(x, g.shape)
             s, w1, w2, nu, d, g_hat = deep_memory_kernel(
-                memory, to(s), w1, w2, nu, to(g), to(v), to(prev) if previous else None)
-            back = lambda x: view.from_matrix(x, g.shape)
+                memory, to(s), w1, w2, nu, to(g), to(v), to(prev) if previous else None,
+                transposed=view.layout == "optax")
             return back(s), w1, w2, back(d), back(g_hat) if previous else None, nu
 
         # Fields a config does not use are None; give tree.map a None per leaf in their place.
