@@ -313,6 +313,19 @@ def test_reduces_to_accepts_equal_specs_through_a_user_backend(problem):
 # assert_descends
 # ============================================================================================
 
+def test_spec_table_covers_every_preset(spec_table):
+    """A new preset constructor must get a row in tests/conftest.py's table."""
+    import inspect
+
+    from deepopt import _presets
+
+    presets = {name for name, fn in inspect.getmembers(_presets, inspect.isfunction)
+               if not name.startswith("_") and fn.__module__ == _presets.__name__
+               and inspect.signature(fn).return_annotation in (deepopt.Spec, "Spec")}
+    assert presets >= {"sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3", "custom"}, presets
+    assert presets <= {make().name for make in spec_table.values()}
+
+
 def test_every_spec_in_the_table_descends(spec):
     """Every entry of the shared spec table (tests/conftest.py) goes down on the quadratic."""
     losses = testing.assert_descends(spec)
