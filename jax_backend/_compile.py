@@ -32,6 +32,7 @@ from deepopt import DeepMemory, MultiScaleMemory, Spec, UpdateRule
 from jax_backend._deep_memory import scale_by_deep_memory
 from jax_backend._multiscale import scale_by_multiscale_memory
 from jax_backend._routing import route
+from jax_backend._sharding import check_mesh, with_placed_state
 from jax_backend._transforms import (
     LAYOUTS,
     MatrixView,
@@ -84,6 +85,7 @@ def compile(  # the public name mirrors torch_backend.compile
     learning_rate: optax.ScalarOrSchedule | None = None,
     weight_decay: Any = None,
     layout: str = "optax",
+    ns_mesh: Any = None,
 ) -> optax.GradientTransformation:
     r"""Compile a deepopt spec to an ``optax.GradientTransformation``.
 
@@ -120,6 +122,12 @@ def compile(  # the public name mirrors torch_backend.compile
         batch of independent matrices, the matrix view is ``out × in``. ``"torch"`` reads
         ``(out, in, *rest)`` as one ``out × in·prod(rest)`` matrix, as ``deepopt.reference``
         and ``torch_backend`` do.
+      ns_mesh: for parameters sharded on a ``jax.sharding.Mesh``, that mesh: Newton–Schulz then
+        runs on whole matrices (its input gathered once, its output pinned alike), so no
+        collective remains inside its iterations; stacked matrices split over the devices
+        (docs/distributed.md). Without it the partitioner shards the iterations' matmuls.
+        Either way ``init`` places its state on the parameters' mesh, so a jitted step
+        compiles once.
 
     Returns:
       An ``optax.GradientTransformation`` (updates are added with ``optax.apply_updates``);
@@ -148,7 +156,8 @@ def compile(  # the public name mirrors torch_backend.compile
         raise TypeError(f"spec={spec!r} is invalid: expected a deepopt.Spec")
     _check_rate("learning_rate", learning_rate, schedule=True)
     _check_rate("weight_decay", weight_decay, schedule=False)
-    view = MatrixView(layout)
+    ns_mesh = check_mesh(ns_mesh)
+    view = MatrixView(layout, ns_mesh=ns_mesh)
     hp = spec.hyperparameters
     rule = compile_rule(spec.rule,
                         hp["lr"] if learning_rate is None else learning_rate,
@@ -159,7 +168,7 @@ def compile(  # the public name mirrors torch_backend.compile
         fb = spec.fallback
         fb_lr = fb.lr if learning_rate is None else _scaled(learning_rate, spec.fallback_lr_ratio)
         fallback = compile_rule(fb.rule, fb_lr, fb.weight_decay, view)
-    return route(spec, rule, fallback)
+    return with_placed_state(route(spec, rule, fallback), ns_mesh)
 
 
 def _check_rate(name: str, value: Any, *, schedule: bool) -> None:

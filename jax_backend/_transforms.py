@@ -37,6 +37,7 @@ from deepopt import (
     shape_scale_factor,
 )
 from jax_backend._newton_schulz import newton_schulz
+from jax_backend._sharding import whole_matrices
 
 Layout = Literal["optax", "torch"]
 LAYOUTS = ("optax", "torch")
@@ -59,6 +60,9 @@ class MatrixView:
     """
 
     layout: Layout = "optax"
+    #: A ``jax.sharding.Mesh``: Newton–Schulz then runs on whole matrices, its input and output
+    #: pinned by :func:`jax_backend._sharding.whole_matrices` (no collective in its iterations).
+    ns_mesh: Any = None
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -256,7 +260,14 @@ def readout_map(readout: Identity | Sign | NewtonSchulz, *,
         raise ValueError("a Newton–Schulz read-out needs a matrix view")
 
     def orthogonalise(d):
-        return view.from_matrix(newton_schulz(view.to_matrix(d), readout), d.shape)
+        x = view.to_matrix(d)
+        if view.ns_mesh is None:
+            return view.from_matrix(newton_schulz(x, readout), d.shape)
+        # Whole matrices in and out (pinning only the input lets the partitioner shard the
+        # iterations again): one gather before, a local slice after (docs/distributed.md).
+        whole = whole_matrices(view.ns_mesh, x.shape)
+        y = newton_schulz(jax.lax.with_sharding_constraint(x, whole), readout)
+        return view.from_matrix(jax.lax.with_sharding_constraint(y, whole), d.shape)
 
     return orthogonalise
 
