@@ -406,7 +406,7 @@ def test_dcp_fsdp2_checkpoint_loads_into_ddp(dcp_results, name):
 def _readme_examples() -> list[str]:
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = text.split("\n## Distributed", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```py\n(.*?)```", section, flags=re.S)
+    return [code for code in re.findall(r"```py\n(.*?)```", section, flags=re.S) if "torch_backend" in code]
 
 
 def _readme_worker(rank: int, world: int, ports: list[int], root: str) -> list[str]:
