@@ -212,10 +212,44 @@ def _fsdp_step_counts(spec, world: int, rank: int) -> dict:
     return {str(op): n for op, n in comm.get_comm_counts().items()}
 
 
+def _errors_worker(rank: int, world: int) -> dict:
+    """Misconfigurations: the message, and whether any parameter or state changed before it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    out = {}
+    mesh = init_device_mesh("cpu", (world,))
+    batches = _batches(2, world)
+    cases = {
+        "ddp_mesh_with_dtensors": lambda model: torch_backend.compile(
+            deepopt.muon(), model.named_parameters(), ddp_mesh=mesh),
+        "plain_gradient": lambda model: torch_backend.compile(deepopt.muon(), model.named_parameters()),
+    }
+    for name, build in cases.items():
+        model = _fsdp(_net())
+        opt = build(model)
+        if name == "plain_gradient":
+            _train(model, opt, batches[:1], rank, world)        # state exists: it must stay as it is
+        before = _full(model), _state_tensors(opt)
+        x, y = batches[1]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x.chunk(world)[rank]), y.chunk(world)[rank]).backward()
+        if name == "plain_gradient":                        # as if a hook had replaced it
+            model.b1.weight.grad = model.b1.weight.grad.full_tensor()
+        try:
+            opt.step()
+            out[name] = (None, True)
+        except ValueError as e:
+            after = _full(model), _state_tensors(opt)
+            unchanged = (all(torch.equal(before[0][k], after[0][k]) for k in after[0])
+                         and all(torch.equal(a, b) for a, b in zip(before[1], after[1])))
+            out[name] = (str(e), unchanged)
+    return out
+
+
 def _suite_worker(rank: int, world: int, root: str, ports: list[int]) -> dict:
     """Every default case in one world (spawning one costs more than most cases)."""
     out = {"fsdp": _fsdp_parity_worker(rank, world, "default"), "ddp": _ddp_worker(rank, world, "default"),
-           "dcp": _dcp_worker(rank, world, "default", root)}
+           "dcp": _dcp_worker(rank, world, "default", root), "errors": _errors_worker(rank, world)}
     dist.destroy_process_group()
     out["readme"] = _readme_worker(rank, world, ports, root)
     return out
@@ -224,6 +258,17 @@ def _suite_worker(rank: int, world: int, root: str, ports: list[int]) -> dict:
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     return spawn(_suite_worker, str(tmp_path_factory.mktemp("distributed")), [_free_port(), _free_port()])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("ddp_mesh_with_dtensors", "is a DTensor .* but the optimizer was given ddp_mesh"),
+    ("plain_gradient", "is a DTensor with placements .* but its gradient is a plain tensor"),
+])
+def test_misconfiguration_raises_before_any_change(suite, case, message):
+    for rank_result in suite:
+        error, unchanged = rank_result["errors"][case]
+        assert error is not None and re.search(message, error), error
+        assert unchanged, "a parameter or state changed before the error"
 
 
 @pytest.fixture(scope="module")
