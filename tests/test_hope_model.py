@@ -72,7 +72,8 @@ def test_chunked_equals_sequential_at_chunk_1(out_read, clip, generators):
 @pytest.mark.parametrize("chunk", [3, 4, 5, 12])  # 5 leaves a ragged last chunk
 def test_chunked_equals_boundary_gradient_reference(out_read, chunk, generators):
     inputs = "separate" if chunk == 5 else "shared"
-    layer = titans(out_read=out_read, generator_writes=generators, out_norm=True, generator_inputs=inputs)
+    layer = titans(out_read=out_read, generator_writes=generators, out_norm=True, generator_inputs=inputs,
+                   key_shift_init=inputs == "separate")
     x = rand_x()
     with torch.no_grad():
         y, (w1, w2) = layer(x, chunk_size=chunk, return_state=True)
@@ -390,3 +391,14 @@ def test_checkpointing_gives_the_same_loss_and_gradients():
     assert grads[0][0] == grads[1][0]
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_key_shift_init_reads_the_previous_token():
+    """At init (conv noise aside) x̃_k at t is x_{t−1} W_k: the key of a value is its key token."""
+    layer = titans(generator_inputs="separate", key_shift_init=True)
+    D = layer.cfg.d_model
+    w = layer.conv_in.weight[:, 0]  # (4D, size)
+    assert (w[:D, -2] > 0.9).all() and (w[:D, -1].abs() < 0.1).all()  # x̃_k: previous token
+    assert (w[D:, -1] > 0.9).all() and (w[D:, -2].abs() < 0.1).all()  # x̃_v, x̃_η, x̃_α: current
+    with pytest.raises(ValueError, match="key_shift_init=True needs generator_inputs='separate'"):
+        tiny_cfg(generator_inputs="shared", key_shift_init=True)

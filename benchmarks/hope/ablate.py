@@ -17,21 +17,20 @@ from pathlib import Path
 
 from . import train
 
-# name -> HopeConfig overrides, relative to the model's defaults
+# name -> HopeConfig overrides. OLD is the design before this ablation; DEFAULT is today's.
+OLD = dict(generator_writes="shared", generator_inputs="shared", key_shift_init=False, eta_scale=0.5, eta_max=1.0)
+DEFAULT = dict(generator_writes="off", generator_inputs="separate", key_shift_init=True, eta_scale=4.0, eta_max=16.0)
 VARIANTS = {
-    "old": dict(generator_writes="shared", generator_inputs="shared", eta_scale=0.5, eta_max=1.0),
-    "gen-separate": dict(generator_writes="separate", generator_inputs="shared", eta_scale=0.5, eta_max=1.0),
-    "gen-off": dict(generator_writes="off", generator_inputs="shared", eta_scale=0.5, eta_max=1.0),
-    "gen-off+eta-big": dict(generator_writes="off", generator_inputs="shared", eta_scale=4.0, eta_max=16.0),
-    "inputs": dict(generator_writes="shared", generator_inputs="separate", eta_scale=0.5, eta_max=1.0),
-    "inputs+gen-off": dict(generator_writes="off", generator_inputs="separate", eta_scale=0.5, eta_max=1.0),
-    "inputs+gen-off+eta-big": dict(generator_writes="off", generator_inputs="separate", eta_scale=4.0, eta_max=16.0),
-    "inputs+gen-sep+eta-big": dict(generator_writes="separate", generator_inputs="separate", eta_scale=4.0,
-                                   eta_max=16.0),
-    "inputs+gen-off+eta-big+norm": dict(generator_writes="off", generator_inputs="separate", eta_scale=4.0,
-                                        eta_max=16.0, out_norm=True),
-    "inputs+gen-off+eta-big+strict": dict(generator_writes="off", generator_inputs="separate", eta_scale=4.0,
-                                          eta_max=16.0, out_read="strict"),
+    "old": OLD,
+    "static-gen+eta": dict(OLD, generator_writes="off", eta_scale=4.0, eta_max=16.0),
+    "static-gen+eta+inputs": dict(OLD, generator_writes="off", eta_scale=4.0, eta_max=16.0,
+                                  generator_inputs="separate"),
+    "default": DEFAULT,  # = static-gen+eta+inputs with the key-shift init
+    "default+gen-shared": dict(DEFAULT, generator_writes="shared"),
+    "default+gen-separate": dict(DEFAULT, generator_writes="separate"),
+    "default+eta-small": dict(DEFAULT, eta_scale=0.5, eta_max=1.0),
+    "default+strict": dict(DEFAULT, out_read="strict"),
+    "default+out-norm": dict(DEFAULT, out_norm=True),
 }
 
 

@@ -152,7 +152,8 @@ class HopeConfig:
     inner_clip: float | None = 1.0  # per-token inner-gradient Frobenius clip
     out_read: str = "causal"     # "causal" (retrieve after store), "strict" (before) or "boundary"
     generator_writes: str = "off"  # M_k, M_v, M_η, M_α static, or written with M_memory's α / their own
-    generator_inputs: str = "shared"  # one fixed projection x̃ for all four generators, or "separate"
+    generator_inputs: str = "separate"  # a fixed projection x̃ per generator, or one "shared" by all four
+    key_shift_init: bool = True  # x̃_k's convolution starts at the previous token (needs separate inputs)
     out_norm: bool = False       # per-head RMSNorm of the read o before W_o
 
     def __post_init__(self):
@@ -163,6 +164,9 @@ class HopeConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.key_shift_init and (self.generator_inputs != "separate" or self.conv_size < 2):
+            raise ValueError("key_shift_init=True needs generator_inputs='separate' and conv_size >= 2; "
+                             "pass key_shift_init=False with shared inputs")
         self.cms_periods = tuple(int(p) for p in self.cms_periods)
 
 
@@ -271,6 +275,11 @@ class SelfModifyingTitans(nn.Module):
         self.w_in = nn.Linear(D, self.n_inputs * D, bias=False)  # generator inputs x̃ (choice 1)
         self.w_q = nn.Linear(D, D, bias=False)  # the fixed query projection
         self.conv_in = CausalDepthwiseConv(self.n_inputs * D, cfg.conv_size)
+        if cfg.key_shift_init:  # M_k's input starts as the previous token's features (H3's shift)
+            with torch.no_grad():
+                w = self.conv_in.weight[MEM_K * D : (MEM_K + 1) * D, 0]  # (D, size), channels of x̃_k
+                w[:, -1] -= 1.0
+                w[:, -2] += 1.0
         self.conv_q = CausalDepthwiseConv(D, cfg.conv_size)
         # meta-learned initial fast state φ₀ of the five memories, per head (choice 11)
         self.mem_w1 = nn.Parameter(torch.randn(H, N_MEMORIES, d, f) / math.sqrt(f))
