@@ -40,6 +40,37 @@ _NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": t
 _HALF = (torch.bfloat16, torch.float16)
 
 
+# -- the step count t: Python ints eagerly, tensors under torch.compile ------------------------
+# Eagerly, t is read once per step (``.item()``) and every scalar that depends on it (bias
+# corrections, torch's first write, M3's period) is host math, exact in float64. Under
+# ``torch.compile`` those scalars are computed from the step tensors themselves, in float64, so
+# the step traces into one graph with no ``.item()`` (no graph break, no host sync), as
+# torch.optim's ``capturable`` optimizers do.
+
+
+def _counts(steps: Tensors) -> list:
+    """Each parameter's ``t`` after this step's increment (see above)."""
+    if torch.compiler.is_compiling():
+        return [s.to(torch.float64) for s in steps]
+    return [int(s.item()) for s in steps]
+
+
+def _sqrt(x):
+    return math.sqrt(x) if isinstance(x, float) else x.sqrt()
+
+
+def _first_write_rate(t, eta: float):
+    """torch SGD's first write: η = 1 at t = 1, else η."""
+    if isinstance(t, torch.Tensor):
+        return torch.where(t == 1, torch.ones_like(t), torch.full_like(t, eta))   # float64, as t
+    return 1.0 if t == 1 else eta
+
+
+def _is_due(t, period: int):
+    """Whether M3's slow level is written at step ``t`` (a bool tensor under compile)."""
+    return t % period == 0
+
+
 def _scale(rule: UpdateRule, shape: torch.Size) -> float:
     return shape_scale_factor(rule.shape_scale, *matrix_view_shape(shape)) if len(shape) >= 2 else 1.0
 
@@ -176,7 +207,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
         t, divisor, denom = None, 1.0, None
         if counted:
             st["step"] += 1
-            t = int(st["step"].item())
+            t = _counts([st["step"]])[0]
         if rule.maximize:
             g = -g
         if not rule.decoupled_weight_decay and weight_decay != 0.0:
@@ -219,13 +250,16 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
                 nu.mul_(den.beta2).addcmul_(g, g, value=1 - den.beta2)
             denom = nu.sqrt()
             if den.bias_correction:
-                denom.div_(math.sqrt(1 - den.beta2**t))
+                denom.div_(_sqrt(1 - den.beta2**t))
             denom.add_(den.eps)
 
         # Outer step W ← W − γλW − γ s(W) O / denom (MATH §0); one rounding in half precision.
         if rule.decoupled_weight_decay and weight_decay != 0.0:
             p.mul_(1 - lr * weight_decay)
         size = lr * _scale(rule, p.shape if lay is None else lay.shape) / divisor
+        if isinstance(size, torch.Tensor):                   # t-dependent under torch.compile
+            out = out * -size
+            size = -1.0
         if denom is not None:
             p.addcdiv_(out, denom, value=-size)
         else:
@@ -239,9 +273,9 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
                           v: torch.Tensor, t: int, lay=None) -> torch.Tensor:
     """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (MATH §2) and return the read-out D̃."""
     alpha = mem.momentum
-    eta = 1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr
+    eta = _first_write_rate(t, mem.inner_lr) if mem.undamped_first_write else mem.inner_lr
     if mem.stateless:
-        s = v if eta == 1.0 else v * eta
+        s = v if isinstance(eta, float) and eta == 1.0 else v * eta
     else:
         s = st["memory"]
         if mem.zeta != 0.0 and p.ndim >= 2:                  # 1-D: the recurrence with ζ = 0
@@ -251,9 +285,12 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
             else:
                 m, n = matrix_view_shape(p.shape)
                 delta = delta_term(s.reshape(1, m, n), g.reshape(1, m, n), mem.key_eps).view_as(s)
-            s.mul_(alpha).add_(delta, alpha=-mem.zeta).add_(v, alpha=eta)
+            s.mul_(alpha).add_(delta, alpha=-mem.zeta).add_(v * eta if isinstance(eta, torch.Tensor) else v,
+                                                           alpha=1.0 if isinstance(eta, torch.Tensor) else eta)
         elif _is_ema(mem):
             s.lerp_(v, 1 - alpha)
+        elif isinstance(eta, torch.Tensor):
+            s.mul_(alpha).add_(v * eta)
         else:
             s.mul_(alpha).add_(v, alpha=eta)
     if mem.nesterov:
@@ -261,7 +298,7 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
             return s * (alpha / (1 - alpha ** (t + 1))) + v * (eta / (1 - alpha**t))
         if _is_ema(mem):
             return v.lerp(s, alpha)                          # torch Muon: grad.lerp(buf, μ)
-        return s * alpha + v * eta if eta != 1.0 else v.add(s, alpha=alpha)
+        return v.add(s, alpha=alpha) if isinstance(eta, float) and eta == 1.0 else s * alpha + v * eta
     return s / (1 - alpha**t) if mem.bias_correction else s
 
 
@@ -280,7 +317,10 @@ def _slow_write_single(rule: UpdateRule, st: dict, v: torch.Tensor, t: int, lay=
     """M3: accumulate V; every ``period`` steps write M² and refresh O² = σ(M²) (MATH §6)."""
     mem = rule.memory
     st["slow_accumulator"].add_(v)
-    if t % mem.period == 0:
+    if isinstance(t, torch.Tensor):                          # under torch.compile: masked, no branch
+        _slow_write_masked(rule, [st], [_is_due(t, mem.period)], lay and [lay])
+        return
+    if _is_due(t, mem.period):
         st["slow_memory"].mul_(mem.slow_momentum).add_(st["slow_accumulator"], alpha=mem.slow_inner_lr)
         st["slow_readout"].copy_(_readout_single(rule, st["slow_memory"], lay))
         st["slow_accumulator"].zero_()
@@ -343,7 +383,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     if uses_step_count(rule):
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)
-        ts = [int(s.item()) for s in steps]
+        ts = _counts(steps)
 
     gs = grads
     if rule.maximize:
@@ -391,7 +431,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
             torch._foreach_addcmul_(nus, gs, gs, value=1 - den.beta2)
         denom = torch._foreach_sqrt(nus)
         if den.bias_correction:
-            _scalar_op("div", denom, [math.sqrt(1 - den.beta2**t) for t in ts], inplace=True)
+            _scalar_op("div", denom, [_sqrt(1 - den.beta2**t) for t in ts], inplace=True)
         _scalar_op("add", denom, den.eps, inplace=True)
 
     # Outer step W ← W − γλW − γ s(W) O, the step size carrying s(W) and any folded correction.
@@ -406,6 +446,9 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         by_size[size].append(i)
     for size, idx in by_size.items():
         ps, os_ = [params[i] for i in idx], [outs[i] for i in idx]
+        if isinstance(size, torch.Tensor):                   # t-dependent under torch.compile
+            os_ = torch._foreach_mul(os_, -size)
+            size = -1.0
         if denom is not None:
             torch._foreach_addcdiv_(ps, os_, [denom[i] for i in idx], value=-size)
         else:
@@ -432,6 +475,8 @@ def _scalar_op(op: str, xs: Tensors, value: float | list[float], *, inplace: boo
     if not any(x.dtype in _HALF for x in xs):
         return fn(xs, value)
     values = value if isinstance(value, list) else [value] * len(xs)
+    if any(isinstance(v, torch.Tensor) for v in values):   # t-dependent under torch.compile
+        return fn(xs, [torch.as_tensor(v, dtype=torch.float32, device=x.device) for v, x in zip(values, xs)])
     out: Tensors = list(xs)
     by_value: dict[float, list[int]] = defaultdict(list)
     for i, v in enumerate(values):
@@ -449,7 +494,7 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
                            ts: list[int] | None, layouts: list | None = None) -> Tensors:
     alpha, eta = mem.momentum, mem.inner_lr
     # η per tensor only under torch's first-write quirk; otherwise one scalar (no temporaries).
-    etas = [1.0 if t == 1 else eta for t in ts] if mem.undamped_first_write else None
+    etas = [_first_write_rate(t, eta) for t in ts] if mem.undamped_first_write else None
 
     def add_values(dst: Tensors) -> None:                    # dst += η V
         if etas is None:
@@ -548,11 +593,29 @@ def _readout_batched(rule: UpdateRule, ds: Tensors, layouts: list | None = None)
     return ds
 
 
+def _slow_write_masked(rule: UpdateRule, states: list[dict], due: Tensors, layouts: list | None = None) -> None:
+    """M3's slow write under torch.compile (the accumulator already holds this step's V): the
+    write and its Newton–Schulz are computed every step and kept where ``due`` (a bool tensor per
+    parameter), because a branch on ``t`` would break the graph. Same values as the branch."""
+    mem = rule.memory
+    acc = [st["slow_accumulator"] for st in states]
+    written = torch._foreach_add(_scalar_op("mul", [st["slow_memory"] for st in states], mem.slow_momentum),
+                                 acc, alpha=mem.slow_inner_lr)
+    read = _readout_batched(rule, written, layouts)
+    for st, d, w, r in zip(states, due, written, read):
+        st["slow_memory"].copy_(torch.where(d, w, st["slow_memory"]))
+        st["slow_readout"].copy_(torch.where(d, r, st["slow_readout"]))
+        st["slow_accumulator"].copy_(torch.where(d, 0.0, st["slow_accumulator"]))
+
+
 def _slow_write_batched(rule: UpdateRule, states: list[dict], vs: Tensors, ts: list[int],
                         layouts: list | None = None) -> None:
     mem = rule.memory
     torch._foreach_add_([st["slow_accumulator"] for st in states], vs)
-    due_idx = [i for i, t in enumerate(ts) if t % mem.period == 0]
+    if ts and isinstance(ts[0], torch.Tensor):              # under torch.compile: masked, no branch
+        _slow_write_masked(rule, states, [_is_due(t, mem.period) for t in ts], layouts)
+        return
+    due_idx = [i for i, t in enumerate(ts) if _is_due(t, mem.period)]
     if not due_idx:
         return
     due = [states[i] for i in due_idx]

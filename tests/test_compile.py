@@ -1,0 +1,58 @@
+"""``torch.compile(opt.step)``: every spec of the table traces into one graph (no ``.item()``,
+no data-dependent branch) and computes what the eager step computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+import torch_backend
+
+# Entries whose math reads the step count t (bias corrections, torch's first write, M3's
+# period): where a graph used to break. The default run checks them on the default (foreach)
+# path; `-m slow` checks every entry of the table on both twins.
+T_DEPENDENT = ("sgd_damped_torch", "adamw_nesterov", "muon_optax", "dmgd_dot_previous_adam", "m3")
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)).double()
+
+
+def _check_compiled_equals_eager(spec, foreach: bool) -> None:
+    eager_model = _model()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = torch_backend.compile(spec, eager_model.named_parameters(), foreach=foreach)
+    traced = torch_backend.compile(spec, compiled_model.named_parameters(), foreach=foreach)
+    dynamo.reset()
+    step = torch.compile(traced.step, backend="eager")      # the graph, not inductor's kernels
+    gen = torch.Generator().manual_seed(1)
+    for t in range(4):                                       # m3 entries write their slow level
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        eager.step()
+        if t == 1:                                           # state exists: the steady-state step
+            explained = dynamo.explain(traced.step)()
+            assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+        else:
+            step()
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+        for key, value in eager.state[p].items():
+            torch.testing.assert_close(traced.state[q][key], value, rtol=1e-12, atol=1e-14,
+                                       msg=lambda m, key=key: f"state[{key!r}]: {m}")
+
+
+@pytest.mark.specs(*T_DEPENDENT)
+def test_compiled_step_has_no_graph_break_and_equals_eager(spec):
+    _check_compiled_equals_eager(spec, foreach=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_every_spec_compiles_whole_on_both_twins(spec, foreach):
+    _check_compiled_equals_eager(spec, foreach)
