@@ -1,11 +1,11 @@
 """HOPE step cost against the parameter-matched Transformer++: aten ops and interleaved time.
 
-    python -m benchmarks.hope.speed [--preset cpu-tiny] [--repeats 15] [--variant name=key:value,...]
+    python -m benchmarks.hope.speed [--preset cpu-tiny] [--repeats 15] [--threads 1]
 
 Counts the aten operators one forward + backward dispatches (a TorchDispatchMode), and times
 forward + backward of each model alternated A, B, C, A, B, C, … in this process after
 warm-up (one thread unless --threads), reporting medians and each HOPE's ratio to
-Transformer++. Variants are HOPE config overrides; "old" is the design before the ablation.
+Transformer++. "old" is the HOPE design before the ablation (ablate.OLD), "default" today's.
 """
 
 from __future__ import annotations
@@ -17,12 +17,10 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .ablate import OLD
 from .presets import PRESETS, build_model
 
-VARIANTS = {
-    "old": dict(generator_writes="shared", eta_scale=0.5, eta_max=1.0),
-    "default": {},
-}
+VARIANTS = {"old": OLD, "default": {}}
 
 
 class _CountOps(TorchDispatchMode):
