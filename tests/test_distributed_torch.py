@@ -503,3 +503,21 @@ def test_every_table_spec_under_fsdp2_ddp_and_dcp(tmp_path):
         if ckpt[0][name]["fsdp_to_ddp"] >= TOL:
             failures.append(f"dcp fsdp->ddp {name}: {ckpt[0][name]['fsdp_to_ddp']:.2e}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_smoke_benchmark_distributed(tmp_path):
+    """``python -m benchmarks.distributed`` runs and writes its table (a tiny model)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "distributed.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--d", "32", "--layers", "1",
+                           "--repeats", "2", "--specs", "muon", "--out", str(out)],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    # Two matrix buckets (32→128, 128→32), two collectives each; torch.optim.Muon: per iteration.
+    assert results["muon"]["total"] == 2 * 2 < results["torch.optim.Muon"]["total"], results
