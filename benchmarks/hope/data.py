@@ -1,4 +1,4 @@
-"""Data for the HOPE benchmark. Nothing is ever downloaded (BENCHMARKS.md "No download").
+"""Data for the HOPE benchmark. Nothing is ever downloaded.
 
 1. `stdlib`: a byte-level corpus made of the running Python's own standard-library `.py`
    files (every machine has them). The file list is sorted by relative path; test suites,

@@ -1,8 +1,12 @@
 """Size presets for the HOPE benchmark and the parameter-matched Transformer++.
 
 cpu-tiny   two CPU cores, ~1 minute for 200 steps: the CI / README comparison.
+cpu-mqar   the MQAR recall recipe (vocab 64, 6 pairs, T = 48): HOPE must recall, and lose
+           the recall with its writes off.
 gpu-small  a few minutes on one GPU.
-gpu-125m   GPT-2-small scale (D = 768, 12 layers, ~125M parameters with CMS).
+gpu-125m   GPT-2-small scale (D = 768, 12 layers, ~125M parameters with CMS); micro-batches
+           of 8 with gradient accumulation and activation checkpointing, to fit 70 GB
+           (`train --plan`).
 
 CMS periods: the paper gives none for its LM runs; MATH §8 suggests (16, 64, 256) tokens,
 used by the GPU presets. cpu-tiny trains on 128-token windows, where a 256-token level
@@ -41,8 +45,8 @@ PRESETS = {
     ),
 }
 
-# Peak learning rates per optimizer name (not swept here: BENCHMARKS.md asks for a sweep
-# before any quality claim; these are the usual starting points for small byte-level LMs).
+# Peak learning rates per optimizer name: the usual starting points for small byte-level LMs,
+# used when a run gives no --lr (benchmarks.hope.compare sweeps around them).
 DEFAULT_LR = {"adamw": 3e-3, "sgd": 0.1, "muon": 0.02, "dmgd": 0.02}
 
 

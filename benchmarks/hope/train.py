@@ -258,6 +258,8 @@ def parse_args(argv=None):
     preset = PRESETS[args.preset]["train"]
     args.mqar_vocab = args.mqar_vocab or preset.get("mqar_vocab", 64)
     args.mqar_pairs = args.mqar_pairs or preset.get("mqar_pairs", 8)
+    if args.lr is None and args.optimizer not in DEFAULT_LR:
+        ap.error(f"--lr is required with --optimizer {args.optimizer} (defaults exist for {', '.join(DEFAULT_LR)})")
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     args.fallback_lr = args.fallback_lr if args.fallback_lr is not None else DEFAULT_LR["adamw"]
     try:  # the preset's own validation, before any data is loaded

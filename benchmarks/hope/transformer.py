@@ -1,6 +1,6 @@
 """Transformer++ baseline: RoPE, SwiGLU, RMSNorm, PyTorch SDPA, tied embeddings (nanoGPT shape).
 
-The reference point of BENCHMARKS.md's "model throughput" and "model quality" rows. Sized by
+The reference point of the HOPE benchmark's throughput and quality comparisons. Sized by
 `presets.matched_transformer` to the HOPE model's parameter count (same width, depth and
 heads; the SwiGLU hidden width absorbs the difference).
 """
