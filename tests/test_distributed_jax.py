@@ -37,14 +37,16 @@ SPECS = {
 WITH_NEWTON_SCHULZ = ("muon", "muon_fp32", "dmgd", "m3_slow")
 #: Specs whose collectives are read from the compiled HLO, at two ns_steps each.
 COUNTED = ("muon", "m3_slow")
-#: The default run's share (each case compiles several sharded steps); -m slow runs them all.
+#: The default run's share (each case compiles several sharded steps, DMGD's take 10–20 s on a
+#: loaded CPU); -m slow runs them all. DMGD checks the placement of W₁/W₂/ν.
 DEFAULT = ("muon", "dmgd")
+DEFAULT_WHOLE = ("muon",)
 _COLLECTIVE = re.compile(r"= [^=]*?\b(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
                          r"(?:-start)?\(")
 
 
-def _main(names: list[str]) -> None:
-    """The subprocess: the cases of ``names``, printed as one JSON line."""
+def _main(names: list[str], whole: list[str]) -> None:
+    """The subprocess: the cases of ``names`` (and of ``whole`` with ``ns_mesh``), as one JSON line."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -101,7 +103,7 @@ def _main(names: list[str]) -> None:
     for name in names:
         spec = eval(SPECS[name])
         ref, _, _ = run(jax_backend.compile(spec), sharded=False)
-        for ns_mesh in (None, mesh) if name in WITH_NEWTON_SCHULZ else (None,):
+        for ns_mesh in (None, mesh) if name in whole else (None,):
             params, state, traces = run(jax_backend.compile(spec, ns_mesh=ns_mesh), sharded=True)
             error = max(float(jnp.max(jnp.abs(params[k] - ref[k])) / jnp.max(jnp.abs(ref[k]))) for k in ref)
             kept = all(params[k].sharding.is_equivalent_to(shardings[k], params[k].ndim) for k in params)
@@ -126,13 +128,13 @@ def _main(names: list[str]) -> None:
     print(json.dumps(results))
 
 
-def _run(names) -> dict:
+def _run(names, whole) -> dict:
     env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
                                        " --xla_force_host_platform_device_count=4").strip(),
            "JAX_PLATFORMS": "cpu"}
     tests = Path(__file__).resolve().parent
     code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import test_distributed_jax as t; "
-            f"t._main({list(names)!r})")
+            f"t._main({list(names)!r}, {list(whole)!r})")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900,
                           cwd=tests.parent)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -141,7 +143,7 @@ def _run(names) -> dict:
 
 @pytest.fixture(scope="module")
 def mesh_results() -> dict:
-    return _run(DEFAULT)
+    return _run(DEFAULT, DEFAULT_WHOLE)
 
 
 def _check_case(case: dict, label: str) -> None:
@@ -159,7 +161,7 @@ def _check_counts(whole: dict, partitioned: dict) -> None:
 
 
 @pytest.mark.parametrize("name, mode", [(name, mode) for name in DEFAULT for mode in ("partitioned", "whole")
-                                        if mode == "partitioned" or name in WITH_NEWTON_SCHULZ])
+                                        if mode == "partitioned" or name in DEFAULT_WHOLE])
 def test_sharded_params_match_unsharded(mesh_results, name, mode):
     _check_case(mesh_results[f"{name}/{mode}"], f"{name} ({mode})")
 
@@ -170,7 +172,7 @@ def test_whole_matrix_newton_schulz_leaves_no_all_reduce(mesh_results):
 
 @pytest.mark.slow
 def test_every_spec_on_the_mesh():
-    results = _run(SPECS)
+    results = _run(SPECS, WITH_NEWTON_SCHULZ)
     for label, case in results.items():
         if isinstance(case, dict):
             _check_case(case, label)
