@@ -521,3 +521,32 @@ def test_smoke_benchmark_distributed(tmp_path):
     results = json.loads(out.read_text())["results"]
     # Two matrix buckets (32→128, 128→32), two collectives each; torch.optim.Muon: per iteration.
     assert results["muon"]["total"] == 2 * 2 < results["torch.optim.Muon"]["total"], results
+
+
+def _hsdp_worker(rank: int, world: int) -> dict:
+    """HSDP: a 2-D mesh (replicate × shard), parameters ``(Replicate(), Shard(0))``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    batches = _batches(STEPS, world)
+    out = {}
+    for name in ("muon", "delta_momentum", "dmgd", "m3_slow"):
+        spec = DEFAULT_SPECS[name]()
+        ref, model = _net(), _net()
+        for layer in (model.a, model.b1, model.b2, model.head):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch_backend.compile(spec, model.named_parameters())
+        _train(model, opt, batches, rank, world)
+        full = _full(model)
+        if rank == 0:
+            _train(ref, torch_backend.compile(spec, ref.named_parameters()), batches, None, world)
+            out[name] = _rel_error(full, {n: p.detach() for n, p in ref.named_parameters()})
+    return out
+
+
+@pytest.mark.slow
+def test_hsdp_on_a_2d_mesh_matches_one_process():
+    errors = spawn(_hsdp_worker, world=4)[0]
+    assert errors and all(e < TOL for e in errors.values()), errors
