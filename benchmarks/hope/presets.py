@@ -29,7 +29,7 @@ PRESETS = {
     "cpu-mqar": dict(
         model=dict(d_model=64, n_layers=2, n_heads=2, mem_hidden=32, chunk_size=16,
                    cms_periods=(16, 64), cms_hidden=128),
-        train=dict(batch=32, seq_len=48, steps=600, warmup=50, val_batches=8, log_every=10,
+        train=dict(batch=32, seq_len=48, steps=1000, warmup=50, val_batches=8, log_every=10,
                    mqar_vocab=64, mqar_pairs=6),
     ),
     "gpu-small": dict(
