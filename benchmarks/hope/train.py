@@ -314,6 +314,7 @@ def run(args):
     np.random.seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    sha = git_sha()  # the code that trains, not the code present when the run ends
 
     data = DataSource(args.data, seq_len, batch, path=args.data_path, mqar_vocab=args.mqar_vocab,
                       mqar_pairs=args.mqar_pairs, val_batches=preset["val_batches"], seed=args.seed)
@@ -432,7 +433,7 @@ def run(args):
                     micro_batch=micro, checkpointing=checkpointing,
                     warmup=preset["warmup"], grad_clip=1.0, compiled=compiled, bf16_autocast=use_amp,
                     autocast="bf16" if use_cuda else None, model=_plain(asdict(model_cfg)), data=data.meta),
-        git_sha=git_sha(), versions=versions(), device=device_info(device),
+        git_sha=sha, versions=versions(), device=device_info(device),
         command=" ".join([sys.executable, "-m", "benchmarks.hope.train", *sys.argv[1:]])
         if sys.argv and sys.argv[0].endswith("train.py") else getattr(args, "command", None),
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
