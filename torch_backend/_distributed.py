@@ -11,9 +11,11 @@ those whole matrices, and the results are redistributed back to the parameters' 
 number of collectives per step is therefore a few per bucket — never a function of
 ``ns_steps`` — and each rank computes ``1/world`` of the matrices.
 
-Plain parameters replicated by DDP take the same path when the optimizer is given
-``ddp_mesh``: every rank computes its share of the matrices, then one all-gather shares the
-results. Without it, each DDP rank computes every matrix itself (no communication).
+For plain parameters replicated by DDP, Newton–Schulz takes the same path when the optimizer
+is given ``ddp_mesh``: every rank orthogonalises its share of the matrices, then one
+all-gather per bucket shares the results, bit for bit what each rank would have computed.
+The delta term and DMGD's memory stay on each replica (:func:`sharded_only`), as does
+everything without ``ddp_mesh``.
 
 Everything here is ``torch.distributed`` and DTensor; nothing is home-made communication.
 """
