@@ -26,6 +26,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from deepopt import DeepMemory, MultiScaleMemory, Spec, UpdateRule
@@ -187,10 +188,17 @@ def _check_rate(name: str, value: Any, *, schedule: bool) -> None:
 
 
 def _scaled(learning_rate: optax.ScalarOrSchedule, ratio: float) -> optax.ScalarOrSchedule:
-    """``ratio × learning_rate`` for a number, a traced scalar or a schedule."""
+    """``ratio × learning_rate`` for a number, a traced scalar or a schedule, the product taken
+    in the default float dtype (float64 under x64, where a float32 schedule value times the
+    ratio would round before it is applied)."""
+    def scale(lr: Any) -> Any:
+        if isinstance(lr, numbers.Real):
+            return ratio * lr
+        return ratio * jnp.asarray(lr, dtype=jnp.result_type(float))
+
     if callable(learning_rate):
-        return lambda count: ratio * learning_rate(count)
-    return ratio * learning_rate
+        return lambda count: scale(learning_rate(count))
+    return scale(learning_rate)
 
 
 __all__ = ["compile", "compile_rule"]
