@@ -265,8 +265,17 @@ def test_tied_weights_match_a_pattern_on_any_of_their_names():
 
 def test_torch_flags_are_honoured_or_refused_clearly():
     model = _model()
-    with pytest.raises(ValueError, match="fused"):
-        torch_backend.compile(deepopt.adamw(), model.parameters(), fused=True)
+    with pytest.raises(ValueError, match="`fused` and `foreach` cannot be `True` together"):
+        torch_backend.compile(deepopt.adamw(), model.parameters(), fused=True, foreach=True)
+    # fused=True runs torch's fused AdamW kernel (fused=False never does): the same steps.
+    runs = {}
+    for fused in (True, False):
+        m = _model()
+        opt = torch_backend.compile(deepopt.adamw(0.01), m.parameters(), fused=fused)
+        _train(opt, list(m.parameters()), 3)
+        runs[fused] = list(m.parameters())
+    for p, q in zip(*runs.values()):
+        torch.testing.assert_close(p, q)
     for flag in ("capturable", "differentiable"):
         with pytest.raises(ValueError, match=flag):
             torch_backend.compile(deepopt.adamw(), model.parameters(), **{flag: True})
@@ -441,3 +450,14 @@ def test_torch_flags_in_a_group_are_refused_unless_false():
                                                       "foreach": None, "fused": None}])
     sgd = torch_backend.compile(deepopt.sgd(0.1), [{"params": _model().parameters(), "maximize": True}])
     assert sgd.param_groups[0]["maximize"] is True and opt.param_groups[0]["maximize"] is False
+
+
+def test_the_fused_flag_decides_whether_torchs_fused_kernel_runs(monkeypatch):
+    calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    for fused, expected in ((True, 3), (None, 3), (False, 0)):
+        calls.clear()
+        m = _model()
+        _train(torch_backend.compile(deepopt.adamw(0.01), m.parameters(), fused=fused), list(m.parameters()), 3)
+        assert len(calls) == expected, (fused, len(calls))

@@ -24,6 +24,7 @@ before it updates any parameter or state.
 from __future__ import annotations
 
 import difflib
+import functools
 import numbers
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -93,9 +94,12 @@ class DeepOptimizer(Optimizer):
       foreach: ``True`` (default when None) runs the batched/foreach functional; ``False`` the
         single-tensor loop. Both compute the same update.
       maximize: ascend instead of descend, for every group and route.
-      fused, capturable, differentiable: torch.optim's flags. Only their defaults (``None`` /
-        ``False``) are accepted: deepopt has no fused kernels, reads step counts on the host
-        (no CUDA-graph capture) and steps under ``torch.no_grad``.
+      fused: torch's fused AdamW / SGD kernels for the rules that are exactly those
+        (``deepopt.adamw``, ``deepopt.sgd``, AdamW fallbacks): ``None`` uses them on
+        float32/float64, ``True`` on half precision too (it runs the batched path), ``False``
+        never.
+      capturable, differentiable: torch.optim's flags; only ``False`` is accepted: deepopt reads
+        step counts on the host (no CUDA-graph capture) and steps under ``torch.no_grad``.
       ddp_mesh: for plain parameters replicated by DDP, the 1-D ``DeviceMesh`` of their replicas:
         each rank then computes ``1/world`` of the whole-matrix work (Newton–Schulz, …) and one
         all-gather per bucket shares it; the result is the same, bit for bit. DTensor (FSDP2)
@@ -111,9 +115,10 @@ class DeepOptimizer(Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"foreach={foreach!r} is invalid: expected None, True or False")
         check_bool("maximize", maximize)
-        if fused not in (None, False):
-            raise ValueError(f"fused={fused!r} is not available: deepopt has no fused kernels; "
-                             "foreach=True (the default) runs the batched path")
+        if fused not in (None, True, False):
+            raise ValueError(f"fused={fused!r} is invalid: expected None, True or False")
+        if fused and foreach:
+            raise ValueError("`fused` and `foreach` cannot be `True` together.")
         if capturable is not False:
             raise ValueError(f"capturable={capturable!r} is not available: a deepopt step reads "
                              "step counts on the host, so it cannot be captured in a CUDA graph")
@@ -123,7 +128,8 @@ class DeepOptimizer(Optimizer):
         if isinstance(params, torch.nn.Module):
             params = list(params.named_parameters(remove_duplicate=False))
         self.spec = spec
-        self._foreach = True if foreach is None else foreach
+        self._foreach = True if (foreach is None or fused) else foreach
+        self._fused = fused
         self._maximize = maximize
         self._ddp_mesh = _distributed.check_ddp_mesh(ddp_mesh)
         self._names: dict[torch.Tensor, str] = {}      # routing names (positional if unnamed)
@@ -143,7 +149,7 @@ class DeepOptimizer(Optimizer):
     # -- copies: deepcopy, pickle and torch.save(opt) keep the spec and the names ---------------
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        for key in ("spec", "_foreach", "_maximize", "_names", "_user_params", "_n_user_groups"):
+        for key in ("spec", "_foreach", "_fused", "_maximize", "_names", "_user_params", "_n_user_groups"):
             state[key] = self.__dict__[key]
         return state
 
@@ -494,7 +500,8 @@ class DeepOptimizer(Optimizer):
         for state, key, value in fills:
             state[key] = value
         self._layouts.update(layouts)
-        functional = step_batched if self._foreach else step_single
+        functional = (functools.partial(step_batched, fused=self._fused) if self._foreach
+                      else step_single)
         for group, rule, lr, wd, params, grads, states, fresh, shards in plans:
             for p in fresh:
                 self._init_state(self.state[p], rule, p, group)
