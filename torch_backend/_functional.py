@@ -221,8 +221,11 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
             v = g / nu.div(1 - b2**t).sqrt_().add_(rule.values.eps)
 
         # Memory write and read-out D̃.
+        read = False                                         # σ already applied with the memory
         if isinstance(rule.memory, DeepMemory) and lay is not None and lay.sharded:
-            d = _deep_memory_batched(rule.memory, [st], [g], [v], [lay])[0]
+            sigma = _owner_readout(rule)
+            d = _deep_memory_batched(rule.memory, [st], [g], [v], [lay], sigma=sigma)[0]
+            read = sigma is not None
         elif isinstance(rule.memory, DeepMemory):
             mem = rule.memory
             shape = matrix_view_shape(p.shape)
@@ -238,7 +241,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
             d = _linear_memory_single(mem, st, p, g, v, t, lay)
 
         # Read-out map σ (MATH §4), M3's slow term, denominator.
-        out = _readout_single(rule, d, lay)
+        out = d if read else _readout_single(rule, d, lay)
         if isinstance(rule.memory, MultiScaleMemory):
             out = out + rule.memory.slow_weight * st["slow_readout"]
         if rule.denominator is not None:
@@ -406,8 +409,9 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     # Memory write and read-out D̃. ``divisors``: a bias correction left for the final step
     # size (exact when σ is the identity), as torch's AdamW folds it into ``lr / (1 − β₁ᵗ)``.
     divisors = None
+    read: set[int] = set()                                    # σ already applied with the memory
     if isinstance(rule.memory, DeepMemory):
-        ds = _deep_memory_batched(rule.memory, states, gs, vs, layouts)
+        ds = _deep_memory_batched(rule.memory, states, gs, vs, layouts, sigma=_owner_readout(rule), read=read)
     else:
         mem = _linear(rule)
         if _folds_bias_correction(rule):
@@ -417,7 +421,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
             ds = _linear_memory_batched(mem, states, gs, vs, ts, layouts)
 
     # Read-out map σ, M3's slow term, denominator.
-    outs = _readout_batched(rule, ds, layouts)
+    outs = _readout_batched(rule, ds, layouts, skip=read)
     if isinstance(rule.memory, MultiScaleMemory):
         outs = torch._foreach_add(outs, [st["slow_readout"] for st in states], alpha=rule.memory.slow_weight)
     denom = None
@@ -539,12 +543,16 @@ def _linear_memory_batched(mem: LinearMemory, states: list[dict], gs: Tensors, v
 
 
 def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: Tensors,
-                         layouts: list | None = None) -> Tensors:
+                         layouts: list | None = None, sigma=None, read: set[int] | None = None) -> Tensors:
+    """``sigma``: a whole-matrix read-out map that distributed buckets apply on the owner,
+    where D̃ is whole already (their indices are added to ``read``)."""
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
     for (m, n, _, _, lay), idx in _buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
         if lay is not None:
-            d = _deep_memory_whole(mem, lay, sts, [gs[i] for i in idx], [vs[i] for i in idx])
+            d = _deep_memory_whole(mem, lay, sts, [gs[i] for i in idx], [vs[i] for i in idx], sigma)
+            if sigma is not None and read is not None:
+                read.update(idx)
         else:
             s, w1, w2, nu, prev = _deep_state_stacks(mem, sts, (m, n))
             g = torch.stack([gs[i].reshape(m, n) for i in idx])
@@ -556,10 +564,13 @@ def _deep_memory_batched(mem: DeepMemory, states: list[dict], gs: Tensors, vs: T
     return ds
 
 
-def _deep_memory_whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: Tensors) -> torch.Tensor:
+def _deep_memory_whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: Tensors,
+                       sigma=None) -> torch.Tensor:
     """DMGD on a bucket of local shards: the kernel runs on whole matrices, each on its owner
     (θ's gradients and ν read every row); rows go back to their shards, and θ, ν to every rank.
-    Three collectives per bucket. Returns the read-outs ``(B, *local shape)``."""
+    Three collectives per bucket. Returns the read-outs ``(B, *local shape)``, through ``sigma``
+    (the read-out map, e.g. Newton–Schulz) when given: the owner holds the whole D̃ already,
+    so σ costs no collective of its own."""
     m, n = matrix_view_shape(tuple(lay.shape))
     rows = [[st["memory"] for st in sts], gs, vs]
     if mem.keys == "previous":
@@ -572,6 +583,8 @@ def _deep_memory_whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: T
         w2 = _distributed.share_of(lay, torch.stack([st["mlp_w2"] for st in sts]))
         nu = _distributed.share_of(lay, torch.stack([st["value_scale"] for st in sts])).view(-1, 1, 1)
     s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev[0] if prev else None)
+    if sigma is not None:
+        d = sigma(d).to(d.dtype)
     outs = [s, d, g_hat] if prev else [s, d]
     back = _distributed.scatter_whole(lay, [x[:b].reshape(b, *lay.shape) for x in outs], len(sts))
     if mem.hidden:                                           # one all-gather for W₁, W₂ and ν
@@ -584,7 +597,24 @@ def _deep_memory_whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: T
     return back[:, 1]
 
 
-def _readout_batched(rule: UpdateRule, ds: Tensors, layouts: list | None = None) -> Tensors:
+def _owner_readout(rule: UpdateRule):
+    """σ as a function of whole ``(B, m, n)`` stacks, for phases that hold whole matrices
+    anyway (DMGD's memory on distributed parameters); None when σ is element-wise."""
+    if isinstance(rule.readout, NewtonSchulz):
+        return lambda x: newton_schulz(x, rule.readout)
+    return None
+
+
+def _readout_batched(rule: UpdateRule, ds: Tensors, layouts: list | None = None,
+                     skip: set[int] = frozenset()) -> Tensors:
+    """σ on each read-out, except the indices in ``skip`` (σ already applied)."""
+    if skip:
+        rest = [i for i in range(len(ds)) if i not in skip]
+        mapped = _readout_batched(rule, [ds[i] for i in rest], None if layouts is None else [layouts[i] for i in rest])
+        outs = list(ds)
+        for j, i in enumerate(rest):
+            outs[i] = mapped[j]
+        return outs
     if isinstance(rule.readout, NewtonSchulz):
         return _batched_matrix_map(lambda x: newton_schulz(x, rule.readout), ds,
                                    dtype=_NS_DTYPES.get(rule.readout.dtype), layouts=layouts)
