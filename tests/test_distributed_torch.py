@@ -185,10 +185,14 @@ def _fsdp_parity_worker(rank: int, world: int, table: str) -> dict:
             # DMGD's θ: Replicate DTensors, equal on every rank.
             theta = [st[k].to_local().clone() for st in opt.state.values() for k in ("mlp_w1", "mlp_w2")
                      if k in st and isinstance(st[k], DTensor)]
+            stats = torch_backend.memory_stats(opt) if name == "dmgd" else None   # collective: every rank
             error = None
             if rank == 0:
-                _train(ref, torch_backend.compile(spec, ref.named_parameters(), foreach=foreach), batches, None, world)
+                ref_opt = torch_backend.compile(spec, ref.named_parameters(), foreach=foreach)
+                _train(ref, ref_opt, batches, None, world)
                 error = _rel_error(full, {n: p.detach() for n, p in ref.named_parameters()})
+                if stats is not None:
+                    out[("stats", foreach)] = (stats, torch_backend.memory_stats(ref_opt))
             out[(name, foreach)] = (error, theta, sum(isinstance(st.get("mlp_w1"), DTensor)
                                                       for st in opt.state.values()))
     if table == "default":
@@ -289,6 +293,16 @@ def test_fsdp2_matches_one_process(fsdp_results, name, foreach):
         assert n_theta == 4, "every DMGD matrix keeps W₁/W₂/ν as Replicate DTensors"
         for a, b in zip(theta0, r1[1]):
             assert torch.equal(a, b), "W₁/W₂ differ across ranks"
+
+
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
+def test_fsdp2_memory_stats_match_one_process(fsdp_results, foreach):
+    """torch_backend.memory_stats gathers DTensor state: the same diagnostics as one process."""
+    sharded, single = fsdp_results[0][("stats", foreach)]
+    assert set(sharded) == set(single) == {"a.weight", "b1.weight", "b2.weight", "head.weight"}
+    for name, want in single.items():
+        for key, value in want.items():
+            assert sharded[name][key] == pytest.approx(value, rel=1e-4, abs=1e-7), (name, key)
 
 
 @pytest.mark.parametrize("name", list(COUNTED))

@@ -7,6 +7,13 @@ import torch
 from deepopt import DeepMemory, reference
 
 
+def _host(x: torch.Tensor):
+    """A float64 numpy copy of the whole tensor (a DTensor shard is gathered: a collective)."""
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return x.detach().double().cpu().numpy()
+
+
 def memory_stats(opt: torch.optim.Optimizer) -> dict[str, dict[str, float]]:
     """Per DMGD parameter (by name), the deep memory's diagnostics at its current gradient.
 
@@ -19,6 +26,7 @@ def memory_stats(opt: torch.optim.Optimizer) -> dict[str, dict[str, float]]:
 
     computed by :func:`deepopt.reference.deep_memory_stats` (float64, on the host: a
     diagnostic, not a per-step cost). ``jax_backend.memory_stats`` gives the same numbers.
+    Under FSDP2 the shards are gathered (collectives): call it on every rank.
 
     Example::
 
@@ -35,10 +43,9 @@ def memory_stats(opt: torch.optim.Optimizer) -> dict[str, dict[str, float]]:
             state = opt.state.get(p)
             if not state or p.grad is None:
                 continue
-            host = {k: (v.detach().double().cpu().numpy() if isinstance(v, torch.Tensor) else v)
-                    for k, v in state.items()}
+            host = {k: (_host(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
             host.setdefault("step", 0)
-            grad = p.grad.detach().double().cpu().numpy()
+            grad = _host(p.grad)
             out[opt._names[p]] = reference.deep_memory_stats(rule, host, grad)
     return out
 
