@@ -4,7 +4,7 @@
 
 A two-layer MLP regresses a fixed random teacher on generated data. torch trains
 ``nn.Linear`` weights ``(out, in)``; JAX trains optax-style kernels ``(in, out)`` with the
-default layout, whose matrix view is the same ``out × in`` (MATH §0), so the two runs are the
+default layout, whose matrix view is the same ``out × in`` (docs/math.md §0), so the two runs are the
 same math from the same start. The table shows the losses, how far apart the two backends'
 parameters ended, and the step times; ``compare.json`` adds the run's provenance (git SHA,
 deepopt and library versions, command, date: ``benchmarks/_common.py``).

@@ -13,7 +13,7 @@ Reported per contender: median step time and spread, the ratio to the anchor (pe
 B measured back to back), optimizer-state bytes per parameter (counted from the actual state),
 and the hardware floor — element-wise phases at the measured copy bandwidth, matrix phases at
 the measured matmul rate (Newton–Schulz ``4m²n + 2m³`` per iteration for m ≤ n; DMGD
-``12·m·n·h``, MATH §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. JAX rows also
+``12·m·n·h``, docs/math.md §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. JAX rows also
 record how many times the jitted step was traced (1 = no recompilation).
 
 Contenders come from one table per backend (:func:`torch_table`, :func:`jax_table`: spec →
@@ -143,7 +143,7 @@ def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: 
         elif kind == "delta_momentum":
             flops += 4 * min(m, n) ** 2 * max(m, n)                 # (S Kᵀ) K on the short side
         elif kind == "dmgd":
-            flops += 12 * m * n * hidden                              # MATH §5
+            flops += 12 * m * n * hidden                              # docs/math.md §5
         elif kind == "m3":
             flops += ns_flops(m, n) * (1 + 1 / M3_PERIOD)            # fast NS + amortised slow NS
     return {"bytes": nbytes, "flops": flops}

@@ -1,4 +1,4 @@
-"""Newton–Schulz coefficient presets (MATH.md §4).
+"""Newton–Schulz coefficient presets (docs/math.md §4).
 
 Each preset is a per-step table of odd-polynomial coefficients ``(a, b, c)``: step ``k`` maps
 ``X ← a X + b (X Xᵀ) X + c (X Xᵀ)² X``. A table shorter than the number of steps repeats its

@@ -1,4 +1,4 @@
-"""The parts of an update rule, in the associative-memory vocabulary of MATH.md §1–§4.
+"""The parts of an update rule, in the associative-memory vocabulary of docs/math.md §1–§4.
 
 Every part is a frozen, validated dataclass holding hyperparameters only (no arrays, no
 backend). A rule (``deepopt.UpdateRule``) is a tree of these parts; backends and the numpy
@@ -20,7 +20,7 @@ from deepopt import _coefficients
 from deepopt._validate import check_bool, check_choice, check_int, check_real
 
 # --------------------------------------------------------------------------------------------
-# Values V_t = P(G_t)  (MATH §3)
+# Values V_t = P(G_t)  (docs/math.md §3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -33,7 +33,7 @@ class IdentityValues:
 class AdamValues:
     """``V_t = G_t / (√(v_t / (1 − β₂ᵗ)) + ε)``, ``v_t = β₂ v_{t−1} + (1 − β₂) G_t²``.
 
-    Preconditions *before* the memory write (MATH §3): an RMSprop-normalised gradient is what
+    Preconditions *before* the memory write (docs/math.md §3): an RMSprop-normalised gradient is what
     the memory stores. This is not Adam (Adam divides *after* averaging; see
     :class:`SecondMoment`).
     """
@@ -49,20 +49,20 @@ class AdamValues:
 Values = Union[IdentityValues, AdamValues]
 
 # --------------------------------------------------------------------------------------------
-# Memory  (MATH §2)
+# Memory  (docs/math.md §2)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class LinearMemory:
-    """Linear momentum memory ``S`` with the write of NL eq. 46–49 (MATH §2).
+    """Linear momentum memory ``S`` with the write of NL eq. 46–49 (docs/math.md §2).
 
     ``S_t = S_{t−1}(α I − ζ K_tᵀ K_t) + η V_t`` with ``K_t = G_t / max(‖G_t‖_F, key_eps)``.
 
     - ``zeta = 0``: Hebbian (dot-product) memory, ``S_t = α S_{t−1} + η V_t`` — heavy ball
       (``η = 1``) or EMA (``η = 1 − α``).
     - ``zeta > 0``: delta momentum; stable for ``0 ≤ ζ ≤ 1 + α``. Parameters without a
-      matrix view (ndim < 2) use the same recurrence with ζ = 0 (MATH §2).
+      matrix view (ndim < 2) use the same recurrence with ζ = 0 (docs/math.md §2).
 
     Read-out ``D_t = S_t``; with ``nesterov`` ``D̃_t = α S_t + η V_t``.
 
@@ -193,7 +193,7 @@ class DeepMemory:
 
 @dataclass(frozen=True)
 class MultiScaleMemory:
-    """Multi-scale momentum (M3; MATH §6, NL §7.2 eq. 75, Algorithm 1).
+    """Multi-scale momentum (M3; docs/math.md §6, NL §7.2 eq. 75, Algorithm 1).
 
     A fast level ``fast`` (a :class:`LinearMemory`, written every step) and a slow level ``M²``
     written every ``period`` steps with the sum of the values seen since its last write:
@@ -233,7 +233,7 @@ class SecondMoment:
 
     With an EMA memory and ``bias_correction`` this is Adam's update (torch.optim.AdamW,
     optax.adamw). ``bias_correction=False`` drops the ``1 − β₂ᵗ`` factor. ``accumulate=True``
-    is M3's literal running sum ``v_t = v_{t−1} + β₂ G_t²`` (NL Alg. 1, MATH §6).
+    is M3's literal running sum ``v_t = v_{t−1} + β₂ G_t²`` (NL Alg. 1, docs/math.md §6).
     """
 
     beta2: float = 0.999
@@ -252,7 +252,7 @@ class SecondMoment:
 
 
 # --------------------------------------------------------------------------------------------
-# Read-out maps σ  (MATH §4)
+# Read-out maps σ  (docs/math.md §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -272,7 +272,7 @@ ComputeDtype = Literal["input", "bfloat16", "float32", "float64"]
 
 @dataclass(frozen=True)
 class NewtonSchulz:
-    """Orthogonalise the matrix view of the read-out by Newton–Schulz iterations (MATH §4).
+    """Orthogonalise the matrix view of the read-out by Newton–Schulz iterations (docs/math.md §4).
 
     Transpose if ``m > n``; ``X₀ = X / (norm_scale · ‖X‖_F ⊕ eps)``; per step ``k`` with
     coefficients ``(a, b, c)``: ``A = X Xᵀ``, ``B = b A + c A²``, ``X ← a X + B X``; transpose back.
@@ -358,7 +358,7 @@ def _coefficient_table(rows: object, name: str, allowed: str, *,
 Readout = Union[Identity, Sign, NewtonSchulz]
 
 # --------------------------------------------------------------------------------------------
-# Shape scale s(W)  (MATH §4)
+# Shape scale s(W)  (docs/math.md §4)
 # --------------------------------------------------------------------------------------------
 
 ShapeScale = Literal["original", "match_rms_adamw", "none"]

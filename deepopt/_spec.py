@@ -1,6 +1,6 @@
-"""Rules, routing and the optimizer spec: the data a backend compiles (STYLE.md §1).
+"""Rules, routing and the optimizer spec: the data a backend compiles.
 
-An :class:`UpdateRule` is the tree of parts (MATH §1–§4) that says what one parameter's step
+An :class:`UpdateRule` is the tree of parts (docs/math.md §1–§4) that says what one parameter's step
 computes. A :class:`Spec` is what users pass around: a named rule with its flat, torch-style
 hyperparameters (``lr``, ``momentum``, ``betas``, ...), an optional fallback spec for
 parameters the rule cannot take, and the :class:`Routing` that decides which is which.
@@ -37,16 +37,16 @@ from deepopt._validate import check_bool, check_choice, check_int, check_real
 
 @dataclass(frozen=True)
 class UpdateRule:
-    """One parameter's update (MATH §0): values → memory write → read-out → σ → outer step.
+    """One parameter's update (docs/math.md §0): values → memory write → read-out → σ → outer step.
 
     Per step ``t`` with gradient ``G``, learning rate ``γ`` and weight decay ``λ``::
 
         G ← −G                              if maximize
         G ← G + λ W                         if not decoupled_weight_decay  (L2, torch SGD/Adam)
-        V = P(G)                            values            (MATH §3)
-        S_t = S_{t−1}(α I − ζ KᵀK) + η V    memory write      (MATH §2, NL eq. 46–49)
+        V = P(G)                            values            (docs/math.md §3)
+        S_t = S_{t−1}(α I − ζ KᵀK) + η V    memory write      (docs/math.md §2, NL eq. 46–49)
         D̃ = S_t, or α S_t + η V             read-out (Nesterov), optional bias correction
-        O = σ(D̃)                            read-out map      (MATH §4)
+        O = σ(D̃)                            read-out map      (docs/math.md §4)
         O ← O / (√v̂ + ε)                    if denominator    (Adam's second moment)
         W ← W − γ λ W − γ s(W) O            outer step; λ here only if decoupled
 
@@ -78,10 +78,10 @@ class UpdateRule:
 
     @property
     def needs_matrix(self) -> bool:
-        """True when the rule reads the parameter as a matrix (MATH §0 matrix view)."""
+        """True when the rule reads the parameter as a matrix (docs/math.md §0 matrix view)."""
         if isinstance(self.memory, DeepMemory):
             return True                                  # one memory row per matrix row
-        # Delta momentum alone does not: 1-D parameters take its recurrence with ζ = 0 (MATH §2).
+        # Delta momentum alone does not: 1-D parameters take its recurrence with ζ = 0 (docs/math.md §2).
         return isinstance(self.readout, NewtonSchulz) or self.shape_scale != "none"
 
     @property
@@ -259,7 +259,7 @@ class Spec:
 
 
 def matrix_view_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """MATH §0 torch layout: ``(out, in, *rest)`` → ``m = out``, ``n = in · prod(rest)``."""
+    """docs/math.md §0 torch layout: ``(out, in, *rest)`` → ``m = out``, ``n = in · prod(rest)``."""
     if len(shape) < 2:
         raise ValueError(f"a matrix view needs at least 2 dims, got shape {tuple(shape)}")
     return int(shape[0]), int(math.prod(shape[1:]))

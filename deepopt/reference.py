@@ -1,8 +1,8 @@
-"""The numpy float64 reference: the executable statement of MATH.md (§0–§6).
+"""The numpy float64 reference: the executable statement of docs/math.md (§0–§6).
 
 Readable, unbatched and slow on purpose: every backend is tested against it step by step.
 Parameters are named arrays in torch layout (``(out, in, *rest)``; the matrix view is
-``out × in·prod(rest)``, MATH §0).
+``out × in·prod(rest)``, docs/math.md §0).
 
     state = reference.init(spec, params)
     params, state = reference.step(spec, params, grads, state)
@@ -29,7 +29,7 @@ from deepopt._spec import Spec, UpdateRule, matrix_view_shape
 ParamState = dict[str, Any]
 
 # --------------------------------------------------------------------------------------------
-# Read-out maps (MATH §4)
+# Read-out maps (docs/math.md §4)
 # --------------------------------------------------------------------------------------------
 
 
@@ -58,7 +58,7 @@ def apply_readout(rule: UpdateRule, d: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# Memories (MATH §2, §5)
+# Memories (docs/math.md §2, §5)
 # --------------------------------------------------------------------------------------------
 
 
@@ -73,7 +73,7 @@ def silu_grad(z: np.ndarray) -> np.ndarray:
 
 def linear_memory(mem: LinearMemory, state: ParamState, g: np.ndarray, v: np.ndarray,
                   t: int) -> np.ndarray:
-    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (MATH §2, NL eq. 46–49) and return the read-out D̃."""
+    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (docs/math.md §2, NL eq. 46–49) and return the read-out D̃."""
     alpha = mem.momentum
     eta = 1.0 if (mem.undamped_first_write and t == 1) else mem.inner_lr
     if mem.stateless:
@@ -160,7 +160,7 @@ def deep_memory_stats(rule: UpdateRule, state: ParamState, g: np.ndarray) -> dic
     gm = np.asarray(g, dtype=np.float64).reshape(m, n)
     s = np.asarray(state["memory"], dtype=np.float64).reshape(m, n)
     v = gm
-    if isinstance(rule.values, AdamValues):               # V of MATH §3 at the state's step
+    if isinstance(rule.values, AdamValues):               # V of docs/math.md §3 at the state's step
         b2, t = rule.values.beta2, max(int(state["step"]), 1)
         nu_sq = np.asarray(state["values_sq"], dtype=np.float64).reshape(m, n)
         v = gm / (np.sqrt(nu_sq / (1 - b2**t)) + rule.values.eps)
@@ -176,7 +176,7 @@ def deep_memory_stats(rule: UpdateRule, state: ParamState, g: np.ndarray) -> dic
 
 
 # --------------------------------------------------------------------------------------------
-# One parameter, one rule (MATH §0)
+# One parameter, one rule (docs/math.md §0)
 # --------------------------------------------------------------------------------------------
 
 
@@ -198,7 +198,7 @@ def rule_init(rule: UpdateRule, shape: tuple[int, ...], name: str = "") -> Param
         state["slow_readout"] = np.zeros(shape)          # O² = σ(M²), frozen between writes
         state["slow_accumulator"] = np.zeros(shape)      # Σ V since the last slow write
     if isinstance(rule.values, AdamValues):
-        state["values_sq"] = np.zeros(shape)             # v of MATH §3's adam values
+        state["values_sq"] = np.zeros(shape)             # v of docs/math.md §3's adam values
     if rule.denominator is not None:
         state["second_moment"] = np.zeros(shape)         # v of the denominator
     return state
@@ -218,7 +218,7 @@ def rule_step(rule: UpdateRule, w: np.ndarray, g: np.ndarray, state: ParamState,
     if not rule.decoupled_weight_decay and weight_decay != 0.0:
         g = g + weight_decay * w                        # coupled L2 (torch SGD/Adam)
 
-    # Values V_t = P(G_t) (MATH §3).
+    # Values V_t = P(G_t) (docs/math.md §3).
     if isinstance(rule.values, AdamValues):
         b2 = rule.values.beta2
         nu = state["values_sq"] = b2 * state["values_sq"] + (1 - b2) * g * g
@@ -246,7 +246,7 @@ def rule_step(rule: UpdateRule, w: np.ndarray, g: np.ndarray, state: ParamState,
             nu = nu / (1 - den.beta2**t)
         out = out / (np.sqrt(nu) + den.eps)
 
-    # Outer step W ← W − γλW − γ s(W) σ(D̃) (MATH §0).
+    # Outer step W ← W − γλW − γ s(W) σ(D̃) (docs/math.md §0).
     scale = shape_scale_factor(rule.shape_scale, *matrix_view_shape(w.shape)) if w.ndim >= 2 else 1.0
     new_w = w - lr * scale * out
     if rule.decoupled_weight_decay and weight_decay != 0.0:

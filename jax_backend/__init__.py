@@ -1,4 +1,4 @@
-"""Compile deepopt specs to ``optax.GradientTransformation`` (STYLE.md §6).
+"""Compile deepopt specs to ``optax.GradientTransformation``.
 
     tx = jax_backend.compile(deepopt.muon(lr=0.02))      # an optax.GradientTransformation
 

@@ -14,7 +14,7 @@ A rule compiles to a chain, read top to bottom as ``deepopt.UpdateRule``'s docst
     )
 
 with the links a rule does not use left out. A DMGD rule's memory is ``scale_by_deep_memory``
-(MATH §5); an M3 rule's memory and σ are one ``scale_by_multiscale_memory`` (MATH §6:
+(docs/math.md §5); an M3 rule's memory and σ are one ``scale_by_multiscale_memory`` (docs/math.md §6:
 σ(D̃_fast) + w·σ(M²), whose slow read-out is state). The spec's routing splits the pytree
 between the rule and its fallback (``optax.partition``).
 """
@@ -74,7 +74,7 @@ def compile_rule(rule: UpdateRule, learning_rate: optax.ScalarOrSchedule, weight
         *([] if rule.decoupled_weight_decay else decay),
         numerator,
         scale_by_shape(rule.shape_scale, view=view),
-        # Decoupled decay with the unadjusted γ (MATH §0, as torch.optim.Muon and optax).
+        # Decoupled decay with the unadjusted γ (docs/math.md §0, as torch.optim.Muon and optax).
         *(decay if rule.decoupled_weight_decay else []),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -97,7 +97,7 @@ def compile(  # the public name mirrors torch_backend.compile
     ``count = 0``;
     a stateless memory (α = ζ = 0, no bias correction) keeps no per-parameter buffer.
 
-    Update per leaf at step t (MATH §0–§4; NL eq. 46–49 for the memory write)::
+    Update per leaf at step t (docs/math.md §0–§4; NL eq. 46–49 for the memory write)::
 
         V = P(G);  K = G / max(‖G‖_F, ε_k)
         S_t = S_{t−1}(α I − ζ KᵀK) + η V
@@ -105,9 +105,9 @@ def compile(  # the public name mirrors torch_backend.compile
         U = −γ (s(W) σ(D̃) [/ (√v̂ + ε)] + λ W)        (decoupled decay; coupled adds λW to G)
 
     DMGD replaces the linear write by the deep memory's inner gradient step and read
-    (MATH §5, :func:`jax_backend.scale_by_deep_memory`; W₁ is drawn from each leaf's dotted
+    (docs/math.md §5, :func:`jax_backend.scale_by_deep_memory`; W₁ is drawn from each leaf's dotted
     path); M3 adds ``w·σ(M²)`` of a slow level written every ``period`` steps and divides by a
-    running-sum second moment (MATH §6, :func:`jax_backend.scale_by_multiscale_memory`).
+    running-sum second moment (docs/math.md §6, :func:`jax_backend.scale_by_multiscale_memory`).
 
     Args:
       spec: a ``deepopt.Spec`` (``deepopt.sgd``, ``adamw``, ``delta_momentum``, ``muon``,
@@ -118,7 +118,7 @@ def compile(  # the public name mirrors torch_backend.compile
         it, as in torch.
       weight_decay: overrides ``spec.hyperparameters["weight_decay"]`` for the main rule (a
         float or a traced scalar); the fallback keeps its own.
-      layout: the matrix view of leaves with ndim ≥ 2 (MATH §0). ``"optax"`` (default) follows
+      layout: the matrix view of leaves with ndim ≥ 2 (docs/math.md §0). ``"optax"`` (default) follows
         ``optax.contrib.MuonDimensionNumbers``: axes ``(..., in, out)``, leading axes are a
         batch of independent matrices, the matrix view is ``out × in``. ``"torch"`` reads
         ``(out, in, *rest)`` as one ``out × in·prod(rest)`` matrix, as ``deepopt.reference``

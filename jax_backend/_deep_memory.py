@@ -107,13 +107,13 @@ class DeepMemoryState(NamedTuple):
     """State of :func:`scale_by_deep_memory`. Per leaf of shape ``(*batch, in, out)``
     (optax layout) or ``(out, in, *rest)`` (torch layout, no batch), matrix view ``m × n``."""
 
-    count: jax.Array          # shape=(), int32: t of MATH §0
+    count: jax.Array          # shape=(), int32: t of docs/math.md §0
     memory: optax.Updates     # S, each leaf shaped like its parameter (m×n per matrix)
     mlp_w1: optax.Updates     # W₁, shape=(*batch, h, n) per leaf; None when hidden = 0
     mlp_w2: optax.Updates     # W₂, shape=(*batch, n, h) per leaf, starts at 0; None when hidden = 0
     value_scale: optax.Updates  # ν, shape=(*batch,) per leaf, starts at 0; None when hidden = 0
     prev_key: optax.Updates   # Ĝ_{t−1}, like the parameters; None unless keys="previous"
-    values_sq: optax.Updates  # v of AdamValues (MATH §3), like the parameters; None otherwise
+    values_sq: optax.Updates  # v of AdamValues (docs/math.md §3), like the parameters; None otherwise
 
 
 def scale_by_deep_memory(
@@ -122,9 +122,9 @@ def scale_by_deep_memory(
     *,
     view: MatrixView,
 ) -> optax.GradientTransformation:
-    """Write the gradient into a deep momentum memory and read it out (MATH §5, NL eq. 50)::
+    """Write the gradient into a deep momentum memory and read it out (docs/math.md §5, NL eq. 50)::
 
-        V_t = P(G_t)                                     values (MATH §3)
+        V_t = P(G_t)                                     values (docs/math.md §3)
         Ĝ_t = G_t, each row / max(‖row‖, key_eps)        on each matrix view
         K = Ĝ_t (keys="current") or Ĝ_{t−1}; Q = Ĝ_t
         H = silu(K W₁ᵀ), F = H W₂ᵀ, Z = K W₁ᵀ

@@ -1,4 +1,4 @@
-"""M3's multi-scale memory (MATH §6; NL §7.2 eq. 75, Algorithm 1) as an optax transform.
+"""M3's multi-scale memory (docs/math.md §6; NL §7.2 eq. 75, Algorithm 1) as an optax transform.
 
 A fast linear memory written every step (the linear-memory math of
 :func:`jax_backend._transforms.linear_memory_step`) and a slow memory ``M²`` written every
@@ -23,9 +23,9 @@ from jax_backend._transforms import MatrixView, apply_values, linear_memory_step
 class MultiScaleState(NamedTuple):
     """State of :func:`scale_by_multiscale_memory`; every tree is shaped like the parameters."""
 
-    count: jax.Array                 # shape=(), int32: t of MATH §0
+    count: jax.Array                 # shape=(), int32: t of docs/math.md §0
     memory: optax.Updates            # M¹, the fast level's S; None when the fast level is stateless
-    values_sq: optax.Updates         # v of AdamValues (MATH §3); None otherwise
+    values_sq: optax.Updates         # v of AdamValues (docs/math.md §3); None otherwise
     slow_memory: optax.Updates       # M², written at t = f, 2f, …
     slow_readout: optax.Updates      # O² = σ(M²) of the last slow write; 0 before the first
     slow_accumulator: optax.Updates  # Σ V since the last slow write
@@ -38,10 +38,10 @@ def scale_by_multiscale_memory(
     *,
     view: MatrixView | None = None,
 ) -> optax.GradientTransformation:
-    """Two momentum levels, each read out through σ, summed (MATH §6; NL eq. 75, Alg. 1)::
+    """Two momentum levels, each read out through σ, summed (docs/math.md §6; NL eq. 75, Alg. 1)::
 
-        V_t = P(G_t)                                   values (MATH §3)
-        M¹_t = α M¹_{t−1} + η V_t;  D̃ = M¹_t (or Nesterov)   the fast level (MATH §2)
+        V_t = P(G_t)                                   values (docs/math.md §3)
+        M¹_t = α M¹_{t−1} + η V_t;  D̃ = M¹_t (or Nesterov)   the fast level (docs/math.md §2)
         U_t = σ(D̃) + w O²                              O² from the last slow write
         A ← A + V_t
         if t ≡ 0 (mod f):  M² ← ρ M² + η₃ A;  O² ← σ(M²);  A ← 0
@@ -83,7 +83,7 @@ def scale_by_multiscale_memory(
         count = optax.safe_increment(state.count)
         values_sq, vals = apply_values(values, state.values_sq, updates, count)
 
-        # Fast level, every step: M¹_t and its read-out D̃ (MATH §2).
+        # Fast level, every step: M¹_t and its read-out D̃ (docs/math.md §2).
         fast_memory, d = linear_memory_step(fast, view, state.memory, updates, vals, count)
         # σ(D̃) + w O², with O² frozen since the last slow write (this step's write comes after).
         out = jax.tree.map(lambda o, o2: o + w * o2, sigma(d), state.slow_readout)

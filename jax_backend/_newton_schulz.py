@@ -1,4 +1,4 @@
-"""The one Newton–Schulz of the JAX backend (MATH §4), used by every rule.
+"""The one Newton–Schulz of the JAX backend (docs/math.md §4), used by every rule.
 
 Works on a stack of matrix views ``(..., m, n)``: the leading axes are a batch (stacked heads,
 experts, scanned layers) and are carried by ``jnp.matmul``'s broadcasting, so every matrix is

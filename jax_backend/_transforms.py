@@ -1,4 +1,4 @@
-"""The ``scale_by_*`` pieces a deepopt rule compiles to (MATH §0–§4), in optax's idiom.
+"""The ``scale_by_*`` pieces a deepopt rule compiles to (docs/math.md §0–§4), in optax's idiom.
 
 Each factory returns an ``optax.GradientTransformation``; ``_compile.py`` chains them:
 
@@ -6,9 +6,9 @@ Each factory returns an ``optax.GradientTransformation``; ``_compile.py`` chains
         → shape scale → decoupled decay → −learning rate
 
 Per-leaf state lives in pytrees shaped like the parameters (as ``optax.scale_by_adam``'s
-``mu``/``nu``); a scalar ``count`` is the step ``t`` of MATH §0 after the update.
+``mu``/``nu``); a scalar ``count`` is the step ``t`` of docs/math.md §0 after the update.
 
-Matrix rules read each leaf through a :class:`MatrixView` (MATH §0), which turns a leaf into a
+Matrix rules read each leaf through a :class:`MatrixView` (docs/math.md §0), which turns a leaf into a
 stack of ``m × n`` matrices ``(..., m, n)``; batch axes are carried by ``jnp.matmul``.
 
 ``None`` leaves (optax's frozen/absent parameters) and ``optax.partition``'s masked nodes are
@@ -43,13 +43,13 @@ Layout = Literal["optax", "torch"]
 LAYOUTS = ("optax", "torch")
 
 # --------------------------------------------------------------------------------------------
-# Matrix view (MATH §0)
+# Matrix view (docs/math.md §0)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MatrixView:
-    """How a leaf of ndim ≥ 2 is read as ``m × n`` matrices (MATH §0).
+    """How a leaf of ndim ≥ 2 is read as ``m × n`` matrices (docs/math.md §0).
 
     - ``"optax"``: optax's ``MuonDimensionNumbers`` convention for a kernel used as
       ``y = x W``: axis −2 is the reduction (in) axis, axis −1 the output axis and every
@@ -106,16 +106,16 @@ def _bias(decay: float, count: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Memory: values → write → read-out (MATH §2–§3, NL eq. 46–49)
+# Memory: values → write → read-out (docs/math.md §2–§3, NL eq. 46–49)
 # --------------------------------------------------------------------------------------------
 
 
 class LinearMemoryState(NamedTuple):
     """State of :func:`scale_by_linear_memory`."""
 
-    count: jax.Array          # shape=(), int32: writes so far, t of MATH §0
+    count: jax.Array          # shape=(), int32: writes so far, t of docs/math.md §0
     memory: optax.Updates     # S, each leaf shaped like its parameter; None when stateless
-    values_sq: optax.Updates  # v of AdamValues (MATH §3), like the parameters; None otherwise
+    values_sq: optax.Updates  # v of AdamValues (docs/math.md §3), like the parameters; None otherwise
 
 
 def scale_by_linear_memory(
@@ -124,9 +124,9 @@ def scale_by_linear_memory(
     *,
     view: MatrixView | None = None,
 ) -> optax.GradientTransformation:
-    """Write the gradient into a linear memory and read it out (MATH §2, NL eq. 46–49)::
+    """Write the gradient into a linear memory and read it out (docs/math.md §2, NL eq. 46–49)::
 
-        V_t = P(G_t)                                   values (MATH §3)
+        V_t = P(G_t)                                   values (docs/math.md §3)
         K_t = G_t / max(‖G_t‖_F, key_eps)              key, on each matrix view
         S_t = S_{t−1}(α I − ζ K_tᵀK_t) + η V_t         one unit step on the inner objective
                                                        (ζ = 0 on leaves with ndim < 2)
@@ -164,7 +164,7 @@ def scale_by_linear_memory(
 
 def apply_values(values: IdentityValues | AdamValues | None, values_sq: optax.Updates,
                  updates: optax.Updates, count: jax.Array) -> tuple[optax.Updates, optax.Updates]:
-    """Values ``V_t = P(G_t)`` (MATH §3); returns ``(new values_sq, V)``.
+    """Values ``V_t = P(G_t)`` (docs/math.md §3); returns ``(new values_sq, V)``.
 
     Shared by every memory (linear, deep, multi-scale): ``values_sq`` is ``None`` unless
     ``values`` is :class:`deepopt.AdamValues`; ``count`` is ``t`` after this step's increment.
@@ -182,7 +182,7 @@ def apply_values(values: IdentityValues | AdamValues | None, values_sq: optax.Up
 def linear_memory_step(memory: LinearMemory, view: MatrixView | None, s_prev: optax.Updates,
                        updates: optax.Updates, vals: optax.Updates,
                        count: jax.Array) -> tuple[optax.Updates, optax.Updates]:
-    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV_t`` and read ``D̃_t`` (MATH §2); returns
+    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV_t`` and read ``D̃_t`` (docs/math.md §2); returns
     ``(S_t or None when stateless, D̃_t)``.
 
     The linear-memory math of :func:`scale_by_linear_memory`, also M3's fast level
@@ -198,7 +198,7 @@ def linear_memory_step(memory: LinearMemory, view: MatrixView | None, s_prev: op
         k = gm / jnp.maximum(norm, memory.key_eps)
         kt = jnp.swapaxes(k, -1, -2)
         m, n = sm.shape[-2:]
-        # MATH §2 cost note: contract on the smaller side.
+        # docs/math.md §2 cost note: contract on the smaller side.
         if m <= n:
             sk = (sm @ kt) @ k                          # (S Kᵀ) K : m×n·n×m, then m×m·m×n
         else:
@@ -218,7 +218,7 @@ def linear_memory_step(memory: LinearMemory, view: MatrixView | None, s_prev: op
             retained = alpha * s_prev
             if zeta != 0.0 and s_prev.ndim >= 2:
                 # Forget what S stored along the current gradient's row space (NL eq. 48).
-                # Leaves without a matrix view keep the recurrence with ζ = 0 (MATH §2).
+                # Leaves without a matrix view keep the recurrence with ζ = 0 (docs/math.md §2).
                 retained = retained - zeta * forget(s_prev, g)
             return retained + _like(eta, v) * v
         new_memory = s = jax.tree.map(write, s_prev, updates, vals)
@@ -241,13 +241,13 @@ def linear_memory_step(memory: LinearMemory, view: MatrixView | None, s_prev: op
 
 
 # --------------------------------------------------------------------------------------------
-# Read-out map σ (MATH §4)
+# Read-out map σ (docs/math.md §4)
 # --------------------------------------------------------------------------------------------
 
 
 def readout_map(readout: Identity | Sign | NewtonSchulz, *,
                 view: MatrixView | None = None) -> Callable[[jax.Array], jax.Array] | None:
-    """σ on one leaf (MATH §4), or ``None`` for the identity.
+    """σ on one leaf (docs/math.md §4), or ``None`` for the identity.
 
     Newton–Schulz runs on each matrix view with the backend's one
     :func:`~jax_backend._newton_schulz.newton_schulz` (batch axes carried by matmul).
@@ -300,7 +300,7 @@ def scale_by_second_moment(denominator: SecondMoment,
     """``σ(D̃) / (√(v_t / (1 − β₂ᵗ)) + ε)`` with ``v_t = β₂ v_{t−1} + (1 − β₂) G_t²``.
 
     ``denominator.accumulate`` is M3's literal running sum ``v_t = v_{t−1} + β₂ G_t²``
-    (NL Alg. 1, MATH §6), which never has a bias correction.
+    (NL Alg. 1, docs/math.md §6), which never has a bias correction.
 
     A wrapper rather than a link of the chain: ``v`` is built from the incoming gradient
     ``G_t`` but divides the numerator's output ``σ(D̃_t)``, so it must see both ends (optax's
@@ -328,7 +328,7 @@ def scale_by_second_moment(denominator: SecondMoment,
 
 
 # --------------------------------------------------------------------------------------------
-# Shape scale s(W) (MATH §4)
+# Shape scale s(W) (docs/math.md §4)
 # --------------------------------------------------------------------------------------------
 
 

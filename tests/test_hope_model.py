@@ -1,7 +1,7 @@
 """HOPE model (benchmarks/hope/model.py) against references computed another way.
 
 Oracles: the per-token loops `titans_reference` / `cms_reference` (autograd inner gradients,
-one token at a time), the normal equations of DGD's proximal objective (MATH §7), autograd
+one token at a time), the normal equations of DGD's proximal objective (docs/math.md §7), autograd
 of the inner objective, and finite differences of the outer loss.
 """
 
@@ -168,7 +168,7 @@ def test_cms_without_writes_is_a_transformer_mlp():
         torch.testing.assert_close(level(x), mlp, rtol=1e-12, atol=1e-12)
 
 
-# --- DGD (MATH §7) ----------------------------------------------------------------------
+# --- DGD (docs/math.md §7) ----------------------------------------------------------------------
 
 
 def proximal_argmin(w, x, u, eta):

@@ -1,4 +1,4 @@
-"""Cross-library anchors (STYLE.md §12c): compiled deepopt specs == optax's own optimizers.
+"""Cross-library anchors: compiled deepopt specs == optax's own optimizers.
 
 Each test runs the same gradient stream through ``jax_backend.compile(spec)`` and through the
 optax optimizer the spec's docstring claims to reproduce, comparing parameters after every step.

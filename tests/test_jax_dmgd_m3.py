@@ -1,4 +1,4 @@
-"""jax_backend's DMGD (MATH §5) and M3 (MATH §6) against the numpy reference and themselves.
+"""jax_backend's DMGD (docs/math.md §5) and M3 (docs/math.md §6) against the numpy reference and themselves.
 
 - DMGD and M3 variants == ``deepopt.reference`` step by step (float64, torch layout, 20+ steps,
   with skipped gradients, a conv kernel and a fallback bias);

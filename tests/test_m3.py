@@ -1,4 +1,4 @@
-"""Multi-scale momentum (M3, MATH §6, NL Algorithm 1)."""
+"""Multi-scale momentum (M3, docs/math.md §6, NL Algorithm 1)."""
 
 from __future__ import annotations
 

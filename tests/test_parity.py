@@ -1,4 +1,4 @@
-"""Oracle (b): torch backend == jax backend == numpy reference, step by step (STYLE.md §12).
+"""Oracle (b): torch backend == jax backend == numpy reference, step by step.
 
 hypothesis draws the spec (every preset, hyperparameters in well-conditioned ranges), the
 parameters (a mix of 1-D, 2-D and 3-D, so routing and the fallback are exercised) and the
@@ -38,7 +38,7 @@ def test_backends_agree_on_drawn_problems(kind):
 
 @pytest.mark.parametrize("kind,steps,examples", [("dmgd", (20, 24), 8), ("m3", (1, 12), 10)])
 def test_backends_agree_on_drawn_deep_and_multiscale_specs(kind, steps, examples):
-    """DMGD (MATH §5; hidden > 0 drawn most of the time, 20+ steps) and M3 (MATH §6)."""
+    """DMGD (docs/math.md §5; hidden > 0 drawn most of the time, 20+ steps) and M3 (docs/math.md §6)."""
 
     @given(spec=testing.specs(kinds=(kind,)), problem=testing.problems(steps=steps, max_params=3))
     @settings(PARITY, max_examples=examples)

@@ -1,7 +1,7 @@
-"""Oracle (a): the numpy reference against closed forms (STYLE.md §12).
+"""Oracle (a): the numpy reference against closed forms.
 
 Every test computes the expected value another way: the SVD polar factor, the scalar
-polynomial composition, the Polar Express paper's construction, autograd of MATH §2's inner
+polynomial composition, the Polar Express paper's construction, autograd of docs/math.md §2's inner
 objective (torch.func.grad and jax.grad), and hand-written loops of the textbook algorithms.
 """
 
@@ -43,7 +43,7 @@ def orthogonalisation_error(y):
 ASPECTS = [(16, 16), (8, 32), (32, 8), (24, 40), (3, 50), (1, 7)]
 
 # ============================================================================================
-# Newton–Schulz (MATH §4) against the SVD
+# Newton–Schulz (docs/math.md §4) against the SVD
 # ============================================================================================
 
 
@@ -128,7 +128,7 @@ def test_tall_is_transpose_of_wide(m, n, seed, preset, normalization):
 
 
 def test_newton_schulz_of_zero_is_zero_and_clamp_vs_add():
-    """ε conventions: clamp divides by max(‖X‖, ε), add by ‖X‖ + ε (MATH §4)."""
+    """ε conventions: clamp divides by max(‖X‖, ε), add by ‖X‖ + ε (docs/math.md §4)."""
     for normalization in ("clamp", "add"):
         np.testing.assert_array_equal(reference.newton_schulz(np.zeros((3, 4)),
                                                               ns("muon", 5, normalization=normalization)),
@@ -141,7 +141,7 @@ def test_newton_schulz_of_zero_is_zero_and_clamp_vs_add():
 
 
 def test_matrix_view_of_conv_kernels():
-    """A 3-D (out, in, k) parameter is orthogonalised as out × (in·k) (MATH §0)."""
+    """A 3-D (out, in, k) parameter is orthogonalised as out × (in·k) (docs/math.md §0)."""
     rng = np.random.default_rng(5)
     d = rng.standard_normal((4, 3, 2))
     rule = deepopt.muon(ns_dtype="float64").rule
@@ -263,7 +263,7 @@ def test_polar_express_safety_factor():
 
 
 # ============================================================================================
-# Delta momentum: the memory write is one gradient step on MATH §2's inner objective
+# Delta momentum: the memory write is one gradient step on docs/math.md §2's inner objective
 # ============================================================================================
 
 DELTA_CASES = [
@@ -294,7 +294,7 @@ def _delta_case(shape, momentum, inner_lr, zeta, wd, seed=0):
 
 
 def _inner_objective(lib, s, v, k, eta, zeta, alpha):
-    """ℓ(S) = −η⟨S, V⟩ + (ζ/2)‖S Kᵀ‖²_F + ((1−α)/2)‖S‖²_F  (MATH §2, NL eq. 46–49)."""
+    """ℓ(S) = −η⟨S, V⟩ + (ζ/2)‖S Kᵀ‖²_F + ((1−α)/2)‖S‖²_F  (docs/math.md §2, NL eq. 46–49)."""
     return (-eta * lib.sum(s * v) + 0.5 * zeta * lib.sum((s @ k.T) ** 2)
             + 0.5 * (1 - alpha) * lib.sum(s * s))
 
@@ -342,7 +342,7 @@ def test_delta_write_forgets_a_rank_one_direction():
 
 def textbook_sgd(spec, params, grads_stream):
     """torch.optim.SGD's algorithm box (dampening acts only inside the momentum branch), plus
-    MATH §2's zero-start buffer convention."""
+    docs/math.md §2's zero-start buffer convention."""
     h = spec.hyperparameters
     lr, mu, tau, wd = h["lr"], h["momentum"], h["dampening"], h["weight_decay"]
     out, theta, buf = [], {k: v.copy() for k, v in params.items()}, {}
@@ -356,7 +356,7 @@ def textbook_sgd(spec, params, grads_stream):
                 g = g + wd * p
             if mu != 0:
                 if t == 1:
-                    # torch: b₁ = g; deepopt (MATH §2): b₁ = 0·μ + (1 − τ) g unless the quirk is on
+                    # torch: b₁ = g; deepopt (docs/math.md §2): b₁ = 0·μ + (1 − τ) g unless the quirk is on
                     buf[name] = g.copy() if h["undamped_first_step"] else (1 - tau) * g
                 else:
                     buf[name] = mu * buf[name] + (1 - tau) * g
@@ -514,7 +514,7 @@ def test_delta_momentum_with_zeta_zero_is_sgd_momentum(lr, momentum, nesterov, w
        problem=testing.problems(steps=(1, 4), min_dims=2))
 @SETTINGS
 def test_muon_without_momentum_is_newton_schulz_of_the_gradient(lr, weight_decay, adjust, preset, problem):
-    """W_t = W_{t−1} − γλW_{t−1} − γ s(W) NS(G_t), the closed form of MATH §0 with D̃ = G."""
+    """W_t = W_{t−1} − γλW_{t−1} − γ s(W) NS(G_t), the closed form of docs/math.md §0 with D̃ = G."""
     params, grads = problem
     spec = deepopt.muon(lr=lr, weight_decay=weight_decay, momentum=0.0, nesterov=False,
                         ns_coefficients=preset, adjust_lr_fn=adjust, ns_dtype="float64")

@@ -223,7 +223,7 @@ def test_default_routing_and_fallback_of_matrix_presets():
         assert spec.fallback_lr_ratio == 0.3
     assert muon(lr=0.02).routing == Routing()
     # Delta momentum with an element-wise read-out takes every parameter: 1-D ones use its
-    # recurrence with ζ = 0 (MATH §2).
+    # recurrence with ζ = 0 (docs/math.md §2).
     for spec in (sgd(0.1), adamw(), delta_momentum(0.02), delta_momentum(0.02, readout="sign")):
         assert spec.routing is None and spec.fallback is None
         assert spec.route("x", (3,)) == "rule" and spec.route("x", (3, 4, 5)) == "rule"
@@ -289,7 +289,7 @@ def test_specs_are_frozen():
 
 
 def test_presets_build_the_documented_rules():
-    """The memory parameters of MATH §2 for each preset."""
+    """The memory parameters of docs/math.md §2 for each preset."""
     m = sgd(0.1, 0.9, dampening=0.2).rule.memory
     assert (m.momentum, m.inner_lr, m.zeta, m.nesterov) == (0.9, pytest.approx(0.8), 0.0, False)
     m = muon(momentum=0.95).rule.memory

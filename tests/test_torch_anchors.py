@@ -52,7 +52,7 @@ def test_sgd_dampening_reproduces_torch_only_under_flag():
     kw = dict(lr=0.1, momentum=0.9, dampening=0.3)
     anchor = lambda p: torch.optim.SGD(p, **kw)  # noqa: E731
     assert _run_pair(anchor, deepopt.sgd(**kw, undamped_first_step=True), SHAPES) < 1e-12
-    # MATH §2 default: S_0 = 0 and every write damped — differs from torch from step 1 on.
+    # docs/math.md §2 default: S_0 = 0 and every write damped — differs from torch from step 1 on.
     assert _run_pair(anchor, deepopt.sgd(**kw), SHAPES) > 1e-3
 
 

@@ -1,11 +1,11 @@
-"""Functional steps of every deepopt rule (MATH §0–§6) on lists of tensors.
+"""Functional steps of every deepopt rule (docs/math.md §0–§6) on lists of tensors.
 
 ``step_single`` is the readable per-tensor loop; ``step_batched`` is its twin: element-wise
 phases use ``torch._foreach_*`` and matrix phases (delta write, DMGD's memory, Newton–Schulz)
 stack same-shape matrices into one batched matmul. ``tests/test_torch_backend.py`` keeps the
 twins equal. Both mutate ``params`` and ``states`` in place.
 
-Phases, in order: gradient (maximize, coupled decay) → values (MATH §3) → memory write and
+Phases, in order: gradient (maximize, coupled decay) → values (docs/math.md §3) → memory write and
 read-out (linear §2, deep §5, multi-scale §6) → read-out map σ (§4) → denominator → outer step
 (§0) → M3's slow write.
 """
@@ -120,7 +120,7 @@ def _is_ema(mem: LinearMemory) -> bool:
 
 
 def delta_term(s: torch.Tensor, g: torch.Tensor, key_eps: float) -> torch.Tensor:
-    """``S KᵀK`` with ``K = G / max(‖G‖_F, ε)``, multiplied on the smaller side (MATH §2)."""
+    """``S KᵀK`` with ``K = G / max(‖G‖_F, ε)``, multiplied on the smaller side (docs/math.md §2)."""
     k = g / g.norm(dim=(-2, -1), keepdim=True).clamp(min=key_eps)
     if s.size(-2) <= s.size(-1):
         return torch.bmm(torch.bmm(s, k.mT), k)              # (S Kᵀ) K : (B,m,m)·(B,m,n)
@@ -213,7 +213,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
         if not rule.decoupled_weight_decay and weight_decay != 0.0:
             g = g.add(p, alpha=weight_decay)                 # coupled L2, as torch SGD
 
-        # Values V = P(G) (MATH §3).
+        # Values V = P(G) (docs/math.md §3).
         v = g
         if isinstance(rule.values, AdamValues):
             b2 = rule.values.beta2
@@ -240,7 +240,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
                 mem, divisor = replace(mem, bias_correction=False), 1 - mem.momentum**t
             d = _linear_memory_single(mem, st, p, g, v, t, lay)
 
-        # Read-out map σ (MATH §4), M3's slow term, denominator.
+        # Read-out map σ (docs/math.md §4), M3's slow term, denominator.
         out = d if read else _readout_single(rule, d, lay)
         if isinstance(rule.memory, MultiScaleMemory):
             out = out + rule.memory.slow_weight * st["slow_readout"]
@@ -256,7 +256,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
                 denom.div_(_sqrt(1 - den.beta2**t))
             denom.add_(den.eps)
 
-        # Outer step W ← W − γλW − γ s(W) O / denom (MATH §0); one rounding in half precision.
+        # Outer step W ← W − γλW − γ s(W) O / denom (docs/math.md §0); one rounding in half precision.
         if rule.decoupled_weight_decay and weight_decay != 0.0:
             p.mul_(1 - lr * weight_decay)
         size = lr * _scale(rule, p.shape if lay is None else lay.shape) / divisor
@@ -274,7 +274,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
 
 def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch.Tensor,
                           v: torch.Tensor, t: int, lay=None) -> torch.Tensor:
-    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (MATH §2) and return the read-out D̃."""
+    """Write ``S_t = S_{t−1}(αI − ζKᵀK) + ηV`` (docs/math.md §2) and return the read-out D̃."""
     alpha = mem.momentum
     eta = _first_write_rate(t, mem.inner_lr) if mem.undamped_first_write else mem.inner_lr
     if mem.stateless:
@@ -317,7 +317,7 @@ def _readout_single(rule: UpdateRule, d: torch.Tensor, lay=None) -> torch.Tensor
 
 
 def _slow_write_single(rule: UpdateRule, st: dict, v: torch.Tensor, t: int, lay=None) -> None:
-    """M3: accumulate V; every ``period`` steps write M² and refresh O² = σ(M²) (MATH §6)."""
+    """M3: accumulate V; every ``period`` steps write M² and refresh O² = σ(M²) (docs/math.md §6)."""
     mem = rule.memory
     st["slow_accumulator"].add_(v)
     if isinstance(t, torch.Tensor):                          # under torch.compile: masked, no branch
@@ -394,7 +394,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     if not rule.decoupled_weight_decay and weight_decay != 0.0:
         gs = torch._foreach_add(gs, params, alpha=weight_decay)
 
-    # Values (MATH §3).
+    # Values (docs/math.md §3).
     vs = gs
     if isinstance(rule.values, AdamValues):
         b2 = rule.values.beta2

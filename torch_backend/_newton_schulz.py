@@ -1,4 +1,4 @@
-"""The one Newton–Schulz of the torch backend (MATH §4), batched over a leading dimension."""
+"""The one Newton–Schulz of the torch backend (docs/math.md §4), batched over a leading dimension."""
 
 from __future__ import annotations
 

@@ -439,7 +439,7 @@ class DeepOptimizer(Optimizer):
         return fills
 
     def _init_state(self, state: dict, rule: UpdateRule, p: torch.Tensor, group: dict) -> None:
-        """Zero state of MATH §0–§6 (DMGD's W₁ from the spec's seeded numpy draw)."""
+        """Zero state of docs/math.md §0–§6 (DMGD's W₁ from the spec's seeded numpy draw)."""
         zeros = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
         mem = rule.memory
         if uses_step_count(rule):

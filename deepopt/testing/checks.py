@@ -443,7 +443,7 @@ def assert_newton_schulz_invariants(readout: Any, *,
                                     band: tuple[float, float] | None | str = "auto",
                                     seed: int = 0, rtol: float = 1e-5, atol: float = 1e-7,
                                     implementation: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-    """Invariants of a Newton–Schulz read-out map ``f`` on 2-D arrays (MATH §4).
+    """Invariants of a Newton–Schulz read-out map ``f`` on 2-D arrays (docs/math.md §4).
 
     On matrices ``X = U diag(s) Vᵀ`` of each shape, with singular values spread over
     ``[min_singular, 1]`` times a random scale:

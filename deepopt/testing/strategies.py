@@ -40,7 +40,7 @@ def shapes(min_dims: int = 1, max_dims: int = 3, max_side: int = 6, *, min_side:
 
 
 def matrix_shapes(min_dims: int = 2, max_dims: int = 3, max_side: int = 6, *, min_side: int = 1):
-    """Shapes of parameters a matrix rule takes (``ndim ≥ 2``; MATH §0's matrix view flattens
+    """Shapes of parameters a matrix rule takes (``ndim ≥ 2``; docs/math.md §0's matrix view flattens
     the trailing dims of ``(out, in, *rest)``)."""
     return shapes(max(2, min_dims), max(2, max_dims), max_side, min_side=min_side)
 
@@ -240,7 +240,7 @@ def specs(kinds: Sequence[str] = ("sgd", "adamw", "delta_momentum", "muon")):
     ``[1e-3, 0.1]``; Newton–Schulz read-outs use coefficient presets or tables with 1–8 steps
     and compute in float64 (muon's ``ns_dtype`` is ``"float64"`` or ``"input"``), so that
     backends can agree to float64 rounding. Matrix specs keep their default routing (ndim ≥ 2)
-    and AdamW fallback. ``"dmgd"`` (MATH §5) and ``"m3"`` (MATH §6) are also available, but not
+    and AdamW fallback. ``"dmgd"`` (docs/math.md §5) and ``"m3"`` (docs/math.md §6) are also available, but not
     drawn by default.
 
     >>> from deepopt import testing
