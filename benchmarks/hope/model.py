@@ -143,7 +143,7 @@ class HopeConfig:
     n_heads: int = 2             # H; head width d = D / H
     mem_hidden: int = 32         # f, hidden width of every residual-MLP memory
     chunk_size: int = 16         # C of eq. 90
-    conv_size: int = 4           # MATH §8: window 4
+    conv_size: int = 4           # docs/math.md §8: window 4
     cms_periods: tuple[int, ...] = (16, 64)   # C_ℓ, one CMS level each
     cms_hidden: int = 128        # hidden width of each CMS level's MLP
     cms_eta_init: float = 0.01   # η_ℓ at init
@@ -216,7 +216,7 @@ def dgd_rate(eta, x_sq, delta_sq, clip):
     """Per-token scale of δ x_inᵀ in a DGD step: η′ · clip factor.
 
     eta: (...) inner rate η; x_sq: (...) ‖x_in‖²; delta_sq: (...) ‖δ‖²
-    η′ = η / (1 + η ‖x_in‖²) is MATH §7's Sherman–Morrison rate; the clip factor
+    η′ = η / (1 + η ‖x_in‖²) is docs/math.md §7's Sherman–Morrison rate; the clip factor
     min(1, clip / ‖δ x_inᵀ‖_F) uses ‖δ x_inᵀ‖_F = ‖δ‖ ‖x_in‖.
     """
     return eta / (1 + eta * x_sq) * clip_factor(x_sq, delta_sq, clip)
@@ -230,7 +230,7 @@ def clip_factor(x_sq, delta_sq, clip):
 
 
 def dgd_step(w, x, u, eta, alpha=1.0):
-    """One DGD step of a linear memory y = W x towards target u (MATH §7), decoupled retention.
+    """One DGD step of a linear memory y = W x towards target u (docs/math.md §7), decoupled retention.
 
     w: (..., m, n); x: (..., n); u: (..., m); eta, alpha: floats or (...) tensors
         W⁺ = α W − η′ (W x − u) xᵀ,   η′ = η / (1 + η ‖x‖²)

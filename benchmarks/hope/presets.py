@@ -8,7 +8,7 @@ gpu-125m   GPT-2-small scale (D = 768, 12 layers, ~125M parameters with CMS); mi
            of 8 with gradient accumulation and activation checkpointing, to fit 70 GB
            (`train --plan`).
 
-CMS periods: the paper gives none for its LM runs; MATH §8 suggests (16, 64, 256) tokens,
+CMS periods: the paper gives none for its LM runs; docs/math.md §8 suggests (16, 64, 256) tokens,
 used by the GPU presets. cpu-tiny trains on 128-token windows, where a 256-token level
 would never write, so it keeps (16, 64).
 """
