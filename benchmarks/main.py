@@ -5,8 +5,9 @@
 1. ``benchmarks.compare``: sgd, adamw, delta momentum, muon, DMGD and M3 train one small MLP
    with ``torch_backend`` and with ``jax_backend`` from the same start (losses, the two
    backends' parameter gap, step times).
-2. ``benchmarks.hope.compare``: HOPE+DMGD, HOPE+AdamW and Transformer++ +AdamW on the
-   byte-level corpus built from the Python standard library (preset ``cpu-tiny``).
+2. ``benchmarks.hope.compare`` (its reduced grid: 2 lrs × 1 seed, 100 steps): HOPE with AdamW,
+   DMGD and Muon, static HOPE (no in-context writes) and Transformer++ with AdamW and Muon, on
+   the byte-level corpus built from the Python standard library (preset ``cpu-tiny``).
 
 Thread counts are set before torch or jax is imported (they share the cores; each would
 otherwise start a pool as wide as the machine), and are passed on to the HOPE runs.
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_hope:
         from benchmarks.hope import compare as hope_compare
 
-        print("\n== 2. HOPE (DMGD, AdamW) and Transformer++ (AdamW), cpu-tiny, stdlib byte corpus ==",
-              flush=True)
+        print("\n== 2. HOPE (AdamW, DMGD, Muon, static) and Transformer++ (AdamW, Muon), cpu-tiny, "
+              "stdlib byte corpus, reduced grid ==", flush=True)
         t0 = time.perf_counter()
         hope_args = ["--preset", "cpu-tiny", "--out", os.path.join(args.out, "hope"),
                      "--threads", str(args.threads)]
