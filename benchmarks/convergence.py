@@ -13,8 +13,13 @@ downloaded; docs/benchmarks.md):
   corpus (``benchmarks/hope/data.py``; its SHA-256 is recorded); loss on fixed val windows.
 - ``mqar``: the same model on multi-query associative recall (``benchmarks/hope/data.py``).
 
-Optimizers: ``sgd`` (momentum 0.9), ``adamw``, ``delta_momentum``, ``muon``, ``dmgd``, ``m3``,
-all through ``torch_backend``, weight decay 0. Each gets the same sweep of lr multipliers
+Optimizers: ``sgd`` (momentum 0.9), ``adamw``, ``delta_momentum``, ``muon``, ``dmgd`` (its
+defaults), ``m3``, and DMGD variants pinned next to the classic each generalises (hidden 16,
+l2, α = 1, η = 0.1; ``DMGD_READOUTS``): ``dmgd_identity`` (identity values and read-out: an
+EMA-like memory plus the MLP, degree 1 in the gradient like ``sgd``), ``dmgd_adam``
+(``values="adam"``, next to ``adamw``), ``dmgd_ns`` (``readout="newton_schulz"``, the "deep
+Muon", next to ``muon``; today equal to ``dmgd``'s defaults), ``dmgd_ns_h0`` (it without the
+MLP) and ``dmgd_ns_eta03`` / ``dmgd_ns_h0_eta03`` (both at η = 0.3); all through ``torch_backend``, weight decay 0. Each gets the same sweep of lr multipliers
 around its own per-task centre (``CENTRES``); matrix rules send embeddings, biases and norms to
 an AdamW fallback whose lr is AdamW's centre for the task times the same multiplier. For the best lr (lowest mean
 final loss over seeds) we report the final loss (mean, std, min, max over seeds) and the
@@ -25,6 +30,7 @@ steps to reach each task's stated target. Writes ``DIR/convergence.json`` and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -40,19 +46,29 @@ from torch import nn
 
 from benchmarks import _common
 
-OPTIMIZERS = ("sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3")
+OPTIMIZERS = ("sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3", "dmgd_identity", "dmgd_adam",
+              "dmgd_ns", "dmgd_ns_h0", "dmgd_ns_eta03", "dmgd_ns_h0_eta03")
 TASKS = ("lsq", "mlp", "lm", "mqar")
 
 # Centre of each optimizer's lr sweep, per task: set once from a pilot sweep (the quick sweep
 # one half-decade around a first guess) so that each optimizer's best lr lies inside its own
 # sweep; the JSON flags any best lr that still lands on an edge. sgd and delta_momentum sum
-# gradients (heavy ball: step ≈ lr/(1−0.9) per unit gradient); dmgd's default memory is an
-# EMA (step ≈ lr); muon and m3 take orthogonalised steps; the literal m3 divides by √(Σ β₂G²).
+# gradients (heavy ball: step ≈ lr/(1−0.9) per unit gradient); dmgd_identity's memory is an
+# EMA (step ≈ lr); dmgd_adam reads an EMA of G/√v (Adam's scale); muon, m3 and dmgd_ns take
+# orthogonalised steps; the literal m3 divides by √(Σ β₂G²); dmgd is whichever its defaults are.
 CENTRES = {
-    "lsq": {"sgd": 0.3, "adamw": 0.03, "delta_momentum": 0.3, "muon": 0.03, "dmgd": 1.0, "m3": 0.01},
-    "mlp": {"sgd": 0.03, "adamw": 1e-3, "delta_momentum": 0.03, "muon": 0.01, "dmgd": 0.3, "m3": 1e-5},
-    "lm": {"sgd": 0.1, "adamw": 3e-3, "delta_momentum": 0.1, "muon": 0.03, "dmgd": 3.0, "m3": 3e-3},
-    "mqar": {"sgd": 0.3, "adamw": 0.01, "delta_momentum": 0.3, "muon": 0.03, "dmgd": 1.0, "m3": 3e-3},
+    "lsq": {"sgd": 0.3, "adamw": 0.03, "delta_momentum": 0.3, "muon": 0.03, "dmgd": 0.03, "m3": 0.01,
+            "dmgd_identity": 1.0, "dmgd_adam": 0.03, "dmgd_ns": 0.03, "dmgd_ns_h0": 0.03,
+            "dmgd_ns_eta03": 0.03, "dmgd_ns_h0_eta03": 0.03},
+    "mlp": {"sgd": 0.03, "adamw": 1e-3, "delta_momentum": 0.03, "muon": 0.01, "dmgd": 0.01, "m3": 1e-5,
+            "dmgd_identity": 0.3, "dmgd_adam": 0.003, "dmgd_ns": 0.01, "dmgd_ns_h0": 0.01,
+            "dmgd_ns_eta03": 0.01, "dmgd_ns_h0_eta03": 0.01},
+    "lm": {"sgd": 0.1, "adamw": 3e-3, "delta_momentum": 0.1, "muon": 0.03, "dmgd": 0.03, "m3": 3e-3,
+            "dmgd_identity": 0.3, "dmgd_adam": 0.003, "dmgd_ns": 0.03, "dmgd_ns_h0": 0.03,
+            "dmgd_ns_eta03": 0.03, "dmgd_ns_h0_eta03": 0.03},
+    "mqar": {"sgd": 0.3, "adamw": 0.01, "delta_momentum": 0.3, "muon": 0.03, "dmgd": 0.03, "m3": 3e-3,
+            "dmgd_identity": 0.3, "dmgd_adam": 0.01, "dmgd_ns": 0.03, "dmgd_ns_h0": 0.03,
+            "dmgd_ns_eta03": 0.03, "dmgd_ns_h0_eta03": 0.03},
 }
 
 
@@ -232,7 +248,22 @@ def build_spec(name: str, lr: float, fallback_lr: float, patterns: tuple[str, ..
         return deepopt.dmgd(lr, seed=seed, routing=routing, fallback=fallback)
     if name == "m3":
         return deepopt.m3(lr, routing=routing, fallback=fallback)
+    if name in DMGD_READOUTS:
+        return deepopt.dmgd(lr, seed=seed, routing=routing, fallback=fallback, **DMGD_READOUTS[name])
     raise ValueError(name)
+
+
+#: DMGD variants next to the classic each generalises, pinned (not following the defaults):
+#: hidden 16, l2 objective, α = 1, η = 0.1, current keys; dmgd_ns_h0 is dmgd_ns without the MLP;
+#: the _eta03 pair is the same at η = 0.3 (a shorter memory: S's EMA factor 0.7 instead of 0.9).
+_DMGD_PINNED = {"hidden": 16, "inner_lr": 0.1, "objective": "l2", "momentum": 1.0, "keys": "current"}
+DMGD_READOUTS = {"dmgd_identity": {**_DMGD_PINNED, "values": "identity", "readout": None},
+                 "dmgd_adam": {**_DMGD_PINNED, "values": "adam", "readout": None},
+                 "dmgd_ns": {**_DMGD_PINNED, "values": "identity", "readout": "newton_schulz"},
+                 "dmgd_ns_h0": {**_DMGD_PINNED, "hidden": 0, "values": "identity", "readout": "newton_schulz"},
+                 "dmgd_ns_eta03": {**_DMGD_PINNED, "inner_lr": 0.3, "values": "identity", "readout": "newton_schulz"},
+                 "dmgd_ns_h0_eta03": {**_DMGD_PINNED, "hidden": 0, "inner_lr": 0.3, "values": "identity",
+                                      "readout": "newton_schulz"}}
 
 
 def train_run(task: Task, spec_builder: Callable[[], Any], seed: int, budget: Budget, size: str,
@@ -384,10 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(OPTIMIZERS), help="comma-separated optimizers")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (small models: 1 is fastest)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per lr (default: the budget's)")
+    ap.add_argument("--wide", action="store_true",
+                    help="the full budget's 5 lr multipliers (x10^-1 ... 10^1) at any size")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
     size = "tiny" if (args.tiny or _common.tiny()) else ("quick" if args.quick else "full")
     budget = BUDGETS[size]
+    if size != "tiny" and (args.seeds or args.wide):
+        budget = dataclasses.replace(budget, seeds=args.seeds or budget.seeds,
+                                     multipliers=BUDGETS["full"].multipliers if args.wide else budget.multipliers)
     optimizers = [o for o in OPTIMIZERS if o in args.only.split(",")]
     tasks = [t for t in TASKS if t in args.tasks.split(",")]
     torch.set_num_threads(args.threads)
