@@ -1,4 +1,4 @@
-"""The experiment behind DMGD's defaults (``deepopt.dmgd``; MATH §5).
+"""The experiment behind DMGD's defaults (``deepopt.dmgd``; docs/math.md §5).
 
     python -m benchmarks.dmgd_defaults [--quick] [--tasks lsq,mlp,lm] [--seeds 3] --out DIR
     python -m benchmarks.dmgd_defaults --examples --out DIR     # the no-argument check

@@ -1,4 +1,4 @@
-"""Named optimizers: presets of the linear-memory rule (STYLE.md §4), not kernels.
+"""Named optimizers: presets of the linear-memory rule, not kernels.
 
 Each constructor validates its arguments, records them as the spec's flat hyperparameters and
 builds the :class:`~deepopt.UpdateRule` they describe. ``Spec.replace`` calls the constructor
@@ -101,7 +101,7 @@ def sgd(
 
     Initial state: ``S_0 = 0`` (no state at all when ``momentum = 0``).
 
-    Update at step t (MATH §2, NL eq. 46–49 with ζ = 0)::
+    Update at step t (docs/math.md §2, NL eq. 46–49 with ζ = 0)::
 
         G ← G + λ W                 coupled L2 decay, as torch.optim.SGD
         S_t = α S_{t−1} + η G       one unit step on  −η⟨S, G⟩ + ((1−α)/2)‖S‖²   (NL eq. 46)
@@ -115,9 +115,9 @@ def sgd(
       nesterov: Nesterov read-out; needs ``momentum > 0`` and ``dampening = 0`` (as torch).
       weight_decay: λ ≥ 0, coupled (added to the gradient) unless ``decoupled_weight_decay``.
       maximize: ascend instead of descend.
-      decoupled_weight_decay: apply λ as ``W ← W − γλW`` (MATH §0) instead of as L2.
+      decoupled_weight_decay: apply λ as ``W ← W − γλW`` (docs/math.md §0) instead of as L2.
       undamped_first_step: torch's quirk — the first write uses η = 1 (its buffer starts as a
-        copy of ``G_1``). Off by default (MATH §2); set it to reproduce torch with dampening.
+        copy of ``G_1``). Off by default (docs/math.md §2); set it to reproduce torch with dampening.
       foreach, fused, differentiable: torch.optim's execution flags, accepted at their defaults
         only (a spec holds the math); pass them to ``torch_backend.compile``.
 
@@ -178,7 +178,7 @@ def adamw(
 
     Update at step t (NL App. B: Adam is the optimal element-wise L2 memory)::
 
-        S_t = β₁ S_{t−1} + (1 − β₁) G          EMA memory (MATH §2, η = 1 − α)
+        S_t = β₁ S_{t−1} + (1 − β₁) G          EMA memory (docs/math.md §2, η = 1 − α)
         v_t = β₂ v_{t−1} + (1 − β₂) G²
         O   = (S_t / (1 − β₁ᵗ)) / (√(v_t / (1 − β₂ᵗ)) + ε)
         W ← W − γ λ W − γ O                    decoupled decay, unadjusted γ
@@ -245,7 +245,7 @@ def delta_momentum(
 
     Initial state: ``S_0 = 0``.
 
-    Update at step t (MATH §2; NL eq. 48–49, "Delta Momentum")::
+    Update at step t (docs/math.md §2; NL eq. 48–49, "Delta Momentum")::
 
         G ← G + λ W                              coupled L2 decay (as sgd)
         K  = G / max(‖G‖_F, 1e-12)
@@ -270,7 +270,7 @@ def delta_momentum(
       adjust_lr_fn: shape scale s(W) for Newton–Schulz read-outs (as ``muon``); 1 otherwise.
       fallback, routing: with ``readout="newton_schulz"``, parameters with fewer than 2 dims go
         to ``fallback`` (default ``adamw(0.3·lr, weight_decay=0)``). With an element-wise read-out
-        every parameter takes this rule, and 1-D ones use its recurrence with ζ = 0 (MATH §2),
+        every parameter takes this rule, and 1-D ones use its recurrence with ζ = 0 (docs/math.md §2),
         so ``delta_momentum(zeta=0)`` is ``sgd`` on every parameter.
 
     Example::
@@ -278,7 +278,7 @@ def delta_momentum(
         spec = deepopt.delta_momentum(lr=0.05, momentum=0.9, zeta=0.5)
 
     Conventions: the matrix view of a torch ``(out, in, *rest)`` parameter is
-    ``out × (in·prod(rest))`` (MATH §0); the product ``S KᵀK`` is taken on the smaller side.
+    ``out × (in·prod(rest))`` (docs/math.md §0); the product ``S KᵀK`` is taken on the smaller side.
 
     References: NL §4 eq. 48–49.
     """
@@ -323,9 +323,9 @@ def muon(
 
     Initial state: ``S_0 = 0``.
 
-    Update at step t (MATH §4; NL eq. 52 plus the outer rate and shape scale it omits)::
+    Update at step t (docs/math.md §4; NL eq. 52 plus the outer rate and shape scale it omits)::
 
-        S_t = α S_{t−1} + (1 − α) G              EMA memory (MATH §2, ζ = 0)
+        S_t = α S_{t−1} + (1 − α) G              EMA memory (docs/math.md §2, ζ = 0)
         D̃  = α S_t + (1 − α) G                   Nesterov read-out (torch: g.lerp(buf, α))
         O   = NS_k^{(a,b,c)}(D̃)                  Newton–Schulz on the matrix view (NL eq. 44)
         W ← W − γ λ W − γ s(W) O                 s = √max(1, m/n) ("original")
@@ -536,7 +536,7 @@ def m3(
 
     Initial state: ``M¹ = M² = V = 0``; ``O² = 0`` until the first slow write.
 
-    Update at step t (MATH §6; NL §7.2 eq. 75, Algorithm 1 — the literal algorithm by default)::
+    Update at step t (docs/math.md §6; NL §7.2 eq. 75, Algorithm 1 — the literal algorithm by default)::
 
         M¹_t = M¹_{t−1} + β₁ G          (decay=True:  β₁ M¹ + (1 − β₁) G)
         V_t  = V_{t−1} + β₂ G²          (decay=True:  β₂ V + (1 − β₂) G², bias-corrected)
@@ -606,7 +606,7 @@ def custom(
     fallback: Spec | None = None,
     routing: Routing | None = None,
 ) -> Spec:
-    """A spec from your own :class:`~deepopt.UpdateRule` (compose parts of MATH §1–§4).
+    """A spec from your own :class:`~deepopt.UpdateRule` (compose parts of docs/math.md §1–§4).
 
     Its hyperparameters are ``lr`` and ``weight_decay``; other settings live in ``rule``.
     A rule that needs the matrix view (Newton–Schulz, ζ > 0, a shape scale) gets the default

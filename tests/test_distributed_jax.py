@@ -20,7 +20,7 @@ import pytest
 pytestmark = pytest.mark.distributed
 
 STEPS = 3
-TOL = 1e-5          # max |Δ| / max |W| after STEPS, sharded vs unsharded (issue 10)
+TOL = 1e-5          # max |Δ| / max |W| after STEPS, sharded vs unsharded
 
 #: Default options of every preset (sgd has no default lr), both Newton–Schulz dtypes, M3 with
 #: its slow write inside the run.

@@ -39,7 +39,7 @@ STEPS = 3
 #: DMGD's memory takes three per bucket (rows to the owners, rows back, θ to every rank), its
 #: Newton–Schulz read-out none of its own (it runs on the owner, before the rows go back).
 COUNTED = {"muon": 3 * 2, "muon_fp32": 3 * 2, "m3_slow": 3 * 2 * 2, "dmgd": 3 * 3}
-TOL = 1e-4          # max |Δ| / max |W| after training, per parameter (issue 10)
+TOL = 1e-4          # max |Δ| / max |W| after training, per parameter
 
 #: Default options of every preset (sgd has no default lr), both Newton–Schulz dtypes, and
 #: M3 with a slow write inside the run (its default frequency is 10 steps).

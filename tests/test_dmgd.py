@@ -1,4 +1,4 @@
-"""Deep Momentum Gradient Descent (MATH §5): reductions, inner gradients, learning."""
+"""Deep Momentum Gradient Descent (docs/math.md §5): reductions, inner gradients, learning."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _problem(shapes=None, steps=20, seed=0):
 
 
 # --------------------------------------------------------------------------------------------
-# Required reductions (MATH §5), exact to rounding, on the reference and the torch backend
+# Required reductions (docs/math.md §5), exact to rounding, on the reference and the torch backend
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""One Routing, one assignment: a torch module and the equivalent optax pytree (issue 2 §5)."""
+"""One Routing, one assignment: a torch module and the equivalent optax pytree."""
 
 from __future__ import annotations
 
