@@ -142,8 +142,8 @@ def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: 
             flops += ns_flops(m, n)
         elif kind == "delta_momentum":
             flops += 4 * min(m, n) ** 2 * max(m, n)                 # (S Kᵀ) K on the short side
-        elif kind == "dmgd":
-            flops += 12 * m * n * hidden                              # docs/math.md §5
+        elif kind == "dmgd":                                          # the default: a deep Muon
+            flops += 12 * m * n * hidden + ns_flops(m, n)             # docs/math.md §5, then §4
         elif kind == "m3":
             flops += ns_flops(m, n) * (1 + 1 / M3_PERIOD)            # fast NS + amortised slow NS
     return {"bytes": nbytes, "flops": flops}
@@ -305,7 +305,7 @@ def torch_table(deepopt, torch, torch_backend) -> dict[str, Plan]:
                                "no exact anchor: SGD momentum is delta momentum with zeta=0 (no S·KᵀK matmuls)"),
         "muon": Plan((ours("muon", ns_dtype="bfloat16"), torch_muon), torch_muon.name),
         "dmgd": Plan((ours("dmgd"), ours("muon", ns_dtype="bfloat16", role="deepopt-reference"), torch_muon),
-                     torch_muon.name, "default dmgd (hidden=16, identity read-out); target is vs deepopt.muon"),
+                     torch_muon.name, "default dmgd (a deep Muon: hidden=16, Newton–Schulz in the input dtype); target is vs deepopt.muon"),
         "m3": Plan((ours("m3", ns_dtype="bfloat16"), ours("muon", ns_dtype="bfloat16", role="deepopt-reference"),
                     torch_muon), torch_muon.name, M3_NOTE + "; bf16 Newton–Schulz as muon; target is vs deepopt.muon",
                    amortize=M3_PERIOD),
