@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
                    "torch_threads": args.threads,
                    "floor_model": {"words_per_element": WORDS,
                                    "rule": "bytes/copy bandwidth + matmul FLOPs/matmul rate; "
-                                           "NS 5·(4m²n+2m³), DMGD 12·m·n·h, delta 4m²n"}},
+                                           "NS 5·(4m²n+2m³), DMGD 12·m·n·h + its NS, delta 4m²n"}},
         "environment": env,
         "rates": rates,
         "pairs": pairs,
