@@ -197,3 +197,26 @@ def test_memory_stats_agree_on_torch_jax_and_reference(values):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
     assert want["mlp_share"] > 0.01 and 0 < want["inner_loss"] < 10
+
+
+@st.composite
+def _any_dmgd(draw):
+    """Every deep memory: both objectives, both key modes, every read-out and values, any width,
+    retention and inner rate in their valid ranges (l2: η ≤ 1 + α)."""
+    objective = draw(st.sampled_from(("l2", "dot")))
+    momentum = draw(st.floats(0.0, 1.0))
+    return deepopt.dmgd(
+        lr=draw(st.floats(1e-3, 0.1)), momentum=momentum,
+        inner_lr=draw(st.floats(0.0, 1.0 + momentum if objective == "l2" else 4.0)),
+        hidden=draw(st.integers(0, 64)), objective=objective,
+        keys=draw(st.sampled_from(("current", "previous"))),
+        values=draw(st.sampled_from(("identity", "adam"))),
+        readout=draw(st.sampled_from((None, "sign", "newton_schulz"))), nesterov=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=50, deadline=None)
+@given(spec=_any_dmgd(), seed=st.integers(0, 2**16))
+def test_every_deep_memory_is_finite_from_1e_minus_6_to_1e6(spec, seed):
+    """The float64 reference over 60 steps with a spike and a lull, at the extreme scales."""
+    testing.assert_scale_stable(spec, scales=(1e-6, 1.0, 1e6), steps=60, seed=seed)
