@@ -152,22 +152,27 @@ def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None
         h = F.silu(z)
         f = torch.bmm(h, w2.mT).mul_(nu)                     # F = ν H W₂ᵀ : (B,m,n)
     # E = ∂ℓ/∂M(k_r) row by row: dot −ηV, l2 η(S + F − V).
-    e = -eta * v if mem.objective == "dot" else eta * ((s + f if mem.hidden else s) - v)
-    s = alpha * s - e                                        # S ← αS − ∇_S
+    # (In-place where a temporary would be full-size; the operation order, and so the rounding,
+    # is the reference's.)
+    if mem.objective == "dot":
+        e = v * -eta
+    else:
+        e = (torch.add(s, f) if mem.hidden else s.clone()).sub_(v).mul_(eta)
+    s = torch.mul(s, alpha).sub_(e)                          # S ← αS − ∇_S
     if mem.hidden:
         # θ: row mean of the gradient in units of ν, rates η/(1 + ηλ̄) per weight.
-        e_hat = e / nu
+        e_hat = e.div_(nu)
         rate_w2 = 1 / (1 + (eta / m) * h.square().sum(dim=(-2, -1), keepdim=True))         # (B,1,1)
         rate_w1 = 1 / (1 + eta * mem.SILU_SLOPE_SQ * w2.square().sum(dim=(-2, -1), keepdim=True))
         grad_w2 = torch.bmm(e_hat.mT, h).mul_(rate_w2 / m)   # Êᵀ H / m              : (B,n,h)
         grad_w1 = torch.bmm((torch.bmm(e_hat, w2) * _silu_grad(z)).mT, k).mul_(rate_w1 / m)  # (B,h,n)
         w1 = w1 - grad_w1                                    # no retention on W₁
         w2 = alpha * w2 - grad_w2
-        d = s + torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT).mul_(nu)   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
+        d = torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT).mul_(nu).add_(s)   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
     else:
         d = s
     if mem.nesterov:
-        d = alpha * d + eta * v
+        d = torch.mul(d, alpha).add_(v * eta)
     return s, w1, w2, nu, d, g_hat
 
 
