@@ -220,3 +220,30 @@ def _any_dmgd(draw):
 def test_every_deep_memory_is_finite_from_1e_minus_6_to_1e6(spec, seed):
     """The float64 reference over 60 steps with a spike and a lull, at the extreme scales."""
     testing.assert_scale_stable(spec, scales=(1e-6, 1.0, 1e6), steps=60, seed=seed)
+
+
+def test_jax_memory_stats_on_stacked_optax_kernels_are_per_matrix():
+    """A (L, in, out) leaf under layout="optax": one entry per matrix, each equal to the stats of
+    that matrix run alone (the stacked kernel is L independent memories)."""
+    import jax.numpy as jnp
+    import optax
+
+    spec = deepopt.dmgd(0.02, hidden=4)
+    rng = np.random.default_rng(5)
+    stack = rng.standard_normal((2, 6, 4))                     # two (in=6, out=4) kernels
+    grads = [rng.standard_normal((2, 6, 4)) for _ in range(5)]
+
+    def run(params, stream):
+        tx = jax_backend.compile(spec)
+        state = tx.init(params)
+        for g in stream:
+            updates, state = tx.update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return jax_backend.memory_stats(spec, state, stream[-1])
+
+    stacked = run({"w": jnp.asarray(stack)}, [{"w": jnp.asarray(g)} for g in grads])
+    assert set(stacked) == {"w[0]", "w[1]"}
+    alone = run({"w": jnp.asarray(stack[1])}, [{"w": jnp.asarray(g[1])} for g in grads])
+    for key, value in alone["w"].items():
+        assert stacked["w[1]"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert stacked["w[0]"]["mlp_share"] != pytest.approx(stacked["w[1]"]["mlp_share"])
