@@ -49,15 +49,13 @@ def memory_stats(spec: Spec, opt_state: Any, grads: Any, *,
               if isinstance(s, DeepMemoryState)]
     grads_by_name = _by_name(grads)
     out: dict[str, dict[str, float]] = {}
+    as_matrix = lambda x: np.asarray(view.to_matrix(x), dtype=np.float64)   # (..., m, n)
     for st in states:
-        fields = {k: _by_name(getattr(st, f)) for k, f in (
-            ("memory", "memory"), ("mlp_w1", "mlp_w1"), ("mlp_w2", "mlp_w2"),
-            ("value_scale", "value_scale"), ("values_sq", "values_sq"))}
+        fields = {f: _by_name(getattr(st, f)) for f in ("memory", "mlp_w1", "mlp_w2", "value_scale", "values_sq")}
         for name, s in fields["memory"].items():
             g = grads_by_name.get(name)
             if g is None:
                 continue
-            as_matrix = lambda x: np.asarray(view.to_matrix(x), dtype=np.float64)  # (..., m, n)
             mats = {"memory": as_matrix(s), "grad": as_matrix(g)}
             if name in fields["values_sq"]:
                 mats["values_sq"] = as_matrix(fields["values_sq"][name])

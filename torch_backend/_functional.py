@@ -66,6 +66,11 @@ def _first_write_rate(t, eta: float):
     return 1.0 if t == 1 else eta
 
 
+def _add_scaled(dst: torch.Tensor, x: torch.Tensor, rate) -> torch.Tensor:
+    """``dst += rate·x``; a t-dependent rate (a tensor under compile) cannot be an ``alpha=``."""
+    return dst.add_(x * rate) if isinstance(rate, torch.Tensor) else dst.add_(x, alpha=rate)
+
+
 def _is_due(t, period: int):
     """Whether M3's slow level is written at step ``t`` (a bool tensor under compile)."""
     return t % period == 0
@@ -293,14 +298,11 @@ def _linear_memory_single(mem: LinearMemory, st: dict, p: torch.Tensor, g: torch
             else:
                 m, n = matrix_view_shape(p.shape)
                 delta = delta_term(s.reshape(1, m, n), g.reshape(1, m, n), mem.key_eps).view_as(s)
-            s.mul_(alpha).add_(delta, alpha=-mem.zeta).add_(v * eta if isinstance(eta, torch.Tensor) else v,
-                                                           alpha=1.0 if isinstance(eta, torch.Tensor) else eta)
+            _add_scaled(s.mul_(alpha).add_(delta, alpha=-mem.zeta), v, eta)
         elif _is_ema(mem):
             s.lerp_(v, 1 - alpha)
-        elif isinstance(eta, torch.Tensor):
-            s.mul_(alpha).add_(v * eta)
         else:
-            s.mul_(alpha).add_(v, alpha=eta)
+            _add_scaled(s.mul_(alpha), v, eta)
     if mem.nesterov:
         if mem.bias_correction:                              # NAdam form, as optax
             return s * (alpha / (1 - alpha ** (t + 1))) + v * (eta / (1 - alpha**t))
