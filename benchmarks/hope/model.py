@@ -246,6 +246,109 @@ def dgd_step(w, x, u, eta, alpha=1.0):
 
 
 # -----------------------------------------------------------------------------
+# Chunk kernels of the Titans scan (eq. 90), in the layout the scan keeps its state in
+#
+# A training step is bound by operator dispatch, not FLOPs (cpu-tiny: ~10 µs per op), so the
+# scan is split by what depends on the fast state. Only the writes are sequential: the
+# inputs of every chunk (`chunk_constants`) are computed for all chunks at once, the loop
+# runs `chunk_grads` + `chunk_write` per chunk, and every chunk's output read
+# (`chunk_read`) is one batched call after the loop, from the stacked boundary states.
+# Layout: N = rows of memories (B·H·M), 3-D tensors so each product is one `bmm`; the
+# state is kept transposed, W₁ᵀ (N, f, d) and W₂ᵀ (N, d, f), which makes every product of
+# the loop a plain `bmm` of the stored tensors.
+
+
+def chunk_constants(k, v, eta, log_alpha, clip):
+    """State-independent inputs of chunks' writes and reads; any leading dims (...).
+
+    k, v: (..., C, d) unit keys and values; eta: (..., C) inner rates;
+    log_alpha: (..., C) log retention of the written memory; clip: float | None.
+    returns a dict of
+      x      (..., 2C, d)  values then keys: v̂ = M_b(v) and M_b(k) come from one read
+      k      (..., C, d),  kt (..., d, C) = kᵀ
+      k_norm (..., C, 1)   ‖k‖ (the clip factor of W₂'s step)
+      eta    (..., C, 1);  eta_c = η · clip (η without a clip)
+      s2     (..., C, 1)   W₂'s rate before clipping, η / (1 + η‖k‖²) (input k)
+      cum    (..., C)      Σ_{r≤t} log α_r inside the chunk;  log_alpha (..., C)
+      carry  (..., C, 1)   Π_{r>t} α_r;  keep (..., 1, 1) = Π_r α_r
+    """
+    eta = eta.unsqueeze(-1)
+    k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
+    cum = log_alpha.cumsum(-1)
+    total = cum[..., -1:]
+    return dict(x=torch.cat([v, k], dim=-2), k=k, kt=k.transpose(-1, -2), k_norm=k_norm, eta=eta,
+                eta_c=eta * clip if clip is not None else eta, s2=eta / (1 + eta * k_norm * k_norm),
+                cum=cum, log_alpha=log_alpha, carry=torch.exp(total - cum).unsqueeze(-1),
+                keep=torch.exp(total).unsqueeze(-1))
+
+
+def chunk_grads(w1t, w2t, c, clip):
+    """The state-dependent half of one chunk's DGD write: error signals and step sizes at φ_b.
+
+    w1t: (N, f, d) = W₁ᵀ, w2t: (N, d, f) = W₂ᵀ  the boundary state φ_b of the written memories
+    c: one chunk's `chunk_constants` (leading dim N)
+    returns e (N, C, d) = M_b(k) − v̂ = ∂ℓ/∂y, a (N, C, f) = σ(W₂k) = W₁'s input,
+    g (N, C, f) = (W₁ᵀ e) ⊙ σ′(W₂k) = ∂ℓ/∂z (as `mem_inner_grad`), and the per-token step
+    sizes s1, s2 (N, C, 1) of W₁ (input a) and W₂ (input k): η′ times the clip factor
+    min(1, clip/‖δ xᵀ‖_F) = clip / max(‖δ‖‖x‖, clip) (`dgd_rate`).
+    """
+    C = c["x"].shape[-2] // 2
+    z = torch.bmm(c["x"], w2t)  # (N, 2C, f): W₂ of [v; k]
+    act = F.silu(z)
+    vhat, yk = (c["x"] + torch.bmm(act, w1t)).split(C, dim=1)  # M_b(v), M_b(k)
+    a, zk = act[:, C:], z[:, C:]
+    e = yk - vhat
+    sig = torch.sigmoid(zk)
+    g = torch.bmm(e, w1t.transpose(1, 2)) * torch.addcmul(sig, a, 1 - sig)  # σ′ = σ + silu·(1 − σ)
+    a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    eta = c["eta"]
+    if clip is None:
+        return e, a, g, eta / (1 + eta * a_norm * a_norm), c["s2"]
+    e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+    g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    s1 = c["eta_c"] / ((1 + eta * a_norm * a_norm) * torch.clamp_min(a_norm * e_norm, clip))
+    s2 = c["s2"] * clip / torch.clamp_min(c["k_norm"] * g_norm, clip)
+    return e, a, g, s1, s2
+
+
+def chunk_write(w1t, w2t, c, e, a, g, s1, s2):
+    """φ_b -> the chunk's end state: φ = (Π α) φ_b − Σ_t (Π_{r>t} α_r) s_t G_t, one bmm per layer.
+
+    W₁ᵀ ← keep·W₁ᵀ − aᵀ (carry·s1·e),  W₂ᵀ ← keep·W₂ᵀ − kᵀ (carry·s2·g)   (all (N, ·, ·))
+    """
+    carry = c["carry"]
+    w1t = c["keep"] * w1t - torch.bmm(a.transpose(1, 2), carry * s1 * e)
+    w2t = c["keep"] * w2t - torch.bmm(c["kt"], carry * s2 * g)
+    return w1t, w2t
+
+
+def chunk_read(w1t, w2t, q, kt, e, a, g, s1, s2, cum, log_alpha, read):
+    """Output reads o_t = M_{φ_t}(q_t) of chunks, batched over rows R (chunks × heads × batch).
+
+    w1t (R, f, d), w2t (R, d, f): each chunk's boundary state (the output memory only)
+    q (R, C, d) unit queries; kt (R, d, C); e, a, g, s1, s2, cum, log_alpha: as returned by
+    `chunk_grads` / `chunk_constants` for those chunks; read: "causal" | "strict" | "boundary".
+    φ_t = A_t φ_b − Σ_{s≤t} D_ts s_s G_s with A_t = Π_{r≤t} α_r, D_ts = Π_{s<r≤t} α_r
+    ("causal", s ≤ t); "strict" reads φ_{t−1} (A_{t−1}, D_{t−1,s}, s < t: NL eq. 94), so
+    W₂,t q_t = A_t W₂,b q_t − Σ_s D_ts s2_s (k_s·q_t) g_s, likewise W₁,t h_t with (a_s·h_t) e_s:
+    C×C masked score matrices, as in chunked linear attention.
+    returns o (R, C, d)
+    """
+    if read == "boundary":
+        return q + torch.bmm(F.silu(torch.bmm(q, w2t)), w1t)
+    C = q.shape[1]
+    cum_r = cum - log_alpha if read == "strict" else cum  # log A at the read
+    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if read == "strict" else 0)
+    dmat = torch.exp((cum_r.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~mask, float("-inf")))  # (R,C,C)
+    a_t = torch.exp(cum_r).unsqueeze(-1)  # (R, C, 1)
+    scores2 = dmat * torch.bmm(q, kt) * s2.transpose(1, 2)
+    z = a_t * torch.bmm(q, w2t) - torch.bmm(scores2, g)
+    h = F.silu(z)  # (R, C, f)
+    scores1 = dmat * torch.bmm(h, a.transpose(1, 2)) * s1.transpose(1, 2)
+    return q + a_t * torch.bmm(h, w1t) - torch.bmm(scores1, e)
+
+
+# -----------------------------------------------------------------------------
 # Self-modifying Titans
 
 
@@ -332,51 +435,95 @@ class SelfModifyingTitans(nn.Module):
             log_a = torch.cat([log_g.unsqueeze(2).expand(-1, -1, MEM_OUT, -1), log_a], dim=2)
         return k, v, eta, log_a  # log α: decay products as cumsums
 
-    def chunk(self, w1, w2, k, v, eta, log_alpha, q):
-        """One chunk of eq. 90: boundary-state gradients, in-chunk output reads per `out_read`.
+    def scan(self, xin, q, C, keep_state=False, stats=None):
+        """The chunked recurrence (eq. 90) from φ₀: writes chunk by chunk, reads batched after.
 
-        w1: (B, H, M, d, f), w2: (B, H, M, f, d)  the written memories at the chunk's left
-            boundary, M_memory last (M = 5, or 1 when the generators are static)
-        k, v: (B, H, C, d) keys (unit) and values;  eta: (B, H, C);  log_alpha: (B, H, M|1, C)
-        q: (B, H, C, d) unit queries
-        returns o (B, H, C, d) and the written memories at the chunk's right boundary
+        xin: (B, H, G, T, d) generator inputs; q: (B, H, T, d) unit queries; C: chunk size
+        keep_state: also return the end state (otherwise the last chunk's write, which no
+        read needs, is skipped); stats: dict of lists to append η and M_memory's log α to.
+        Within a chunk every target and inner gradient is taken at the boundary state φ_b
+        (`chunk_grads`), the state steps to the next boundary in closed form (`chunk_write`),
+        and the reads of all complete chunks are one `chunk_read` on the stacked φ_b's
+        (a ragged last chunk is a second call).
+        returns o (B, H, T, d) and the end state (w1, w2) of all five memories, (B, H, 5, ·, ·), or None
         """
-        clip = self.cfg.inner_clip
-        vhat, _, _ = mem_apply(w1, w2, v.unsqueeze(2))  # (B,H,M,C,d): v̂_□ = M_□(v)
-        e, a, g = mem_inner_grad(w1, w2, k.unsqueeze(2), vhat)  # (B,H,M,C,d|f|f)
-        k_sq = (k * k).sum(-1).unsqueeze(2)  # (B,H,1,C); = 1 up to rounding
-        s1 = dgd_rate(eta.unsqueeze(2), (a * a).sum(-1), (e * e).sum(-1), clip)  # W₁: input a
-        s2 = dgd_rate(eta.unsqueeze(2), k_sq, (g * g).sum(-1), clip)  # W₂: input k
-        # decay products: cum_t = Σ_{r≤t} log α_r, so Π_{s<r≤t} α_r = exp(cum_t − cum_s)
-        cum = log_alpha.cumsum(-1)  # (B, H, M|1, C)
-        total = cum[..., -1:]
-        carry = torch.exp(total - cum)  # Π_{r>t} α_r
-        keep = torch.exp(total).unsqueeze(-1)  # (B,H,M|1,1,1)
-        # Σ_t c_t e_t a_tᵀ as one matmul per memory: (d×C)(C×f), likewise (f×C)(C×d)
-        new_w1 = keep * w1 - ((carry * s1).unsqueeze(-1) * e).transpose(-1, -2) @ a
-        new_w2 = keep * w2 - ((carry * s2).unsqueeze(-1) * g).transpose(-1, -2) @ k.unsqueeze(2)
+        B, H, T, d = q.shape
+        f, clip, read = self.cfg.mem_hidden, self.cfg.inner_clip, self.cfg.out_read
+        static = self.cfg.generator_writes == "off"
+        M = self.n_written
+        n_full = T // C
+        spans = [(s, min(s + C, T)) for s in range(0, T, C)]
+        # the written memories' state, rows (b, h, m) flattened, each layer transposed
+        w1t = self.mem_w1[:, N_MEMORIES - M :].transpose(-1, -2).expand(B, H, M, f, d).reshape(B * H * M, f, d)
+        w2t = self.mem_w2[:, N_MEMORIES - M :].transpose(-1, -2).expand(B, H, M, d, f).reshape(B * H * M, d, f)
 
-        w1o, w2o = w1[:, :, -1], w2[:, :, -1]  # M_memory
-        read = self.cfg.out_read
-        if read == "boundary":
-            o, _, _ = mem_apply(w1o, w2o, q)
-            return o, new_w1, new_w2
-        # o_t = M_{φ_t}(q_t) with φ_t = A_t φ_b − Σ_{s≤t} D_ts s_s G_s ("causal", s ≤ t), or
-        # o_t = M_{φ_{t−1}}(q_t): A_{t−1}, D_{t−1,s} and s < t ("strict", NL eq. 94)
-        C = q.shape[2]
-        cum_o = cum[:, :, -1]  # (B, H, C)
-        cum_r = cum_o - log_alpha[:, :, -1] if read == "strict" else cum_o  # log A at the read
-        mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if read == "strict" else 0)
-        dmat = torch.exp((cum_r.unsqueeze(-1) - cum_o.unsqueeze(-2)).masked_fill(~mask, float("-inf")))
-        a_t = torch.exp(cum_r).unsqueeze(-1)  # (B,H,C,1): A_t = Π_{r≤t} α_r
-        # W₂,t q_t = A_t W₂,b q_t − Σ_s D_ts s2_s (k_s·q_t) g_s   : (C×C)(C×f)
-        scores2 = dmat * (q @ k.transpose(-1, -2)) * s2[:, :, -1].unsqueeze(-2)
-        z = a_t * (q @ w2o.transpose(-1, -2)) - scores2 @ g[:, :, -1]
-        h = F.silu(z)  # (B,H,C,f)
-        # W₁,t h_t = A_t W₁,b h_t − Σ_s D_ts s1_s (a_s·h_t) e_s    : (C×C)(C×d)
-        scores1 = dmat * (h @ a[:, :, -1].transpose(-1, -2)) * s1[:, :, -1].unsqueeze(-2)
-        o = q + a_t * (h @ w1o.transpose(-1, -2)) - scores1 @ e[:, :, -1]
-        return o, new_w1, new_w2
+        def flat(t):  # (B, H, 1|M, ...) -> (B·H·M, ...): what every written memory sees
+            return t.expand(B, H, M, *t.shape[3:]).reshape(B * H * M, *t.shape[3:])
+
+        def constants(k, v, eta, log_a):  # generate()'s outputs -> chunk_constants (leading B·H·M)
+            return chunk_constants(flat(k.unsqueeze(2)), flat(v.unsqueeze(2)), flat(eta.unsqueeze(2)), flat(log_a),
+                                   clip)
+
+        if static:  # generators fixed at φ₀: one read for the whole sequence, constants for every chunk
+            k, v, eta, log_a = self.generate(self.mem_w1[None, :, :MEM_OUT], self.mem_w2[None, :, :MEM_OUT], xin)
+            if stats is not None:
+                stats["eta"].append(eta)
+                stats["log_alpha"].append(log_a[:, :, -1])
+            consts = []
+            if n_full:
+                L = n_full * C
+                full = chunk_constants(*(t.reshape(B * H, n_full, C, *t.shape[3:]) for t in (
+                    k[:, :, :L], v[:, :, :L])), eta[..., :L].reshape(B * H, n_full, C),
+                    log_a[..., :L].reshape(B * H, n_full, C), clip)
+                consts = [dict(zip(full, vals)) for vals in zip(*(t.unbind(1) for t in full.values()))]
+            if T > n_full * C:
+                s = n_full * C
+                consts.append(constants(k[:, :, s:], v[:, :, s:], eta[..., s:], log_a[..., s:]))
+
+        kept = []  # per chunk: boundary state, constants, chunk_grads
+        for i, (s, e_) in enumerate(spans):
+            if static:
+                c = consts[i]
+            else:
+                gen1 = w1t.view(B, H, M, f, d)[:, :, :MEM_OUT].transpose(-1, -2)
+                gen2 = w2t.view(B, H, M, d, f)[:, :, :MEM_OUT].transpose(-1, -2)
+                k, v, eta, log_a = self.generate(gen1, gen2, xin[..., s:e_, :])
+                if stats is not None:
+                    stats["eta"].append(eta)
+                    stats["log_alpha"].append(log_a[:, :, -1])
+                c = constants(k, v, eta, log_a)
+            grads = chunk_grads(w1t, w2t, c, clip)
+            kept.append((w1t, w2t, c, grads))
+            if keep_state or i + 1 < len(spans):
+                w1t, w2t = chunk_write(w1t, w2t, c, *grads)
+
+        def out_rows(t):  # the output memory's rows of a (B·H·M, ...) tensor
+            return t if M == 1 else t.unflatten(0, (B * H, M))[:, -1]
+
+        outs = []
+        for start, group in ((0, kept[:n_full]), (n_full * C, kept[n_full:])):  # complete chunks, a ragged one
+            if not group:
+                continue
+
+            def stacked(get, group=group):  # (B·H, C, ...) per chunk -> (B·H·n, C, ...)
+                ts = [out_rows(get(item)) for item in group]
+                return ts[0] if len(ts) == 1 else torch.stack(ts, 1).flatten(0, 1)
+
+            n, Cg = len(group), group[0][2]["k"].shape[1]
+            qg = q[:, :, start : start + n * Cg].reshape(B * H * n, Cg, d)
+            o = chunk_read(stacked(lambda it: it[0]), stacked(lambda it: it[1]), qg,
+                           stacked(lambda it: it[2]["kt"]), *(stacked(lambda it, j=j: it[3][j]) for j in range(5)),
+                           stacked(lambda it: it[2]["cum"]), stacked(lambda it: it[2]["log_alpha"]), read)
+            outs.append(o.view(B, H, n * Cg, d))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        if not keep_state:
+            return o, None
+        w1 = w1t.view(B, H, M, f, d).transpose(-1, -2)
+        w2 = w2t.view(B, H, M, d, f).transpose(-1, -2)
+        if static:
+            w1 = torch.cat([self.mem_w1[None, :, :MEM_OUT].expand(B, -1, -1, -1, -1), w1], 2)
+            w2 = torch.cat([self.mem_w2[None, :, :MEM_OUT].expand(B, -1, -1, -1, -1), w2], 2)
+        return o, (w1, w2)
 
     def forward(self, x, chunk_size=None, reference=False, return_state=False):
         """x: (B, T, D) (already normalised) -> (B, T, D).
@@ -397,29 +544,9 @@ class SelfModifyingTitans(nn.Module):
         elif reference:
             o, w1, w2 = titans_reference(self, w1, w2, xin, q, C, stats)
         else:
-            static = self.cfg.generator_writes == "off"
-            if static:  # generators fixed at φ₀: one read for the whole sequence
-                gens = self.generate(self.mem_w1[None, :, :MEM_OUT], self.mem_w2[None, :, :MEM_OUT], xin)
-                m1, m2 = w1[:, :, MEM_OUT:], w2[:, :, MEM_OUT:]
-            else:
-                m1, m2 = w1, w2
-            outs = []
-            for s in range(0, T, C):
-                if static:
-                    k, v = gens[0][:, :, s : s + C], gens[1][:, :, s : s + C]
-                    eta, log_a = gens[2][..., s : s + C], gens[3][..., s : s + C]
-                else:
-                    k, v, eta, log_a = self.generate(m1[:, :, :MEM_OUT], m2[:, :, :MEM_OUT], xin[..., s : s + C, :])
-                if stats is not None:
-                    stats["eta"].append(eta)
-                    stats["log_alpha"].append(log_a[:, :, -1])
-                o_c, m1, m2 = self.chunk(m1, m2, k, v, eta, log_a, q[:, :, s : s + C])
-                outs.append(o_c)
-            o = torch.cat(outs, dim=2)
-            if static:
-                w1, w2 = torch.cat([w1[:, :, :MEM_OUT], m1], 2), torch.cat([w2[:, :, :MEM_OUT], m2], 2)
-            else:
-                w1, w2 = m1, m2
+            o, state = self.scan(xin, q, C, keep_state=return_state or stats is not None, stats=stats)
+            if state is not None:
+                w1, w2 = state
         if stats is not None:
             self.stats = self._summarise(stats, w1, w2) if stats["eta"] else None
         if self.out_norm is not None:
@@ -520,34 +647,61 @@ class CMSLevel(nn.Module):
         return u, self.w_key(u), self.w_value(u)
 
     def forward(self, x, reference=False, return_states=False):
-        """x: (B, T, D) -> (B, T, D). return_states: also the fast weights in force per period."""
+        """x: (B, T, D) -> (B, T, D). return_states: also the fast weights in force per period.
+
+        Only the writes are sequential: the loop steps the state once per period whose
+        write a later token reads, then every period's MLP read is one batched product on
+        the stacked states (a ragged last period is zero-padded and cut off).
+        """
         if not self.writes:
             y = x + F.silu(self.norm(x) @ self.w_up.T) @ self.w_down.T
             return (y, [(self.w_up, self.w_down)]) if return_states else y
         if reference:
             return cms_reference(self, x, return_states)
-        B, T, _ = x.shape
-        P, eta = self.period, self.eta()
+        B, T, D = x.shape
+        P = self.period
+        n = -(-T // P)  # periods read, the last possibly ragged
         u, key, val = self.views(x)
-        up = self.w_up.unsqueeze(0).expand(B, *self.w_up.shape)  # (B, f, D)
-        down = self.w_down.unsqueeze(0).expand(B, *self.w_down.shape)  # (B, D, f)
-        outs, states = [], []
-        for s in range(0, T, P):
-            states.append((up, down))
-            outs.append(F.silu(u[:, s : s + P] @ up.transpose(1, 2)) @ down.transpose(1, 2))
-            if s + P <= T:  # the period is complete: write after token t = s + P ≡ 0 mod P
-                kp, vp = key[:, s : s + P], val[:, s : s + P]  # (B, P, D)
-                z = kp @ up.transpose(1, 2)  # (B, P, f)
+        eta_c = self.eta() * (self.clip if self.clip is not None else 1.0)
+        # the state, transposed: W_upᵀ (B, D, f), W_downᵀ (B, f, D)
+        up_t = self.w_up.T.expand(B, D, -1)
+        down_t = self.w_down.T.expand(B, -1, D)
+        states = [(up_t, down_t)]
+        if n > 1:  # the writes after periods 1 … n − 1 (complete): the next period reads each
+            L = (n - 1) * P
+            keys = key[:, :L].reshape(B, n - 1, P, D)
+            k_norms = torch.linalg.vector_norm(keys, dim=-1, keepdim=True).unbind(1)
+            for kp, kpt, vp, kn in zip(keys.unbind(1), keys.transpose(-1, -2).unbind(1),
+                                       val[:, :L].reshape(B, n - 1, P, D).unbind(1), k_norms):
+                z = torch.bmm(kp, up_t)  # (B, P, f)
                 a = F.silu(z)
-                e = a @ down.transpose(1, 2) - vp  # ∂ℓ/∂(output), (B, P, D)
-                g = (e @ down) * _silu_grad(z)  # ∂ℓ/∂z, (B, P, f)
-                c_down = clip_factor((a * a).sum(-1), (e * e).sum(-1), self.clip)  # (B, P)
-                c_up = clip_factor((kp * kp).sum(-1), (g * g).sum(-1), self.clip)
-                # Σ_t ∇ℓ_t: one weighted outer-product sum per weight
-                down = down - eta * (c_down.unsqueeze(-1) * e).transpose(1, 2) @ a  # (D×P)(P×f)
-                up = up - eta * (c_up.unsqueeze(-1) * g).transpose(1, 2) @ kp  # (f×P)(P×D)
-        y = x + torch.cat(outs, dim=1)
-        return (y, states) if return_states else y
+                e = torch.bmm(a, down_t) - vp  # ∂ℓ/∂(output), (B, P, D)
+                sig = torch.sigmoid(z)
+                g = torch.bmm(e, down_t.transpose(1, 2)) * torch.addcmul(sig, a, 1 - sig)  # ∂ℓ/∂z, σ′ = σ + silu·(1 − σ)
+                if self.clip is None:
+                    c_down = c_up = eta_c
+                else:  # η_ℓ · min(1, clip / ‖δ xᵀ‖_F), ‖δ xᵀ‖_F = ‖δ‖‖x‖, per token
+                    a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+                    e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+                    g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+                    c_down = eta_c / torch.clamp_min(a_norm * e_norm, self.clip)  # (B, P, 1)
+                    c_up = eta_c / torch.clamp_min(kn * g_norm, self.clip)
+                # φ ← φ − η_ℓ Σ_t c_t ∇ℓ_t: one outer-product sum per weight, (f×P)(P×D) and (D×P)(P×f)
+                down_t = down_t - torch.bmm(a.transpose(1, 2), c_down * e)
+                up_t = up_t - torch.bmm(kpt, c_up * g)
+                states.append((up_t, down_t))
+        if n * P > T:
+            u = F.pad(u, (0, 0, 0, n * P - T))
+        if n == 1:
+            read = F.silu(torch.bmm(u, up_t)) @ down_t
+        else:  # every period's read from the state in force, as one bmm per layer
+            ups = torch.stack([s[0] for s in states], 1).flatten(0, 1)  # (B·n, D, f)
+            downs = torch.stack([s[1] for s in states], 1).flatten(0, 1)  # (B·n, f, D)
+            read = torch.bmm(F.silu(torch.bmm(u.reshape(B * n, P, D), ups)), downs).view(B, n * P, D)
+        y = x + read[:, :T]
+        if return_states:
+            return y, [(up.transpose(1, 2), down.transpose(1, 2)) for up, down in states]
+        return y
 
 
 def cms_reference(level, x, return_states=False):
