@@ -9,17 +9,11 @@ from importlib import metadata as _metadata
 
 from deepopt import reference as reference
 from deepopt._coefficients import PRESETS as NS_COEFFICIENT_PRESETS
-from deepopt._parts import AdamValues as AdamValues
-from deepopt._parts import DeepMemory as DeepMemory
-from deepopt._parts import Identity as Identity
-from deepopt._parts import IdentityValues as IdentityValues
-from deepopt._parts import LinearMemory as LinearMemory
-from deepopt._parts import MultiScaleMemory as MultiScaleMemory
-from deepopt._parts import NewtonSchulz as NewtonSchulz
-from deepopt._parts import SecondMoment as SecondMoment
-from deepopt._parts import Sign as Sign
-from deepopt._parts import newton_schulz as newton_schulz
-from deepopt._parts import shape_scale_factor as shape_scale_factor
+from deepopt._denominator import SecondMoment as SecondMoment
+from deepopt._memory import DeepMemory as DeepMemory
+from deepopt._memory import LinearMemory as LinearMemory
+from deepopt._memory import Memory as Memory
+from deepopt._memory import MultiScaleMemory as MultiScaleMemory
 from deepopt._presets import adamw as adamw
 from deepopt._presets import custom as custom
 from deepopt._presets import delta_momentum as delta_momentum
@@ -27,10 +21,20 @@ from deepopt._presets import dmgd as dmgd
 from deepopt._presets import m3 as m3
 from deepopt._presets import muon as muon
 from deepopt._presets import sgd as sgd
+from deepopt._readout import Identity as Identity
+from deepopt._readout import NewtonSchulz as NewtonSchulz
+from deepopt._readout import Readout as Readout
+from deepopt._readout import Sign as Sign
+from deepopt._readout import newton_schulz as newton_schulz
+from deepopt._readout import shape_scale_factor as shape_scale_factor
 from deepopt._spec import Routing as Routing
 from deepopt._spec import Spec as Spec
 from deepopt._spec import UpdateRule as UpdateRule
 from deepopt._spec import matrix_view_shape as matrix_view_shape
+from deepopt._state import Slot as Slot
+from deepopt._values import AdamValues as AdamValues
+from deepopt._values import IdentityValues as IdentityValues
+from deepopt._values import Values as Values
 
 try:
     __version__ = _metadata.version("deepopt")
@@ -39,7 +43,7 @@ except _metadata.PackageNotFoundError:     # run from a source tree without inst
 
 __all__ = [
     "__version__", "NS_COEFFICIENT_PRESETS", "AdamValues", "DeepMemory", "Identity", "IdentityValues",
-    "LinearMemory", "MultiScaleMemory", "NewtonSchulz", "Routing", "SecondMoment", "Sign", "Spec",
-    "UpdateRule", "adamw", "custom", "delta_momentum", "dmgd", "m3", "matrix_view_shape", "muon",
+    "LinearMemory", "Memory", "MultiScaleMemory", "NewtonSchulz", "Readout", "Routing", "SecondMoment",
+    "Sign", "Slot", "Spec", "UpdateRule", "Values", "adamw", "custom", "delta_momentum", "dmgd", "m3", "matrix_view_shape", "muon",
     "newton_schulz", "reference", "sgd", "shape_scale_factor",
 ]

@@ -11,20 +11,12 @@ import functools
 from typing import Any
 
 from deepopt import _coefficients
-from deepopt._parts import (
-    AdamValues,
-    DeepMemory,
-    Identity,
-    IdentityValues,
-    LinearMemory,
-    MultiScaleMemory,
-    NewtonSchulz,
-    SecondMoment,
-    Sign,
-    newton_schulz,
-)
+from deepopt._denominator import SecondMoment
+from deepopt._memory import DeepMemory, LinearMemory, MultiScaleMemory
+from deepopt._readout import Identity, NewtonSchulz, Sign, newton_schulz
 from deepopt._spec import Routing, Spec, UpdateRule, freeze_hparams
 from deepopt._validate import check_bool, check_choice, check_int, check_real
+from deepopt._values import AdamValues, IdentityValues
 
 _ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "none")
 

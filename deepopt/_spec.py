@@ -14,21 +14,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from deepopt._parts import (
-    SHAPE_SCALES,
-    AdamValues,
-    DeepMemory,
-    Identity,
-    IdentityValues,
-    LinearMemory,
-    MultiScaleMemory,
-    NewtonSchulz,
-    Readout,
-    SecondMoment,
-    Sign,
-    Values,
-)
+from deepopt._denominator import SecondMoment
+from deepopt._memory import LinearMemory, Memory
+from deepopt._readout import SHAPE_SCALES, Identity, Readout
+from deepopt._state import STEP, Slot
 from deepopt._validate import check_bool, check_choice, check_int, check_real
+from deepopt._values import IdentityValues, Values
 
 # --------------------------------------------------------------------------------------------
 # UpdateRule
@@ -54,7 +45,7 @@ class UpdateRule:
     :class:`Spec`'s hyperparameters, where schedulers and parameter groups edit them.
     """
 
-    memory: LinearMemory | DeepMemory | MultiScaleMemory = LinearMemory()
+    memory: Memory = LinearMemory()
     values: Values = IdentityValues()
     readout: Readout = Identity()
     denominator: SecondMoment | None = None
@@ -63,13 +54,11 @@ class UpdateRule:
     maximize: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.memory, (LinearMemory, DeepMemory, MultiScaleMemory)):
-            raise ValueError(f"memory={self.memory!r} is invalid: expected a LinearMemory, "
-                             "DeepMemory or MultiScaleMemory")
-        if not isinstance(self.values, (IdentityValues, AdamValues)):
-            raise ValueError(f"values={self.values!r} is invalid: expected IdentityValues or AdamValues")
-        if not isinstance(self.readout, (Identity, Sign, NewtonSchulz)):
-            raise ValueError(f"readout={self.readout!r} is invalid: expected Identity, Sign or NewtonSchulz")
+        for role, base in (("memory", Memory), ("values", Values), ("readout", Readout)):
+            part = getattr(self, role)
+            if not isinstance(part, base):
+                raise ValueError(f"{role}={part!r} is invalid: expected one of {_kinds(base)} "
+                                 f"(a subclass of deepopt.{base.__name__})")
         if self.denominator is not None and not isinstance(self.denominator, SecondMoment):
             raise ValueError(f"denominator={self.denominator!r} is invalid: expected None or SecondMoment")
         check_choice("shape_scale", self.shape_scale, SHAPE_SCALES)
@@ -78,16 +67,38 @@ class UpdateRule:
 
     @property
     def needs_matrix(self) -> bool:
-        """True when the rule reads the parameter as a matrix (docs/math.md §0 matrix view)."""
-        if isinstance(self.memory, DeepMemory):
-            return True                                  # one memory row per matrix row
-        # Delta momentum alone does not: 1-D parameters take its recurrence with ζ = 0 (docs/math.md §2).
-        return isinstance(self.readout, NewtonSchulz) or self.shape_scale != "none"
+        """True when the rule reads the parameter as a matrix (docs/math.md §0 matrix view).
+        Delta momentum alone does not: 1-D parameters take its recurrence with ζ = 0 (§2)."""
+        return self.memory.needs_matrix or self.readout.needs_matrix or self.shape_scale != "none"
 
     @property
     def stateless(self) -> bool:
         """True when the memory stores nothing (plain SGD)."""
-        return isinstance(self.memory, LinearMemory) and self.memory.stateless
+        return self.memory.stateless
+
+    @property
+    def counts_steps(self) -> bool:
+        """Whether ``t`` enters the rule's math (bias corrections, torch's first write, M3's
+        period). Only such rules keep a step count, as torch's SGD and Muon keep none."""
+        parts = (self.memory, self.values, self.denominator)
+        return any(part is not None and part.counts_steps for part in parts)
+
+    def state_slots(self) -> tuple[Slot, ...]:
+        """Every entry of a parameter's state under this rule (docs/math.md §0), in the order
+        the backends create them: the step count, the values', the memory's, the
+        denominator's. The one definition of the state layout (:mod:`deepopt._state`)."""
+        return ((STEP,) if self.counts_steps else ()) + self.values.state_slots() \
+            + self.memory.state_slots() + (self.denominator.state_slots() if self.denominator else ())
+
+
+def _kinds(base: type) -> str:
+    """The classes deriving from ``base`` that exist now, by name (those a user adds too)."""
+    seen, todo = [], list(base.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        seen.append(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return ", ".join(sorted(seen))
 
 
 # --------------------------------------------------------------------------------------------

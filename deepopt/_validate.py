@@ -72,3 +72,13 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is invalid: allowed values are {', '.join(map(repr, choices))}")
     return value
+
+
+def kernel_for(table: dict, part: Any, where: str) -> Any:
+    """``table[type(part)]``: the kernel a backend registered for a part's class, else a
+    ``NotImplementedError`` naming the class and the table to add it to (``where``)."""
+    try:
+        return table[type(part)]
+    except KeyError:
+        raise NotImplementedError(f"{type(part).__name__} has no kernel in {where}; add an entry for it "
+                                  "there (docs/extending.md)") from None

@@ -4,29 +4,30 @@ Readable, unbatched and slow on purpose: every backend is tested against it step
 Parameters are named arrays in torch layout (``(out, in, *rest)``; the matrix view is
 ``out × in·prod(rest)``, docs/math.md §0).
 
+Each part of a rule is computed by the function its class maps to in one of three tables,
+``VALUES``, ``MEMORIES`` and ``READOUTS``; a part's state is the one its ``state_slots()``
+declares (:mod:`deepopt._state`). docs/extending.md adds an entry.
+
     state = reference.init(spec, params)
     params, state = reference.step(spec, params, grads, state)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from deepopt._parts import (
-    AdamValues,
-    DeepMemory,
-    LinearMemory,
-    MultiScaleMemory,
-    NewtonSchulz,
-    Sign,
-    shape_scale_factor,
-)
+from deepopt._memory import DeepMemory, LinearMemory, MultiScaleMemory, silu_grad
+from deepopt._readout import Identity, NewtonSchulz, Readout, Sign, shape_scale_factor
 from deepopt._spec import Spec, UpdateRule, matrix_view_shape
+from deepopt._validate import kernel_for
+from deepopt._values import AdamValues, IdentityValues, Values
 
 ParamState = dict[str, Any]
+#: σ on one parameter-shaped array.
+Sigma = Callable[[np.ndarray], np.ndarray]
 
 # --------------------------------------------------------------------------------------------
 # Read-out maps (docs/math.md §4)
@@ -48,13 +49,41 @@ def newton_schulz(x: np.ndarray, ns: NewtonSchulz) -> np.ndarray:
     return x.T if transposed else x
 
 
+def _orthogonalise(ns: NewtonSchulz, d: np.ndarray) -> np.ndarray:
+    m, n = matrix_view_shape(d.shape)
+    return newton_schulz(d.reshape(m, n), ns).reshape(d.shape)
+
+
+#: σ per read-out class: ``(readout, D̃) -> σ(D̃)`` on one parameter-shaped array.
+READOUTS: dict[type[Readout], Callable[[Any, np.ndarray], np.ndarray]] = {
+    Identity: lambda readout, d: d,
+    Sign: lambda readout, d: np.sign(d),
+    NewtonSchulz: _orthogonalise,
+}
+
+
 def apply_readout(rule: UpdateRule, d: np.ndarray) -> np.ndarray:
-    if isinstance(rule.readout, NewtonSchulz):
-        m, n = matrix_view_shape(d.shape)
-        return newton_schulz(d.reshape(m, n), rule.readout).reshape(d.shape)
-    if isinstance(rule.readout, Sign):
-        return np.sign(d)
-    return d
+    """``σ(D̃)`` for the rule's read-out map."""
+    return kernel_for(READOUTS, rule.readout, "deepopt.reference.READOUTS")(rule.readout, d)
+
+
+# --------------------------------------------------------------------------------------------
+# Values V_t = P(G_t) (docs/math.md §3)
+# --------------------------------------------------------------------------------------------
+
+
+def adam_values(values: AdamValues, state: ParamState, g: np.ndarray, t: int) -> np.ndarray:
+    """``V = G / (√(v / (1 − β₂ᵗ)) + ε)``, ``v ← β₂ v + (1 − β₂) G²``."""
+    b2 = values.beta2
+    nu = state["values_sq"] = b2 * state["values_sq"] + (1 - b2) * g * g
+    return g / (np.sqrt(nu / (1 - b2**t)) + values.eps)
+
+
+#: P per values class: ``(values, state, G, t) -> V``, updating the values' own state.
+VALUES: dict[type[Values], Callable[[Any, ParamState, np.ndarray, Any], np.ndarray]] = {
+    IdentityValues: lambda values, state, g, t: g,
+    AdamValues: adam_values,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,13 +91,12 @@ def apply_readout(rule: UpdateRule, d: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def silu(z: np.ndarray) -> np.ndarray:
-    return z / (1.0 + np.exp(-z))
-
-
-def silu_grad(z: np.ndarray) -> np.ndarray:
-    s = 1.0 / (1.0 + np.exp(-z))
-    return s * (1.0 + z * (1.0 - s))
+    return z * sigmoid(z)
 
 
 def linear_memory(mem: LinearMemory, state: ParamState, g: np.ndarray, v: np.ndarray,
@@ -131,7 +159,7 @@ def deep_memory(mem: DeepMemory, state: ParamState, g: np.ndarray, v: np.ndarray
         rate_w2 = 1.0 / (1.0 + eta * np.sum(h * h) / m)                          # λ̄ = ‖H‖²/m
         rate_w1 = 1.0 / (1.0 + eta * mem.SILU_SLOPE_SQ * np.sum(w2 * w2))        # λ̄ = 1.21‖W₂‖²
         grad_w2 = rate_w2 * (e_hat.T @ h) / m                          # Êᵀ H / m : n×h
-        grad_w1 = rate_w1 * ((e_hat @ w2) * silu_grad(z)).T @ k / m    # [(Ê W₂) ⊙ σ'(Z)]ᵀ K / m : h×n
+        grad_w1 = rate_w1 * ((e_hat @ w2) * silu_grad(z, sigmoid)).T @ k / m    # [(Ê W₂) ⊙ σ'(Z)]ᵀ K / m : h×n
         w1 = state["mlp_w1"] = w1 - grad_w1                            # no retention on W₁
         w2 = state["mlp_w2"] = alpha * w2 - grad_w2
     state["memory"] = s.reshape(g.shape)
@@ -180,27 +208,40 @@ def deep_memory_stats(rule: UpdateRule, state: ParamState, g: np.ndarray) -> dic
 # --------------------------------------------------------------------------------------------
 
 
+def multiscale_memory(mem: MultiScaleMemory, state: ParamState, g: np.ndarray, v: np.ndarray, t: int,
+                      sigma: Sigma) -> np.ndarray:
+    """M3 (docs/math.md §6): ``σ(D̃_fast) + w O²`` with ``O²`` frozen since the last slow
+    write; then the slow level accumulates ``V`` and, every ``period`` steps, writes
+    ``M² ← ρ M² + η₃ Σ V`` and refreshes ``O² = σ(M²)`` (read from the next step on)."""
+    out = sigma(linear_memory(mem.fast, state, g, v, t)) + mem.slow_weight * state["slow_readout"]
+    state["slow_accumulator"] = state["slow_accumulator"] + v
+    if t % mem.period == 0:
+        state["slow_memory"] = mem.slow_momentum * state["slow_memory"] + mem.slow_inner_lr * state["slow_accumulator"]
+        state["slow_readout"] = sigma(state["slow_memory"])
+        state["slow_accumulator"] = np.zeros_like(v)
+    return out
+
+
+#: Write and read per memory class: ``(memory, state, G, V, t, σ) -> σ(D̃)`` (M3: plus its slow
+#: term), updating the memory's own state.
+MEMORIES: dict[type, Callable[..., np.ndarray]] = {
+    LinearMemory: lambda mem, state, g, v, t, sigma: sigma(linear_memory(mem, state, g, v, t)),
+    DeepMemory: lambda mem, state, g, v, t, sigma: sigma(deep_memory(mem, state, g, v)),
+    MultiScaleMemory: multiscale_memory,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# One parameter, one rule (docs/math.md §0)
+# --------------------------------------------------------------------------------------------
+
+
 def rule_init(rule: UpdateRule, shape: tuple[int, ...], name: str = "") -> ParamState:
-    mem = rule.memory
-    state: ParamState = {"step": 0}
-    if not rule.stateless:
-        state["memory"] = np.zeros(shape)                # S (the fast level for M3)
-    if isinstance(mem, DeepMemory):
-        m, n = matrix_view_shape(shape)
-        if mem.hidden:
-            state["mlp_w1"] = mem.initial_w1(name, n)    # W₁ : h×n
-            state["mlp_w2"] = np.zeros((n, mem.hidden))  # W₂ : n×h, zero: starts as momentum
-            state["value_scale"] = 0.0                   # ν : the MLP's output unit
-        if mem.keys == "previous":
-            state["prev_key"] = np.zeros(shape)
-    if isinstance(mem, MultiScaleMemory):
-        state["slow_memory"] = np.zeros(shape)           # M²
-        state["slow_readout"] = np.zeros(shape)          # O² = σ(M²), frozen between writes
-        state["slow_accumulator"] = np.zeros(shape)      # Σ V since the last slow write
-    if isinstance(rule.values, AdamValues):
-        state["values_sq"] = np.zeros(shape)             # v of docs/math.md §3's adam values
-    if rule.denominator is not None:
-        state["second_moment"] = np.zeros(shape)         # v of the denominator
+    """Zero state for a parameter ``name`` of ``shape``: the rule's ``state_slots()``."""
+    m, n = matrix_view_shape(shape) if len(shape) >= 2 else (0, 0)
+    state: ParamState = {}
+    for slot in rule.state_slots():
+        state[slot.key] = 0 if slot.key == "step" else slot.initial(name, slot.shape(shape, m, n))
     return state
 
 
@@ -210,31 +251,19 @@ def rule_step(rule: UpdateRule, w: np.ndarray, g: np.ndarray, state: ParamState,
     w = np.asarray(w, dtype=np.float64)
     g = np.asarray(g, dtype=np.float64)
     state = dict(state)
-    t = state["step"] = state["step"] + 1
-    mem = rule.memory
+    t = None
+    if "step" in state:                                 # rules whose math reads t (counts_steps)
+        t = state["step"] = state["step"] + 1
 
     if rule.maximize:
         g = -g
     if not rule.decoupled_weight_decay and weight_decay != 0.0:
         g = g + weight_decay * w                        # coupled L2 (torch SGD/Adam)
 
-    # Values V_t = P(G_t) (docs/math.md §3).
-    if isinstance(rule.values, AdamValues):
-        b2 = rule.values.beta2
-        nu = state["values_sq"] = b2 * state["values_sq"] + (1 - b2) * g * g
-        v = g / (np.sqrt(nu / (1 - b2**t)) + rule.values.eps)
-    else:
-        v = g
-
-    # Memory write and read-out D̃_t.
-    if isinstance(mem, DeepMemory):
-        d = deep_memory(mem, state, g, v)
-    else:
-        d = linear_memory(mem.fast if isinstance(mem, MultiScaleMemory) else mem, state, g, v, t)
-
-    out = apply_readout(rule, d)
-    if isinstance(mem, MultiScaleMemory):
-        out = out + mem.slow_weight * state["slow_readout"]     # + w O², frozen since the last write
+    # Values V = P(G) (§3), then the memory's write and read through σ (§2, §4–§6).
+    v = kernel_for(VALUES, rule.values, "deepopt.reference.VALUES")(rule.values, state, g, t)
+    memory = kernel_for(MEMORIES, rule.memory, "deepopt.reference.MEMORIES")
+    out = memory(rule.memory, state, g, v, t, lambda d: apply_readout(rule, d))
 
     if rule.denominator is not None:
         den = rule.denominator
@@ -246,20 +275,11 @@ def rule_step(rule: UpdateRule, w: np.ndarray, g: np.ndarray, state: ParamState,
             nu = nu / (1 - den.beta2**t)
         out = out / (np.sqrt(nu) + den.eps)
 
-    # Outer step W ← W − γλW − γ s(W) σ(D̃) (docs/math.md §0).
+    # Outer step W ← W − γλW − γ s(W) O (docs/math.md §0).
     scale = shape_scale_factor(rule.shape_scale, *matrix_view_shape(w.shape)) if w.ndim >= 2 else 1.0
     new_w = w - lr * scale * out
     if rule.decoupled_weight_decay and weight_decay != 0.0:
         new_w = new_w - lr * weight_decay * w
-
-    # M3's slow level: written at the end of every period-th step, read from the next step on.
-    if isinstance(mem, MultiScaleMemory):
-        state["slow_accumulator"] = state["slow_accumulator"] + v
-        if t % mem.period == 0:
-            state["slow_memory"] = (mem.slow_momentum * state["slow_memory"]
-                                    + mem.slow_inner_lr * state["slow_accumulator"])
-            state["slow_readout"] = apply_readout(rule, state["slow_memory"])
-            state["slow_accumulator"] = np.zeros_like(w)
     return new_w, state
 
 

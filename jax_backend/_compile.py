@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from deepopt import DeepMemory, MultiScaleMemory, Spec, UpdateRule
+from deepopt import DeepMemory, LinearMemory, Memory, MultiScaleMemory, Spec, UpdateRule
+from deepopt._validate import kernel_for
 from jax_backend._deep_memory import scale_by_deep_memory
 from jax_backend._multiscale import scale_by_multiscale_memory
 from jax_backend._routing import route
@@ -49,17 +51,29 @@ def _is_zero(x: Any) -> bool:
     return isinstance(x, numbers.Real) and not hasattr(x, "aval") and float(x) == 0.0
 
 
+def then_readout(scale_by_memory: Callable[..., optax.GradientTransformation]) -> Callable[..., optax.GradientTransformation]:
+    """An entry of ``MEMORIES`` from a memory transform ``scale_by_memory(memory, values, *,
+    view)``: the transform, then the read-out σ as the next link of the chain."""
+    def numerator(memory, values, readout, view):
+        return optax.chain(scale_by_memory(memory, values, view=view), scale_by_readout(readout, view=view))
+    return numerator
+
+
+#: Values → memory write → read-out σ(D̃), per memory class:
+#: ``(memory, values, readout, view) -> optax.GradientTransformation``. M3's σ lives inside its
+#: transform: the slow level's σ(M²) is state, refreshed every ``period`` steps.
+MEMORIES: dict[type[Memory], Callable[..., optax.GradientTransformation]] = {
+    LinearMemory: then_readout(scale_by_linear_memory),
+    DeepMemory: then_readout(scale_by_deep_memory),
+    MultiScaleMemory: lambda memory, values, readout, view: scale_by_multiscale_memory(
+        memory, values, readout, view=view),
+}
+
+
 def _numerator(rule: UpdateRule, view: MatrixView | None) -> optax.GradientTransformation:
     """Values → memory write → read-out σ(D̃) (plus M3's slow term), before any denominator."""
-    mem = rule.memory
-    if isinstance(mem, MultiScaleMemory):
-        # σ lives inside: the slow level's σ(M²) is state, refreshed every `period` steps.
-        return scale_by_multiscale_memory(mem, rule.values, rule.readout, view=view)
-    if isinstance(mem, DeepMemory):
-        memory = scale_by_deep_memory(mem, rule.values, view=view)
-    else:
-        memory = scale_by_linear_memory(mem, rule.values, view=view)
-    return optax.chain(memory, scale_by_readout(rule.readout, view=view))
+    build = kernel_for(MEMORIES, rule.memory, "jax_backend._compile.MEMORIES")
+    return build(rule.memory, rule.values, rule.readout, view)
 
 
 def compile_rule(rule: UpdateRule, learning_rate: optax.ScalarOrSchedule, weight_decay: Any,
@@ -201,4 +215,4 @@ def _scaled(learning_rate: optax.ScalarOrSchedule, ratio: float) -> optax.Scalar
     return scale(learning_rate)
 
 
-__all__ = ["compile", "compile_rule"]
+__all__ = ["MEMORIES", "compile", "compile_rule", "then_readout"]

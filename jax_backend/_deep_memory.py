@@ -17,15 +17,10 @@ import jax.numpy as jnp
 import optax
 
 from deepopt import AdamValues, DeepMemory, IdentityValues
+from deepopt._memory import silu_grad
 from jax_backend._routing import path_name
+from jax_backend._state import init_state
 from jax_backend._transforms import MatrixView, apply_values
-
-
-def _silu_grad(z: jax.Array) -> jax.Array:
-    """``silu'(z) = s(1 + z(1 − s))``, ``s = sigmoid(z)``: the closed form the numpy
-    reference and torch use, so float64 agrees across the three to rounding."""
-    s = jax.nn.sigmoid(z)
-    return s * (1 + z * (1 - s))
 
 
 def _einsum(spec: str):
@@ -90,7 +85,7 @@ def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
         rate_w2 = 1 / (1 + (eta / m) * sq(h))                              # λ̄ = ‖H‖²/m
         rate_w1 = 1 / (1 + eta * memory.SILU_SLOPE_SQ * sq(w2))            # λ̄ = 1.21‖W₂‖²
         grad_w2 = ein["E^T H"](e_hat, h) * (rate_w2 / m)                      # Êᵀ H / m   : n×h
-        back = ein["E W2"](e_hat, w2) * _silu_grad(z)                           # (Ê W₂) ⊙ silu'(Z)
+        back = ein["E W2"](e_hat, w2) * silu_grad(z, jax.nn.sigmoid)                           # (Ê W₂) ⊙ silu'(Z)
         grad_w1 = ein["B^T K"](back, k) * (rate_w1 / m)                         # [·]ᵀ K / m : h×n
         w1 = w1 - grad_w1                                 # no retention on W₁
         w2 = alpha * w2 - grad_w2
@@ -148,34 +143,18 @@ def scale_by_deep_memory(
     """
     if view is None:
         raise ValueError("a deep memory needs a matrix view")
-    adam_values = isinstance(values, AdamValues)
     previous = memory.keys == "previous"
 
+    slots = (IdentityValues() if values is None else values).state_slots() + memory.state_slots()
+
     def init_fn(params):
-        def w1_init(path, p):
+        def check(path, p):                   # every leaf needs a matrix view, hidden = 0 too
             if len(p.shape) < 2:
                 raise ValueError(f"a deep memory needs leaves with ndim ≥ 2; "
                                  f"{path_name(path)!r} has shape {tuple(p.shape)}")
-            n = view.mn(p.shape)[1]
-            w1 = jnp.asarray(memory.initial_w1(path_name(path), n), dtype=p.dtype)   # h×n
-            return jnp.broadcast_to(w1, (*view.batch_shape(p.shape), *w1.shape))
 
-        def w2_init(p):
-            n = view.mn(p.shape)[1]
-            return jnp.zeros((*view.batch_shape(p.shape), n, memory.hidden), p.dtype)
-
-        # W₁ is computed first: it also checks every leaf for a matrix view.
-        mlp_w1 = jax.tree_util.tree_map_with_path(w1_init, params)
-        return DeepMemoryState(
-            count=jnp.zeros([], jnp.int32),
-            memory=optax.tree.zeros_like(params),
-            mlp_w1=mlp_w1 if memory.hidden else None,
-            mlp_w2=jax.tree.map(w2_init, params) if memory.hidden else None,
-            value_scale=jax.tree.map(lambda p: jnp.zeros(view.batch_shape(p.shape), p.dtype), params)
-            if memory.hidden else None,
-            prev_key=optax.tree.zeros_like(params) if previous else None,
-            values_sq=optax.tree.zeros_like(params) if adam_values else None,
-        )
+        jax.tree_util.tree_map_with_path(check, params)
+        return init_state(DeepMemoryState, slots, params, view)
 
     def update_fn(updates, state, params=None):
         del params

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from deepopt import AdamValues, Identity, IdentityValues, MultiScaleMemory, NewtonSchulz, Sign
+from jax_backend._state import init_state
 from jax_backend._transforms import MatrixView, apply_values, linear_memory_step, readout_map
 
 
@@ -62,21 +63,15 @@ def scale_by_multiscale_memory(
     """
     fast, period = memory.fast, memory.period
     rho, eta_slow, w = memory.slow_momentum, memory.slow_inner_lr, memory.slow_weight
-    adam_values = isinstance(values, AdamValues)
     sigma_leaf = readout_map(Identity() if readout is None else readout, view=view)
 
     def sigma(tree):
         return tree if sigma_leaf is None else jax.tree.map(sigma_leaf, tree)
 
+    slots = (IdentityValues() if values is None else values).state_slots() + memory.state_slots()
+
     def init_fn(params):
-        return MultiScaleState(
-            count=jnp.zeros([], jnp.int32),
-            memory=None if fast.stateless else optax.tree.zeros_like(params),
-            values_sq=optax.tree.zeros_like(params) if adam_values else None,
-            slow_memory=optax.tree.zeros_like(params),
-            slow_readout=optax.tree.zeros_like(params),
-            slow_accumulator=optax.tree.zeros_like(params),
-        )
+        return init_state(MultiScaleState, slots, params, view)
 
     def update_fn(updates, state, params=None):
         del params

@@ -32,12 +32,16 @@ from deepopt import (
     IdentityValues,
     LinearMemory,
     NewtonSchulz,
+    Readout,
     SecondMoment,
     Sign,
+    Values,
     shape_scale_factor,
 )
+from deepopt._validate import kernel_for
 from jax_backend._newton_schulz import newton_schulz
 from jax_backend._sharding import whole_matrices
+from jax_backend._state import init_state
 
 Layout = Literal["optax", "torch"]
 LAYOUTS = ("optax", "torch")
@@ -142,15 +146,11 @@ def scale_by_linear_memory(
     """
     if memory.zeta != 0.0 and view is None:
         raise ValueError("a delta memory (zeta > 0) needs a matrix view")
-    adam_values = isinstance(values, AdamValues)
+    values = IdentityValues() if values is None else values
+    slots = values.state_slots() + memory.state_slots()      # plain SGD keeps no memory at all
 
     def init_fn(params):
-        return LinearMemoryState(
-            count=jnp.zeros([], jnp.int32),
-            # Plain SGD (α = ζ = 0, no bias correction) keeps no memory: S_t = η V_t.
-            memory=None if memory.stateless else optax.tree.zeros_like(params),
-            values_sq=optax.tree.zeros_like(params) if adam_values else None,
-        )
+        return init_state(LinearMemoryState, slots, params, view)
 
     def update_fn(updates, state, params=None):
         del params
@@ -162,21 +162,33 @@ def scale_by_linear_memory(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def apply_values(values: IdentityValues | AdamValues | None, values_sq: optax.Updates,
+def apply_values(values: Values | None, values_sq: optax.Updates,
                  updates: optax.Updates, count: jax.Array) -> tuple[optax.Updates, optax.Updates]:
     """Values ``V_t = P(G_t)`` (docs/math.md §3); returns ``(new values_sq, V)``.
 
-    Shared by every memory (linear, deep, multi-scale): ``values_sq`` is ``None`` unless
-    ``values`` is :class:`deepopt.AdamValues`; ``count`` is ``t`` after this step's increment.
+    Shared by every memory (linear, deep, multi-scale), through the ``VALUES`` table:
+    ``values_sq`` is ``None`` unless ``values`` is :class:`deepopt.AdamValues`; ``count`` is
+    ``t`` after this step's increment.
     """
-    if not isinstance(values, AdamValues):
-        return None, updates
+    values = IdentityValues() if values is None else values
+    return kernel_for(VALUES, values, "jax_backend._transforms.VALUES")(values, values_sq, updates, count)
+
+
+def _adam_values(values: AdamValues, values_sq: optax.Updates, updates: optax.Updates,
+                 count: jax.Array) -> tuple[optax.Updates, optax.Updates]:
     b2 = values.beta2
     values_sq = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, values_sq, updates)
     bc2 = _bias(b2, count)
     vals = jax.tree.map(lambda g, v: g / (jnp.sqrt(v / _like(bc2, v)) + values.eps),
                         updates, values_sq)
     return values_sq, vals
+
+
+#: P per values class: ``(values, values_sq, G, t) -> (new values_sq, V)``.
+VALUES: dict[type[Values], Callable[..., tuple[optax.Updates, optax.Updates]]] = {
+    IdentityValues: lambda values, values_sq, updates, count: (None, updates),
+    AdamValues: _adam_values,
+}
 
 
 def linear_memory_step(memory: LinearMemory, view: MatrixView | None, s_prev: optax.Updates,
@@ -245,17 +257,14 @@ def linear_memory_step(memory: LinearMemory, view: MatrixView | None, s_prev: op
 # --------------------------------------------------------------------------------------------
 
 
-def readout_map(readout: Identity | Sign | NewtonSchulz, *,
-                view: MatrixView | None = None) -> Callable[[jax.Array], jax.Array] | None:
-    """σ on one leaf (docs/math.md §4), or ``None`` for the identity.
+def readout_map(readout: Readout, *, view: MatrixView | None = None) -> Callable[[jax.Array], jax.Array] | None:
+    """σ on one leaf (docs/math.md §4), or ``None`` for the identity, from the ``READOUTS`` table."""
+    return kernel_for(READOUTS, readout, "jax_backend._transforms.READOUTS")(readout, view)
 
-    Newton–Schulz runs on each matrix view with the backend's one
-    :func:`~jax_backend._newton_schulz.newton_schulz` (batch axes carried by matmul).
-    """
-    if isinstance(readout, Identity):
-        return None
-    if isinstance(readout, Sign):
-        return jnp.sign
+
+def _orthogonaliser(readout: NewtonSchulz, view: MatrixView | None) -> Callable[[jax.Array], jax.Array]:
+    """Newton–Schulz on each matrix view with the backend's one
+    :func:`~jax_backend._newton_schulz.newton_schulz` (batch axes carried by matmul)."""
     if view is None:
         raise ValueError("a Newton–Schulz read-out needs a matrix view")
 
@@ -272,7 +281,15 @@ def readout_map(readout: Identity | Sign | NewtonSchulz, *,
     return orthogonalise
 
 
-def scale_by_readout(readout: Identity | Sign | NewtonSchulz, *,
+#: σ per read-out class: ``(readout, view) -> σ on one leaf``, or None for the identity.
+READOUTS: dict[type[Readout], Callable[..., Callable[[jax.Array], jax.Array] | None]] = {
+    Identity: lambda readout, view: None,
+    Sign: lambda readout, view: jnp.sign,
+    NewtonSchulz: _orthogonaliser,
+}
+
+
+def scale_by_readout(readout: Readout, *,
                      view: MatrixView | None = None) -> optax.GradientTransformation:
     """Apply the read-out map σ: identity, element-wise sign, or Newton–Schulz on each matrix
     view (the backend's one :func:`~jax_backend._newton_schulz.newton_schulz`)."""
@@ -309,9 +326,8 @@ def scale_by_second_moment(denominator: SecondMoment,
     b2, eps = denominator.beta2, denominator.eps
 
     def init_fn(params):
-        return SecondMomentState(count=jnp.zeros([], jnp.int32),
-                                 second_moment=optax.tree.zeros_like(params),
-                                 inner_state=numerator.init(params))
+        return init_state(SecondMomentState, denominator.state_slots(), params,
+                          inner_state=numerator.init(params))
 
     def update_fn(updates, state, params=None):
         count = optax.safe_increment(state.count)
@@ -347,7 +363,7 @@ def scale_by_shape(kind: str, *, view: MatrixView | None = None) -> optax.Gradie
 
 
 __all__ = [
-    "LAYOUTS", "LinearMemoryState", "MatrixView", "SecondMomentState", "apply_values",
+    "LAYOUTS", "READOUTS", "VALUES", "LinearMemoryState", "MatrixView", "SecondMomentState", "apply_values",
     "linear_memory_step", "readout_map", "scale_by_linear_memory", "scale_by_readout",
     "scale_by_second_moment", "scale_by_shape",
 ]

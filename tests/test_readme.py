@@ -29,7 +29,7 @@ def test_smoke_doc_example_runs(path, index, code, tmp_path, monkeypatch):
     namespace = {"__name__": "__docs__"}
     for earlier in _blocks_of(path.name)[: index + 1] if path.parent.name == "docs" else [code]:
         earlier = earlier.replace('"/tmp/opt.pt"', repr(str(tmp_path / "opt.pt")))
-        exec(compile(earlier, f"{path.name}[python block {index}]", "exec"), namespace)
+        exec(compile(earlier, f"{path.name}[python block {index}]", "exec", dont_inherit=True), namespace)
 
 
 def test_math_keeps_the_section_numbers_the_code_cites():

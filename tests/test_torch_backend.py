@@ -60,13 +60,13 @@ def test_batched_twin_equals_single_tensor_loop_and_reference(name):
 
 def test_same_shape_matrices_share_one_newton_schulz_call(monkeypatch):
     calls = []
-    real = functional.newton_schulz
+    real = torch_backend._readout.newton_schulz
 
     def counting(x, ns):
         calls.append(tuple(x.shape))
         return real(x, ns)
 
-    monkeypatch.setattr(functional, "newton_schulz", counting)
+    monkeypatch.setattr(torch_backend._readout, "newton_schulz", counting)
     params = [torch.randn(8, 16, requires_grad=True) for _ in range(5)] + [torch.randn(16, 8, requires_grad=True)]
     opt = torch_backend.compile(deepopt.muon(0.02), params)
     for p in params:

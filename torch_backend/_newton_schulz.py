@@ -6,7 +6,7 @@ import torch
 
 from deepopt import NewtonSchulz
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 def newton_schulz(x: torch.Tensor, ns: NewtonSchulz) -> torch.Tensor:
@@ -15,7 +15,7 @@ def newton_schulz(x: torch.Tensor, ns: NewtonSchulz) -> torch.Tensor:
     Same op order as ``torch.optim.Muon`` (``addmm`` with β/α) so that the bf16 path tracks it.
     """
     out_dtype = x.dtype
-    x = x.to(_DTYPES.get(ns.dtype, x.dtype))
+    x = x.to(DTYPES.get(ns.dtype, x.dtype))
     transposed = x.size(-2) > x.size(-1)
     if transposed:                                           # iterate on the short side: A is m×m
         x = x.mT

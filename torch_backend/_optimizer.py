@@ -27,17 +27,17 @@ import difflib
 import functools
 import numbers
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from deepopt import AdamValues, DeepMemory, MultiScaleMemory, Spec, UpdateRule, matrix_view_shape
+from deepopt import Spec, UpdateRule, matrix_view_shape
 from deepopt._validate import TORCH_PHRASES, check_bool, check_real
 from torch_backend import _checkpoint, _distributed
-from torch_backend._functional import step_batched, step_single, uses_step_count
+from torch_backend._functional import step_batched, step_single
 
 # Keys of a torch group that are bookkeeping, not hyperparameters of a spec.
 _RESERVED = ("params", "param_names", "route", "lr_ratio", "fallback")
@@ -60,12 +60,36 @@ def _hashable(value: Any) -> Any:
 
 
 def _layout(rule: UpdateRule) -> tuple:
-    """What decides the *keys* of a parameter's state (their shapes follow the parameter,
-    DMGD's MLP also ``hidden``): two rules with one layout share state as it is."""
-    mem = rule.memory
-    return (type(mem), rule.stateless, uses_step_count(rule), type(rule.values),
-            rule.denominator is None, rule.needs_matrix,
-            getattr(mem, "hidden", None), getattr(mem, "keys", None))
+    """What decides a parameter's state (its slots' keys and shapes; the shapes follow the
+    parameter) and whether the rule reads it as a matrix: two rules with one layout share
+    state as it is."""
+    return (tuple((slot.key, slot.dims) for slot in rule.state_slots()), rule.needs_matrix)
+
+
+def init_state(state: dict, rule: UpdateRule, p: torch.Tensor, name: Callable[[], str]) -> None:
+    """The zero state of ``rule`` for parameter ``p``: one entry per slot of
+    ``rule.state_slots()`` (docs/math.md §0; DMGD's W₁ from the spec's seeded numpy draw).
+
+    Slots shaped like the parameter are ``zeros_like(p)`` (a DTensor for a DTensor: sharded
+    alike); per-matrix slots are plain tensors, replicated on a DTensor's mesh (FSDP2). The
+    step count is a float32 0-d tensor, as in torch.optim. ``name()`` gives the parameter's
+    name, asked only by a slot with an initializer (under ``torch.compile``, looking up a dict
+    keyed by tensors made dynamo hand every state the first parameter's shape).
+    """
+    shape = tuple(p.shape)
+    m, n = matrix_view_shape(shape) if len(shape) >= 2 else (0, 0)
+    per_matrix = []
+    for slot in rule.state_slots():
+        if slot.key == "step":
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        elif slot.like_param and slot.init is None:
+            state[slot.key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        else:
+            value = slot.initial(name() if slot.init is not None else "", slot.shape(shape, m, n))
+            state[slot.key] = torch.as_tensor(value, dtype=p.dtype, device=p.device)
+            per_matrix.append(slot.key)
+    if per_matrix:
+        _distributed.replicate_like(state, p, tuple(per_matrix))
 
 
 def _number(value: Any) -> float | None:
@@ -439,31 +463,7 @@ class DeepOptimizer(Optimizer):
         return fills
 
     def _init_state(self, state: dict, rule: UpdateRule, p: torch.Tensor, group: dict) -> None:
-        """Zero state of docs/math.md §0–§6 (DMGD's W₁ from the spec's seeded numpy draw)."""
-        zeros = lambda: torch.zeros_like(p, memory_format=torch.contiguous_format)  # noqa: E731
-        mem = rule.memory
-        if uses_step_count(rule):
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if not rule.stateless:
-            state["memory"] = zeros()                                   # S (M3: fast level M¹)
-        if isinstance(mem, DeepMemory):
-            _, n = matrix_view_shape(p.shape)
-            if mem.hidden:
-                w1 = mem.initial_w1(self._names[p], n)
-                state["mlp_w1"] = torch.as_tensor(w1, dtype=p.dtype, device=p.device)
-                state["mlp_w2"] = p.new_zeros(n, mem.hidden)            # W₂ = 0: starts as momentum
-                state["value_scale"] = p.new_zeros(())                  # ν: the MLP's output unit
-                _distributed.replicate_like(state, p, ("mlp_w1", "mlp_w2", "value_scale"))  # FSDP2
-            if mem.keys == "previous":
-                state["prev_key"] = zeros()
-        if isinstance(mem, MultiScaleMemory):
-            state["slow_memory"] = zeros()                              # M²
-            state["slow_readout"] = zeros()                             # O² = σ(M²)
-            state["slow_accumulator"] = zeros()                         # Σ V since the last write
-        if isinstance(rule.values, AdamValues):
-            state["values_sq"] = zeros()
-        if rule.denominator is not None:
-            state["second_moment"] = zeros()
+        init_state(state, rule, p, lambda: self._names[p])
 
     @torch.no_grad()
     def step(self, closure=None):

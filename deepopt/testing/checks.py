@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 
 from deepopt import reference as _reference
-from deepopt._parts import NewtonSchulz
+from deepopt._readout import NewtonSchulz
 from deepopt._spec import Spec, UpdateRule
 
 Params = dict[str, np.ndarray]

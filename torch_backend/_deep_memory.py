@@ -1,0 +1,171 @@
+"""DMGD's deep momentum memory on torch tensors (docs/math.md §5; NL eq. 50).
+
+:func:`deep_memory_kernel` is the scale-stable write and read on stacks of same-shape matrix
+views ``(B, m, n)``; :data:`KERNEL` is the memory's entry in ``_functional.MEMORIES``: it
+stacks each bucket of same-shape parameters, runs the kernel once per bucket and applies σ.
+Local shards of distributed parameters run the kernel on whole matrices on their owners
+(three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from deepopt import DeepMemory, UpdateRule, matrix_view_shape
+from deepopt._memory import silu_grad
+from torch_backend import _distributed, _readout
+from torch_backend._foreach import Tensors, buckets
+from torch_backend._kernels import MemoryKernel, Read
+
+
+def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None,
+                       w2: torch.Tensor | None, nu: torch.Tensor | None, g: torch.Tensor,
+                       v: torch.Tensor, prev_key: torch.Tensor | None):
+    """DMGD's scale-stable write and read (docs/math.md §5) on stacks.
+
+    s, g, v, prev_key: (B, m, n); w1: (B, h, n); w2: (B, n, h); nu: (B, 1, 1), the value
+    scale ν. Returns ``(S, W₁, W₂, ν, D̃, Ĝ)``, all new tensors.
+    """
+    m = s.size(-2)
+    alpha, eta = mem.momentum, mem.inner_lr
+    g_hat = g / g.norm(dim=-1, keepdim=True).clamp(min=mem.key_eps)   # Ĝ: rows normalised
+    k = g_hat if mem.keys == "current" else prev_key
+    if mem.hidden:
+        # ν = max(β ν, ‖V‖_F/√m, ε); the MLP's read at φ_{t−1} in units of ν.
+        rms = v.norm(dim=(-2, -1), keepdim=True) / math.sqrt(m)
+        nu = torch.maximum(nu * mem.scale_decay, rms).clamp_(min=mem.key_eps)
+        z = torch.bmm(k, w1.mT)                              # Z = K W₁ᵀ : (B,m,h)
+        h = F.silu(z)
+        f = torch.bmm(h, w2.mT).mul_(nu)                     # F = ν H W₂ᵀ : (B,m,n)
+    # E = ∂ℓ/∂M(k_r) row by row: dot −ηV, l2 η(S + F − V).
+    # (In-place where a temporary would be full-size; the operation order, and so the rounding,
+    # is the reference's.)
+    if mem.objective == "dot":
+        e = v * -eta
+    else:
+        e = (torch.add(s, f) if mem.hidden else s.clone()).sub_(v).mul_(eta)
+    s = torch.mul(s, alpha).sub_(e)                          # S ← αS − ∇_S
+    if mem.hidden:
+        # θ: row mean of the gradient in units of ν, rates η/(1 + ηλ̄) per weight.
+        e_hat = e.div_(nu)
+        rate_w2 = 1 / (1 + (eta / m) * h.square().sum(dim=(-2, -1), keepdim=True))         # (B,1,1)
+        rate_w1 = 1 / (1 + eta * mem.SILU_SLOPE_SQ * w2.square().sum(dim=(-2, -1), keepdim=True))
+        grad_w2 = torch.bmm(e_hat.mT, h).mul_(rate_w2 / m)   # Êᵀ H / m              : (B,n,h)
+        grad_w1 = torch.bmm((torch.bmm(e_hat, w2) * silu_grad(z, torch.sigmoid)).mT, k).mul_(rate_w1 / m)  # (B,h,n)
+        w1 = w1 - grad_w1                                    # no retention on W₁
+        w2 = alpha * w2 - grad_w2
+        d = torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT).mul_(nu).add_(s)   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
+    else:
+        d = s
+    if mem.nesterov:
+        d = torch.mul(d, alpha).add_(v * eta)
+    return s, w1, w2, nu, d, g_hat
+
+
+def state_stacks(mem: DeepMemory, sts: list[dict], shape: tuple[int, int]):
+    m, n = shape
+    s = torch.stack([st["memory"].reshape(m, n) for st in sts])
+    w1 = torch.stack([st["mlp_w1"] for st in sts]) if mem.hidden else None
+    w2 = torch.stack([st["mlp_w2"] for st in sts]) if mem.hidden else None
+    nu = torch.stack([st["value_scale"] for st in sts]).view(-1, 1, 1) if mem.hidden else None
+    prev = torch.stack([st["prev_key"].reshape(m, n) for st in sts]) if mem.keys == "previous" else None
+    return s, w1, w2, nu, prev
+
+
+def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> None:
+    for j, st in enumerate(sts):
+        st["memory"].copy_(s[j].view_as(st["memory"]))
+        if mem.hidden:
+            st["mlp_w1"].copy_(w1[j])
+            st["mlp_w2"].copy_(w2[j])
+            st["value_scale"].copy_(nu[j].view(()))
+        if mem.keys == "previous":
+            st["prev_key"].copy_(g_hat[j].view_as(st["prev_key"]))
+
+
+def _single(rule: UpdateRule, st: dict, g: torch.Tensor, v: torch.Tensor, t, lay=None) -> Read:
+    """One parameter: a stack of one (a local shard goes through the batched path's owner)."""
+    if lay is not None and lay.sharded:
+        read = _batched(rule, [st], [g], [v], None, [lay])
+        return Read(read.outs[0])
+    mem = rule.memory
+    shape = matrix_view_shape(g.shape)
+    s, w1, w2, nu, prev = state_stacks(mem, [st], shape)
+    s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g.reshape(1, *shape),
+                                                 v.reshape(1, *shape), prev)
+    state_writeback(mem, [st], s, w1, w2, nu, g_hat)
+    return Read(_readout.apply_one(rule, d[0].view_as(g), lay))
+
+
+def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts: list | None,
+             layouts: list | None = None) -> Read:
+    """Each bucket of same-shape matrices in one kernel call, then σ. A bucket of local shards
+    whose σ reads whole matrices gets σ on the owner, where D̃ is whole already."""
+    mem = rule.memory
+    sigma_whole = _readout.on_whole(rule)
+    ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
+    done: list[int] = []                                     # σ already applied
+    for (m, n, _, _, lay), idx in buckets(gs, _distributed.sharded_only(layouts)).items():
+        sts = [states[i] for i in idx]
+        if lay is not None:
+            d = _whole(mem, lay, sts, [gs[i] for i in idx], [vs[i] for i in idx], sigma_whole)
+            if sigma_whole is not None:
+                done += idx
+        else:
+            s, w1, w2, nu, prev = state_stacks(mem, sts, (m, n))
+            g = torch.stack([gs[i].reshape(m, n) for i in idx])
+            v = torch.stack([vs[i].reshape(m, n) for i in idx])
+            s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
+            state_writeback(mem, sts, s, w1, w2, nu, g_hat)
+        for j, i in enumerate(idx):
+            ds[i] = d[j].view_as(gs[i])
+    if not done:
+        return Read(_readout.apply(rule, ds, layouts))
+    outs, rest = list(ds), [i for i in range(len(ds)) if i not in set(done)]
+    mapped = _readout.apply(rule, [ds[i] for i in rest], None if layouts is None else [layouts[i] for i in rest])
+    for j, i in enumerate(rest):
+        outs[i] = mapped[j]
+    return Read(outs)
+
+
+#: The deep memory's entry in ``_functional.MEMORIES``.
+KERNEL = MemoryKernel(single=_single, batched=_batched)
+
+
+def _whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: Tensors,
+                       sigma=None) -> torch.Tensor:
+    """DMGD on a bucket of local shards: the kernel runs on whole matrices, each on its owner
+    (θ's gradients and ν read every row); rows go back to their shards, and θ, ν to every rank.
+    Three collectives per bucket. Returns the read-outs ``(B, *local shape)``, through ``sigma``
+    (the read-out map, e.g. Newton–Schulz) when given: the owner holds the whole D̃ already,
+    so σ costs no collective of its own."""
+    m, n = matrix_view_shape(tuple(lay.shape))
+    rows = [[st["memory"] for st in sts], gs, vs]
+    if mem.keys == "previous":
+        rows.append([st["prev_key"] for st in sts])
+    whole, b = _distributed.gather_whole(lay, [torch.stack(x) for x in rows])      # (b', k, *shape)
+    s, g, v, *prev = (whole[:, j].reshape(-1, m, n) for j in range(len(rows)))
+    w1 = w2 = nu = None
+    if mem.hidden:                                           # θ, ν: every rank's copy → owner's share
+        w1 = _distributed.share_of(lay, torch.stack([st["mlp_w1"] for st in sts]))
+        w2 = _distributed.share_of(lay, torch.stack([st["mlp_w2"] for st in sts]))
+        nu = _distributed.share_of(lay, torch.stack([st["value_scale"] for st in sts])).view(-1, 1, 1)
+    s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev[0] if prev else None)
+    if sigma is not None:
+        d = sigma(d).to(d.dtype)
+    outs = [s, d, g_hat] if prev else [s, d]
+    back = _distributed.scatter_whole(lay, [x[:b].reshape(b, *lay.shape) for x in outs], len(sts))
+    if mem.hidden:                                           # one all-gather for W₁, W₂ and ν
+        h = mem.hidden
+        theta = torch.cat([w1.flatten(1), w2.flatten(1), nu.flatten(1)], dim=1)[:b]
+        theta = _distributed.share_all(lay, theta, len(sts))
+        w1, w2, nu = theta.split([h * n, n * h, 1], dim=1)
+        w1, w2 = w1.reshape(-1, h, n), w2.reshape(-1, n, h)
+    state_writeback(mem, sts, back[:, 0], w1, w2, nu, back[:, 2] if prev else None)
+    return back[:, 1]
+
+
+__all__ = ["KERNEL", "deep_memory_kernel", "state_stacks", "state_writeback"]

@@ -1,0 +1,133 @@
+"""Shared building blocks of the torch kernels: the step count, scalars in half precision,
+and same-shape matrix stacks.
+
+Every kernel module (``_values``/``_readout`` tables in ``_functional.py``, ``_linear_memory``,
+``_deep_memory``, ``_multiscale``) builds on these; none of them dispatches on a part's type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+
+from deepopt import matrix_view_shape
+from torch_backend import _distributed
+
+Tensors = list[torch.Tensor]
+HALF = (torch.bfloat16, torch.float16)
+
+
+# -- the step count t: Python ints eagerly, tensors under torch.compile ------------------------
+# Eagerly, t is read once per step (``.item()``) and every scalar that depends on it (bias
+# corrections, torch's first write, M3's period) is host math, exact in float64. Under
+# ``torch.compile`` those scalars are computed from the step tensors themselves, in float64, so
+# the step traces into one graph with no ``.item()`` (no graph break, no host sync), as
+# torch.optim's ``capturable`` optimizers do.
+
+
+def counts(steps: Tensors) -> list:
+    """Each parameter's ``t`` after this step's increment (see above)."""
+    if torch.compiler.is_compiling():
+        return [s.to(torch.float64) for s in steps]
+    return [int(s.item()) for s in steps]
+
+
+def sqrt(x):
+    return math.sqrt(x) if isinstance(x, float) else x.sqrt()
+
+
+def first_write_rate(t, eta: float):
+    """torch SGD's first write: η = 1 at t = 1, else η."""
+    if isinstance(t, torch.Tensor):
+        return torch.where(t == 1, torch.ones_like(t), torch.full_like(t, eta))   # float64, as t
+    return 1.0 if t == 1 else eta
+
+
+def add_scaled(dst: torch.Tensor, x: torch.Tensor, rate) -> torch.Tensor:
+    """``dst += rate·x``; a t-dependent rate (a tensor under compile) cannot be an ``alpha=``."""
+    return dst.add_(x * rate) if isinstance(rate, torch.Tensor) else dst.add_(x, alpha=rate)
+
+
+def is_due(t, period: int):
+    """Whether M3's slow level is written at step ``t`` (a bool tensor under compile)."""
+    return t % period == 0
+
+
+# -- scalars --------------------------------------------------------------------------------
+
+
+def scalar_op(op: str, xs: Tensors, value: float | list[float], *, inplace: bool = False) -> Tensors:
+    """``torch._foreach_{op}`` of ``xs`` by a Python scalar or one scalar per tensor.
+
+    For half dtypes foreach ops round a Python scalar (and a scalar list) to the tensors' dtype
+    before using it (bf16: 1 − 0.002 → 0.99609, twice the decay; fp16: 0.9 → 0.89990),
+    while ``Tensor.mul_`` and the other single-tensor ops keep it in float32. A float32 0-d
+    tensor keeps it in float32 here too, so both twins round once, identically.
+    """
+    fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
+    if not any(x.dtype in HALF for x in xs):
+        return fn(xs, value)
+    values = value if isinstance(value, list) else [value] * len(xs)
+    if any(isinstance(v, torch.Tensor) for v in values):   # t-dependent under torch.compile
+        return fn(xs, [torch.as_tensor(v, dtype=torch.float32, device=x.device) for v, x in zip(values, xs)])
+    out: Tensors = list(xs)
+    by_value: dict[float, list[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        by_value[float(v)].append(i)
+    for v, idx in by_value.items():
+        scalar = torch.tensor(v, dtype=torch.float32, device=xs[idx[0]].device)
+        result = fn([xs[i] for i in idx], scalar)
+        if not inplace:
+            for i, r in zip(idx, result):
+                out[i] = r
+    return xs if inplace else out
+
+
+def decay(params: Tensors, rate: float) -> None:
+    """``W ← W (1 − rate)``, as ``Tensor.mul_`` rounds it in every dtype (see :func:`_scalar_op`)."""
+    scalar_op("mul", params, 1 - rate, inplace=True)
+
+
+# -- same-shape matrix stacks ---------------------------------------------------------------
+
+
+def buckets(tensors: Tensors, layouts: list | None = None) -> dict[tuple, list[int]]:
+    """Indices of tensors that share a matrix view, dtype, device and distributed layout
+    (``(m, n, dtype, device, layout)``; the layout is None for plain tensors)."""
+    out: dict[tuple, list[int]] = defaultdict(list)
+    for i, x in enumerate(tensors):
+        lay = layouts[i] if layouts is not None else None
+        shape = x.shape if lay is None else lay.shape
+        out[(*matrix_view_shape(shape), x.dtype, x.device, lay)].append(i)
+    return out
+
+
+def stack(xs: Tensors, idx: list[int], m: int, n: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """``(B, m, n)`` stack of matrix views, cast while copying (one pass) when ``dtype`` is set."""
+    if dtype is None or dtype == xs[idx[0]].dtype:
+        return torch.stack([xs[i].reshape(m, n) for i in idx])
+    out = torch.empty((len(idx), m, n), dtype=dtype, device=xs[idx[0]].device)
+    for j, i in enumerate(idx):
+        out[j].copy_(xs[i].reshape(m, n))
+    return out
+
+
+def batched_matrix_map(fn, *lists: Tensors, dtype: torch.dtype | None = None,
+                        layouts: list | None = None) -> Tensors:
+    """Apply ``fn`` to stacks ``(B, m, n)`` of same-shape matrix views; return per-tensor views.
+
+    Local shards of distributed parameters (``layouts``) are stacked as they are — cast to
+    ``dtype`` before any communication — and ``fn`` runs on whole matrices on their owners.
+    """
+    result: Tensors = [None] * len(lists[0])  # type: ignore[list-item]
+    for (m, n, _, _, lay), idx in buckets(lists[0], layouts).items():
+        if lay is not None:
+            stacks = [torch.stack([xs[i] for i in idx]).to(dtype or xs[idx[0]].dtype) for xs in lists]
+            y = _distributed.map_whole(lay, fn, stacks)                  # (B, *local shape)
+        else:
+            y = fn(*(stack(xs, idx, m, n, dtype) for xs in lists))
+        for j, i in enumerate(idx):
+            result[i] = y[j].view_as(lists[0][i])
+    return result

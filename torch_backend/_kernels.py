@@ -1,0 +1,36 @@
+"""What a memory kernel is, for ``_functional.MEMORIES`` (one entry per memory class)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+
+class Read(NamedTuple):
+    """A memory's output for one step: ``σ(D̃)`` (plus anything the memory adds after σ, like
+    M3's slow term) per parameter, and optionally a divisor per parameter that the outer step
+    folds into its step size instead (an exact bias correction when σ is the identity, as
+    torch's AdamW computes ``lr / (1 − β₁ᵗ)``). The single-tensor twin returns one of each."""
+
+    outs: Any
+    divisors: Any = None
+
+
+class MemoryKernel(NamedTuple):
+    """A memory's write and read-out through σ, in both twins. Each updates the memory's own
+    state entries (its ``state_slots()``) in place.
+
+    - ``batched(rule, states, Gs, Vs, ts, layouts) -> Read`` for a list of parameters;
+    - ``single(rule, state, G, V, t, layout) -> Read`` for one, the readable twin that
+      ``foreach=False`` runs; ``None`` runs ``batched`` on lists of one instead.
+
+    ``t`` is the step count after this step's increment when the rule counts steps (a Python
+    int eagerly, a float64 tensor under ``torch.compile``), else None; ``layout`` is the
+    :class:`~torch_backend._distributed.Layout` of a local shard, or None.
+    """
+
+    batched: Callable[..., Read]
+    single: Callable[..., Read] | None = None
+
+
+__all__ = ["MemoryKernel", "Read"]
