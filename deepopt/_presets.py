@@ -13,7 +13,7 @@ from typing import Any
 from deepopt import _coefficients
 from deepopt._denominator import SecondMoment
 from deepopt._memory import DeepMemory, LinearMemory, MultiScaleMemory
-from deepopt._readout import Identity, NewtonSchulz, Sign, newton_schulz
+from deepopt._readout import COMPUTE_DTYPES, Identity, NewtonSchulz, Sign, newton_schulz
 from deepopt._spec import Routing, Spec, UpdateRule, freeze_hparams
 from deepopt._validate import check_bool, check_choice, check_int, check_real
 from deepopt._values import AdamValues, IdentityValues
@@ -52,6 +52,7 @@ def _shape_scale(adjust_lr_fn: str | None) -> str:
 def _ns_readout(ns_coefficients: Any, ns_steps: int, eps: float, normalization: str,
                 dtype: str) -> NewtonSchulz:
     check_int("ns_steps", ns_steps, low=1, high=99)
+    check_choice("ns_dtype", dtype, COMPUTE_DTYPES)
     if isinstance(ns_coefficients, str):
         check_choice("ns_coefficients", ns_coefficients, tuple(_coefficients.PRESETS))
     return newton_schulz(ns_coefficients, ns_steps, eps=eps, normalization=normalization, dtype=dtype)
@@ -362,7 +363,6 @@ def muon(
     check_bool("nesterov", nesterov)
     eps = check_real("eps", eps, low=0.0)
     check_choice("ns_normalization", ns_normalization, ("clamp", "add"))
-    check_choice("ns_dtype", ns_dtype, ("input", "bfloat16", "float32", "float64"))
     check_bool("bias_correction", bias_correction)
     if bias_correction and momentum >= 1.0:
         raise ValueError("bias_correction=True needs momentum < 1")
@@ -492,7 +492,6 @@ def dmgd(
     memory = DeepMemory(momentum=check_real("momentum", momentum, low=0.0, high=1.0),
                         inner_lr=inner_lr, hidden=hidden, objective=objective, keys=keys,
                         nesterov=nesterov, seed=seed)
-    check_choice("ns_dtype", ns_dtype, ("input", "bfloat16", "float32", "float64"))
     sigma, scale = _readout(readout, ns_coefficients, ns_steps, 1e-7, adjust_lr_fn, ns_dtype)
     rule = UpdateRule(memory=memory, values=AdamValues(b2, eps) if values == "adam" else IdentityValues(),
                       readout=sigma, shape_scale=scale)
@@ -579,7 +578,6 @@ def m3(
     denominator = (SecondMoment(beta2=b2, eps=check_real("eps", eps, low=0.0), bias_correction=True)
                    if decay else SecondMoment(beta2=b2, eps=check_real("eps", eps, low=0.0),
                                               bias_correction=False, accumulate=True))
-    check_choice("ns_dtype", ns_dtype, ("input", "bfloat16", "float32", "float64"))
     rule = UpdateRule(memory=memory, readout=_ns_readout(ns_coefficients, ns_steps, 1e-7, "clamp", ns_dtype),
                       denominator=denominator, shape_scale=_shape_scale(adjust_lr_fn))
     hp = dict(lr=lr, betas=(b1, b2, b3), slow_weight=slow_weight, frequency=frequency, eps=eps,

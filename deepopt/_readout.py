@@ -34,6 +34,7 @@ class Sign(Readout):
 
 Normalization = Literal["clamp", "add"]
 ComputeDtype = Literal["input", "bfloat16", "float32", "float64"]
+COMPUTE_DTYPES = ("input", "bfloat16", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class NewtonSchulz(Readout):
         check_real("eps", self.eps, low=0.0)
         check_choice("normalization", self.normalization, ("clamp", "add"))
         check_real("norm_scale", self.norm_scale, low=0.0, low_open=True)
-        check_choice("dtype", self.dtype, ("input", "bfloat16", "float32", "float64"))
+        check_choice("dtype", self.dtype, COMPUTE_DTYPES)
 
     @property
     def schedule(self) -> tuple[tuple[float, float, float], ...]:
