@@ -4,6 +4,7 @@ by name."""
 
 from __future__ import annotations
 
+import copy
 import pathlib
 import re
 from dataclasses import dataclass
@@ -111,3 +112,40 @@ def test_update_rule_names_the_allowed_parts():
         deepopt.UpdateRule(memory=3)
     with pytest.raises(ValueError, match=r"readout=.*expected one of Identity, NewtonSchulz, Sign"):
         deepopt.UpdateRule(readout=deepopt.LinearMemory())
+
+
+@dataclass(frozen=True)
+class _Ema(deepopt.Memory):
+    """An EMA memory under a state key no built-in part uses."""
+
+    def state_slots(self):
+        return (deepopt.Slot("ema_buffer"),)
+
+
+def _ema_kernel(rule, states, gs, vs, ts, layouts=None):
+    bufs = [st["ema_buffer"] for st in states]
+    torch._foreach_lerp_(bufs, vs, 0.5)
+    return torch_backend.Read(torch_backend.apply_readout(rule, [b.clone() for b in bufs], layouts))
+
+
+def test_a_new_parts_state_round_trips_through_a_checkpoint(monkeypatch):
+    monkeypatch.setitem(torch_backend.MEMORIES, _Ema, torch_backend.MemoryKernel(batched=_ema_kernel))
+    spec = deepopt.custom(deepopt.UpdateRule(memory=_Ema()), lr=0.1)
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    grads = [torch.randn(3, 4) for _ in range(4)]
+    opt = torch_backend.compile(spec, [w])
+    for g in grads[:2]:
+        w.grad = g
+        opt.step()
+    assert list(opt.state[w]) == ["ema_buffer"]
+    saved, w_saved = copy.deepcopy(opt.state_dict()), w.detach().clone()
+
+    w2 = torch.nn.Parameter(w_saved.clone())
+    resumed = torch_backend.compile(spec, [w2])
+    resumed.load_state_dict(saved)
+    for g in grads[2:]:
+        w.grad, w2.grad = g, g.clone()
+        opt.step()
+        resumed.step()
+    torch.testing.assert_close(w2, w, rtol=0, atol=0)

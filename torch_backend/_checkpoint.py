@@ -28,10 +28,6 @@ import torch
 if TYPE_CHECKING:
     from torch_backend._optimizer import DeepOptimizer
 
-# Every state entry a deepopt rule keeps (torch_backend's names; see README "torch state").
-STATE_KEYS = frozenset({"step", "memory", "mlp_w1", "mlp_w2", "value_scale", "prev_key",
-                        "slow_memory", "slow_readout", "slow_accumulator", "values_sq",
-                        "second_moment"})
 _RESERVED = ("params", "param_names", "route", "lr_ratio")
 # torch.optim state names ↔ deepopt's, for the optimizers with the same math.
 _TORCH_STATE = {"adamw": {"exp_avg": "memory", "exp_avg_sq": "second_moment", "step": "step"},
@@ -178,15 +174,17 @@ def _check_param_state(opt: DeepOptimizer, spec, rule, p: torch.Tensor, group: d
     state = dict(state)
     if "step" in state and not isinstance(state["step"], torch.Tensor):
         state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
-    foreign = sorted(k for k in state if k not in STATE_KEYS)
+    # The rule's state layout (its parts' slots) is what the checkpoint must hold; keys beyond
+    # it (an earlier setting's, e.g. prev_key) are kept, as torch keeps what it loads.
     expected: dict[str, Any] = {}
     opt._init_state(expected, rule, p, group)
     missing = sorted(k for k in expected if k not in state)
-    if foreign or missing:
+    if missing:
+        extra = sorted(k for k in state if k not in expected)
         raise _refuse(f"the state of parameter {name!r} has {sorted(state)}, but deepopt.{spec.name} "
-                      f"keeps {sorted(expected)}"
-                      + (f" ({foreign} are not deepopt's)" if foreign else "")
-                      + ": another optimizer wrote it")
+                      f"keeps {sorted(expected)} ({missing} missing"
+                      + (f"; {extra} are not this rule's" if extra else "")
+                      + "): another optimizer wrote it")
     for key, value in expected.items():
         have = state[key]
         if not isinstance(have, torch.Tensor) or have.shape != value.shape:
