@@ -663,9 +663,10 @@ class CMSLevel(nn.Module):
         n = -(-T // P)  # periods read, the last possibly ragged
         u, key, val = self.views(x)
         eta_c = self.eta() * (self.clip if self.clip is not None else 1.0)
-        # the state, transposed: W_upᵀ (B, D, f), W_downᵀ (B, f, D)
-        up_t = self.w_up.T.expand(B, D, -1)
-        down_t = self.w_down.T.expand(B, -1, D)
+        # the state, transposed: W_upᵀ (B, D, f), W_downᵀ (B, f, D); contiguous, so that every
+        # state after a write is too (a transposed view would make each update a strided copy)
+        up_t = self.w_up.T.contiguous().expand(B, D, -1)
+        down_t = self.w_down.T.contiguous().expand(B, -1, D)
         states = [(up_t, down_t)]
         if n > 1:  # the writes after periods 1 … n − 1 (complete): the next period reads each
             L = (n - 1) * P
