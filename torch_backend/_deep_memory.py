@@ -1,8 +1,19 @@
 """DMGD's deep momentum memory on torch tensors (docs/math.md §5; NL eq. 50).
 
 :func:`deep_memory_kernel` is the scale-stable write and read on stacks of same-shape matrix
-views ``(B, m, n)``; :data:`KERNEL` is the memory's entry in ``_functional.MEMORIES``: it
-stacks each bucket of same-shape parameters, runs the kernel once per bucket and applies σ.
+views ``(B, m, n)``, writing the memory's state into the stacks it is given; :data:`KERNEL` is
+the memory's entry in ``_functional.MEMORIES``: it runs the kernel once per bucket of
+same-shape parameters and applies σ.
+
+Persistent stacks. Eagerly, a bucket's state lives in stacks ``(B, …)``, one per state entry,
+and each parameter's entries are rows of them (views): the kernel then writes the state where
+it lives, with no per-step ``torch.stack`` of the state and no copy back. The stacks are made
+on a bucket's first step (:func:`state_rows`) and found again on later steps from the entries
+themselves (``entry._base``); an entry that is not the row of one stack in bucket order (after
+``load_state_dict``, a deepcopy or unpickling, a changed bucket: a parameter without a gradient)
+makes that entry's stack anew, once. A bucket of one needs no stack (its entries, viewed with a
+batch dimension of one). Under ``torch.compile`` and where the state dicts are per-step copies
+(local shards of distributed parameters) the state is stacked and copied back each step instead.
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
 """
@@ -27,7 +38,9 @@ def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None
     """DMGD's scale-stable write and read (docs/math.md §5) on stacks.
 
     s, g, v, prev_key: (B, m, n); w1: (B, h, n); w2: (B, n, h); nu: (B, 1, 1), the value
-    scale ν. Returns ``(S, W₁, W₂, ν, D̃, Ĝ)``, all new tensors.
+    scale ν. Writes the new ``S, W₁, W₂, ν`` into ``s, w1, w2, nu`` (and ``Ĝ`` into
+    ``prev_key`` with ``keys="previous"``, after reading it). Returns ``(S, W₁, W₂, ν, D̃, Ĝ)``:
+    the first four are the stacks given; ``D̃`` is ``s`` itself when the memory is ``S`` alone.
     """
     m = s.size(-2)
     alpha, eta = mem.momentum, mem.inner_lr
@@ -36,18 +49,20 @@ def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None
     if mem.hidden:
         # ν = max(β ν, ‖V‖_F/√m, ε); the MLP's read at φ_{t−1} in units of ν.
         rms = v.norm(dim=(-2, -1), keepdim=True) / math.sqrt(m)
-        nu = torch.maximum(nu * mem.scale_decay, rms).clamp_(min=mem.key_eps)
+        nu.copy_(torch.maximum(nu * mem.scale_decay, rms).clamp_(min=mem.key_eps))
         z = torch.bmm(k, w1.mT)                              # Z = K W₁ᵀ : (B,m,h)
         h = F.silu(z)
         f = torch.bmm(h, w2.mT).mul_(nu)                     # F = ν H W₂ᵀ : (B,m,n)
     # E = ∂ℓ/∂M(k_r) row by row: dot −ηV, l2 η(S + F − V).
-    # (In-place where a temporary would be full-size; the operation order, and so the rounding,
-    # is the reference's.)
+    # (In place wherever a temporary would be full-size, and a product by α = 1 is skipped:
+    # the values, and so the rounding, are the reference's operation by operation.)
     if mem.objective == "dot":
         e = v * -eta
     else:
-        e = (torch.add(s, f) if mem.hidden else s.clone()).sub_(v).mul_(eta)
-    s = torch.mul(s, alpha).sub_(e)                          # S ← αS − ∇_S
+        e = (f.add_(s).sub_(v) if mem.hidden else torch.sub(s, v)).mul_(eta)
+    if alpha != 1.0:
+        s.mul_(alpha)
+    s.sub_(e)                                                # S ← αS − ∇_S
     if mem.hidden:
         # θ: row mean of the gradient in units of ν, rates η/(1 + ηλ̄) per weight.
         e_hat = e.div_(nu)
@@ -55,17 +70,82 @@ def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None
         rate_w1 = 1 / (1 + eta * mem.SILU_SLOPE_SQ * w2.square().sum(dim=(-2, -1), keepdim=True))
         grad_w2 = torch.bmm(e_hat.mT, h).mul_(rate_w2 / m)   # Êᵀ H / m              : (B,n,h)
         grad_w1 = torch.bmm((torch.bmm(e_hat, w2) * silu_grad(z, torch.sigmoid)).mT, k).mul_(rate_w1 / m)  # (B,h,n)
-        w1 = w1 - grad_w1                                    # no retention on W₁
-        w2 = alpha * w2 - grad_w2
+        w1.sub_(grad_w1)                                     # no retention on W₁
+        if alpha != 1.0:
+            w2.mul_(alpha)
+        w2.sub_(grad_w2)
         d = torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT).mul_(nu).add_(s)   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
     else:
         d = s
     if mem.nesterov:
         d = torch.mul(d, alpha).add_(v * eta)
+    if mem.keys == "previous":
+        prev_key.copy_(g_hat)
     return s, w1, w2, nu, d, g_hat
 
 
+def _entries(mem: DeepMemory, m: int, n: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The memory's state entries and the shape of one row of each one's stack."""
+    out = [("memory", (m, n))]
+    if mem.hidden:
+        out += [("mlp_w1", (mem.hidden, n)), ("mlp_w2", (n, mem.hidden)), ("value_scale", ())]
+    if mem.keys == "previous":
+        out.append(("prev_key", (m, n)))
+    return out
+
+
+def _stack_of(xs: Tensors, row: tuple[int, ...]) -> torch.Tensor | None:
+    """The stack ``(B, *row)`` whose rows, in order, the tensors ``xs`` are; None if they are not."""
+    x = xs[0]
+    if len(xs) == 1:                                         # a bucket of one: the entry itself
+        return x.view(1, *row) if x.is_contiguous() else None
+    base = x._base
+    if base is None or base.dtype != x.dtype or base.shape != (len(xs), *row) or not base.is_contiguous():
+        return None
+    step, offset = base.stride(0), base.storage_offset()
+    for j, x in enumerate(xs):
+        if x._base is not base or x.storage_offset() != offset + j * step or not x.is_contiguous():
+            return None
+    return base
+
+
+def state_rows(mem: DeepMemory, sts: list[dict], shape: tuple[int, int], rebind: bool = True):
+    """The bucket's state as stacks ``(S, W₁, W₂, ν (B,1,1), previous key)`` that the kernel
+    writes in place, and the entries to copy back afterwards (:func:`copy_back`).
+
+    An entry that is not the row of a stack (see the module's docstring) is stacked: with
+    ``rebind``, its state entries then become that stack's rows (nothing to copy back, and
+    the next step finds the stack); without, the stack is a copy, returned in the list.
+    """
+    m, n = shape
+    found: dict[str, torch.Tensor] = {}
+    copied = []
+    for key, row in _entries(mem, m, n):
+        xs = [st[key] for st in sts]
+        stack = _stack_of(xs, row)
+        if stack is None:
+            stack = torch.stack([x.reshape(row) for x in xs])
+            if rebind:
+                for st, x, r in zip(sts, xs, stack.unbind(0)):
+                    st[key] = r.view(x.shape)
+            else:
+                copied.append((key, stack))
+        found[key] = stack
+    nu = found.get("value_scale")
+    stacks = (found["memory"], found.get("mlp_w1"), found.get("mlp_w2"),
+              None if nu is None else nu.view(-1, 1, 1), found.get("prev_key"))
+    return stacks, copied
+
+
+def copy_back(sts: list[dict], copied: list) -> None:
+    """Write the stacks :func:`state_rows` made as copies into the state entries."""
+    for key, stack in copied:
+        for st, r in zip(sts, stack.unbind(0)):
+            st[key].copy_(r.view_as(st[key]))
+
+
 def state_stacks(mem: DeepMemory, sts: list[dict], shape: tuple[int, int]):
+    """The bucket's state stacked into new tensors (the kernel's inputs; see :func:`state_writeback`)."""
     m, n = shape
     s = torch.stack([st["memory"].reshape(m, n) for st in sts])
     w1 = torch.stack([st["mlp_w1"] for st in sts]) if mem.hidden else None
@@ -86,17 +166,29 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
             st["prev_key"].copy_(g_hat[j].view_as(st["prev_key"]))
 
 
+def _run(mem: DeepMemory, sts: list[dict], g: torch.Tensor, v: torch.Tensor,
+         shape: tuple[int, int], rebind: bool) -> torch.Tensor:
+    """The kernel on one bucket ``g, v: (B, m, n)``, the state written where it lives; returns
+    ``D̃``. ``rebind``: ``sts`` are the optimizer's own dicts (not per-step copies), whose
+    entries may become rows of new stacks."""
+    if torch.compiler.is_compiling():                        # one graph: stack, then copy back
+        s, w1, w2, nu, prev = state_stacks(mem, sts, shape)
+        s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
+        state_writeback(mem, sts, s, w1, w2, nu, g_hat)
+        return d
+    (s, w1, w2, nu, prev), copied = state_rows(mem, sts, shape, rebind)
+    d = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)[4]
+    copy_back(sts, copied)
+    return d
+
+
 def _single(rule: UpdateRule, st: dict, g: torch.Tensor, v: torch.Tensor, t, lay=None) -> Read:
     """One parameter: a stack of one (a local shard goes through the batched path's owner)."""
     if lay is not None and lay.sharded:
         read = _batched(rule, [st], [g], [v], None, [lay])
         return Read(read.outs[0])
-    mem = rule.memory
     shape = matrix_view_shape(g.shape)
-    s, w1, w2, nu, prev = state_stacks(mem, [st], shape)
-    s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g.reshape(1, *shape),
-                                                 v.reshape(1, *shape), prev)
-    state_writeback(mem, [st], s, w1, w2, nu, g_hat)
+    d = _run(rule.memory, [st], g.reshape(1, *shape), v.reshape(1, *shape), shape, rebind=lay is None)
     return Read(_readout.apply_one(rule, d[0].view_as(g), lay))
 
 
@@ -115,11 +207,9 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
             if sigma_whole is not None:
                 done += idx
         else:
-            s, w1, w2, nu, prev = state_stacks(mem, sts, (m, n))
-            g = torch.stack([gs[i].reshape(m, n) for i in idx])
-            v = torch.stack([vs[i].reshape(m, n) for i in idx])
-            s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
-            state_writeback(mem, sts, s, w1, w2, nu, g_hat)
+            g = _rows(gs, idx, m, n)
+            v = g if all(vs[i] is gs[i] for i in idx) else _rows(vs, idx, m, n)   # V = G: one stack
+            d = _run(mem, sts, g, v, (m, n), rebind=layouts is None)   # else: per-step dict copies
         for j, i in enumerate(idx):
             ds[i] = d[j].view_as(gs[i])
     if not done:
@@ -129,6 +219,13 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     for j, i in enumerate(rest):
         outs[i] = mapped[j]
     return Read(outs)
+
+
+def _rows(xs: Tensors, idx: list[int], m: int, n: int) -> torch.Tensor:
+    """``(B, m, n)`` of the tensors ``xs[i]``: a view for a bucket of one, else a stack."""
+    if len(idx) == 1:
+        return xs[idx[0]].reshape(1, m, n)
+    return torch.stack([xs[i].reshape(m, n) for i in idx])
 
 
 #: The deep memory's entry in ``_functional.MEMORIES``.
@@ -168,4 +265,4 @@ def _whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: Tensors,
     return back[:, 1]
 
 
-__all__ = ["KERNEL", "deep_memory_kernel", "state_stacks", "state_writeback"]
+__all__ = ["KERNEL", "copy_back", "deep_memory_kernel", "state_rows", "state_stacks", "state_writeback"]
