@@ -106,6 +106,7 @@ WORDS = {
     "muon": 6,       # read g, S; write S; read NS output, p; write p
     "delta_momentum": 5,
     "dmgd": 5,       # S, p and g as sgd; the MLP weights (2nh per matrix) are negligible
+    "dmgd_memory": 5,  # dmgd with readout=None: the memory alone, the same bytes
     "m3": 10,        # read p, g, M¹, V, O², Σ; write M¹, V, Σ, p
 }
 
@@ -144,6 +145,8 @@ def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: 
             flops += 4 * min(m, n) ** 2 * max(m, n)                 # (S Kᵀ) K on the short side
         elif kind == "dmgd":                                          # the default: a deep Muon
             flops += 12 * m * n * hidden + ns_flops(m, n)             # docs/math.md §5, then §4
+        elif kind == "dmgd_memory":                                   # readout=None: §5 alone
+            flops += 12 * m * n * hidden
         elif kind == "m3":
             flops += ns_flops(m, n) * (1 + 1 / M3_PERIOD)            # fast NS + amortised slow NS
     return {"bytes": nbytes, "flops": flops}
@@ -164,7 +167,7 @@ class Entry:
     """One row of a contender table: how to build a contender, before it is built."""
 
     name: str
-    role: str                        # "deepopt", "deepopt-reference" or "anchor"
+    role: str                        # "deepopt", "deepopt-variant", "deepopt-reference" or "anchor"
     build: Callable[..., Any]        # torch: (named params) -> optimizer(s); jax: () -> optax transform
     floor_kind: str                  # which floor model applies (a key of WORDS)
     ns_dtype: str = "float32"        # matmul dtype of the matrix phase (which rate applies)
@@ -260,6 +263,8 @@ def deepopt_specs(deepopt, backend: str) -> dict[str, Any]:
         "delta_momentum": deepopt.delta_momentum(LR["delta_momentum"], momentum=MOMENTUM),
         "muon": muon,
         "dmgd": deepopt.dmgd(LR["dmgd"], routing=routing, fallback=fallback(LR["dmgd"])),
+        # the deep memory alone (no Newton–Schulz read-out): a second row of the dmgd group
+        "dmgd_memory": deepopt.dmgd(LR["dmgd"], readout=None, routing=routing, fallback=fallback(LR["dmgd"])),
         "m3": deepopt.m3(LR["m3"], frequency=M3_PERIOD, routing=routing, fallback=fallback(LR["m3"]),
                          ns_dtype="bfloat16" if backend == "torch" else "input"),   # as each backend's muon
     }
@@ -275,10 +280,11 @@ def torch_table(deepopt, torch, torch_backend) -> dict[str, Plan]:
     """Contenders per spec: deepopt's optimizer, torch.optim's (foreach and fused)."""
     specs = deepopt_specs(deepopt, "torch")
 
-    def ours(name: str, kind: str | None = None, ns_dtype: str = "float32", role: str = "deepopt") -> Entry:
+    def ours(name: str, kind: str | None = None, ns_dtype: str = "float32", role: str = "deepopt",
+             label: str | None = None) -> Entry:
         spec = specs[name]
-        return Entry(f"deepopt.{name}", role, lambda ps: torch_backend.compile(spec, ps), kind or name,
-                     ns_dtype, spec)
+        return Entry(label or f"deepopt.{name}", role, lambda ps: torch_backend.compile(spec, ps),
+                     kind or name, ns_dtype, spec)
 
     def sgd(variant: str, lr: float) -> Entry:
         return Entry(f"torch.optim.SGD({variant})", "anchor", lambda ps: torch.optim.SGD(
@@ -304,8 +310,10 @@ def torch_table(deepopt, torch, torch_backend) -> dict[str, Plan]:
                                "torch.optim.SGD(foreach)",
                                "no exact anchor: SGD momentum is delta momentum with zeta=0 (no S·KᵀK matmuls)"),
         "muon": Plan((ours("muon", ns_dtype="bfloat16"), torch_muon), torch_muon.name),
-        "dmgd": Plan((ours("dmgd"), ours("muon", ns_dtype="bfloat16", role="deepopt-reference"), torch_muon),
-                     torch_muon.name, "default dmgd (a deep Muon: hidden=16, Newton–Schulz in the input dtype); target is vs deepopt.muon"),
+        "dmgd": Plan((ours("dmgd"), ours("dmgd_memory", role="deepopt-variant", label="deepopt.dmgd(readout=None)"),
+                      ours("muon", ns_dtype="bfloat16", role="deepopt-reference"), torch_muon),
+                     torch_muon.name, "default dmgd (a deep Muon: hidden=16, Newton–Schulz in the input dtype), and "
+                     "the memory alone (readout=None, floor: DMGD's matmuls only); target is vs deepopt.muon"),
         "m3": Plan((ours("m3", ns_dtype="bfloat16"), ours("muon", ns_dtype="bfloat16", role="deepopt-reference"),
                     torch_muon), torch_muon.name, M3_NOTE + "; bf16 Newton–Schulz as muon; target is vs deepopt.muon",
                    amortize=M3_PERIOD),
@@ -578,6 +586,11 @@ def run_group(group: Group, shapes, rates: dict[str, float], n_params: int, warm
             r = by_name[main.name]["ratios"][f"vs {ref}"][ratio_key]
             pair["target"].update(ratio=r, met=bool(r <= target[0]))
     pair["time_over_floor"] = by_name[main.name]["time_over_floor"]
+    variants = {c.name: {"ms": by_name[c.name]["time_ms"][stat],
+                         "time_over_floor": by_name[c.name]["time_over_floor"]}
+                for c in group.contenders if c.role == "deepopt-variant" and c.step is not None}
+    if variants:                                    # e.g. dmgd's memory alone (readout=None)
+        pair["variants"] = variants
     pair["state_bytes_per_param"] = by_name[main.name]["state_bytes_per_param"]
     if "jit" in by_name[main.name]:
         pair["recompiled"] = by_name[main.name]["jit"]["recompiled"]
