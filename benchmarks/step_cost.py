@@ -13,8 +13,10 @@ Reported per contender: median step time and spread, the ratio to the anchor (pe
 B measured back to back), optimizer-state bytes per parameter (counted from the actual state),
 and the hardware floor — element-wise phases at the measured copy bandwidth, matrix phases at
 the measured matmul rate (Newton–Schulz ``4m²n + 2m³`` per iteration for m ≤ n; DMGD
-``12·m·n·h``, docs/math.md §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. JAX rows also
-record how many times the jitted step was traced (1 = no recompilation).
+``12·m·n·h``, docs/math.md §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. The
+torch dmgd group also times the deep memory alone (``readout=None``; floor: DMGD's matmuls without
+Newton–Schulz). JAX rows also record how many times the jitted step was traced (1 = no
+recompilation).
 
 Contenders come from one table per backend (:func:`torch_table`, :func:`jax_table`: spec →
 its entries, anchor and note). Writes ``DIR/step_cost.json`` and prints a table.
