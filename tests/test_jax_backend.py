@@ -1,6 +1,7 @@
 """jax_backend against the numpy reference and against itself computed another way.
 
-- every preset == ``deepopt.reference`` step by step (float64, torch layout);
+- every entry of the shared spec table (tests/conftest.py) == ``deepopt.reference`` step by step
+  (float64, torch layout), maximizing too where the spec can;
 - the one Newton–Schulz == the reference's, batched == one matrix at a time;
 - layout="optax" on a kernel == layout="torch" on its transpose; a stacked (L, in, out) leaf ==
   L separate matrices;
@@ -13,133 +14,57 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # the reference is float64
 
+import _helpers
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import assert_trajectories_close, jax_run, reference_run, to_jax
 from hypothesis import HealthCheck, given, settings
 
 import deepopt
 import jax_backend
 from deepopt import reference, testing
 
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
 # Torch-layout parameters: a wide and a tall matrix, a conv kernel (out, in, kh, kw) whose
 # matrix view is 4 × 12, and a bias (fallback path for matrix rules).
 SHAPES = {"0.weight": (4, 7), "head.weight": (9, 3), "conv.weight": (4, 3, 2, 2),
           "0.bias": (4,)}
 STEPS = 6
+MISSING = (("0.weight", 2), ("0.bias", 4))      # (name, step): that parameter sits the step out
 
 
-def _named(shapes=SHAPES, seed=0, steps=STEPS, missing=(("0.weight", 2), ("0.bias", 4))):
-    rng = np.random.default_rng(seed)
-    params = {n: rng.normal(size=s) for n, s in shapes.items()}
-    stream = [{n: rng.normal(size=s) for n, s in shapes.items()} for _ in range(steps)]
-    for name, t in missing:
-        if name in shapes:
-            stream[t][name] = None                      # that parameter sits this step out
-    return params, stream
-
-
-def _reference_trajectory(spec, params, stream, lrs=None):
-    """The reference over a stream; ``lrs[t]`` (optional) is the main rule's lr at step t."""
-    state = reference.init(spec, params)
-    out = []
-    for t, grads in enumerate(stream):
-        step_spec = spec if lrs is None else spec.replace(lr=lrs[t])
-        params, state = reference.step(step_spec, params, grads, state)
-        out.append(params)
-    return out
-
-
-def _assert_close(ours, theirs, rtol=1e-11, atol=1e-12):
-    assert len(ours) == len(theirs)
-    for t, (a, b) in enumerate(zip(ours, theirs)):
-        assert sorted(a) == sorted(b)
-        for name in a:
-            np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=rtol,
-                                       atol=atol, err_msg=f"step {t + 1}, {name}")
-
-
-def _jax_trajectory(tx, params, stream):
-    """Run an optax transformation (jitted) on a pytree over a stream of full pytrees."""
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    out = []
-    for grads in stream:
-        updates, state = update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        out.append(params)
-    return out
-
-
-def _to_jax(tree):
-    return jax.tree.map(jnp.asarray, tree)
+def _named(shapes=SHAPES, seed=0, steps=STEPS, missing=MISSING):
+    return _helpers.random_problem(shapes, steps, seed, missing)
 
 
 # --------------------------------------------------------------------------------------------
-# Every preset == the reference (float64, torch layout)
+# Every table entry == the reference (float64, torch layout)
 # --------------------------------------------------------------------------------------------
 
-CUSTOM_RULES = {
-    # AdamValues preconditioning a delta memory: the key uses the raw G, the value P(G).
-    "custom_adam_values_delta": deepopt.UpdateRule(
-        memory=deepopt.LinearMemory(momentum=0.9, inner_lr=0.1, zeta=0.3, nesterov=True),
-        values=deepopt.AdamValues(beta2=0.95, eps=1e-8),
-        readout=deepopt.newton_schulz("polar_express", 5, dtype="float64"),
-        shape_scale="original"),
-    # A delta memory with bias correction, sign read-out and Adam's denominator, coupled decay.
-    "custom_sign_denominator": deepopt.UpdateRule(
-        memory=deepopt.LinearMemory(momentum=0.8, inner_lr=0.2, zeta=0.5, bias_correction=True),
-        values=deepopt.AdamValues(),
-        readout=deepopt.Sign(),
-        denominator=deepopt.SecondMoment(beta2=0.9, eps=1e-6, bias_correction=False),
-        decoupled_weight_decay=False, maximize=True),
-}
 
-PRESETS = {
-    "sgd": deepopt.sgd(0.1),
-    "sgd_momentum_wd": deepopt.sgd(0.05, momentum=0.9, weight_decay=0.01),
-    "sgd_nesterov": deepopt.sgd(0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "sgd_dampening_torch_quirk": deepopt.sgd(0.05, momentum=0.9, dampening=0.3,
-                                             undamped_first_step=True),
-    "sgd_stateless_quirk": deepopt.sgd(0.05, dampening=0.5, undamped_first_step=True),
-    "sgd_maximize_decoupled": deepopt.sgd(0.05, momentum=0.5, weight_decay=0.1, maximize=True,
-                                          decoupled_weight_decay=True),
-    "adamw": deepopt.adamw(0.01, weight_decay=0.05),
-    "adamw_nesterov_maximize": deepopt.adamw(0.01, betas=(0.8, 0.9), nesterov=True,
-                                             maximize=True),
-    "delta_identity": deepopt.delta_momentum(0.05, momentum=0.9, zeta=0.5, weight_decay=0.01),
-    "delta_sign_nesterov": deepopt.delta_momentum(0.05, momentum=0.9, nesterov=True,
-                                                  readout="sign"),
-    "delta_newton_schulz": deepopt.delta_momentum(
-        0.05, momentum=0.9, zeta=1.2, readout="newton_schulz", ns_coefficients="cubic",
-        ns_steps=7, adjust_lr_fn="match_rms_adamw", weight_decay=0.01,
-        decoupled_weight_decay=True, fallback=deepopt.sgd(0.05, momentum=0.9)),
-    "muon_torch": deepopt.muon(0.02, ns_dtype="float64"),
-    "muon_optax": deepopt.muon(0.02, ns_normalization="add", ns_dtype="float64",
-                               bias_correction=True, eps=1e-8,
-                               fallback=deepopt.adamw(0.02, eps=1e-8, weight_decay=0.0,
-                                                      nesterov=True)),
-    "muon_polar_express_no_nesterov": deepopt.muon(0.02, ns_coefficients="polar_express",
-                                                   nesterov=False, ns_dtype="float64",
-                                                   adjust_lr_fn="none"),
-    **{name: deepopt.custom(rule, lr=0.03, weight_decay=0.02, name=name)
-       for name, rule in CUSTOM_RULES.items()},
-}
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_equals_reference_float64(name):
-    spec = PRESETS[name]
+def _check_equals_reference(spec):
     params, stream = _named()
     ours = jax_backend.run_trajectory(spec, params, stream, dtype="float64", layout="torch")
-    _assert_close(ours, _reference_trajectory(spec, params, stream))
+    assert_trajectories_close(ours, reference_run(spec, params, stream))
     # A missing gradient leaves its parameter exactly as it was (reference and torch semantics).
     np.testing.assert_array_equal(ours[2]["0.weight"], ours[1]["0.weight"])
+
+
+@pytest.mark.specs(where=_helpers.exact_in_float64)
+def test_every_spec_equals_reference_float64(spec):
+    _check_equals_reference(spec)
+
+
+@pytest.mark.specs("sgd_decoupled_decay", "adamw_nesterov", "custom_sign_denominator")
+def test_maximize_equals_reference_float64(spec):
+    _check_equals_reference(_helpers.maximized(spec))
+
+
+@pytest.mark.slow
+@pytest.mark.specs(where=_helpers.has_maximize)
+def test_slow_every_maximizable_spec_equals_reference_float64(spec):
+    _check_equals_reference(_helpers.maximized(spec))
 
 
 @settings(max_examples=10, deadline=None, derandomize=True,
@@ -153,21 +78,23 @@ def test_drawn_specs_and_streams_equal_reference(spec, problem):
                                   rtol=1e-10, atol=1e-12)
 
 
-def test_float32_run_stays_near_reference():
-    spec = PRESETS["muon_optax"].replace(ns_dtype="input")
+@pytest.mark.specs("muon_optax")
+def test_float32_run_stays_near_reference(spec):
     params, stream = _named()
     ours = jax_backend.run_trajectory(spec, params, stream, dtype="float32")
-    _assert_close(ours, _reference_trajectory(spec, params, stream), rtol=1e-5, atol=1e-5)
+    assert_trajectories_close(ours, reference_run(spec, params, stream), rtol=1e-5, atol=1e-5)
 
 
-def test_muon_bfloat16_newton_schulz_within_bf16_precision():
+@pytest.mark.specs("muon_bfloat16")
+def test_muon_bfloat16_newton_schulz_within_bf16_precision(spec):
     """torch's default: NS in bfloat16 (8 mantissa bits). One step's update differs from the
     float64 reference's by bf16 rounding amplified by five quintic steps: ~6% in Frobenius
     norm (measured), not more, and clearly more than float32 rounding."""
-    spec = deepopt.muon(0.02, weight_decay=0.0)
+    assert spec.hyperparameters["ns_dtype"] == "bfloat16"
+    spec = spec.replace(weight_decay=0.0)
     params, stream = _named(shapes={"w": (8, 16)}, steps=1, missing=())
     ours = jax_backend.run_trajectory(spec, params, stream)[0]["w"]
-    ref = _reference_trajectory(spec, params, stream)[0]["w"]
+    ref = reference_run(spec, params, stream)[0]["w"]
     rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref - params["w"])
     assert 1e-3 < rel < 0.15
 
@@ -209,38 +136,36 @@ def test_newton_schulz_compute_dtype_casts_back(dtype, low, high):
 # Matrix views: optax layout, batch axes
 # --------------------------------------------------------------------------------------------
 
-MATRIX_SPECS = ["delta_newton_schulz", "muon_torch", "custom_adam_values_delta",
-                "custom_sign_denominator"]
+MATRIX_SPECS = ("delta_newton_schulz_cubic_sgd_fallback", "muon", "custom_adam_values_delta",
+                "custom_sign_denominator")
 
 
-@pytest.mark.parametrize("name", MATRIX_SPECS)
-def test_optax_layout_kernel_equals_torch_layout_transpose(name):
-    spec = PRESETS[name]
+@pytest.mark.specs(*MATRIX_SPECS)
+def test_optax_layout_kernel_equals_torch_layout_transpose(spec):
     rng = np.random.default_rng(5)
     kernels = {"wide": rng.normal(size=(9, 4)), "tall": rng.normal(size=(3, 8))}   # (in, out)
     stream = [{k: rng.normal(size=v.shape) for k, v in kernels.items()} for _ in range(4)]
     t = lambda tree: {k: np.asarray(v).T for k, v in tree.items()}
-    optax_run = _jax_trajectory(jax_backend.compile(spec, layout="optax"), _to_jax(kernels),
-                                _to_jax(stream))
-    torch_run = _jax_trajectory(jax_backend.compile(spec, layout="torch"), _to_jax(t(kernels)),
-                                _to_jax([t(g) for g in stream]))
-    _assert_close([t(p) for p in optax_run], torch_run, rtol=1e-12, atol=1e-13)
+    optax_run = jax_run(jax_backend.compile(spec, layout="optax"), to_jax(kernels),
+                                to_jax(stream))
+    torch_run = jax_run(jax_backend.compile(spec, layout="torch"), to_jax(t(kernels)),
+                                to_jax([t(g) for g in stream]))
+    assert_trajectories_close([t(p) for p in optax_run], torch_run, rtol=1e-12, atol=1e-13)
     # And the torch layout is the reference's (torch (out, in) = optax kernelᵀ).
-    _assert_close(torch_run, _reference_trajectory(spec, t(kernels), [t(g) for g in stream]))
+    assert_trajectories_close(torch_run, reference_run(spec, t(kernels), [t(g) for g in stream]))
 
 
-@pytest.mark.parametrize("name", MATRIX_SPECS)
-def test_stacked_leaf_equals_independent_matrices(name):
+@pytest.mark.specs(*MATRIX_SPECS)
+def test_stacked_leaf_equals_independent_matrices(spec):
     """A (L, in, out) leaf in optax layout is L matrices, each with its own key norm, NS
     normalisation and shape scale (the shared state is element-wise anyway)."""
-    spec = PRESETS[name]
     rng = np.random.default_rng(6)
     stacked = rng.normal(size=(3, 5, 4))
     grads = [rng.normal(size=stacked.shape) for _ in range(4)]
-    run = _jax_trajectory(jax_backend.compile(spec), {"w": jnp.asarray(stacked)},
+    run = jax_run(jax_backend.compile(spec), {"w": jnp.asarray(stacked)},
                           [{"w": jnp.asarray(g)} for g in grads])
     split = lambda x: {f"w{i}": jnp.asarray(x[i]) for i in range(len(x))}
-    apart = _jax_trajectory(jax_backend.compile(spec), split(stacked), [split(g) for g in grads])
+    apart = jax_run(jax_backend.compile(spec), split(stacked), [split(g) for g in grads])
     for a, b in zip(run, apart):
         np.testing.assert_allclose(np.asarray(a["w"]), np.stack([b[f"w{i}"] for i in range(3)]),
                                    rtol=1e-12, atol=1e-13)
@@ -272,21 +197,21 @@ def _routed_vs_alone(spec, params, expect_fallback):
     rng = np.random.default_rng(7)
     stream = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
               for _ in range(3)]
-    routed = _jax_trajectory(jax_backend.compile(spec), params, stream)
+    routed = jax_run(jax_backend.compile(spec), params, stream)
     alone = {"rule": jax_backend.compile(spec.with_routing(min_ndim=0).with_fallback(None)),
              "fallback": jax_backend.compile(spec.fallback)}
     for n, lab in flat.items():
         def pick(tree, n=n):
             return {"x": next(leaf for p, leaf in jax.tree_util.tree_leaves_with_path(tree)
                               if jax_backend.path_name(p) == n)}
-        solo = _jax_trajectory(alone[lab], pick(params), [pick(g) for g in stream])
+        solo = jax_run(alone[lab], pick(params), [pick(g) for g in stream])
         for a, b in zip(routed, solo):
             np.testing.assert_allclose(pick(a)["x"], b["x"], rtol=1e-13, atol=1e-14, err_msg=n)
 
 
 def _model():
     rng = np.random.default_rng(8)
-    return _to_jax({"params": {"embed": {"w": rng.normal(size=(10, 4))},
+    return to_jax({"params": {"embed": {"w": rng.normal(size=(10, 4))},
                                "blocks": [{"w": rng.normal(size=(4, 6)), "b": rng.normal(size=6)},
                                           {"w": rng.normal(size=(6, 4)), "b": rng.normal(size=4)}],
                                "head": {"w": rng.normal(size=(4, 10))}}})
@@ -321,19 +246,19 @@ def test_matrix_rule_without_fallback_rejects_vectors():
 # optax integration (float64, torch layout, against the reference)
 # --------------------------------------------------------------------------------------------
 
-SPEC = PRESETS["muon_torch"]          # matrix rule + adamw fallback: exercises the partition
-
-
 def _tree_stream():
+    """Full gradients (no missing ones, as optax has none); the tests below run the table's
+    "muon" (matrix rule + adamw fallback: exercises the partition)."""
     params, stream = _named(missing=())
-    return params, stream, _to_jax(params), _to_jax(stream)
+    return params, stream, to_jax(params), to_jax(stream)
 
 
-def test_inject_hyperparams_traced_lr_and_weight_decay():
+@pytest.mark.specs("muon")
+def test_inject_hyperparams_traced_lr_and_weight_decay(spec):
     params, stream, jparams, jstream = _tree_stream()
     tx = optax.inject_hyperparams(
         lambda learning_rate, weight_decay: jax_backend.compile(
-            SPEC, learning_rate=learning_rate, weight_decay=weight_decay, layout="torch")
+            spec, learning_rate=learning_rate, weight_decay=weight_decay, layout="torch")
     )(learning_rate=0.02, weight_decay=0.1)
     update = jax.jit(tx.update)
     state = tx.init(jparams)
@@ -347,54 +272,57 @@ def test_inject_hyperparams_traced_lr_and_weight_decay():
         ours.append(jparams)
     # The reference with the same per-step lr and weight decay, applied to the main rule only
     # (the adamw fallback keeps its own lr = 0.02 and weight decay = 0).
-    ref_state, ref, p = reference.init(SPEC, params), [], params
+    ref_state, ref, p = reference.init(spec, params), [], params
     for t, grads in enumerate(stream):
-        p, ref_state = reference.step(SPEC.replace(lr=lrs[t], weight_decay=0.1 if t < 4 else 0.3),
+        p, ref_state = reference.step(spec.replace(lr=lrs[t], weight_decay=0.1 if t < 4 else 0.3),
                                       p, grads, ref_state)
         ref.append(p)
-    _assert_close(ours, ref)
+    assert_trajectories_close(ours, ref)
     assert update._cache_size() == 1
 
 
-def test_schedule_learning_rate():
+@pytest.mark.specs("muon")
+def test_schedule_learning_rate(spec):
     params, stream, jparams, jstream = _tree_stream()
     schedule = optax.linear_schedule(0.03, 0.0, transition_steps=10)
-    ours = _jax_trajectory(jax_backend.compile(SPEC, learning_rate=schedule, layout="torch"),
+    ours = jax_run(jax_backend.compile(spec, learning_rate=schedule, layout="torch"),
                            jparams, jstream)
     # optax evaluates the schedule at the int32 count before the step: t = 1 uses schedule(0)
     # (linear_schedule returns float32 on an int32 count; the reference gets the same values).
     lrs = [float(schedule(jnp.asarray(t, jnp.int32))) for t in range(len(stream))]
-    _assert_close(ours, _reference_trajectory(SPEC, params, stream, lrs))
+    assert_trajectories_close(ours, reference_run(spec, params, stream, lrs))
 
 
-def test_multisteps_accumulates_then_steps():
+@pytest.mark.specs("muon")
+def test_multisteps_accumulates_then_steps(spec):
     params, stream, jparams, jstream = _tree_stream()
-    tx = optax.MultiSteps(jax_backend.compile(SPEC, layout="torch"), every_k_schedule=2,
+    tx = optax.MultiSteps(jax_backend.compile(spec, layout="torch"), every_k_schedule=2,
                           accumulator_dtype=jnp.float64)       # optax's default is float32
-    ours = _jax_trajectory(tx, jparams, jstream)[1::2]          # params after each real step
+    ours = jax_run(tx, jparams, jstream)[1::2]          # params after each real step
     means = [{n: (a[n] + b[n]) / 2 for n in a} for a, b in zip(stream[0::2], stream[1::2])]
-    _assert_close(ours, _reference_trajectory(SPEC, params, means))
+    assert_trajectories_close(ours, reference_run(spec, params, means))
 
 
-def test_inside_chain_after_clipping():
+@pytest.mark.specs("muon")
+def test_inside_chain_after_clipping(spec):
     params, stream, jparams, jstream = _tree_stream()
-    tx = optax.chain(optax.clip_by_global_norm(1.0), jax_backend.compile(SPEC, layout="torch"))
-    ours = _jax_trajectory(tx, jparams, jstream)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), jax_backend.compile(spec, layout="torch"))
+    ours = jax_run(tx, jparams, jstream)
 
     def clip(grads):
         norm = np.sqrt(sum(np.sum(g * g) for g in grads.values()))
         return {n: g * min(1.0, 1.0 / norm) for n, g in grads.items()}
-    _assert_close(ours, _reference_trajectory(SPEC, params, [clip(g) for g in stream]))
+    assert_trajectories_close(ours, reference_run(spec, params, [clip(g) for g in stream]))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", ["sgd_dampening_torch_quirk", "adamw", "delta_newton_schulz",
-                                  "muon_optax", "custom_sign_denominator"])
-def test_jit_does_not_retrace_on_second_step(name, dtype):
+@pytest.mark.specs("sgd_damped_torch", "adamw", "delta_newton_schulz_cubic_sgd_fallback", "muon_optax",
+                   "custom_sign_denominator")
+def test_jit_does_not_retrace_on_second_step(spec, dtype):
     """Same state structure and dtypes after every step, so one trace serves them all — also
     for float32 leaves while x64 is on, where a float64 step-count power would promote them."""
     traces = []
-    tx = jax_backend.compile(PRESETS[name])
+    tx = jax_backend.compile(spec)
 
     @jax.jit
     def step(params, grads, state):
@@ -411,16 +339,16 @@ def test_jit_does_not_retrace_on_second_step(name, dtype):
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
 
 
-def test_none_leaves_pass_through_as_in_optax():
+@pytest.mark.specs("muon_optax")
+def test_none_leaves_pass_through_as_in_optax(spec):
     """optax treats None as an empty subtree: no state, a None update, apply_updates keeps it;
     the other leaves step exactly as without the None leaves."""
     rng = np.random.default_rng(9)
-    full = _to_jax({"w": rng.normal(size=(4, 5)), "b": rng.normal(size=5)})
+    full = to_jax({"w": rng.normal(size=(4, 5)), "b": rng.normal(size=5)})
     with_none = {"w": full["w"], "frozen": None, "sub": [None, full["b"]]}
-    grads = [_to_jax({"w": rng.normal(size=(4, 5)), "b": rng.normal(size=5)}) for _ in range(3)]
-    spec = PRESETS["muon_optax"]
-    plain = _jax_trajectory(jax_backend.compile(spec), full, grads)
-    holey = _jax_trajectory(jax_backend.compile(spec), with_none,
+    grads = [to_jax({"w": rng.normal(size=(4, 5)), "b": rng.normal(size=5)}) for _ in range(3)]
+    plain = jax_run(jax_backend.compile(spec), full, grads)
+    holey = jax_run(jax_backend.compile(spec), with_none,
                             [{"w": g["w"], "frozen": None, "sub": [None, g["b"]]} for g in grads])
     for a, b in zip(plain, holey):
         assert b["frozen"] is None and b["sub"][0] is None
@@ -435,7 +363,7 @@ def test_zero_gradient_is_not_a_missing_gradient():
     stream = [{"w": np.ones((3, 4))}, {"w": np.zeros((3, 4))}]
     spec = deepopt.sgd(0.1, momentum=0.9, weight_decay=0.1)
     ours = jax_backend.run_trajectory(spec, params, stream)
-    _assert_close(ours, _reference_trajectory(spec, params, stream))
+    assert_trajectories_close(ours, reference_run(spec, params, stream))
     assert not np.array_equal(ours[1]["w"], ours[0]["w"])
 
 
