@@ -15,11 +15,11 @@ cases over the four properties, is marked ``slow``::
 
 from __future__ import annotations
 
-import io
-
+import _helpers
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_tensors_equal, torch_params, torch_states, torch_step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,36 +27,15 @@ import torch_backend
 from deepopt import testing
 
 KINDS = ("sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3")
-SPECS = testing.specs(kinds=KINDS)
+#: A hypothesis strategy (drawn hyperparameters), not a table: the table is tests/conftest.py's
+#: SPECS, which the ``test_table_*`` cases below run on.
+DRAWN_SPECS = testing.specs(kinds=KINDS)
 PROBLEMS = testing.problems(steps=(2, 6), max_params=3, max_side=5)
 # Examples per property: the default suite's, and the slow run's (2,000 + 3 × 2,667 ≥ 10,000).
 SMALL = settings(max_examples=6, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FULL_BACKENDS = settings(SMALL, max_examples=2000, derandomize=False)
 FULL = settings(SMALL, max_examples=2667, derandomize=False)
-
-
-def _torch_params(params):
-    return {n: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for n, v in params.items()}
-
-
-def _step(opt, tparams, grads):
-    for n, p in tparams.items():
-        p.grad = torch.tensor(grads[n], dtype=torch.float64)
-    opt.step()
-
-
-def _states(opt, tparams):
-    return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in tparams.items()}
-
-
-def _assert_same(a, b):
-    assert a.keys() == b.keys()
-    for n in a:
-        if isinstance(a[n], dict):
-            _assert_same(a[n], b[n])
-        else:
-            assert torch.equal(a[n], b[n]), n
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,67 +50,49 @@ def check_backends_agree(spec, problem):
 
 def check_round_trip(spec, problem, cut):
     params, grads = problem
-    cut = min(cut, len(grads) - 1)
-    full = _torch_params(params)
-    opt = torch_backend.compile(spec, full.items())
-    for g in grads:
-        _step(opt, full, g)
-
-    part = _torch_params(params)
-    opt1 = torch_backend.compile(spec, part.items())
-    for g in grads[:cut]:
-        _step(opt1, part, g)
-    buf = io.BytesIO()
-    torch.save({"opt": opt1.state_dict(), "params": {n: p.detach() for n, p in part.items()}}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    resumed = {n: torch.nn.Parameter(t.clone()) for n, t in saved["params"].items()}
-    opt2 = torch_backend.compile(spec, resumed.items())
-    opt2.load_state_dict(saved["opt"])
-    for g in grads[cut:]:
-        _step(opt2, resumed, g)
-    _assert_same({n: p.detach() for n, p in full.items()}, {n: p.detach() for n, p in resumed.items()})
-    _assert_same(_states(opt, full), _states(opt2, resumed))
+    _helpers.assert_resume_is_exact(spec, params, grads, cut=min(cut, len(grads) - 1))
 
 
 def check_finite(spec, problem):
     params, grads = problem
-    tparams = _torch_params(params)
+    tparams = torch_params(params)
     opt = torch_backend.compile(spec, tparams.items())
     for g in grads:
-        _step(opt, tparams, g)
+        torch_step(opt, tparams, g)
     for n, p in tparams.items():
         assert torch.isfinite(p).all(), n
         for k, v in opt.state[p].items():
             assert torch.isfinite(v).all(), (n, k)
 
 
-def check_group_edit(spec, edit, problem):
+def check_group_edit(spec, edit, problem) -> bool:
     """Write ``edit`` into the rule group after the first half of the stream (``lr`` into every
-    group, as schedulers and scripts write it)."""
+    group, as schedulers and scripts write it). Returns whether the edit took effect (False:
+    the step raised and changed nothing)."""
     params, grads = problem
-    a = _torch_params(params)
+    a = torch_params(params)
     opt = torch_backend.compile(spec, a.items())
     half = len(grads) // 2
     for g in grads[:half]:
-        _step(opt, a, g)
-    before = ({n: p.detach().clone() for n, p in a.items()}, _states(opt, a))
+        torch_step(opt, a, g)
+    before = ({n: p.detach().clone() for n, p in a.items()}, torch_states(opt, a))
     for group in opt.param_groups:
         group.update({k: v for k, v in edit.items() if k == "lr" or group["route"] == "rule"})
     try:
-        _step(opt, a, grads[half])
+        torch_step(opt, a, grads[half])
     except ValueError:
-        _assert_same({n: p.detach() for n, p in a.items()}, before[0])
-        _assert_same(_states(opt, a), before[1])
-        return
+        assert_tensors_equal({n: p.detach() for n, p in a.items()}, before[0], "params")
+        assert_tensors_equal(torch_states(opt, a), before[1], "state")
+        return False
     # It took effect: the same step as an optimizer built with the edited spec, same state.
     b = {n: torch.nn.Parameter(t.clone()) for n, t in before[0].items()}
     ref = torch_backend.compile(spec.replace(**edit), b.items())
     for n, p in b.items():
         ref.state[p] = {k: v.clone() for k, v in before[1][n].items()}
-    _step(ref, b, grads[half])
-    _assert_same({n: p.detach() for n, p in a.items()}, {n: p.detach() for n, p in b.items()})
-    _assert_same(_states(opt, a), _states(ref, b))
+    torch_step(ref, b, grads[half])
+    assert_tensors_equal({n: p.detach() for n, p in a.items()}, {n: p.detach() for n, p in b.items()}, "params")
+    assert_tensors_equal(torch_states(opt, a), torch_states(ref, b), "state")
+    return True
 
 
 _BAD_VALUES = (-1.0, 1.5, float("nan"), float("inf"), "bogus", None, 10**6, (0.5,))
@@ -141,7 +102,7 @@ _BAD_VALUES = (-1.0, 1.5, float("nan"), float("inf"), "bogus", None, 10**6, (0.5
 def _edits(draw):
     """``(spec, edit)``: another valid spec's values for 1–3 keys, or (half the time) one key
     set to a value that is often out of range for it."""
-    spec = draw(SPECS)
+    spec = draw(DRAWN_SPECS)
     if draw(st.booleans()):
         return spec, {draw(st.sampled_from(sorted(spec.hyperparameters))): draw(st.sampled_from(_BAD_VALUES))}
     other = draw(testing.specs(kinds=(spec.name,)))
@@ -155,19 +116,19 @@ def _edits(draw):
 
 
 @SMALL
-@given(spec=SPECS, problem=PROBLEMS)
+@given(spec=DRAWN_SPECS, problem=PROBLEMS)
 def test_backends_agree(spec, problem):
     check_backends_agree(spec, problem)
 
 
 @SMALL
-@given(spec=SPECS, problem=PROBLEMS, cut=st.integers(1, 5))
+@given(spec=DRAWN_SPECS, problem=PROBLEMS, cut=st.integers(1, 5))
 def test_state_dict_round_trip_mid_stream_is_bit_identical(spec, problem, cut):
     check_round_trip(spec, problem, cut)
 
 
 @SMALL
-@given(spec=SPECS, problem=PROBLEMS)
+@given(spec=DRAWN_SPECS, problem=PROBLEMS)
 def test_finite_inputs_give_finite_parameters_and_state(spec, problem):
     check_finite(spec, problem)
 
@@ -179,27 +140,46 @@ def test_group_edits_take_effect_or_change_nothing(edit, problem):
 
 
 # --------------------------------------------------------------------------------------------
+# The shared spec table (tests/conftest.py) on its model problem: every entry, no drawing
+# (backend agreement and the round trip over the table: test_jax_backend, test_torch_backend)
+# --------------------------------------------------------------------------------------------
+
+
+def test_table_finite_inputs_give_finite_parameters_and_state(spec, model_problem):
+    check_finite(spec, model_problem)
+
+
+def test_table_lr_and_weight_decay_edits_take_effect(spec, model_problem):
+    assert check_group_edit(spec, {"lr": spec.lr / 2, "weight_decay": 0.05}, model_problem)
+
+
+@pytest.mark.parametrize("edit", [{"lr": -1.0}, {"weight_decay": float("nan")}], ids=["lr", "weight_decay"])
+def test_table_bad_edits_raise_and_change_nothing(spec, model_problem, edit):
+    assert not check_group_edit(spec, edit, model_problem)
+
+
+# --------------------------------------------------------------------------------------------
 # Full run: python -m pytest -q -m slow tests/test_conformance.py
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 @FULL_BACKENDS
-@given(spec=SPECS, problem=PROBLEMS)
+@given(spec=DRAWN_SPECS, problem=PROBLEMS)
 def test_slow_backends_agree(spec, problem):
     check_backends_agree(spec, problem)
 
 
 @pytest.mark.slow
 @FULL
-@given(spec=SPECS, problem=PROBLEMS, cut=st.integers(1, 5))
+@given(spec=DRAWN_SPECS, problem=PROBLEMS, cut=st.integers(1, 5))
 def test_slow_state_dict_round_trip_mid_stream_is_bit_identical(spec, problem, cut):
     check_round_trip(spec, problem, cut)
 
 
 @pytest.mark.slow
 @FULL
-@given(spec=SPECS, problem=PROBLEMS)
+@given(spec=DRAWN_SPECS, problem=PROBLEMS)
 def test_slow_finite_inputs_give_finite_parameters_and_state(spec, problem):
     check_finite(spec, problem)
 
