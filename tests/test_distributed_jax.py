@@ -22,45 +22,39 @@ pytestmark = pytest.mark.distributed
 STEPS = 3
 TOL = 1e-5          # max |Δ| / max |W| after STEPS, sharded vs unsharded
 
-#: Default options of every preset (sgd has no default lr), both Newton–Schulz dtypes, M3 with
-#: its slow write inside the run.
-SPECS = {
-    "sgd": "deepopt.sgd(0.05, momentum=0.9)",
-    "adamw": "deepopt.adamw()",
-    "delta_momentum": "deepopt.delta_momentum(0.05)",
-    "muon": "deepopt.muon(0.02)",
-    "muon_fp32": "deepopt.muon(0.02, ns_dtype='float32')",
-    "dmgd": "deepopt.dmgd(0.02, readout='newton_schulz')",
-    "m3_slow": "deepopt.m3(frequency=2)",
-}
+#: Entries of tests/conftest.py's SPECS run on the mesh (-m slow): every preset, both
+#: low-precision Newton–Schulz dtypes, M3 with its slow write inside the run (frequency 2).
+ON_THE_MESH = ("sgd_heavy_ball", "adamw", "delta_momentum", "muon_bfloat16", "muon_float32",
+               "dmgd_newton_schulz", "m3_decay")
 #: Specs with a Newton–Schulz read-out: also run with ns_mesh (whole matrices).
-WITH_NEWTON_SCHULZ = ("muon", "muon_fp32", "dmgd", "m3_slow")
+WITH_NEWTON_SCHULZ = ("muon_bfloat16", "muon_float32", "dmgd_newton_schulz", "m3_decay")
 #: Specs whose collectives are read from the compiled HLO, at two ns_steps each.
-COUNTED = ("muon", "m3_slow")
+COUNTED = ("muon_bfloat16", "m3_decay")
 #: The default run's share (each case compiles several sharded steps, DMGD's take 10–20 s on a
 #: loaded CPU); -m slow runs them all. DMGD checks the placement of W₁/W₂/ν.
-DEFAULT = ("muon", "dmgd")
-DEFAULT_WHOLE = ("muon",)
+DEFAULT = ("muon_bfloat16", "dmgd_newton_schulz")
+DEFAULT_WHOLE = ("muon_bfloat16",)
 _COLLECTIVE = re.compile(r"= [^=]*?\b(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
                          r"(?:-start)?\(")
 
 
 def _main(names: list[str], whole: list[str]) -> None:
     """The subprocess: the cases of ``names`` (and of ``whole`` with ``ns_mesh``), as one JSON line."""
+    import _helpers
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
+    from conftest import SPECS
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    import deepopt  # noqa: F401 - used by the SPECS expressions
     import jax_backend
 
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
     # name: (shape, partition spec): kernels (in, out), a stack of 4, a bias, a small head. No
-    # state leaf of another shape (DMGD's W₁ h×n, W₂ n×h with h = 16) has a parameter's shape.
+    # state leaf of another shape (DMGD's W₁ h×n, W₂ n×h with h = 2) has a parameter's shape.
     layout = {
         "dense": ((24, 12), P("x", "y")),
         "stacked": ((4, 8, 6), P("x", None, "y")),
@@ -101,7 +95,7 @@ def _main(names: list[str], whole: list[str]) -> None:
 
     results = {}
     for name in names:
-        spec = eval(SPECS[name])
+        spec = SPECS[name]()
         ref, _, _ = run(jax_backend.compile(spec), sharded=False)
         for ns_mesh in (None, mesh) if name in whole else (None,):
             params, state, traces = run(jax_backend.compile(spec, ns_mesh=ns_mesh), sharded=True)
@@ -119,9 +113,7 @@ def _main(names: list[str], whole: list[str]) -> None:
                                                                            ns_mesh=ns_mesh))
                                        for ns in (2, 5)}
             results[f"{name}/{'whole' if ns_mesh is not None else 'partitioned'}"] = case
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("\n## Distributed", 1)[1].split("\n## ", 1)[0]
-    examples = [code for code in re.findall(r"```py\n(.*?)```", section, flags=re.S) if "jax_backend" in code]
+    examples = _helpers.readme_distributed_examples("jax_backend")
     for code in examples:
         exec(compile(code, "README.md (Distributed, JAX)", "exec"), {"__name__": "__main__"})
     results["readme_examples"] = len(examples)
@@ -166,13 +158,15 @@ def test_sharded_params_match_unsharded(mesh_results, name, mode):
     _check_case(mesh_results[f"{name}/{mode}"], f"{name} ({mode})")
 
 
-def test_whole_matrix_newton_schulz_leaves_no_all_reduce(mesh_results):
-    _check_counts(mesh_results["muon/whole"]["collectives"], mesh_results["muon/partitioned"]["collectives"])
+@pytest.mark.parametrize("name", [name for name in COUNTED if name in DEFAULT_WHOLE])
+def test_whole_matrix_newton_schulz_leaves_no_all_reduce(mesh_results, name):
+    _check_counts(mesh_results[f"{name}/whole"]["collectives"], mesh_results[f"{name}/partitioned"]["collectives"])
 
 
 @pytest.mark.slow
 def test_every_spec_on_the_mesh():
-    results = _run(SPECS, WITH_NEWTON_SCHULZ)
+    results = _run(ON_THE_MESH, WITH_NEWTON_SCHULZ)
+    assert {label.split("/")[0] for label in results if "/" in label} == set(ON_THE_MESH)
     for label, case in results.items():
         if isinstance(case, dict):
             _check_case(case, label)

@@ -33,26 +33,18 @@ pytestmark = pytest.mark.distributed
 
 WORLD = 2
 STEPS = 3
+#: Entries of tests/conftest.py's SPECS that the default run checks: every preset, both
+#: low-precision Newton–Schulz dtypes (bfloat16 is torch's default), DMGD as a deep Muon, and
+#: M3 with its slow write inside the run at step 3 ("m3", frequency 3) and every 2 steps.
+DEFAULT = ("sgd_heavy_ball", "adamw", "delta_momentum", "muon_bfloat16", "muon_float32", "dmgd_newton_schulz",
+           "m3", "m3_decay")
 #: Specs whose collectives are counted at ns_steps 2 and 5: each whole-matrix phase costs two
 #: collectives per bucket of same-shape matrices (to the owners, back to the shards), and the
 #: model has three matrix buckets (5×7, 2 × 5×5, 1×5). M3's slow read-out runs at step 2.
 #: DMGD's memory takes three per bucket (rows to the owners, rows back, θ to every rank), its
 #: Newton–Schulz read-out none of its own (it runs on the owner, before the rows go back).
-COUNTED = {"muon": 3 * 2, "muon_fp32": 3 * 2, "m3_slow": 3 * 2 * 2, "dmgd": 3 * 3}
+COUNTED = {"muon_bfloat16": 3 * 2, "muon_float32": 3 * 2, "m3_decay": 3 * 2 * 2, "dmgd_newton_schulz": 3 * 3}
 TOL = 1e-4          # max |Δ| / max |W| after training, per parameter
-
-#: Default options of every preset (sgd has no default lr), both Newton–Schulz dtypes, and
-#: M3 with a slow write inside the run (its default frequency is 10 steps).
-DEFAULT_SPECS = {
-    "sgd": lambda: deepopt.sgd(0.05, momentum=0.9),
-    "adamw": lambda: deepopt.adamw(),
-    "delta_momentum": lambda: deepopt.delta_momentum(0.05),
-    "muon": lambda: deepopt.muon(),
-    "muon_fp32": lambda: deepopt.muon(ns_dtype="float32"),
-    "dmgd": lambda: deepopt.dmgd(0.02, readout="newton_schulz"),   # a deep Muon
-    "m3": lambda: deepopt.m3(),
-    "m3_slow": lambda: deepopt.m3(frequency=2),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,12 +148,11 @@ def _rel_error(a: dict, b: dict) -> float:
 
 
 def _specs(table: str) -> dict:
-    """A table of spec factories by name (lambdas do not cross process boundaries)."""
-    if table == "default":
-        return DEFAULT_SPECS
+    """Spec factories by name: ``DEFAULT``'s or (``"all"``) the whole table. Each process reads
+    them from tests/conftest.py (lambdas do not cross process boundaries)."""
     from conftest import SPECS
 
-    return SPECS
+    return {name: SPECS[name] for name in DEFAULT} if table == "default" else SPECS
 
 
 def _fsdp_parity_worker(rank: int, world: int, table: str) -> dict:
@@ -185,7 +176,7 @@ def _fsdp_parity_worker(rank: int, world: int, table: str) -> dict:
             # DMGD's θ: Replicate DTensors, equal on every rank.
             theta = [st[k].to_local().clone() for st in opt.state.values() for k in ("mlp_w1", "mlp_w2")
                      if k in st and isinstance(st[k], DTensor)]
-            stats = torch_backend.memory_stats(opt) if name == "dmgd" else None   # collective: every rank
+            stats = torch_backend.memory_stats(opt) if name == "dmgd_newton_schulz" else None  # every rank
             error = None
             if rank == 0:
                 ref_opt = torch_backend.compile(spec, ref.named_parameters(), foreach=foreach)
@@ -282,7 +273,7 @@ def fsdp_results(suite):
 
 
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
-@pytest.mark.parametrize("name", list(DEFAULT_SPECS))
+@pytest.mark.parametrize("name", DEFAULT)
 def test_fsdp2_matches_one_process(fsdp_results, name, foreach):
     r0, r1 = (r[(name, foreach)] for r in fsdp_results)
     assert not isinstance(r0, str), r0
@@ -324,8 +315,8 @@ HEAD_TO_FALLBACK = deepopt.Routing(fallback_patterns=(r"^head\.",))
 #: Collectives in a DDP step with ``ddp_mesh``: one all-gather per bucket of matrices whose
 #: Newton–Schulz is split (the head is on the fallback: buckets 5×7 and 2 × 5×5). The delta
 #: term and DMGD's memory run on each replica, as without ``ddp_mesh``.
-DDP_GATHERS = {"sgd": 0, "adamw": 0, "delta_momentum": 0, "muon": 2, "muon_fp32": 2, "dmgd": 2,
-               "m3": 2, "m3_slow": 2}
+DDP_GATHERS = {"sgd_heavy_ball": 0, "adamw": 0, "delta_momentum": 0, "muon_bfloat16": 2, "muon_float32": 2,
+               "dmgd_newton_schulz": 2, "m3": 2 * 2, "m3_decay": 2}   # "m3" writes its slow level at step 3
 
 
 def _ddp(model):
@@ -371,7 +362,7 @@ def ddp_results(suite):
     return [r["ddp"] for r in suite]
 
 
-@pytest.mark.parametrize("name", list(DEFAULT_SPECS))
+@pytest.mark.parametrize("name", DEFAULT)
 def test_ddp_split_is_bit_identical_to_unsplit(ddp_results, name):
     for rank_result in ddp_results:
         (p0, s0, comm0, routes), (p1, s1, comm1, _) = rank_result[name]
@@ -379,7 +370,7 @@ def test_ddp_split_is_bit_identical_to_unsplit(ddp_results, name):
         assert all(torch.equal(a, b) for a, b in zip(p0, p1)), f"{name}: parameters differ with ddp_mesh"
         assert len(s0) == len(s1) and all(torch.equal(a, b) for a, b in zip(s0, s1)), f"{name}: state differs"
         assert comm1 == DDP_GATHERS[name], f"{name}: {comm1} collectives with ddp_mesh"
-        if name in ("muon", "dmgd", "m3"):
+        if name in ("muon_bfloat16", "dmgd_newton_schulz", "m3"):
             # DDP names parameters "module.head.weight": patterns see "head.weight".
             assert routes["module.head.weight"] == "fallback" and routes["module.a.weight"] == "rule"
     for a, b in zip(ddp_results[0][name][1][0], ddp_results[1][name][1][0]):
@@ -443,7 +434,7 @@ def dcp_results(suite):
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "ddp"])
-@pytest.mark.parametrize("name", list(DEFAULT_SPECS))
+@pytest.mark.parametrize("name", DEFAULT)
 def test_dcp_resume_is_bit_exact(dcp_results, name, kind):
     (exact0, keys0, fresh0, _), (exact1, keys1, fresh1, _) = (r[name][kind] for r in dcp_results)
     assert exact0 and exact1, f"{name} under {kind}: resumed run differs from the straight run"
@@ -452,7 +443,7 @@ def test_dcp_resume_is_bit_exact(dcp_results, name, kind):
     assert not any(k.startswith("frozen.") for k in keys0), "frozen parameters keep no state"
 
 
-@pytest.mark.parametrize("name", list(DEFAULT_SPECS))
+@pytest.mark.parametrize("name", DEFAULT)
 def test_dcp_fsdp2_checkpoint_loads_into_ddp(dcp_results, name):
     error = dcp_results[0][name]["fsdp_to_ddp"]
     assert error < TOL, f"{name}: DDP resumed from the FSDP2 checkpoint differs by {error:.2e}"
@@ -464,9 +455,9 @@ def test_dcp_fsdp2_checkpoint_loads_into_ddp(dcp_results, name):
 
 
 def _readme_examples() -> list[str]:
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("\n## Distributed", 1)[1].split("\n## ", 1)[0]
-    return [code for code in re.findall(r"```py\n(.*?)```", section, flags=re.S) if "torch_backend" in code]
+    import _helpers
+
+    return _helpers.readme_distributed_examples("torch_backend")
 
 
 def _readme_worker(rank: int, world: int, ports: list[int], root: str) -> list[str]:
@@ -546,8 +537,9 @@ def _hsdp_worker(rank: int, world: int) -> dict:
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     batches = _batches(STEPS, world)
     out = {}
-    for name in ("muon", "delta_momentum", "dmgd", "m3_slow"):
-        spec = DEFAULT_SPECS[name]()
+    specs = _specs("all")
+    for name in ("muon_bfloat16", "delta_momentum", "dmgd_newton_schulz", "m3_decay"):
+        spec = specs[name]()
         ref, model = _net(), _net()
         for layer in (model.a, model.b1, model.b2, model.head):
             fully_shard(layer, mesh=mesh)
