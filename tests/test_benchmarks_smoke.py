@@ -125,8 +125,10 @@ def test_smoke_convergence(results, optimizers):
         assert r["target"]["kind"] in ("fraction_of_initial", "absolute")
         presets = [n for n in r["optimizers"] if not n.startswith("dmgd_")]   # + DMGD variants
         assert sorted(presets) == optimizers, task
-        for res in r["optimizers"].values():
+        for name, res in r["optimizers"].items():
             assert res["best_lr"] > 0
+            # write_json stores NaN and inf as null: a null final loss is a run that diverged at every lr.
+            assert isinstance(res["final_loss"]["mean"], float), (task, name, res["final_loss"])
             assert {"mean", "std", "per_seed"} <= set(res["final_loss"])
             assert {"per_seed", "n_reached", "median"} <= set(res["steps_to_target"])
             assert len(res["sweep"]) == len(data["config"]["lr_multipliers"])
