@@ -123,6 +123,7 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -423,12 +424,17 @@ class SelfModifyingTitans(nn.Module):
         written memories' retentions: M = 1 (one α for all, or only M_memory written) or
         M = 5 (`generator_writes="separate"`: the generators' α four times, then M_memory's).
         """
-        y, _, _ = mem_apply(w1, w2, xin)  # (B,H,4,n,d)
-        k = F.normalize(y[:, :, MEM_K], dim=-1)
-        v = y[:, :, MEM_V]
-        eta_pre = (y[:, :, MEM_ETA] * self.eta_w[:, None, :]).sum(-1) + self.eta_b[:, None]
+        if w1.shape[0] == 1:  # one state for the whole batch (φ₀): batch × tokens are rows of one bmm
+            B, H, _, n, d = xin.shape
+            rows = xin.expand(B, H, MEM_OUT, n, d).permute(1, 2, 0, 3, 4).reshape(H * MEM_OUT, B * n, d)
+            y, _, _ = mem_apply(w1[0].flatten(0, 1), w2[0].flatten(0, 1), rows)
+            y = y.view(H, MEM_OUT, B, n, d).permute(2, 0, 1, 3, 4)
+        else:
+            y, _, _ = mem_apply(w1, w2, xin)  # (B,H,4,n,d)
+        yk, v, ye, ya = y.unbind(2)  # one node: its backward stacks, where 4 selects would each fill zeros
+        k = F.normalize(yk, dim=-1)
+        eta_pre = (ye * self.eta_w[:, None, :]).sum(-1) + self.eta_b[:, None]
         eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre), max=self.cfg.eta_max)
-        ya = y[:, :, MEM_ALPHA]
         log_a = F.logsigmoid((ya * self.alpha_w[:, None, :]).sum(-1) + self.alpha_b[:, None]).unsqueeze(2)
         if self.cfg.generator_writes == "separate":
             log_g = F.logsigmoid((ya * self.gen_alpha_w[:, None, :]).sum(-1) + self.gen_alpha_b[:, None])
@@ -472,9 +478,13 @@ class SelfModifyingTitans(nn.Module):
             consts = []
             if n_full:
                 L = n_full * C
-                full = chunk_constants(*(t.reshape(B * H, n_full, C, *t.shape[3:]) for t in (
-                    k[:, :, :L], v[:, :, :L])), eta[..., :L].reshape(B * H, n_full, C),
-                    log_a[..., :L].reshape(B * H, n_full, C), clip)
+
+                def head(t, dim):  # the complete chunks' tokens (a slice's backward fills zeros: none if all)
+                    return t if L == T else t.narrow(dim, 0, L)
+
+                full = chunk_constants(*(head(t, 2).reshape(B * H, n_full, C, d) for t in (k, v)),
+                                       head(eta, -1).reshape(B * H, n_full, C),
+                                       head(log_a, -1).reshape(B * H, n_full, C), clip)
                 consts = [dict(zip(full, vals)) for vals in zip(*(t.unbind(1) for t in full.values()))]
             if T > n_full * C:
                 s = n_full * C
@@ -510,7 +520,7 @@ class SelfModifyingTitans(nn.Module):
                 return ts[0] if len(ts) == 1 else torch.stack(ts, 1).flatten(0, 1)
 
             n, Cg = len(group), group[0][2]["k"].shape[1]
-            qg = q[:, :, start : start + n * Cg].reshape(B * H * n, Cg, d)
+            qg = (q if n * Cg == T else q[:, :, start : start + n * Cg]).reshape(B * H * n, Cg, d)
             o = chunk_read(stacked(lambda it: it[0]), stacked(lambda it: it[1]), qg,
                            stacked(lambda it: it[2]["kt"]), *(stacked(lambda it, j=j: it[3][j]) for j in range(5)),
                            stacked(lambda it: it[2]["cum"]), stacked(lambda it: it[2]["log_alpha"]), read)
@@ -658,6 +668,10 @@ class CMSLevel(nn.Module):
             return (y, [(self.w_up, self.w_down)]) if return_states else y
         if reference:
             return cms_reference(self, x, return_states)
+        return self.scan(x, return_states)
+
+    def scan(self, x, return_states=False):
+        """The written level: `forward` with writes on (what `Hope.compile_scans` compiles)."""
         B, T, D = x.shape
         P = self.period
         n = -(-T // P)  # periods read, the last possibly ragged
@@ -740,6 +754,34 @@ def cms_reference(level, x, return_states=False):
 
 
 # -----------------------------------------------------------------------------
+# Optional compilation of the scans
+
+
+class CompiledOrEager:
+    """fn under torch.compile, or fn itself once compiling has failed (with a warning).
+
+    The scans' loops are where a step's operator-dispatch cost is; compiled, each loop body's
+    element-wise operators fuse into a few kernels, forward and backward. Compilation needs
+    a working inductor backend (on CPU: a C++ compiler) and happens on the first call per
+    input shape, so a failure surfaces there, not at wrapping time.
+    """
+
+    def __init__(self, fn, **compile_kw):
+        self.fn = fn
+        self.compiled = torch.compile(fn, **compile_kw)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
+                warnings.warn(f"torch.compile of {getattr(self.fn, '__qualname__', self.fn)} failed "
+                              f"({type(e).__name__}: {e}); running it eager", RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.fn(*args, **kwargs)
+
+
+# -----------------------------------------------------------------------------
 # HOPE block and language model
 
 
@@ -792,6 +834,19 @@ class Hope(nn.Module):
         gradients; the backward recomputes each segment from its saved input)."""
         for block in self.blocks:
             block.checkpoint = bool(on)
+        return self
+
+    def compile_scans(self, on: bool = True, **compile_kw):
+        """torch.compile every Titans scan and CMS level scan (the sequential loops); the rest
+        of the model stays eager. Same math: tests/test_hope_model.py holds the compiled
+        model's loss and gradients to the eager ones. on=False restores the eager scans.
+        compile_kw go to torch.compile (default dynamic=False: one graph per input shape)."""
+        compile_kw.setdefault("dynamic", False)
+        for m in self.modules():
+            if isinstance(m, (SelfModifyingTitans, CMSLevel)):
+                m.__dict__.pop("scan", None)  # back to the class's eager method
+                if on:
+                    m.scan = CompiledOrEager(m.scan, **compile_kw)
         return self
 
     def set_writes(self, on: bool):
