@@ -54,8 +54,11 @@ def _step(opt, params, grads) -> None:
     opt.step()
 
 
-def _copy_path_run(mem, sts, g, v, shape, rebind):
-    """Today's path before persistent stacks: stack the state, run the kernel, copy back."""
+def _copy_path_run(mem, sts, gs, vs, shape, rebind):
+    """The path before persistent stacks: stack the gradients, values and state, run the
+    kernel on new tensors, copy the state back."""
+    g = torch.stack([x.reshape(shape) for x in gs])
+    v = torch.stack([x.reshape(shape) for x in vs])
     s, w1, w2, nu, prev = _deep_memory.state_stacks(mem, sts, shape)
     s, w1, w2, nu, d, g_hat = _deep_memory.deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
     _deep_memory.state_writeback(mem, sts, s, w1, w2, nu, g_hat)
@@ -256,3 +259,29 @@ def test_eager_stacks_then_compiled_steps_equal_eager(monkeypatch):
             p.grad = g[k]
         (opt.step if t < 2 else compiled)()
     _assert_equal(_snapshot(opt, params), eager)
+
+
+def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer():
+    """On CPU each bucket keeps its full-size temporaries between steps (a fresh megabyte came
+    back from the OS as new pages every step); they are no state and die with the optimizer."""
+    import gc
+
+    params = _params()
+    opt = torch_backend.compile(_spec("memory_alone"), list(params.items()))
+    grads = _grads(3)
+    _step(opt, params, grads[0])
+    bucket = opt.state[params["a"]]["memory"]._base       # the (4, 4, 6) bucket's memory stack
+    single = opt.state[params["e"]]["memory"]              # a bucket of one: its entry
+    work = {id(bucket): _deep_memory._WORK[bucket], id(single): _deep_memory._WORK[single]}
+    assert [tuple(w.shape) for w in work[id(bucket)]] == [(4, 4, 6)] * 3
+    assert work[id(single)][2] is None                    # a bucket of one stacks no gradient
+    for g in grads[1:]:
+        _step(opt, params, g)
+    assert _deep_memory._WORK[bucket] is work[id(bucket)]
+    slots = {slot.key for slot in _spec("memory_alone").rule.state_slots()}
+    dmgd_states = [st for st in opt.state_dict()["state"].values() if "mlp_w1" in st]   # not the fallback's
+    assert len(dmgd_states) == 5 and all(set(st) == slots for st in dmgd_states)
+    n = len(_deep_memory._WORK)
+    del opt, bucket, single, work, dmgd_states
+    gc.collect()
+    assert len(_deep_memory._WORK) == n - 2

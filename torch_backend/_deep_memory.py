@@ -24,6 +24,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from deepopt import DeepMemory, UpdateRule, matrix_view_shape
 from deepopt._memory import silu_grad
@@ -34,53 +35,63 @@ from torch_backend._kernels import MemoryKernel, Read
 
 def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None,
                        w2: torch.Tensor | None, nu: torch.Tensor | None, g: torch.Tensor,
-                       v: torch.Tensor, prev_key: torch.Tensor | None):
+                       v: torch.Tensor, prev_key: torch.Tensor | None, work: tuple | None = None):
     """DMGD's scale-stable write and read (docs/math.md §5) on stacks.
 
     s, g, v, prev_key: (B, m, n); w1: (B, h, n); w2: (B, n, h); nu: (B, 1, 1), the value
     scale ν. Writes the new ``S, W₁, W₂, ν`` into ``s, w1, w2, nu`` (and ``Ĝ`` into
     ``prev_key`` with ``keys="previous"``, after reading it). Returns ``(S, W₁, W₂, ν, D̃, Ĝ)``:
     the first four are the stacks given; ``D̃`` is ``s`` itself when the memory is ``S`` alone.
+
+    ``work``: two ``(B, m, n)`` buffers for the full-size temporaries (Ĝ, then D̃; F, then E),
+    kept between steps by the caller (see :func:`_workspace`). Ĝ's buffer then holds D̃, and
+    the returned Ĝ is None.
     """
     m = s.size(-2)
     alpha, eta = mem.momentum, mem.inner_lr
-    g_hat = g / g.norm(dim=-1, keepdim=True).clamp(min=mem.key_eps)   # Ĝ: rows normalised
+    w_read, w_err = work if work is not None else (None, None)
+    g_hat = torch.div(g, g.norm(dim=-1, keepdim=True).clamp_(min=mem.key_eps), out=w_read)  # Ĝ: rows normalised
     k = g_hat if mem.keys == "current" else prev_key
     if mem.hidden:
         # ν = max(β ν, ‖V‖_F/√m, ε); the MLP's read at φ_{t−1} in units of ν.
-        rms = v.norm(dim=(-2, -1), keepdim=True) / math.sqrt(m)
+        rms = v.norm(dim=(-2, -1), keepdim=True).div_(math.sqrt(m))
         nu.copy_(torch.maximum(nu * mem.scale_decay, rms).clamp_(min=mem.key_eps))
         z = torch.bmm(k, w1.mT)                              # Z = K W₁ᵀ : (B,m,h)
         h = F.silu(z)
-        f = torch.bmm(h, w2.mT).mul_(nu)                     # F = ν H W₂ᵀ : (B,m,n)
+        f = torch.bmm(h, w2.mT, out=w_err).mul_(nu)          # F = ν H W₂ᵀ : (B,m,n)
     # E = ∂ℓ/∂M(k_r) row by row: dot −ηV, l2 η(S + F − V).
-    # (In place wherever a temporary would be full-size, and a product by α = 1 is skipped:
-    # the values, and so the rounding, are the reference's operation by operation.)
+    # (In place wherever a temporary would be made, and a product by α = 1 is skipped: the
+    # values, and so the rounding, are the reference's operation by operation.)
     if mem.objective == "dot":
-        e = v * -eta
+        e = torch.mul(v, -eta, out=w_err)
     else:
-        e = (f.add_(s).sub_(v) if mem.hidden else torch.sub(s, v)).mul_(eta)
+        e = (f.add_(s).sub_(v) if mem.hidden else torch.sub(s, v, out=w_err)).mul_(eta)
     if alpha != 1.0:
         s.mul_(alpha)
     s.sub_(e)                                                # S ← αS − ∇_S
     if mem.hidden:
         # θ: row mean of the gradient in units of ν, rates η/(1 + ηλ̄) per weight.
         e_hat = e.div_(nu)
-        rate_w2 = 1 / (1 + (eta / m) * h.square().sum(dim=(-2, -1), keepdim=True))         # (B,1,1)
-        rate_w1 = 1 / (1 + eta * mem.SILU_SLOPE_SQ * w2.square().sum(dim=(-2, -1), keepdim=True))
-        grad_w2 = torch.bmm(e_hat.mT, h).mul_(rate_w2 / m)   # Êᵀ H / m              : (B,n,h)
-        grad_w1 = torch.bmm((torch.bmm(e_hat, w2) * silu_grad(z, torch.sigmoid)).mT, k).mul_(rate_w1 / m)  # (B,h,n)
+        # ρ₂ = 1/(1 + (η/m)‖H‖²), ρ₁ = 1/(1 + 1.21η‖W₂‖²): (B,1,1)
+        rate_w2 = h.square().sum(dim=(-2, -1), keepdim=True).mul_(eta / m).add_(1).reciprocal_()
+        rate_w1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(eta * mem.SILU_SLOPE_SQ).add_(1).reciprocal_()
+        grad_w2 = torch.bmm(e_hat.mT, h).mul_(rate_w2.div_(m))   # Êᵀ H / m           : (B,n,h)
+        grad_w1 = torch.bmm(torch.bmm(e_hat, w2).mul_(silu_grad(z, torch.sigmoid)).mT, k).mul_(rate_w1.div_(m))  # (B,h,n)
         w1.sub_(grad_w1)                                     # no retention on W₁
         if alpha != 1.0:
             w2.mul_(alpha)
         w2.sub_(grad_w2)
-        d = torch.bmm(F.silu(torch.bmm(g_hat, w1.mT)), w2.mT).mul_(nu).add_(s)   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
+        hq = F.silu(torch.bmm(g_hat, w1.mT), inplace=True)  # σ(Q W₁ᵀ): Ĝ's last read
+    if mem.keys == "previous":
+        prev_key.copy_(g_hat)
+    if work is not None:
+        g_hat = None                                         # its buffer takes D̃
+    if mem.hidden:
+        d = torch.bmm(hq, w2.mT, out=w_read).mul_(nu).add_(s)   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
     else:
         d = s
     if mem.nesterov:
-        d = torch.mul(d, alpha).add_(v * eta)
-    if mem.keys == "previous":
-        prev_key.copy_(g_hat)
+        d = torch.mul(d, alpha, out=w_read).add_(v * eta)
     return s, w1, w2, nu, d, g_hat
 
 
@@ -166,20 +177,58 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
             st["prev_key"].copy_(g_hat[j].view_as(st["prev_key"]))
 
 
-def _run(mem: DeepMemory, sts: list[dict], g: torch.Tensor, v: torch.Tensor,
-         shape: tuple[int, int], rebind: bool) -> torch.Tensor:
-    """The kernel on one bucket ``g, v: (B, m, n)``, the state written where it lives; returns
-    ``D̃``. ``rebind``: ``sts`` are the optimizer's own dicts (not per-step copies), whose
-    entries may become rows of new stacks."""
+def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tuple[int, int],
+         rebind: bool) -> torch.Tensor:
+    """The kernel on one bucket (its states, gradients and values), the state written where it
+    lives; returns ``D̃ (B, m, n)``. ``rebind``: ``sts`` are the optimizer's own dicts (not
+    per-step copies), whose entries may become rows of new stacks."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
+        g, v = _rows(gs, shape), _values(gs, vs, shape)
         s, w1, w2, nu, prev = state_stacks(mem, sts, shape)
         s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
         state_writeback(mem, sts, s, w1, w2, nu, g_hat)
         return d
     (s, w1, w2, nu, prev), copied = state_rows(mem, sts, shape, rebind)
-    d = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)[4]
+    work = None
+    if s.device.type == "cpu" and all(key != "memory" for key, _ in copied):   # s persists
+        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, len(sts))
+    g = _rows(gs, shape, None if work is None else work[2])
+    d = deep_memory_kernel(mem, s, w1, w2, nu, g, _values(gs, vs, shape, g), prev,
+                           None if work is None else work[:2])[4]
     copy_back(sts, copied)
     return d
+
+
+def _rows(xs: Tensors, shape: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, m, n)`` of the tensors ``xs``: a view for a bucket of one, else a stack (into ``out``)."""
+    if len(xs) == 1:
+        return xs[0].reshape(1, *shape)
+    return torch.stack([x.reshape(shape) for x in xs], out=out)
+
+
+def _values(gs: Tensors, vs: Tensors, shape: tuple[int, int], g: torch.Tensor | None = None) -> torch.Tensor:
+    """The values' stack: the gradients' own (``g``) when V = G, one stack made once."""
+    if all(v is x for v, x in zip(vs, gs)):
+        return g if g is not None else _rows(gs, shape)
+    return _rows(vs, shape)
+
+
+#: Each bucket's full-size temporaries on CPU, kept between steps: freed and allocated anew,
+#: a megabyte-sized temporary came back as fresh pages from the OS on every step (page faults
+#: made a (4, 512, 128) bmm 2-4× slower). Keyed by the object that persists with the bucket's
+#: state (its memory stack, or a bucket of one's memory entry); dropped with it. Not state:
+#: no checkpoint or copy sees it. (CUDA's caching allocator keeps freed blocks already.)
+_WORK: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _workspace(owner: torch.Tensor, like: torch.Tensor, b: int) -> tuple:
+    """Buffers shaped like ``like`` (B, m, n): two for :func:`deep_memory_kernel`'s ``work``,
+    and one for the gradients' stack (None for a bucket of one, whose gradient is a view)."""
+    work = _WORK.get(owner)
+    if work is None or work[0].shape != like.shape or work[0].dtype != like.dtype:
+        work = _WORK[owner] = (torch.empty_like(like), torch.empty_like(like),
+                               torch.empty_like(like) if b > 1 else None)
+    return work
 
 
 def _single(rule: UpdateRule, st: dict, g: torch.Tensor, v: torch.Tensor, t, lay=None) -> Read:
@@ -187,8 +236,7 @@ def _single(rule: UpdateRule, st: dict, g: torch.Tensor, v: torch.Tensor, t, lay
     if lay is not None and lay.sharded:
         read = _batched(rule, [st], [g], [v], None, [lay])
         return Read(read.outs[0])
-    shape = matrix_view_shape(g.shape)
-    d = _run(rule.memory, [st], g.reshape(1, *shape), v.reshape(1, *shape), shape, rebind=lay is None)
+    d = _run(rule.memory, [st], [g], [v], matrix_view_shape(g.shape), rebind=lay is None)
     return Read(_readout.apply_one(rule, d[0].view_as(g), lay))
 
 
@@ -206,10 +254,8 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
             d = _whole(mem, lay, sts, [gs[i] for i in idx], [vs[i] for i in idx], sigma_whole)
             if sigma_whole is not None:
                 done += idx
-        else:
-            g = _rows(gs, idx, m, n)
-            v = g if all(vs[i] is gs[i] for i in idx) else _rows(vs, idx, m, n)   # V = G: one stack
-            d = _run(mem, sts, g, v, (m, n), rebind=layouts is None)   # else: per-step dict copies
+        else:                                                # rebind unless per-step dict copies
+            d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), rebind=layouts is None)
         for j, i in enumerate(idx):
             ds[i] = d[j].view_as(gs[i])
     if not done:
@@ -219,13 +265,6 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     for j, i in enumerate(rest):
         outs[i] = mapped[j]
     return Read(outs)
-
-
-def _rows(xs: Tensors, idx: list[int], m: int, n: int) -> torch.Tensor:
-    """``(B, m, n)`` of the tensors ``xs[i]``: a view for a bucket of one, else a stack."""
-    if len(idx) == 1:
-        return xs[idx[0]].reshape(1, m, n)
-    return torch.stack([xs[i].reshape(m, n) for i in idx])
 
 
 #: The deep memory's entry in ``_functional.MEMORIES``.
