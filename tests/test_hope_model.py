@@ -6,6 +6,7 @@ of the inner objective, and finite differences of the outer loss.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -402,3 +403,35 @@ def test_key_shift_init_reads_the_previous_token():
     assert (w[D:, -1] > 0.9).all() and (w[D:, -2].abs() < 0.1).all()  # x̃_v, x̃_η, x̃_α: current
     with pytest.raises(ValueError, match="key_shift_init=True needs generator_inputs='separate'"):
         tiny_cfg(generator_inputs="shared", key_shift_init=True)
+
+
+# --- compiled scans ---------------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiling takes 10 s to minutes (inductor's C++ build), per fresh cache
+def test_compiled_scans_equal_eager():
+    """Hope.compile_scans: the same loss and outer gradients as the eager scans (float32, a
+    ragged last chunk and period), and compile_scans(False) restores the eager methods.
+
+    Head width 16: at d = f = 8 (tiny_cfg's) torch 2.13's CPU inductor computed one column of
+    M_memory's W₁ gradient wrong in float32 (float64 and d = f ≥ 16 were exact), which is why
+    compile_scans is an option, not the default."""
+    torch.manual_seed(0)
+    model = Hope(tiny_cfg(n_layers=1, cms_eta_init=0.05, chunk_size=4, cms_periods=(3,), d_model=32, mem_hidden=16))
+    idx = torch.randint(0, 256, (2, 11))
+    runs = []
+    for compiled in (False, True):
+        model.compile_scans(compiled)
+        model.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would make this vacuous
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    titans = model.blocks[0].titans
+    assert titans.scan.compiled is not None and "scan" in vars(model.blocks[0].cms[0])
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.compile_scans(False)
+    assert "scan" not in vars(titans)

@@ -169,3 +169,10 @@ def test_compare_help_and_bad_runs(capsys):
     with pytest.raises(SystemExit):
         compare.main(["--runs", "hope:sgd", "--out", "unused"])
     assert "expected some of" in capsys.readouterr().err
+
+
+def test_compile_scans_is_a_hope_option(tmp_path):
+    with pytest.raises(ValueError, match="--compile scans applies to --model hope"):
+        train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "1", "--batch", "2", "--seq-len", "40",
+                    "--data", "mqar", "--mqar-vocab", "32", "--mqar-pairs", "6", "--compile", "scans",
+                    "--out", str(tmp_path / "run"), "--no-progress"])

@@ -1,11 +1,15 @@
 """HOPE step cost against the parameter-matched Transformer++: aten ops and interleaved time.
 
-    python -m benchmarks.hope.speed [--preset cpu-tiny] [--repeats 15] [--threads 1]
+    python -m benchmarks.hope.speed [--preset cpu-tiny] [--repeats 15] [--threads 1] [--compile]
 
 Counts the aten operators one forward + backward dispatches (a TorchDispatchMode), and times
 forward + backward of each model alternated A, B, C, A, B, C, … in this process after
-warm-up (one thread unless --threads), reporting medians and each HOPE's ratio to
+warm-up (one thread unless --threads), reporting medians and each model's ratio to the eager
 Transformer++. "old" is the HOPE design before the ablation (ablate.OLD), "default" today's.
+--compile adds "hope[compiled]" (today's HOPE with `Hope.compile_scans()`) and
+"transformer[compiled]" (the whole Transformer++ under torch.compile), so a compiled HOPE
+is also compared with a compiled baseline; their compile times are printed (the op count
+of a compiled model is that of its compiled graphs' calls, not comparable, so not shown).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main(argv=None):
     ap.add_argument("--preset", default="cpu-tiny", choices=tuple(PRESETS))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="also time compiled HOPE scans and a compiled Transformer++")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_cfg = PRESETS[args.preset]["train"]
@@ -56,6 +61,17 @@ def main(argv=None):
         with _CountOps() as c:
             step(m)
         ops[name] = c.n
+    compile_s = {}
+    if args.compile:
+        torch.manual_seed(0)
+        compiled = {"hope[compiled]": build_model("hope", args.preset, 256)[0].compile_scans(),
+                    "transformer[compiled]": torch.compile(build_model("transformer", args.preset, 256)[0])}
+        for name, m in compiled.items():
+            t0 = time.perf_counter()
+            step(m)  # compiles
+            compile_s[name] = time.perf_counter() - t0
+            print(f"  {name}: first step (compilation) {compile_s[name]:.0f} s", flush=True)
+        models.update(compiled)
     times = {k: [] for k in models}
     for m in models.values():
         step(m)
@@ -68,9 +84,10 @@ def main(argv=None):
     tf = med["transformer"]
     print(f"{args.preset}: B={B}, T={T}, {args.threads} thread(s), median of {args.repeats} interleaved fwd+bwd")
     for name in models:
-        print(f"  {name:<14} {ops[name]:>7,} aten ops   {med[name] * 1e3:8.1f} ms   {med[name] / tf:5.2f}x Transformer++   "
+        n_ops = f"{ops[name]:>7,} aten ops" if name in ops else " " * 16
+        print(f"  {name:<21} {n_ops}   {med[name] * 1e3:8.1f} ms   {med[name] / tf:5.2f}x Transformer++   "
               f"params {sum(p.numel() for p in models[name].parameters()):,}")
-    return dict(ops=ops, median_s=med, ratio={k: v / tf for k, v in med.items()})
+    return dict(ops=ops, median_s=med, ratio={k: v / tf for k, v in med.items()}, compile_s=compile_s)
 
 
 if __name__ == "__main__":

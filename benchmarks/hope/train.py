@@ -241,7 +241,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile (auto: on CUDA)")
+    ap.add_argument("--compile", choices=("auto", "on", "scans", "off"), default="auto",
+                    help="torch.compile the model (auto: on CUDA), or only HOPE's sequential scans "
+                         "(Hope.compile_scans; minutes of compilation on a small CPU)")
     ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                     help="bf16 autocast (auto: on CUDA; bf16 also runs it on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -342,7 +344,12 @@ def run(args):
     if checkpointing and hasattr(model, "set_checkpointing"):
         model.set_checkpointing(True)
     fwd, compiled = model, False
-    if args.compile == "on" or (args.compile == "auto" and use_cuda):
+    if args.compile == "scans":
+        if args.model != "hope":
+            raise ValueError("--compile scans applies to --model hope")
+        model.compile_scans()  # falls back to eager per scan, with a warning, if compiling fails
+        compiled = "scans"
+    elif args.compile == "on" or (args.compile == "auto" and use_cuda):
         try:
             fwd, compiled = torch.compile(model), True
         except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
