@@ -14,6 +14,8 @@ themselves (``entry._base``); an entry that is not the row of one stack in bucke
 makes that entry's stack anew, once. A bucket of one needs no stack (its entries, viewed with a
 batch dimension of one). Under ``torch.compile`` and where the state dicts are per-step copies
 (local shards of distributed parameters) the state is stacked and copied back each step instead.
+On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: two or three
+``(B, m, n)`` buffers, not state).
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
 """
