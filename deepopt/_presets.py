@@ -516,7 +516,7 @@ def m3(
     decay: bool = False,
     slow_decay: bool = False,
     adjust_lr_fn: str = "none",
-    ns_dtype: str = "input",
+    ns_dtype: str = "bfloat16",
     fallback: Spec | None = None,
     routing: Routing | None = None,
 ) -> Spec:
@@ -549,9 +549,10 @@ def m3(
       ns_steps, ns_coefficients: Newton–Schulz settings (both levels).
       decay, slow_decay: EMA variants, see above.
       adjust_lr_fn: shape scale s(W) (``"none"``: the paper has none).
-      ns_dtype: Newton–Schulz compute dtype, as ``muon`` (``"input"`` by default;
-        ``"bfloat16"`` is what ``deepopt.muon`` and ``torch.optim.Muon`` use, and costs M3
-        about what it costs Muon).
+      ns_dtype: Newton–Schulz compute dtype, as ``muon``: ``"bfloat16"`` by default, as
+        ``deepopt.muon`` and ``torch.optim.Muon`` (so M3 costs about what Muon costs per step);
+        ``"input"`` computes in the parameters' dtype (float64 parameters give the exact
+        algorithm, as the reference).
       fallback, routing: as ``muon`` (M3 takes parameters with ndim ≥ 2).
 
     Example::

@@ -68,8 +68,9 @@ SPECS: dict[str, Callable[[], deepopt.Spec]] = {
                                                    keys="previous", values="adam", nesterov=True,
                                                    weight_decay=0.01),
     "dmgd_newton_schulz": lambda: deepopt.dmgd(0.02, hidden=2, readout="newton_schulz"),
-    "m3": lambda: deepopt.m3(0.01, frequency=3),
-    "m3_decay": lambda: deepopt.m3(0.01, frequency=2, decay=True, slow_decay=True, weight_decay=0.01),
+    "m3": lambda: deepopt.m3(0.01, frequency=3, ns_dtype="input"),
+    "m3_decay": lambda: deepopt.m3(0.01, frequency=2, decay=True, slow_decay=True, weight_decay=0.01,
+                                   ns_dtype="input"),
     "custom": lambda: deepopt.custom(deepopt.UpdateRule(
         memory=deepopt.LinearMemory(momentum=0.8, inner_lr=0.5, zeta=0.3, nesterov=True),
         values=deepopt.AdamValues(beta2=0.99), readout=deepopt.newton_schulz("cubic", 8),

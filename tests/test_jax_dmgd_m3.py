@@ -79,10 +79,10 @@ DMGD = {
     "hidden3_l2_momentum": deepopt.dmgd(0.02, momentum=0.9, inner_lr=0.5, hidden=3),
 }
 M3 = {
-    "literal": deepopt.m3(0.01, frequency=4),
+    "literal": deepopt.m3(0.01, frequency=4, ns_dtype="input"),
     "decay_slow_decay_wd": deepopt.m3(0.01, frequency=3, decay=True, slow_decay=True,
-                                      weight_decay=0.1, slow_weight=0.5),
-    "frequency1": deepopt.m3(0.01, frequency=1),
+                                      weight_decay=0.1, slow_weight=0.5, ns_dtype="input"),
+    "frequency1": deepopt.m3(0.01, frequency=1, ns_dtype="input"),
 }
 
 
@@ -213,7 +213,7 @@ def test_m3_slow_level_is_written_exactly_every_f_steps():
     O² = NS(M²) and the accumulator is zero; in between M² and O² stay and the accumulator
     holds the gradients since the last write."""
     f, b3 = 3, 0.7
-    spec = deepopt.m3(0.01, betas=(0.9, 0.999, b3), frequency=f)
+    spec = deepopt.m3(0.01, betas=(0.9, 0.999, b3), frequency=f, ns_dtype="input")
     ns = spec.rule.readout
     rng = np.random.default_rng(4)
     grads = [rng.normal(size=(4, 6)) for _ in range(3 * f + 1)]
@@ -247,7 +247,7 @@ def test_m3_slow_level_is_written_exactly_every_f_steps():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("spec", [DMGD["dot_previous_adam_nesterov_wd"], deepopt.m3(0.01, frequency=2)],
+@pytest.mark.parametrize("spec", [DMGD["dot_previous_adam_nesterov_wd"], deepopt.m3(0.01, frequency=2, ns_dtype="input")],
                          ids=["dmgd", "m3"])
 def test_jit_does_not_retrace_on_second_step(spec, dtype):
     """One trace serves every step, slow-write boundaries included (lax.cond, not Python)."""

@@ -37,7 +37,7 @@ def _algorithm1(w, grads, *, lr, b1, b2, b3, alpha, f, eps, ns):
 @pytest.mark.parametrize("f", [1, 3, 5])
 def test_m3_default_is_the_papers_algorithm_1(f):
     w0, grads = _stream()
-    spec = deepopt.m3(0.01, betas=(0.9, 0.5, 0.7), slow_weight=0.6, frequency=f, eps=1e-8)
+    spec = deepopt.m3(0.01, betas=(0.9, 0.5, 0.7), slow_weight=0.6, frequency=f, eps=1e-8, ns_dtype="input")
     want = _algorithm1(w0, grads, lr=0.01, b1=0.9, b2=0.5, b3=0.7, alpha=0.6, f=f, eps=1e-8,
                        ns=spec.rule.readout)
     state, p = reference.init(spec, {"w": w0}), {"w": w0}
@@ -53,7 +53,7 @@ def test_m3_default_is_the_papers_algorithm_1(f):
 def test_slow_level_written_exactly_every_f_steps(foreach, decay):
     f = 4
     w = torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
-    opt = torch_backend.compile(deepopt.m3(0.01, frequency=f, decay=decay, slow_decay=decay), [w],
+    opt = torch_backend.compile(deepopt.m3(0.01, frequency=f, decay=decay, slow_decay=decay, ns_dtype="input"), [w],
                                 foreach=foreach)
     gen = torch.Generator().manual_seed(0)
     changed = []
@@ -75,7 +75,7 @@ def test_slow_level_written_exactly_every_f_steps(foreach, decay):
 
 def test_decay_variants_are_emas():
     w0, grads = _stream(steps=6)
-    spec = deepopt.m3(0.01, betas=(0.8, 0.9, 0.5), frequency=2, decay=True, slow_decay=True)
+    spec = deepopt.m3(0.01, betas=(0.8, 0.9, 0.5), frequency=2, decay=True, slow_decay=True, ns_dtype="input")
     state = reference.init(spec, {"w": w0})
     p = {"w": w0}
     m1 = np.zeros_like(w0)
@@ -100,17 +100,18 @@ def test_m3_bad_arguments():
 
 
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_bfloat16_newton_schulz_is_an_option_close_to_float32(backend):
-    """``ns_dtype="bfloat16"`` (what muon uses) runs both levels' Newton–Schulz in bf16: close
-    to the float32 run, and not identical to it (so bf16 really ran)."""
+def test_bfloat16_newton_schulz_is_the_default_close_to_float32(backend):
+    """``ns_dtype="bfloat16"`` (the default, as muon's) runs both levels' Newton–Schulz in
+    bf16: close to the float32 run, and not identical to it (so bf16 really ran)."""
     import jax_backend
 
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((6, 5))}
     stream = [{"w": rng.standard_normal((6, 5))} for _ in range(7)]
     run = torch_backend.run_trajectory if backend == "torch" else jax_backend.run_trajectory
-    a = run(deepopt.m3(0.01, frequency=3, ns_dtype="bfloat16"), params, stream, dtype="float32")
-    b = run(deepopt.m3(0.01, frequency=3), params, stream, dtype="float32")
+    assert deepopt.m3().hyperparameters["ns_dtype"] == deepopt.muon().hyperparameters["ns_dtype"] == "bfloat16"
+    a = run(deepopt.m3(0.01, frequency=3), params, stream, dtype="float32")
+    b = run(deepopt.m3(0.01, frequency=3, ns_dtype="input"), params, stream, dtype="float32")
     moved = np.abs(b[-1]["w"] - params["w"]).max()
     diff = np.abs(a[-1]["w"] - b[-1]["w"]).max()
     assert 0 < diff < 0.05 * moved, (diff, moved)

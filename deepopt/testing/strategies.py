@@ -224,7 +224,7 @@ def _m3_specs(draw):
                        frequency=draw(st.integers(1, 5)), eps=draw(st.floats(1e-8, 1e-6)),
                        weight_decay=draw(_DECAYS), ns_steps=draw(st.integers(1, 6)),
                        ns_coefficients=draw(_NS_COEFFICIENTS), decay=decay,
-                       slow_decay=draw(st.booleans()),
+                       slow_decay=draw(st.booleans()), ns_dtype=draw(st.sampled_from(("float64", "input"))),
                        adjust_lr_fn=draw(st.sampled_from(("none", "original", "match_rms_adamw"))))
 
 
@@ -238,7 +238,7 @@ def specs(kinds: Sequence[str] = ("sgd", "adamw", "delta_momentum", "muon")):
 
     ``lr ∈ [1e-3, 0.1]`` (adamw ``[1e-4, 1e-2]``), momenta in ``[0, 0.99]``, weight decay 0 or
     ``[1e-3, 0.1]``; Newton–Schulz read-outs use coefficient presets or tables with 1–8 steps
-    and compute in float64 (muon's ``ns_dtype`` is ``"float64"`` or ``"input"``), so that
+    and compute in float64 (``ns_dtype`` ``"float64"`` or ``"input"``; muon and m3 default to bf16), so that
     backends can agree to float64 rounding. Matrix specs keep their default routing (ndim ≥ 2)
     and AdamW fallback. ``"dmgd"`` (docs/math.md §5) and ``"m3"`` (docs/math.md §6) are also available, but not
     drawn by default.
