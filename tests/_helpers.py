@@ -121,20 +121,30 @@ def reference_run(spec: deepopt.Spec, params: Mapping[str, np.ndarray], stream: 
     return out
 
 
-def jax_run(tx, params, stream) -> list:
+def jax_run(tx, params, stream, *, with_states: bool = False):
     """An optax transformation, jitted, over a stream of full gradient pytrees: the
-    parameters after each step."""
+    parameters after each step (and, ``with_states``, the optimizer state after each step)."""
     import jax
     import optax
 
     update = jax.jit(tx.update)
     state = tx.init(params)
-    out = []
+    out, states = [], []
     for grads in stream:
         updates, state = update(grads, state, params)
         params = optax.apply_updates(params, updates)
         out.append(params)
-    return out
+        states.append(state)
+    return (out, states) if with_states else out
+
+
+def optax_states(tree, cls: type) -> list:
+    """Every ``cls`` state (a NamedTuple) inside an optax state pytree (chain, partition,
+    masked, inject_hyperparams…)."""
+    import jax
+
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, cls))
+    return [x for x in leaves if isinstance(x, cls)]
 
 
 def torch_params(params: Mapping[str, np.ndarray], dtype=None, device: str = "cpu") -> dict:

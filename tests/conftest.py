@@ -58,6 +58,8 @@ SPECS: dict[str, Callable[[], deepopt.Spec]] = {
     "muon_optax": lambda: deepopt.muon(0.02, ns_dtype="input", ns_normalization="add", bias_correction=True,
                                        eps=1e-8, fallback=deepopt.adamw(0.02, eps=1e-8, weight_decay=0.0,
                                                                         nesterov=True)),
+    "muon_add_bias_correction_rms": lambda: deepopt.muon(0.02, ns_dtype="float64", ns_normalization="add",
+                                                          bias_correction=True, adjust_lr_fn="match_rms_adamw"),
     "muon_polar_express": lambda: deepopt.muon(0.02, ns_coefficients="polar_express", nesterov=False,
                                                ns_dtype="float64", adjust_lr_fn="none"),
     # torch's default Newton–Schulz dtype, and float32: not float64-exact (see the module docstring).
@@ -68,13 +70,19 @@ SPECS: dict[str, Callable[[], deepopt.Spec]] = {
                                                    keys="previous", values="adam", nesterov=True,
                                                    weight_decay=0.01),
     "dmgd_newton_schulz": lambda: deepopt.dmgd(0.02, hidden=2, readout="newton_schulz"),
+    "dmgd_hidden0_dot": lambda: deepopt.dmgd(0.02, momentum=0.9, inner_lr=1.0, hidden=0, objective="dot"),
     "m3": lambda: deepopt.m3(0.01, frequency=3, ns_dtype="input"),
     "m3_decay": lambda: deepopt.m3(0.01, frequency=2, decay=True, slow_decay=True, weight_decay=0.01,
                                    ns_dtype="input"),
+    "m3_every_step": lambda: deepopt.m3(0.01, frequency=1, slow_weight=0.5, ns_dtype="input"),
     "custom": lambda: deepopt.custom(deepopt.UpdateRule(
         memory=deepopt.LinearMemory(momentum=0.8, inner_lr=0.5, zeta=0.3, nesterov=True),
         values=deepopt.AdamValues(beta2=0.99), readout=deepopt.newton_schulz("cubic", 8),
         shape_scale="match_rms_adamw"), lr=0.01, weight_decay=0.01),
+    "custom_cubic_adam_values": lambda: deepopt.custom(deepopt.UpdateRule(
+        memory=deepopt.LinearMemory(momentum=0.9, inner_lr=0.1, zeta=0.3), values=deepopt.AdamValues(beta2=0.99),
+        readout=deepopt.newton_schulz("cubic", 6, dtype="float64"), shape_scale="original"),
+        lr=0.02, weight_decay=0.01),
     # AdamValues preconditioning a delta memory: the key uses the raw G, the value P(G).
     "custom_adam_values_delta": lambda: deepopt.custom(deepopt.UpdateRule(
         memory=deepopt.LinearMemory(momentum=0.9, inner_lr=0.1, zeta=0.3, nesterov=True),

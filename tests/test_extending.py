@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from _helpers import optax_states
 
 import deepopt
 import jax_backend
@@ -61,22 +62,8 @@ def test_worked_example_state_comes_from_its_slots_on_every_backend(example):
     assert all(opt.state[w][k].shape == w.shape for k in keys[1:])
 
     state = jax_backend.compile(spec).init({"w": np.zeros((3, 4), np.float32)})
-    fields = {f: getattr(s, f) for s in _states(state) for f in getattr(s, "_fields", ())}
-    assert fields["memory"]["w"].shape == fields["slow_memory"]["w"].shape == (3, 4)
-
-
-def _states(tree):
-    """Every NamedTuple state inside an optax state tree."""
-    if hasattr(tree, "_fields"):
-        yield tree
-        for child in tree:
-            yield from _states(child)
-    elif isinstance(tree, (tuple, list)):
-        for child in tree:
-            yield from _states(child)
-    elif isinstance(tree, dict):
-        for child in tree.values():
-            yield from _states(child)
+    (ours,) = optax_states(state, example["TwoSpeedState"])
+    assert ours.memory["w"].shape == ours.slow_memory["w"].shape == ours.values_sq["w"].shape == (3, 4)
 
 
 def test_worked_example_trains_and_its_slow_level_matters(example):

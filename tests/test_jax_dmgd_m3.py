@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import exact_in_float64, jax_run, optax_states
+from conftest import SPECS
 
 import deepopt
 import jax_backend
@@ -41,25 +43,6 @@ def _stream(shapes=SHAPES, steps=STEPS, seed=0, missing=(("0.weight", 3), ("0.bi
     return params, stream
 
 
-def _states(tree, cls):
-    """Every ``cls`` state inside an optax state pytree (chain, partition, masked, inject…)."""
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, cls))
-    return [x for x in leaves if isinstance(x, cls)]
-
-
-def _jax_trajectory(tx, params, stream):
-    """Run ``tx`` (jitted) over full pytrees of gradients; parameters and states per step."""
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    params_out, states_out = [], []
-    for grads in stream:
-        updates, state = update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        params_out.append(params)
-        states_out.append(state)
-    return params_out, states_out
-
-
 def _close(a, b, rtol=1e-11, atol=1e-12, msg=""):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol, err_msg=msg)
 
@@ -68,32 +51,23 @@ def _close(a, b, rtol=1e-11, atol=1e-12, msg=""):
 # Step by step == the numpy reference (torch layout)
 # --------------------------------------------------------------------------------------------
 
-DMGD = {
-    "default": deepopt.dmgd(0.02),
-    "hidden0_dot": deepopt.dmgd(0.02, momentum=0.9, inner_lr=1.0, hidden=0, objective="dot"),
-    "dot_previous_adam_nesterov_wd": deepopt.dmgd(
-        0.02, momentum=0.9, inner_lr=0.5, hidden=4, objective="dot", keys="previous",
-        values="adam", nesterov=True, weight_decay=0.1, seed=3),
-    "newton_schulz": deepopt.dmgd(0.02, readout="newton_schulz", ns_dtype="float64",
-                                  adjust_lr_fn="original"),
-    "hidden3_l2_momentum": deepopt.dmgd(0.02, momentum=0.9, inner_lr=0.5, hidden=3),
-}
-M3 = {
-    "literal": deepopt.m3(0.01, frequency=4, ns_dtype="input"),
-    "decay_slow_decay_wd": deepopt.m3(0.01, frequency=3, decay=True, slow_decay=True,
-                                      weight_decay=0.1, slow_weight=0.5, ns_dtype="input"),
-    "frequency1": deepopt.m3(0.01, frequency=1, ns_dtype="input"),
-}
+def _is_deep_or_multiscale(spec) -> bool:
+    return isinstance(spec.rule.memory, (deepopt.DeepMemory, deepopt.MultiScaleMemory)) and exact_in_float64(spec)
 
 
-@pytest.mark.parametrize("name", [*DMGD, *M3])
-def test_equals_reference_step_by_step(name):
-    spec = {**DMGD, **M3}[name]
+@pytest.mark.specs(where=_is_deep_or_multiscale)
+def test_equals_reference_step_by_step(spec):
+    """conftest's DMGD and M3 entries, 20 steps, with a conv kernel, a fallback bias and two
+    parameters one step out (their count must not advance)."""
     params, stream = _stream()
     trajs = testing.assert_backends_agree(spec, params, stream, backends=("reference", "jax"),
                                           rtol=1e-11, atol=1e-12)
     # The parameters moved: the agreement is not the trivial one of a frozen trajectory.
     assert not np.allclose(trajs[1][-1]["conv.weight"], params["conv.weight"])
+
+
+#: DMGD with momentum (α < 1) and an l2 objective, whose state the tests below read.
+DMGD_MOMENTUM = deepopt.dmgd(0.02, momentum=0.9, inner_lr=0.5, hidden=3)
 
 
 def _rows_loss(objective, eta, nu, s, w1, w2, k, v):
@@ -136,20 +110,20 @@ def test_dmgd_write_is_one_inner_gradient_step_by_autograd(objective, keys):
 
 def test_dmgd_state_holds_the_reference_memory():
     """S, W₁ (drawn from the leaf's name) and W₂ (zero at start, not after) == the reference's."""
-    spec = DMGD["hidden3_l2_momentum"]
+    spec = DMGD_MOMENTUM
     params, stream = _stream(shapes={"w": (5, 7)}, steps=4, missing=())
     tx = jax_backend.compile(spec, layout="torch")
     jparams = {"w": jnp.asarray(params["w"])}
-    init = _states(tx.init(jparams), jax_backend.DeepMemoryState)[0]
+    init = optax_states(tx.init(jparams), jax_backend.DeepMemoryState)[0]
     ref = reference.init(spec, params)
     _close(init.mlp_w1["w"], spec.rule.memory.initial_w1("w", 7), rtol=0, atol=0)
     assert init.prev_key is None and init.values_sq is None
     np.testing.assert_array_equal(init.mlp_w2["w"], 0.0)
 
-    _, states = _jax_trajectory(tx, jparams, [{"w": jnp.asarray(g["w"])} for g in stream])
+    _, states = jax_run(tx, jparams, [{"w": jnp.asarray(g["w"])} for g in stream], with_states=True)
     for t, (grads, state) in enumerate(zip(stream, states), 1):
         params, ref = reference.step(spec, params, grads, ref)
-        ours = _states(state, jax_backend.DeepMemoryState)[0]
+        ours = optax_states(state, jax_backend.DeepMemoryState)[0]
         assert int(ours.count) == t
         for field, key in (("memory", "memory"), ("mlp_w1", "mlp_w1"), ("mlp_w2", "mlp_w2"),
                            ("value_scale", "value_scale")):
@@ -172,10 +146,9 @@ def test_optax_layout_kernel_equals_torch_layout_transpose():
     rng = np.random.default_rng(2)
     kernel = jnp.asarray(rng.normal(size=(7, 5)))                # (in, out): m = 5, n = 7
     grads = [jnp.asarray(rng.normal(size=(7, 5))) for _ in range(8)]
-    optax_traj, _ = _jax_trajectory(jax_backend.compile(SPEC_LAYOUT, layout="optax"),
-                                    {"w": kernel}, [{"w": g} for g in grads])
-    torch_traj, _ = _jax_trajectory(jax_backend.compile(SPEC_LAYOUT, layout="torch"),
-                                    {"w": kernel.T}, [{"w": g.T} for g in grads])
+    optax_traj = jax_run(jax_backend.compile(SPEC_LAYOUT, layout="optax"), {"w": kernel}, [{"w": g} for g in grads])
+    torch_traj = jax_run(jax_backend.compile(SPEC_LAYOUT, layout="torch"), {"w": kernel.T},
+                         [{"w": g.T} for g in grads])
     for t, (a, b) in enumerate(zip(optax_traj, torch_traj), 1):
         _close(a["w"], b["w"].T, rtol=1e-12, msg=f"step {t}")
 
@@ -188,18 +161,18 @@ def test_stacked_leaf_is_independent_matrices_from_one_w1():
     stack = jnp.asarray(rng.normal(size=(L, n_in, n_out)))
     grads = [jnp.asarray(rng.normal(size=(L, n_in, n_out))) for _ in range(6)]
     tx = jax_backend.compile(SPEC_LAYOUT)
-    init = _states(tx.init({"w": stack}), jax_backend.DeepMemoryState)[0]
+    init = optax_states(tx.init({"w": stack}), jax_backend.DeepMemoryState)[0]
     w1 = SPEC_LAYOUT.rule.memory.initial_w1("w", n_in)
     assert init.mlp_w1["w"].shape == (L, 4, n_in) and init.mlp_w2["w"].shape == (L, n_in, 4)
     for i in range(L):
         _close(init.mlp_w1["w"][i], w1, rtol=0, atol=0)
 
-    stacked, states = _jax_trajectory(tx, {"w": stack}, [{"w": g} for g in grads])
+    stacked, states = jax_run(tx, {"w": stack}, [{"w": g} for g in grads], with_states=True)
     for i in range(L):
-        alone, _ = _jax_trajectory(tx, {"w": stack[i]}, [{"w": g[i]} for g in grads])
+        alone = jax_run(tx, {"w": stack[i]}, [{"w": g[i]} for g in grads])
         for t, (a, b) in enumerate(zip(stacked, alone), 1):
             _close(a["w"][i], b["w"], rtol=1e-12, msg=f"matrix {i}, step {t}")
-    final_w1 = _states(states[-1], jax_backend.DeepMemoryState)[0].mlp_w1["w"]
+    final_w1 = optax_states(states[-1], jax_backend.DeepMemoryState)[0].mlp_w1["w"]
     assert not np.allclose(final_w1[0], final_w1[1])           # each matrix its own memory
 
 
@@ -217,13 +190,12 @@ def test_m3_slow_level_is_written_exactly_every_f_steps():
     ns = spec.rule.readout
     rng = np.random.default_rng(4)
     grads = [rng.normal(size=(4, 6)) for _ in range(3 * f + 1)]
-    _, states = _jax_trajectory(jax_backend.compile(spec, layout="torch"),
-                                {"w": jnp.asarray(rng.normal(size=(4, 6)))},
-                                [{"w": jnp.asarray(g)} for g in grads])
+    _, states = jax_run(jax_backend.compile(spec, layout="torch"), {"w": jnp.asarray(rng.normal(size=(4, 6)))},
+                        [{"w": jnp.asarray(g)} for g in grads], with_states=True)
     slow_prev = readout_prev = np.zeros((4, 6))
     written = []
     for t, state in enumerate(states, 1):
-        ours = _states(state, jax_backend.MultiScaleState)[0]
+        ours = optax_states(state, jax_backend.MultiScaleState)[0]
         slow, readout, acc = (np.asarray(x["w"]) for x in
                               (ours.slow_memory, ours.slow_readout, ours.slow_accumulator))
         last = f * (t // f)                                      # the last boundary ≤ t
@@ -247,7 +219,7 @@ def test_m3_slow_level_is_written_exactly_every_f_steps():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("spec", [DMGD["dot_previous_adam_nesterov_wd"], deepopt.m3(0.01, frequency=2, ns_dtype="input")],
+@pytest.mark.parametrize("spec", [SPECS["dmgd_dot_previous_adam"](), SPECS["m3"]()],
                          ids=["dmgd", "m3"])
 def test_jit_does_not_retrace_on_second_step(spec, dtype):
     """One trace serves every step, slow-write boundaries included (lax.cond, not Python)."""
@@ -275,7 +247,7 @@ def test_jit_does_not_retrace_on_second_step(spec, dtype):
 
 def test_dmgd_inject_hyperparams_traced_lr_follows_the_reference():
     """The lr is a traced state entry; changing it between steps == the reference at that lr."""
-    spec = DMGD["hidden3_l2_momentum"]
+    spec = DMGD_MOMENTUM
     params, stream = _stream(shapes={"a": (5, 7), "b": (3, 4)}, steps=6, missing=())
     lrs = [0.02, 0.02, 0.05, 0.05, 0.01, 0.01]
     tx = optax.inject_hyperparams(

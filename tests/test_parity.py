@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import exact_in_float64
 from hypothesis import HealthCheck, given, settings
 
 import deepopt
@@ -49,25 +50,10 @@ def test_backends_agree_on_drawn_deep_and_multiscale_specs(kind, steps, examples
     check()
 
 
-# A fixed table of the specs the docs name, over a longer stream: each row once, 12 steps.
-NAMED = [
-    deepopt.sgd(0.1, 0.9, nesterov=True, weight_decay=1e-2),
-    deepopt.sgd(0.1, 0.9, dampening=0.3, undamped_first_step=True),
-    deepopt.adamw(1e-2, betas=(0.9, 0.95), weight_decay=0.1),
-    deepopt.delta_momentum(0.05, 0.9, zeta=0.5, nesterov=True),
-    deepopt.delta_momentum(0.02, 0.9, readout="newton_schulz", ns_coefficients="polar_express"),
-    deepopt.muon(0.02, ns_dtype="float64"),
-    deepopt.muon(0.02, ns_dtype="float64", ns_normalization="add", bias_correction=True,
-                 adjust_lr_fn="match_rms_adamw"),
-    deepopt.custom(deepopt.UpdateRule(memory=deepopt.LinearMemory(momentum=0.9, inner_lr=0.1, zeta=0.3),
-                                      values=deepopt.AdamValues(beta2=0.99),
-                                      readout=deepopt.newton_schulz("cubic", 6, dtype="float64"),
-                                      shape_scale="original"), lr=0.02, weight_decay=0.01),
-]
-
-
-@pytest.mark.parametrize("spec", NAMED, ids=lambda s: s.name)
-def test_backends_agree_on_named_specs(spec):
+@pytest.mark.specs(where=exact_in_float64)
+def test_backends_agree_on_every_table_spec(spec):
+    """Every float64-exact entry of conftest's table, over a longer stream (12 steps) on a mix
+    of shapes (a 3-D kernel, a 1-D bias that a matrix rule routes to its fallback)."""
     rng = np.random.default_rng(0)
     params = {"embed.weight": rng.standard_normal((6, 4)), "conv.kernel": rng.standard_normal((4, 3, 2)),
               "head.weight": rng.standard_normal((3, 6)), "head.bias": rng.standard_normal(3)}
