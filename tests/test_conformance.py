@@ -15,16 +15,17 @@ cases over the four properties, is marked ``slow``::
 
 from __future__ import annotations
 
-import _helpers
 import numpy as np
 import pytest
 import torch
-from _helpers import assert_tensors_equal, torch_params, torch_states, torch_step
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torch_backend
 from deepopt import testing
+
+import _helpers
+from _helpers import assert_tensors_equal, torch_params, torch_states, torch_step
 
 KINDS = ("sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3")
 #: A hypothesis strategy (drawn hyperparameters), not a table: the table is tests/conftest.py's

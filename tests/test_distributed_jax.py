@@ -40,16 +40,17 @@ _COLLECTIVE = re.compile(r"= [^=]*?\b(all-reduce|all-gather|all-to-all|reduce-sc
 
 def _main(names: list[str], whole: list[str]) -> None:
     """The subprocess: the cases of ``names`` (and of ``whole`` with ``ns_mesh``), as one JSON line."""
-    import _helpers
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from conftest import SPECS
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     import jax_backend
+
+    import _helpers
+    from conftest import SPECS
 
     assert jax.device_count() == 4, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))

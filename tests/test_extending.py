@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from _helpers import optax_states
 
 import deepopt
 import jax_backend
 import torch_backend
 from deepopt import reference
+
+from _helpers import optax_states
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 TABLES = (reference.MEMORIES, torch_backend.MEMORIES, jax_backend.MEMORIES)

@@ -14,17 +14,18 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # the reference is float64
 
-import _helpers
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import assert_trajectories_close, jax_run, reference_run, to_jax
 from hypothesis import HealthCheck, given, settings
 
 import deepopt
 import jax_backend
 from deepopt import reference, testing
+
+import _helpers
+from _helpers import assert_trajectories_close, jax_run, reference_run, to_jax
 
 # Torch-layout parameters: a wide and a tall matrix, a conv kernel (out, in, kh, kw) whose
 # matrix view is 4 × 12, and a bias (fallback path for matrix rules).

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import exact_in_float64, jax_run, optax_states
-from conftest import SPECS
 
 import deepopt
 import jax_backend
 from deepopt import reference, testing
 from jax_backend._deep_memory import deep_memory_kernel
+
+from _helpers import exact_in_float64, jax_run, optax_states
+from conftest import SPECS
 
 # Torch layout: a wide matrix, a tall one, a conv kernel (matrix view 4 × 12) and a bias that
 # goes to the AdamW fallback. Two parameters sit one step out (their count must not advance).

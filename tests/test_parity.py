@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import exact_in_float64
 from hypothesis import HealthCheck, given, settings
 
 import deepopt
 from deepopt import testing
+
+from _helpers import exact_in_float64
 
 torch_backend = pytest.importorskip("torch_backend")
 jax_backend = pytest.importorskip("jax_backend")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _helpers
 import numpy as np
 import pytest
 import torch
@@ -10,6 +9,8 @@ import torch
 import deepopt
 import torch_backend
 import torch_backend._readout  # the module whose newton_schulz the batching test counts
+
+import _helpers
 
 # Two same-shape matrices (one batched bucket), their transpose, a 3-D kernel and a bias.
 SHAPES = {"a": (4, 6), "b": (4, 6), "c": (6, 4), "d": (3, 2, 2), "bias": (6,)}
