@@ -490,7 +490,7 @@ class SelfModifyingTitans(nn.Module):
                 s = n_full * C
                 consts.append(constants(k[:, :, s:], v[:, :, s:], eta[..., s:], log_a[..., s:]))
 
-        kept = []  # per chunk: boundary state, constants, chunk_grads
+        kept = []  # per chunk: what its read needs (boundary state, constants, chunk_grads)
         for i, (s, e_) in enumerate(spans):
             if static:
                 c = consts[i]
@@ -502,28 +502,23 @@ class SelfModifyingTitans(nn.Module):
                     stats["eta"].append(eta)
                     stats["log_alpha"].append(log_a[:, :, -1])
                 c = constants(k, v, eta, log_a)
-            grads = chunk_grads(w1t, w2t, c, clip)
-            kept.append((w1t, w2t, c, grads))
+            e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip)
+            kept.append(dict(w1t=w1t, w2t=w2t, kt=c["kt"], cum=c["cum"], log_alpha=c["log_alpha"],
+                             e=e, a=a, g=g, s1=s1, s2=s2))
             if keep_state or i + 1 < len(spans):
-                w1t, w2t = chunk_write(w1t, w2t, c, *grads)
+                w1t, w2t = chunk_write(w1t, w2t, c, e, a, g, s1, s2)
 
-        def out_rows(t):  # the output memory's rows of a (B·H·M, ...) tensor
-            return t if M == 1 else t.unflatten(0, (B * H, M))[:, -1]
+        def stacked(ts):  # the output memory's rows of (B·H·M, C, ...) per chunk -> (B·H·n, C, ...)
+            ts = [t if M == 1 else t.unflatten(0, (B * H, M))[:, -1] for t in ts]
+            return ts[0] if len(ts) == 1 else torch.stack(ts, 1).flatten(0, 1)
 
         outs = []
         for start, group in ((0, kept[:n_full]), (n_full * C, kept[n_full:])):  # complete chunks, a ragged one
             if not group:
                 continue
-
-            def stacked(get, group=group):  # (B·H, C, ...) per chunk -> (B·H·n, C, ...)
-                ts = [out_rows(get(item)) for item in group]
-                return ts[0] if len(ts) == 1 else torch.stack(ts, 1).flatten(0, 1)
-
-            n, Cg = len(group), group[0][2]["k"].shape[1]
+            n, Cg = len(group), group[0]["e"].shape[1]
             qg = (q if n * Cg == T else q[:, :, start : start + n * Cg]).reshape(B * H * n, Cg, d)
-            o = chunk_read(stacked(lambda it: it[0]), stacked(lambda it: it[1]), qg,
-                           stacked(lambda it: it[2]["kt"]), *(stacked(lambda it, j=j: it[3][j]) for j in range(5)),
-                           stacked(lambda it: it[2]["cum"]), stacked(lambda it: it[2]["log_alpha"]), read)
+            o = chunk_read(q=qg, read=read, **{name: stacked([item[name] for item in group]) for name in group[0]})
             outs.append(o.view(B, H, n * Cg, d))
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         if not keep_state:
