@@ -9,7 +9,7 @@ import torch
 
 from benchmarks.hope import train
 from benchmarks.hope.model import Hope
-from benchmarks.hope.presets import PRESETS, hope_config, matched_transformer_config
+from benchmarks.hope.presets import DEFAULT_LR, PRESETS, hope_config, matched_transformer_config
 from benchmarks.hope.transformer import Transformer, TransformerConfig, apply_rope, rope_tables
 
 
@@ -176,3 +176,11 @@ def test_compile_scans_is_a_hope_option(tmp_path):
         train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "1", "--batch", "2", "--seq-len", "40",
                     "--data", "mqar", "--mqar-vocab", "32", "--mqar-pairs", "6", "--compile", "scans",
                     "--out", str(tmp_path / "run"), "--no-progress"])
+
+
+def test_a_preset_lr_is_the_default_and_lr_overrides_it():
+    base = ["--optimizer", "adamw", "--out", "unused"]
+    assert train.parse_args([*base, "--preset", "cpu-mqar"]).lr == 1e-3  # the MQAR recipe's own AdamW lr
+    assert train.parse_args([*base, "--preset", "cpu-tiny"]).lr == DEFAULT_LR["adamw"]
+    assert train.parse_args([*base, "--preset", "cpu-mqar", "--lr", "3e-3"]).lr == 3e-3
+    assert train.parse_args(["--optimizer", "muon", "--out", "unused", "--preset", "cpu-mqar"]).lr == DEFAULT_LR["muon"]

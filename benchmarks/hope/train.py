@@ -222,7 +222,8 @@ def parse_args(argv=None):
     ap.add_argument("--preset", choices=tuple(PRESETS), default="cpu-tiny")
     ap.add_argument("--steps", type=int, default=None, help="default: the preset's")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--lr", type=float, default=None, help="peak lr (default: presets.DEFAULT_LR)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak lr (default: the preset's lr for the optimizer, else presets.DEFAULT_LR)")
     ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE", type=parse_opt,
                     help="any hyperparameter of the deepopt preset, e.g. --opt hidden=32 --opt inner_lr=0.3 "
                          "(repeatable; validated by the preset before any work)")
@@ -260,9 +261,10 @@ def parse_args(argv=None):
     preset = PRESETS[args.preset]["train"]
     args.mqar_vocab = args.mqar_vocab or preset.get("mqar_vocab", 64)
     args.mqar_pairs = args.mqar_pairs or preset.get("mqar_pairs", 8)
-    if args.lr is None and args.optimizer not in DEFAULT_LR:
-        ap.error(f"--lr is required with --optimizer {args.optimizer} (defaults exist for {', '.join(DEFAULT_LR)})")
-    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+    default_lr = dict(DEFAULT_LR, **preset.get("lr", {}))  # a preset's own lr wins (cpu-mqar's AdamW)
+    if args.lr is None and args.optimizer not in default_lr:
+        ap.error(f"--lr is required with --optimizer {args.optimizer} (defaults exist for {', '.join(default_lr)})")
+    args.lr = args.lr if args.lr is not None else default_lr[args.optimizer]
     args.fallback_lr = args.fallback_lr if args.fallback_lr is not None else DEFAULT_LR["adamw"]
     try:  # the preset's own validation, before any data is loaded
         build_spec(args.optimizer, args.lr, dict(args.opt), args.fallback_lr)
