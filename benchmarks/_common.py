@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import math
 import os
@@ -60,12 +61,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(module: str) -> str | None:
+def _version(distribution: str) -> str | None:
+    """The installed version of a distribution, read from its metadata (nothing is imported)."""
     try:
-        mod = __import__(module)
-    except Exception:  # noqa: BLE001 - a missing or broken library is recorded, not fatal
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return getattr(mod, "__version__", None)
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:
@@ -78,7 +79,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "versions": {m: _version(m) for m in ("deepopt", "numpy", "torch", "jax", "optax", "matplotlib")},
+        "versions": {m: _version(m) for m in ("deepopt", "numpy", "torch", "jax", "optax", "matplotlib", "tqdm")},
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "device": device,

@@ -131,6 +131,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from deepopt._memory import silu_grad
+
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
 N_MEMORIES = 5
@@ -178,10 +180,8 @@ class HopeConfig:
 # Memory algebra: residual MLP, closed-form inner gradients, DGD
 
 
-def _silu_grad(z):  # z: any shape
-    # d/dz [z σ(z)] = σ(z) (1 + z (1 − σ(z)))
-    s = torch.sigmoid(z)
-    return s * (1 + z * (1 - s))
+def _silu_grad(z):  # z: any shape; d/dz [z σ(z)], the closed form deepopt's backends share
+    return silu_grad(z, torch.sigmoid)
 
 
 def mem_apply(w1, w2, x):

@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -37,6 +36,7 @@ import torch
 
 import deepopt
 import torch_backend
+from benchmarks._common import environment
 
 from .data import DataSource
 from .presets import DEFAULT_LR, PRESETS, build_model
@@ -178,26 +178,6 @@ def memory_stats(model, batches, device, autocast):
     return out
 
 
-def git_sha():
-    here = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def versions():
-    out = dict(python=sys.version.split()[0], torch=torch.__version__, numpy=np.__version__)
-    out["deepopt"] = getattr(deepopt, "__version__", "unknown")
-    try:
-        out["tqdm"] = __import__("tqdm").__version__
-    except ImportError:
-        out["tqdm"] = None
-    return out
-
-
 def device_info(device):
     if device.type == "cuda":
         return dict(type="cuda", name=torch.cuda.get_device_name(device), count=torch.cuda.device_count())
@@ -318,7 +298,7 @@ def run(args):
     np.random.seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sha = git_sha()  # the code that trains, not the code present when the run ends
+    env = environment("cuda" if device.type == "cuda" else "cpu")   # the code that trains, read now
 
     data = DataSource(args.data, seq_len, batch, path=args.data_path, mqar_vocab=args.mqar_vocab,
                       mqar_pairs=args.mqar_pairs, val_batches=preset["val_batches"], seed=args.seed)
@@ -442,7 +422,8 @@ def run(args):
                     micro_batch=micro, checkpointing=checkpointing,
                     warmup=preset["warmup"], grad_clip=1.0, compiled=compiled, bf16_autocast=use_amp,
                     autocast="bf16" if use_cuda else None, model=_plain(asdict(model_cfg)), data=data.meta),
-        git_sha=sha, versions=versions(), device=device_info(device),
+        git_sha=(env["git_sha"] or "unknown") + ("-dirty" if env["git_dirty"] else ""),
+        versions={"python": env["python"], **env["versions"]}, device=device_info(device), environment=env,
         command=" ".join([sys.executable, "-m", "benchmarks.hope.train", *sys.argv[1:]])
         if sys.argv and sys.argv[0].endswith("train.py") else getattr(args, "command", None),
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
