@@ -14,7 +14,7 @@ B measured back to back), optimizer-state bytes per parameter (counted from the 
 and the hardware floor — element-wise phases at the measured copy bandwidth, matrix phases at
 the measured matmul rate (Newton–Schulz ``4m²n + 2m³`` per iteration for m ≤ n; DMGD
 ``12·m·n·h``, docs/math.md §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. The
-torch dmgd group also times the deep memory alone (``readout=None``; floor: DMGD's matmuls without
+dmgd groups (torch and JAX) also time the deep memory alone (``readout=None``; floor: DMGD's matmuls without
 Newton–Schulz). JAX rows also record how many times the jitted step was traced (1 = no
 recompilation).
 
@@ -408,9 +408,9 @@ def jax_table(deepopt, optax, jax_backend, shapes) -> dict[str, Plan]:
     # A static tree (a callable would also be called on optax's masked trees): None → Adam.
     muon_dims = {n: (optax.contrib.MuonDimensionNumbers() if is_matrix(n, s) else None) for n, s in shapes}
 
-    def ours(name: str) -> Entry:
+    def ours(name: str, role: str = "deepopt", label: str | None = None) -> Entry:
         spec = specs[name]
-        return Entry(f"deepopt.{name}", "deepopt", lambda: jax_backend.compile(spec), name, spec=spec)
+        return Entry(label or f"deepopt.{name}", role, lambda: jax_backend.compile(spec), name, spec=spec)
 
     def sgd(lr: float) -> Entry:
         return Entry("optax.sgd", "anchor", lambda: optax.sgd(lr, momentum=MOMENTUM), "sgd")
@@ -425,7 +425,9 @@ def jax_table(deepopt, optax, jax_backend, shapes) -> dict[str, Plan]:
         "delta_momentum": Plan((ours("delta_momentum"), sgd(LR["delta_momentum"])), "optax.sgd",
                                "no exact anchor: SGD momentum is delta momentum with zeta=0"),
         "muon": Plan((ours("muon"), optax_muon), optax_muon.name),
-        "dmgd": Plan((ours("dmgd"), optax_muon), optax_muon.name, "no exact anchor (nearest: Muon)"),
+        "dmgd": Plan((ours("dmgd"), ours("dmgd_memory", role="deepopt-variant", label="deepopt.dmgd(readout=None)"),
+                      optax_muon), optax_muon.name,
+                     "no exact anchor (nearest: Muon); and the memory alone (readout=None, floor: DMGD's matmuls only)"),
         "m3": Plan((ours("m3"), optax_muon), optax_muon.name, M3_NOTE, amortize=M3_PERIOD),
     }
 
