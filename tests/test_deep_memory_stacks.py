@@ -2,7 +2,9 @@
 stacks whose rows are the parameters' state entries, so a steady-state step neither stacks nor
 copies state; whatever breaks the rows (load_state_dict, deepcopy, pickling, a parameter
 without a gradient, a new group) is stacked anew once, and every result equals, bit for bit,
-the path that stacks and copies back on every step."""
+the path that stacks and copies back on every step. These compare bit for bit with the op-by-op
+kernel (``FUSED = False``); the fused CPU kernel equals it within rounding
+(tests/test_deep_memory_fast.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ VARIANTS = {
     "no_mlp": {"hidden": 0, "readout": None},
 }
 KEYS = ("memory", "mlp_w1", "mlp_w2", "value_scale", "prev_key")
+
+
+@pytest.fixture(autouse=True)
+def _op_by_op(monkeypatch):
+    """Bit-for-bit comparisons need the op-by-op kernel on both sides."""
+    monkeypatch.setattr(_deep_memory, "FUSED", False)
 
 
 def _spec(variant: str) -> deepopt.Spec:
@@ -112,9 +120,11 @@ class _StateTraffic(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op_by_op"])
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_steady_state_steps_neither_stack_nor_copy_state(variant, foreach):
+def test_steady_state_steps_neither_stack_nor_copy_state(variant, foreach, fused, monkeypatch):
+    monkeypatch.setattr(_deep_memory, "FUSED", fused)
     params = _params()
     opt = torch_backend.compile(_spec(variant), list(params.items()), foreach=foreach)
     grads = _grads(4)

@@ -15,7 +15,8 @@ makes that entry's stack anew, once. A bucket of one needs no stack (its entries
 batch dimension of one). Under ``torch.compile`` and where the state dicts are per-step copies
 (local shards of distributed parameters) the state is stacked and copied back each step instead.
 On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: two or three
-``(B, m, n)`` buffers, not state).
+``(B, m, n)`` buffers, not state). Eager CPU buckets run :func:`fused_kernel` (the same update
+in fewer full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel).
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
 """
@@ -95,6 +96,65 @@ def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None
     if mem.nesterov:
         d = torch.mul(d, alpha, out=w_read).add_(v * eta)
     return s, w1, w2, nu, d, g_hat
+
+
+def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: torch.Tensor | None,
+                 nu: torch.Tensor | None, g: torch.Tensor, v: torch.Tensor, prev_key: torch.Tensor | None,
+                 work: tuple):
+    """:func:`deep_memory_kernel` in fewer full-size passes (~18 instead of ~31 per step), equal
+    to it within float rounding (not bit for bit). Every product by a per-row or per-matrix
+    scalar moves onto the thin ``(B, m, h)`` and ``(B, h, n)`` factors:
+
+    - Ĝ is never made: ``Ĝ X = r ⊙ (G X)`` and ``Yᵀ Ĝ = (r ⊙ Y)ᵀ G`` with ``r = 1/max(‖row‖, ε)``
+      (``keys="previous"`` writes ``r ⊙ G`` into the previous key, once);
+    - nor is ``F`` or ``Ê``: ``P = S − V + (ν H) W₂ᵀ`` is one ``baddbmm``, ``E = ηP`` (dot: ``P = −V``),
+      ``S ← αS − ηP`` one ``sub_``, and ``Ê = (η/ν) P`` scales ``Hᵀ P`` and ``P W₂``;
+    - ``D = S + (ν σ(Q W₁ᵀ)) W₂ᵀ`` is one ``baddbmm``;
+    - ``‖V‖`` is read off the row norms when ``V`` is ``G``; ``Êᵀ H`` is made as ``(Hᵀ Ê)ᵀ``,
+      the operand order MKL runs fast (``bmm(Ê.mT, H)``: up to 2× slower on a (4, 128, 512) stack).
+
+    ``work``: at least one ``(B, m, n)`` buffer for ``P``, a second for ``D̃`` (see
+    :func:`deep_memory_kernel`); the returned Ĝ is None.
+    """
+    m = s.size(-2)
+    alpha, eta = mem.momentum, mem.inner_lr
+    w_read, w_err = work
+    current = mem.keys == "current"
+    r = torch.linalg.vector_norm(g, dim=-1, keepdim=True)  # ‖row‖ : (B,m,1)
+    if mem.hidden:                                           # ν = max(β ν, ‖V‖_F/√m, ε)
+        rms = torch.linalg.vector_norm(r if v is g else v, dim=(-2, -1), keepdim=True).div_(math.sqrt(m))
+        nu.copy_(torch.maximum(nu * mem.scale_decay, rms).clamp_(min=mem.key_eps))
+    r = r.clamp_(min=mem.key_eps).reciprocal_()              # Ĝ = r ⊙ G
+    if mem.hidden:
+        z = torch.bmm(g, w1.mT).mul_(r) if current else torch.bmm(prev_key, w1.mT)   # Z = K W₁ᵀ
+        h = F.silu(z)
+    if mem.objective == "dot":
+        p = torch.neg(v, out=w_err)                          # E = ηP = −ηV
+    elif mem.hidden:
+        p = torch.sub(s, v, out=w_err).baddbmm_(h * nu, w2.mT)   # P = S − V + ν H W₂ᵀ
+    else:
+        p = torch.sub(s, v, out=w_err)
+    if alpha != 1.0:
+        s.mul_(alpha)
+    s.sub_(p, alpha=eta)                                     # S ← αS − E
+    if mem.hidden:
+        e_scale = eta / nu                                   # Ê = (η/ν) P : (B,1,1)
+        rate_w2 = h.square().sum(dim=(-2, -1), keepdim=True).mul_(eta / m).add_(1).reciprocal_()
+        rate_w1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(eta * mem.SILU_SLOPE_SQ).add_(1).reciprocal_()
+        grad_w2 = torch.bmm(h.mT, p).mul_(rate_w2.div_(m).mul_(e_scale)).mT     # (Hᵀ Ê)ᵀ / m : (B,n,h)
+        back = torch.bmm(p, w2).mul_(e_scale).mul_(silu_grad(z, torch.sigmoid))  # (Ê W₂) ⊙ silu'(Z)
+        grad_w1 = (torch.bmm(back.mul_(r).mT, g) if current else torch.bmm(back.mT, prev_key)).mul_(rate_w1.div_(m))
+        w1.sub_(grad_w1)                                     # no retention on W₁
+        if alpha != 1.0:
+            w2.mul_(alpha)
+        w2.sub_(grad_w2)
+        hq = F.silu(torch.bmm(g, w1.mT).mul_(r), inplace=True).mul_(nu)   # ν σ(Q W₁ᵀ), Q = Ĝ
+    if not current:
+        torch.mul(g, r, out=prev_key)                        # Ĝ, the next step's key
+    d = torch.baddbmm(s, hq, w2.mT, out=w_read) if mem.hidden else s   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
+    if mem.nesterov:
+        d = torch.mul(d, alpha, out=w_read).add_(v, alpha=eta)
+    return s, w1, w2, nu, d, None
 
 
 def _entries(mem: DeepMemory, m: int, n: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -195,8 +255,12 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
     if s.device.type == "cpu" and all(key != "memory" for key, _ in copied):   # s persists
         work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, len(sts))
     g = _rows(gs, shape, None if work is None else work[2])
-    d = deep_memory_kernel(mem, s, w1, w2, nu, g, _values(gs, vs, shape, g), prev,
-                           None if work is None else work[:2])[4]
+    v = _values(gs, vs, shape, g)
+    if FUSED and s.device.type == "cpu":                     # the same kernel for every CPU bucket
+        buffers = work[:2] if work is not None else (torch.empty_like(s), torch.empty_like(s))
+        d = fused_kernel(mem, s, w1, w2, nu, g, v, prev, buffers)[4]   # (split DDP buckets too)
+    else:
+        d = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev, None if work is None else work[:2])[4]
     copy_back(sts, copied)
     return d
 
@@ -214,6 +278,13 @@ def _values(gs: Tensors, vs: Tensors, shape: tuple[int, int], g: torch.Tensor | 
         return g if g is not None else _rows(gs, shape)
     return _rows(vs, shape)
 
+
+#: Whether eager CPU buckets run :func:`fused_kernel` (equal to :func:`deep_memory_kernel`
+#: within rounding, ~15% less CPU time per bucket) or :func:`deep_memory_kernel` itself (False:
+#: every result bit for bit the op-by-op kernel's). Every eager CPU bucket takes the same kernel,
+#: so a bucket split across DDP ranks equals the unsplit bucket bit for bit; CUDA, ``torch.compile``
+#: and the whole-matrix kernel of sharded (FSDP) buckets run the op-by-op kernel.
+FUSED = True
 
 #: Each bucket's full-size temporaries on CPU, kept between steps: freed and allocated anew,
 #: a megabyte-sized temporary came back as fresh pages from the OS on every step (page faults
@@ -306,4 +377,4 @@ def _whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: Tensors,
     return back[:, 1]
 
 
-__all__ = ["KERNEL", "copy_back", "deep_memory_kernel", "state_rows", "state_stacks", "state_writeback"]
+__all__ = ["FUSED", "KERNEL", "copy_back", "deep_memory_kernel", "fused_kernel", "state_rows", "state_stacks", "state_writeback"]
