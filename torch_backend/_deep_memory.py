@@ -123,7 +123,7 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
     r = torch.linalg.vector_norm(g, dim=-1, keepdim=True)  # ‖row‖ : (B,m,1)
     if mem.hidden:                                           # ν = max(β ν, ‖V‖_F/√m, ε)
         rms = torch.linalg.vector_norm(r if v is g else v, dim=(-2, -1), keepdim=True).div_(math.sqrt(m))
-        nu.copy_(torch.maximum(nu * mem.scale_decay, rms).clamp_(min=mem.key_eps))
+        torch.maximum(nu.mul_(mem.scale_decay), rms, out=nu).clamp_(min=mem.key_eps)
     r = r.clamp_(min=mem.key_eps).reciprocal_()              # Ĝ = r ⊙ G
     if mem.hidden:
         z = torch.bmm(g, w1.mT).mul_(r) if current else torch.bmm(prev_key, w1.mT)   # Z = K W₁ᵀ
@@ -142,8 +142,9 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
         rate_w2 = h.square().sum(dim=(-2, -1), keepdim=True).mul_(eta / m).add_(1).reciprocal_()
         rate_w1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(eta * mem.SILU_SLOPE_SQ).add_(1).reciprocal_()
         grad_w2 = torch.bmm(h.mT, p).mul_(rate_w2.div_(m).mul_(e_scale)).mT     # (Hᵀ Ê)ᵀ / m : (B,n,h)
-        back = torch.bmm(p, w2).mul_(e_scale).mul_(silu_grad(z, torch.sigmoid))  # (Ê W₂) ⊙ silu'(Z)
-        grad_w1 = (torch.bmm(back.mul_(r).mT, g) if current else torch.bmm(back.mT, prev_key)).mul_(rate_w1.div_(m))
+        # (Ê W₂) ⊙ silu'(Z) in one op (aten's silu_backward: silu_grad's closed form), rows × r
+        back = torch.ops.aten.silu_backward(torch.bmm(p, w2), z).mul_(e_scale * r if current else e_scale)
+        grad_w1 = torch.bmm(back.mT, g if current else prev_key).mul_(rate_w1.div_(m))
         w1.sub_(grad_w1)                                     # no retention on W₁
         if alpha != 1.0:
             w2.mul_(alpha)
