@@ -113,8 +113,9 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
     - ``‖V‖`` is read off the row norms when ``V`` is ``G``; ``Êᵀ H`` is made as ``(Hᵀ Ê)ᵀ``,
       the operand order MKL runs fast (``bmm(Ê.mT, H)``: up to 2× slower on a (4, 128, 512) stack).
 
-    ``work``: at least one ``(B, m, n)`` buffer for ``P``, a second for ``D̃`` (see
-    :func:`deep_memory_kernel`); the returned Ĝ is None.
+    ``work``: two ``(B, m, n)`` buffers, ``D̃``'s and ``P``'s (see :func:`deep_memory_kernel`;
+    required here); the returned Ĝ is None. The caller's ``S``, ``W₁``, ``W₂``, ν (and previous
+    key) are written in place.
     """
     m = s.size(-2)
     alpha, eta = mem.momentum, mem.inner_lr
