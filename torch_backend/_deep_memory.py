@@ -160,13 +160,9 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
 
 
 def _entries(mem: DeepMemory, m: int, n: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The memory's state entries and the shape of one row of each one's stack."""
-    out = [("memory", (m, n))]
-    if mem.hidden:
-        out += [("mlp_w1", (mem.hidden, n)), ("mlp_w2", (n, mem.hidden)), ("value_scale", ())]
-    if mem.keys == "previous":
-        out.append(("prev_key", (m, n)))
-    return out
+    """The memory's state entries (its slots) and the shape of one row of each one's stack:
+    slots shaped like the parameter are stacked as its ``m × n`` matrix view."""
+    return [(slot.key, (m, n) if slot.like_param else slot.shape((), m, n)) for slot in mem.state_slots()]
 
 
 def _stack_of(xs: Tensors, row: tuple[int, ...]) -> torch.Tensor | None:
