@@ -318,10 +318,11 @@ def test_inside_chain_after_clipping(spec):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.specs("sgd_damped_torch", "adamw", "delta_newton_schulz_cubic_sgd_fallback", "muon_optax",
-                   "custom_sign_denominator")
+                   "custom_sign_denominator", "dmgd_dot_previous_adam", "m3")
 def test_jit_does_not_retrace_on_second_step(spec, dtype):
     """Same state structure and dtypes after every step, so one trace serves them all — also
-    for float32 leaves while x64 is on, where a float64 step-count power would promote them."""
+    for float32 leaves while x64 is on, where a float64 step-count power would promote them,
+    and across M3's slow write at step 3 (``lax.cond``, not Python)."""
     traces = []
     tx = jax_backend.compile(spec)
 
@@ -334,10 +335,11 @@ def test_jit_does_not_retrace_on_second_step(spec, dtype):
     params = jax.tree.map(lambda x: x.astype(dtype), _model())
     state = tx.init(params)
     init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    for _ in range(3):
+    for _ in range(4):
         params, state = step(params, jax.tree.map(jnp.ones_like, params), state)
     assert len(traces) == 1 and step._cache_size() == 1
     assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
 
 
 @pytest.mark.specs("muon_optax")

@@ -25,7 +25,6 @@ from deepopt import reference, testing
 from jax_backend._deep_memory import deep_memory_kernel
 
 from _helpers import exact_in_float64, jax_run, optax_states
-from conftest import SPECS
 
 # Torch layout: a wide matrix, a tall one, a conv kernel (matrix view 4 × 12) and a bias that
 # goes to the AdamW fallback. Two parameters sit one step out (their count must not advance).
@@ -217,33 +216,6 @@ def test_m3_slow_level_is_written_exactly_every_f_steps():
 # --------------------------------------------------------------------------------------------
 # optax integration
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("spec", [SPECS["dmgd_dot_previous_adam"](), SPECS["m3"]()],
-                         ids=["dmgd", "m3"])
-def test_jit_does_not_retrace_on_second_step(spec, dtype):
-    """One trace serves every step, slow-write boundaries included (lax.cond, not Python)."""
-    traces = []
-    tx = jax_backend.compile(spec)
-
-    @jax.jit
-    def step(params, grads, state):
-        traces.append(1)                                        # runs only while tracing
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    rng = np.random.default_rng(5)
-    params = {"hidden": {"kernel": jnp.asarray(rng.normal(size=(2, 6, 4)), dtype),
-                         "bias": jnp.zeros(4, dtype)},
-              "head": {"kernel": jnp.asarray(rng.normal(size=(4, 3)), dtype)}}
-    state = tx.init(params)
-    init_types = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    for _ in range(4):
-        params, state = step(params, jax.tree.map(jnp.ones_like, params), state)
-    assert len(traces) == 1 and step._cache_size() == 1
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == init_types
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
 
 
 def test_dmgd_inject_hyperparams_traced_lr_follows_the_reference():
