@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+import deepopt
 from benchmarks.hope import train
 from benchmarks.hope.model import Hope
 from benchmarks.hope.presets import DEFAULT_LR, PRESETS, hope_config, matched_transformer_config
@@ -184,3 +185,19 @@ def test_a_preset_lr_is_the_default_and_lr_overrides_it():
     assert train.parse_args([*base, "--preset", "cpu-tiny"]).lr == DEFAULT_LR["adamw"]
     assert train.parse_args([*base, "--preset", "cpu-mqar", "--lr", "3e-3"]).lr == 3e-3
     assert train.parse_args(["--optimizer", "muon", "--out", "unused", "--preset", "cpu-mqar"]).lr == DEFAULT_LR["muon"]
+
+
+def test_compare_end_to_end_records_provenance(tmp_path):
+    """A two-run compare (Transformer++ + AdamW, reduced grid, 2 steps) writes comparison.json
+    with its table, every run's summary and the environment (git SHA, versions, command)."""
+    from benchmarks.hope import compare
+
+    out = tmp_path / "cmp"
+    result = compare.main(["--runs", "transformer:adamw", "--steps", "2", "--jobs", "1", "--no-throughput",
+                           "--out", str(out)])
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["environment"]["versions"]["deepopt"] == deepopt.__version__
+    assert "git_sha" in saved["environment"] and saved["command"].startswith("python -m benchmarks.hope.compare")
+    runs = saved["results"]["transformer+adamw"]["summaries"]
+    assert len(runs) == 1 and all(s["steps"] == 2 and math.isfinite(s["val_bpb"]) for s in runs)
+    assert result["table"] == saved["table"]

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._common import environment
+
 from .presets import PRESETS, build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -242,7 +244,8 @@ def main(argv=None):
     print("\n" + table, flush=True)
     result = dict(preset=args.preset, grid=args.grid, lrs=grid["lrs"], seeds=list(grid["seeds"]), steps=args.steps,
                   fallback_lrs=fallback_lrs, results=results, throughput=throughput, table=table, wall_time_s=total,
-                  command="python -m benchmarks.hope.compare " + " ".join(argv if argv is not None else sys.argv[1:]))
+                  command="python -m benchmarks.hope.compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  environment=environment(args.device or "cpu"))     # SHA, versions, machine (each run has its own too)
     (out / "comparison.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
 
