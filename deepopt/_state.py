@@ -61,8 +61,4 @@ class Slot:
 STEP = Slot("step", ())
 
 
-def keys(slots: tuple[Slot, ...]) -> tuple[str, ...]:
-    return tuple(s.key for s in slots)
-
-
-__all__ = ["STEP", "Initializer", "Slot", "keys"]
+__all__ = ["STEP", "Initializer", "Slot"]

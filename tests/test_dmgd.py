@@ -133,7 +133,7 @@ def test_closed_form_inner_step_equals_torch_autograd(objective, nu_prev):
     for got, want in zip((state["memory"], state["mlp_w1"], state["mlp_w2"]), expected):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     # The torch kernel's own closed forms, too.
-    from torch_backend._functional import deep_memory_kernel
+    from torch_backend._deep_memory import deep_memory_kernel
     s2, w1b, w2b, nu2, _, _ = deep_memory_kernel(mem, t(s)[None], t(w1)[None], t(w2)[None],
                                                  t(nu_prev).view(1, 1, 1), t(g)[None], t(v)[None], None)
     assert nu2.item() == pytest.approx(nu, rel=1e-15)

@@ -23,6 +23,7 @@ Local shards of distributed parameters run the kernel on whole matrices on their
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -159,10 +160,12 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
     return s, w1, w2, nu, d, None
 
 
-def _entries(mem: DeepMemory, m: int, n: int) -> list[tuple[str, tuple[int, ...]]]:
+@functools.lru_cache(maxsize=64)
+def _entries(mem: DeepMemory, m: int, n: int) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The memory's state entries (its slots) and the shape of one row of each one's stack:
-    slots shaped like the parameter are stacked as its ``m × n`` matrix view."""
-    return [(slot.key, (m, n) if slot.like_param else slot.shape((), m, n)) for slot in mem.state_slots()]
+    slots shaped like the parameter are stacked as its ``m × n`` matrix view. Cached: it is
+    asked once per bucket per step."""
+    return tuple((slot.key, (m, n) if slot.like_param else slot.shape((), m, n)) for slot in mem.state_slots())
 
 
 def _stack_of(xs: Tensors, row: tuple[int, ...]) -> torch.Tensor | None:
@@ -331,7 +334,8 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
             ds[i] = d[j].view_as(gs[i])
     if not done:
         return Read(_readout.apply(rule, ds, layouts))
-    outs, rest = list(ds), [i for i in range(len(ds)) if i not in set(done)]
+    done_set = set(done)
+    outs, rest = list(ds), [i for i in range(len(ds)) if i not in done_set]
     mapped = _readout.apply(rule, [ds[i] for i in rest], None if layouts is None else [layouts[i] for i in rest])
     for j, i in enumerate(rest):
         outs[i] = mapped[j]

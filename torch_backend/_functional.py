@@ -89,11 +89,6 @@ def _kernels(rule: UpdateRule) -> tuple[ValuesKernel, MemoryKernel]:
             kernel_for(MEMORIES, rule.memory, "torch_backend._functional.MEMORIES"))
 
 
-def uses_step_count(rule: UpdateRule) -> bool:
-    """Deprecated alias of ``rule.counts_steps`` (kept for one release)."""
-    return rule.counts_steps
-
-
 def _scale(rule: UpdateRule, shape: torch.Size) -> float:
     return shape_scale_factor(rule.shape_scale, *matrix_view_shape(shape)) if len(shape) >= 2 else 1.0
 
@@ -228,9 +223,5 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         else:
             torch._foreach_add_(ps, os_, alpha=-size)
 
-
-# Names tests and benchmarks import from here.
-deep_memory_kernel = _deep_memory.deep_memory_kernel
-delta_term = _linear_memory.delta_term
 
 __all__ = ["MEMORIES", "VALUES", "ValuesKernel", "step_batched", "step_single"]
