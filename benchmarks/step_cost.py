@@ -19,7 +19,8 @@ Newton–Schulz). JAX rows also record how many times the jitted step was traced
 recompilation).
 
 Contenders come from one table per backend (:func:`torch_table`, :func:`jax_table`: spec →
-its entries, anchor and note). Writes ``DIR/step_cost.json`` and prints a table.
+its entries, anchor and note). Writes ``DIR/step_cost.json`` after every group (``"complete":
+false`` until the last, so a run cut short by a time limit keeps what it measured) and prints a table.
 """
 
 from __future__ import annotations
@@ -672,27 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     pairs: list[dict] = []
     rates: dict[str, dict] = {}
-    if "torch" in backends:
-        import torch
-
-        rates["torch"] = torch_rates(args.device, size)
-        for g in torch_groups(shapes, args.device, only):
-            r, p = run_group(g, shapes, rates["torch"], n_params, warmup, repeats, max_seconds)
-            rows += r
-            pairs.append(p)
-            print(f"  torch {g.spec}: done ({time.perf_counter() - t_start:.0f}s)", flush=True)
-            del g                          # free this group's parameter copies before the next
-    if "jax" in backends:
-        rates["jax"] = jax_rates(size)
-        for g in jax_groups(shapes, only):
-            r, p = run_group(g, shapes, rates["jax"], n_params, warmup, repeats, max_seconds)
-            rows += r
-            pairs.append(p)
-            print(f"  jax {g.spec}: done ({time.perf_counter() - t_start:.0f}s)", flush=True)
-            del g
-
     env = _common.environment(args.device)
-    env["jax_devices"] = _common.jax_devices() if "jax" in backends else None
+    env["jax_devices"] = None
     result = {
         "benchmark": "step_cost",
         "config": {"size": size, "shapes": SIZES[size], "n_params": n_params,
@@ -709,8 +691,36 @@ def main(argv: list[str] | None = None) -> int:
         "rates": rates,
         "pairs": pairs,
         "rows": rows,
-        "wall_seconds": time.perf_counter() - t_start,
+        "complete": False,
     }
+
+    def save(backend: str, spec: str) -> Path:
+        """Write what is measured so far: a run stopped by a time limit keeps its finished groups."""
+        result["wall_seconds"] = time.perf_counter() - t_start
+        print(f"  {backend} {spec}: done ({result['wall_seconds']:.0f}s)", flush=True)
+        return _common.write_json(args.out / "step_cost.json", result)
+
+    if "torch" in backends:
+        import torch
+
+        rates["torch"] = torch_rates(args.device, size)
+        for g in torch_groups(shapes, args.device, only):
+            r, p = run_group(g, shapes, rates["torch"], n_params, warmup, repeats, max_seconds)
+            rows += r
+            pairs.append(p)
+            save("torch", g.spec)
+            del g                          # free this group's parameter copies before the next
+    if "jax" in backends:
+        env["jax_devices"] = _common.jax_devices()
+        rates["jax"] = jax_rates(size)
+        for g in jax_groups(shapes, only):
+            r, p = run_group(g, shapes, rates["jax"], n_params, warmup, repeats, max_seconds)
+            rows += r
+            pairs.append(p)
+            save("jax", g.spec)
+            del g
+
+    result["complete"] = True
     out = _common.write_json(args.out / "step_cost.json", result)
     table = print_table(rows)
     print(table)

@@ -48,6 +48,24 @@ def _cli_error(capsys, argv):
     return capsys.readouterr().err
 
 
+def test_max_train_seconds_stops_early_and_still_evaluates(tmp_path, capsys):
+    """A time-boxed run (a lent GPU's minutes): training stops after the step that passes the
+    limit, keeps the lr schedule of --steps, and evaluates as usual; the summary says so."""
+    out = tmp_path / "run"
+    s = train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "50", "--batch", "2",
+                    "--seq-len", "32", "--max-train-seconds", "1e-9", "--out", str(out), "--no-progress"])
+    assert (s["steps"], s["steps_completed"], s["stopped_early"]) == (50, 1, "max_train_seconds")
+    assert math.isfinite(s["val_bpb"]) and math.isfinite(s["final_train_loss"])
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0] and lines[0]["lr"] == pytest.approx(train.lr_scale_at(0, 50, 20) * 3e-3)
+    full = train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "2", "--batch", "2",
+                       "--seq-len", "32", "--max-train-seconds", "600", "--out", str(tmp_path / "b"), "--no-progress"])
+    assert (full["steps_completed"], full["stopped_early"]) == (2, None)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--max-train-seconds", "0", "--out", str(tmp_path)])
+    assert "--max-train-seconds must be > 0" in capsys.readouterr().err
+
+
 def test_wrong_optimizer_is_rejected_by_argparse_listing_only_optimizers(capsys, monkeypatch):
     # loading data would fail loudly: the rejection must come before it
     monkeypatch.setattr(train, "DataSource", None)

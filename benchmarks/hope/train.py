@@ -201,6 +201,9 @@ def parse_args(argv=None):
     ap.add_argument("--optimizer", choices=optimizer_names(), default="adamw", help="a deepopt preset")
     ap.add_argument("--preset", choices=tuple(PRESETS), default="cpu-tiny")
     ap.add_argument("--steps", type=int, default=None, help="default: the preset's")
+    ap.add_argument("--max-train-seconds", type=float, default=None,
+                    help="stop training after the step that passes this wall time, then evaluate as usual; "
+                         "the lr schedule stays the one of --steps (summary: steps_completed, stopped_early)")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--lr", type=float, default=None,
                     help="peak lr (default: the preset's lr for the optimizer, else presets.DEFAULT_LR)")
@@ -245,6 +248,8 @@ def parse_args(argv=None):
     if args.lr is None and args.optimizer not in default_lr:
         ap.error(f"--lr is required with --optimizer {args.optimizer} (defaults exist for {', '.join(default_lr)})")
     args.lr = args.lr if args.lr is not None else default_lr[args.optimizer]
+    if args.max_train_seconds is not None and not args.max_train_seconds > 0:
+        ap.error(f"--max-train-seconds must be > 0, got {args.max_train_seconds}")
     args.fallback_lr = args.fallback_lr if args.fallback_lr is not None else DEFAULT_LR["adamw"]
     try:  # the preset's own validation, before any data is loaded
         build_spec(args.optimizer, args.lr, dict(args.opt), args.fallback_lr)
@@ -352,7 +357,10 @@ def run(args):
                    dynamic_ncols=True, mininterval=1.0 if interactive else 15.0)
     except ImportError:
         bar = range(steps)
+    steps_completed = 0
     for step in bar:
+        if step > 0 and args.max_train_seconds is not None and time.perf_counter() - t_start >= args.max_train_seconds:
+            break                                   # at least one step, so the summary has a loss
         t0 = time.perf_counter()
         x, y = data.train_batch(gen)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -396,6 +404,9 @@ def run(args):
             if hasattr(bar, "set_postfix") and time_timed > 0:  # the summary's tokens/s, so far
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_timed / time_timed:,.0f}",
                                 refresh=interactive)
+        steps_completed = step + 1
+    if hasattr(bar, "close"):
+        bar.close()
     metrics.close()
     train_time = time.perf_counter() - t_start
 
@@ -414,7 +425,8 @@ def run(args):
         final_train_loss=float(np.mean(losses[-10:])), val_loss=val_loss, val_bpb=val_loss / math.log(2),
         val_unit=data.unit, val_accuracy=val_acc, val_tokens=val_tokens, **diagnostics,
         tokens_per_s=tps, params=n_params,
-        peak_memory_bytes=peak_memory(device), steps=steps, train_time_s=train_time,
+        peak_memory_bytes=peak_memory(device), steps=steps, steps_completed=steps_completed,
+        stopped_early="max_train_seconds" if steps_completed < steps else None, train_time_s=train_time,
         config=dict(args=_plain(vars(args)), steps=steps, batch=batch, seq_len=seq_len, lr=lr,
                     optimizer=dict(name=args.optimizer, lr=lr, opts=_plain(dict(args.opt)),
                                    fallback_lr=args.fallback_lr if spec.fallback is not None else None,
