@@ -181,3 +181,30 @@ def test_main_job_quick_with_hope(tmp_path):
     assert summary["environment"]["versions"]["deepopt"] == deepopt.__version__
     assert (tmp_path / "compare" / "compare.json").exists()
     assert any((tmp_path / "hope").rglob("summary.json"))
+
+
+def test_gpu_check_fits_every_run_to_the_same_steps():
+    from benchmarks.gpu_check import steps_that_fit
+
+    assert steps_that_fit(300, 0.1, 2000) == 2000          # the preset's steps fit
+    assert steps_that_fit(300, 0.5, 2000) == 600           # the slowest run's step time sets them
+    assert steps_that_fit(5, 0.5, 2000) == 20              # never fewer than 20: the deadline stops the run
+    assert steps_that_fit(300, 0.0, 2000) == 2000
+
+
+@pytest.mark.slow
+def test_gpu_check_pipeline_runs_on_cpu(tmp_path):
+    """The lent-GPU script end to end on the CPU at tiny sizes: every part ends with rc 0, HOPE's
+    three runs train the same number of steps and report val bpb."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--preset", "cpu-tiny", "--size", "tiny",
+                           "--batch", "2", "--seq-len", "32", "--no-jax-tests", "--budget", "240",
+                           "--threads", "1"]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {k: v["rc"] for k, v in result["parts"].items() if "rc" in v} == {
+        "tests": 0, "step_cost_torch": 0, "step_cost_jax": 0}
+    runs = result["parts"]["hope"]["runs"]
+    assert set(runs) == {name for name, _, _ in gpu_check.HOPE_RUNS}
+    assert {r["steps"] for r in runs.values()} == {result["parts"]["hope"]["steps"]}
+    assert all(r["rc"] == 0 and math.isfinite(r["val_bpb"]) for r in runs.values())

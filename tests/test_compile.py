@@ -17,13 +17,13 @@ import torch_backend
 T_DEPENDENT = ("sgd_damped_torch", "adamw_nesterov", "muon_optax", "dmgd_dot_previous_adam", "m3")
 
 
-def _model():
+def _model(device: str = "cpu"):
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)).double()
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)).double().to(device)
 
 
-def _check_compiled_equals_eager(spec, foreach: bool) -> None:
-    eager_model = _model()
+def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu") -> None:
+    eager_model = _model(device)
     compiled_model = copy.deepcopy(eager_model)
     eager = torch_backend.compile(spec, eager_model.named_parameters(), foreach=foreach)
     traced = torch_backend.compile(spec, compiled_model.named_parameters(), foreach=foreach)
@@ -32,7 +32,7 @@ def _check_compiled_equals_eager(spec, foreach: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     for t in range(4):                                       # m3 entries write their slow level
         for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype).to(device)
             q.grad = p.grad.clone()
         eager.step()
         if t == 1:                                           # state exists: the steady-state step
@@ -56,3 +56,10 @@ def test_compiled_step_has_no_graph_break_and_equals_eager(spec):
 @pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "single"])
 def test_every_spec_compiles_whole_on_both_twins(spec, foreach):
     _check_compiled_equals_eager(spec, foreach)
+
+
+@pytest.mark.gpu
+@pytest.mark.specs(*T_DEPENDENT)
+def test_compiled_step_on_cuda_has_no_graph_break_and_equals_eager(spec):
+    """On CUDA a graph break at the step count or the lr would also be a host sync."""
+    _check_compiled_equals_eager(spec, foreach=True, device="cuda")

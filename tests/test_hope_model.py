@@ -99,6 +99,26 @@ def test_full_model_chunked_equals_reference():
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.gpu
+def test_full_model_on_cuda_equals_reference_and_cpu():
+    """The chunk kernels on CUDA (float64): the per-token reference there, and the CPU model's
+    output and outer gradients."""
+    torch.manual_seed(0)
+    cpu = Hope(tiny_cfg(n_layers=2, cms_eta_init=0.05)).to(F64)
+    cuda = Hope(tiny_cfg(n_layers=2, cms_eta_init=0.05)).to(F64)
+    cuda.load_state_dict(cpu.state_dict())
+    cuda.cuda()
+    idx = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        a, _ = cuda(idx.cuda(), chunk_size=4)
+        b, _ = cuda(idx.cuda(), chunk_size=4, reference=True)
+    torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    (cpu(idx, chunk_size=4)[0].square().mean()).backward()
+    (cuda(idx.cuda(), chunk_size=4)[0].square().mean()).backward()
+    for (name, p), q in zip(cpu.named_parameters(), cuda.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
 # --- causality ----------------------------------------------------------------------------
 
 

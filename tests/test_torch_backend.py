@@ -73,6 +73,36 @@ def test_cuda_trajectory_equals_reference(spec, foreach):
     np.testing.assert_array_equal(ours[3]["a"], ours[2]["a"])      # the missing gradient: no step
 
 
+@pytest.mark.gpu
+@pytest.mark.specs(where=_helpers.exact_in_float64)
+@pytest.mark.parametrize("direction", ["cuda_to_cpu", "cpu_to_cuda"])
+def test_checkpoint_moves_between_cpu_and_cuda(spec, direction):
+    """A checkpoint written on one device resumes on the other (``map_location="cpu"`` one way,
+    a plain load the other, where ``load_state_dict`` moves the state to the parameters): the
+    reference's trajectory to the tolerance of the CUDA trajectory test."""
+    import io
+
+    first, then = ("cuda", "cpu") if direction == "cuda_to_cpu" else ("cpu", "cuda")
+    params, grads = _helpers.random_problem(SHAPES, 10)
+    part = _helpers.torch_params(params, device=first)
+    opt = torch_backend.compile(spec, part.items())
+    for g in grads[:6]:
+        _helpers.torch_step(opt, part, g)
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "params": {n: p.detach() for n, p in part.items()}}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True, map_location="cpu" if then == "cpu" else None)
+    resumed = {n: torch.nn.Parameter(t.to(then).clone()) for n, t in saved["params"].items()}
+    opt2 = torch_backend.compile(spec, resumed.items())
+    opt2.load_state_dict(saved["opt"])
+    for g in grads[6:]:
+        _helpers.torch_step(opt2, resumed, g)
+    ref = _helpers.reference_run(spec, params, grads)[-1]
+    for n, p in resumed.items():
+        assert p.device.type == then
+        np.testing.assert_allclose(p.detach().cpu().numpy(), ref[n], rtol=0, atol=1e-10, err_msg=n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 def test_state_dict_exact_resume(spec, model_problem, dtype):
     """Stop after 7 of 12 steps, checkpoint through torch.save, resume: bit for bit the
