@@ -119,6 +119,36 @@ def test_full_model_on_cuda_equals_reference_and_cpu():
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_scans_run_in_float32_under_bf16_autocast():
+    """Every product of the Titans and CMS writes is float32 under bf16 autocast (bf16 writes
+    went NaN on a GPU); the projections around them still take bf16."""
+    from torch.overrides import TorchFunctionMode
+
+    class Dtypes(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.add(out.dtype)
+            return out
+
+    torch.manual_seed(0)
+    model = Hope(tiny_cfg(n_layers=1, cms_eta_init=0.05))
+    inside = Dtypes()
+    for m in (model.blocks[0].titans, *model.blocks[0].cms):
+        def spy(*a, _scan=m.scan, **k):
+            with inside:
+                return _scan(*a, **k)
+        m.scan = spy
+    with torch.autocast("cpu", dtype=torch.bfloat16), Dtypes() as outside:
+        _, loss = model(torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12)))
+    assert torch.float32 in inside.seen and not inside.seen & {torch.bfloat16, torch.float16}
+    assert torch.bfloat16 in outside.seen and torch.isfinite(loss)
+
+
 # --- causality ----------------------------------------------------------------------------
 
 

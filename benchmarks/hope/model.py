@@ -353,6 +353,24 @@ def chunk_read(w1t, w2t, q, kt, e, a, g, s1, s2, cum, log_alpha, read):
 # Self-modifying Titans
 
 
+def in_float32(fn, *tensors, **kwargs):
+    """``fn(*tensors, **kwargs)`` with autocast off and half-precision tensors cast to float32.
+
+    The scans write the fast weights once per chunk or period, hundreds of times per sequence,
+    each write a small correction to a state of norm ~1. Under bf16 autocast every product of
+    those writes rounds to 8 bits of mantissa: gpu-small on an H200 went NaN (HOPE+DMGD at step
+    297, HOPE+AdamW at 483, benchmarks/README.md) while the Transformer++ trained. So the
+    recurrences run in float32, as chunked linear-attention kernels keep their state; the
+    projections around them still take autocast's bf16.
+    """
+    device = tensors[0].device.type
+    half = (torch.float16, torch.bfloat16)
+    if not torch.is_autocast_enabled(device) and all(t.dtype not in half for t in tensors):
+        return fn(*tensors, **kwargs)
+    with torch.autocast(device, enabled=False):
+        return fn(*(t.float() if t.dtype in half else t for t in tensors), **kwargs)
+
+
 class CausalDepthwiseConv(nn.Module):
     """Causal depthwise 1-D convolution over time, window `size`, started near identity."""
 
@@ -549,7 +567,7 @@ class SelfModifyingTitans(nn.Module):
         elif reference:
             o, w1, w2 = titans_reference(self, w1, w2, xin, q, C, stats)
         else:
-            o, state = self.scan(xin, q, C, keep_state=return_state or stats is not None, stats=stats)
+            o, state = in_float32(self.scan, xin, q, C=C, keep_state=return_state or stats is not None, stats=stats)
             if state is not None:
                 w1, w2 = state
         if stats is not None:
@@ -663,7 +681,7 @@ class CMSLevel(nn.Module):
             return (y, [(self.w_up, self.w_down)]) if return_states else y
         if reference:
             return cms_reference(self, x, return_states)
-        return self.scan(x, return_states)
+        return in_float32(self.scan, x, return_states=return_states)
 
     def scan(self, x, return_states=False):
         """The written level: `forward` with writes on (what `Hope.compile_scans` compiles)."""
