@@ -8,10 +8,6 @@ every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is wha
 ``torch.optim.AdamW(fused=True)``. The state is deepopt's own (``memory``, ``second_moment``,
 ``step``), so checkpoints do not depend on which path ran.
 
-Under ``torch.compile`` the step takes the foreach form instead: inductor fuses it itself, and
-torch 2.11's dynamo split the graph at ``torch._fused_adamw_`` on CUDA (one break, seen on an
-H200; none on CPU).
-
 ``fused=None`` (the default) fuses float32/float64 tensors, where the kernels agree with the
 foreach and single-tensor twins to float rounding; ``fused=True`` also fuses float16/bfloat16
 (the kernels compute in float32 internally, so half-precision results differ from the twins by
@@ -58,8 +54,8 @@ def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
     """Indices of ``params`` by (device, dtype) if the fused kernels can take them all — plain
     dense tensors on CPU/CUDA, each gradient of its parameter's dtype and device, float32/float64
     (any float with ``fused=True``) — else None."""
-    if fused is False or not params or torch.compiler.is_compiling():
-        return None     # compiled, the foreach form is what inductor fuses (and it traces whole)
+    if fused is False or not params:
+        return None
     dtypes = _EXACT + (_HALF if fused else ())
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, g) in enumerate(zip(params, grads)):
