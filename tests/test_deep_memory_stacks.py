@@ -271,11 +271,16 @@ def test_eager_stacks_then_compiled_steps_equal_eager(monkeypatch):
     _assert_equal(_snapshot(opt, params), eager)
 
 
-def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op_by_op"])
+def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer(fused, monkeypatch):
     """On CPU each bucket keeps its full-size temporaries between steps (a fresh megabyte came
-    back from the OS as new pages every step); they are no state and die with the optimizer."""
+    back from the OS as new pages every step); they are no state and die with the optimizer.
+    The fused kernel needs one (P, then D̃), the op-by-op kernel two (Ĝ then D̃; F then E), and
+    a bucket of more than one a third, the gradients' stack."""
     import gc
 
+    monkeypatch.setattr(_deep_memory, "FUSED", fused)
+    k = 1 if fused else 2
     params = _params()
     opt = torch_backend.compile(_spec("memory_alone"), list(params.items()))
     grads = _grads(3)
@@ -283,8 +288,9 @@ def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer():
     bucket = opt.state[params["a"]]["memory"]._base       # the (4, 4, 6) bucket's memory stack
     single = opt.state[params["e"]]["memory"]              # a bucket of one: its entry
     work = {id(bucket): _deep_memory._WORK[bucket], id(single): _deep_memory._WORK[single]}
-    assert [tuple(w.shape) for w in work[id(bucket)]] == [(4, 4, 6)] * 3
-    assert work[id(single)][2] is None                    # a bucket of one stacks no gradient
+    assert [tuple(w.shape) for w in work[id(bucket)]] == [(4, 4, 6)] * (k + 1)
+    assert [tuple(w.shape) for w in work[id(single)][:k]] == [(1, 6, 5)] * k
+    assert work[id(single)][k] is None                    # a bucket of one stacks no gradient
     for g in grads[1:]:
         _step(opt, params, g)
     assert _deep_memory._WORK[bucket] is work[id(bucket)]
