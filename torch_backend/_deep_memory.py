@@ -14,8 +14,9 @@ themselves (``entry._base``); an entry that is not the row of one stack in bucke
 makes that entry's stack anew, once. A bucket of one needs no stack (its entries, viewed with a
 batch dimension of one). Under ``torch.compile`` and where the state dicts are per-step copies
 (local shards of distributed parameters) the state is stacked and copied back each step instead.
-On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: two or three
-``(B, m, n)`` buffers, not state). Eager CPU buckets run :func:`fused_kernel` (the same update
+On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: one or two
+``(B, m, n)`` buffers, not state), and a step's buckets share one buffer for the gradients'
+stack (:data:`_STACKS`). Eager CPU buckets run :func:`fused_kernel` (the same update
 in fewer full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel).
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
@@ -150,11 +151,13 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
         s.mul_(alpha)
     s.add_(p, alpha=eta) if dot else s.sub_(p, alpha=eta)   # S ← αS − E
     sign = -1.0 if dot else 1.0
-    c2 = h.square().sum(dim=(-2, -1), keepdim=True).add_(m / eta).mul_(nu).reciprocal_()   # (B,1,1)
-    c1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(mem.SILU_SLOPE_SQ * m).add_(m / eta).mul_(nu).reciprocal_()
+    # 1/c₂ and 1/c₁ : (B,1,1)
+    d2 = h.square().sum(dim=(-2, -1), keepdim=True).add_(m / eta).mul_(nu)
+    d1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(mem.SILU_SLOPE_SQ * m).add_(m / eta).mul_(nu)
     # (P W₂ ⊙ σ'(Z)) in one op (aten's silu_backward: silu_grad's closed form), rows × c₁ r (K = Ĝ)
-    back = torch.ops.aten.silu_backward(torch.bmm(p, w2), z).mul_(c1 * r if current else c1)
-    grad_w2 = torch.bmm(h.mT, p).mul_(c2).mT                 # c₂ (Hᵀ P)ᵀ : (B,n,h)
+    back = torch.ops.aten.silu_backward(torch.bmm(p, w2), z)
+    back = back.mul_(torch.div(r, d1)) if current else back.div_(d1)
+    grad_w2 = torch.bmm(h.mT, p).div_(d2).mT                 # c₂ (Hᵀ P)ᵀ : (B,n,h)
     w1.baddbmm_(back.mT, k, alpha=-sign)                     # no retention on W₁
     if alpha != 1.0:
         w2.mul_(alpha)
@@ -248,10 +251,11 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
 
 
 def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tuple[int, int],
-         rebind: bool) -> torch.Tensor:
+         rebind: bool, stack_owner: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel on one bucket (its states, gradients and values), the state written where it
     lives; returns ``D̃ (B, m, n)``. ``rebind``: ``sts`` are the optimizer's own dicts (not
-    per-step copies), whose entries may become rows of new stacks."""
+    per-step copies), whose entries may become rows of new stacks. ``stack_owner``: the key of
+    the gradients' stack that the step's buckets share on CPU (:func:`_grad_stack`)."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
         g, v = _rows(gs, shape), _values(gs, vs, shape)
         s, w1, w2, nu, prev = state_stacks(mem, sts, shape)
@@ -263,8 +267,9 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
     fused = FUSED and cpu                                    # the same kernel for every CPU bucket
     work = None                                              # (split DDP buckets too)
     if cpu and all(key != "memory" for key, _ in copied):   # s persists
-        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, len(sts), 1 if fused else 2)
-    g = _rows(gs, shape, None if work is None else work[-1])
+        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, 1 if fused else 2)
+    stack = None if work is None or len(sts) == 1 or stack_owner is None else _grad_stack(stack_owner, s)
+    g = _rows(gs, shape, stack)
     v = _values(gs, vs, shape, g)
     if fused:
         d = fused_kernel(mem, s, w1, w2, nu, g, v, prev, work[0] if work is not None else torch.empty_like(s))[4]
@@ -302,15 +307,33 @@ FUSED = True
 #: no checkpoint or copy sees it. (CUDA's caching allocator keeps freed blocks already.)
 _WORK: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
+#: The gradients' stack on CPU, one flat buffer per dtype that a step's buckets share (a
+#: bucket's stack is spent when its kernel returns: D̃ lives in the bucket's own buffer), grown
+#: to the largest bucket and kept between steps as :data:`_WORK` is, keyed by the first
+#: parameter's memory entry (see :func:`_batched`). One buffer instead of one per bucket: less
+#: memory to stream through the caches every step.
+_STACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-def _workspace(owner: torch.Tensor, like: torch.Tensor, b: int, k: int) -> tuple:
-    """Buffers shaped like ``like`` (B, m, n): ``k`` for the kernel (:func:`fused_kernel`'s one,
-    :func:`deep_memory_kernel`'s two), then one for the gradients' stack (None for a bucket of
-    one, whose gradient is a view)."""
+
+def _workspace(owner: torch.Tensor, like: torch.Tensor, k: int) -> tuple:
+    """``k`` buffers shaped like ``like`` (B, m, n) for the kernel: :func:`fused_kernel`'s one,
+    :func:`deep_memory_kernel`'s two."""
     work = _WORK.get(owner)
-    if work is None or len(work) != k + 1 or work[0].shape != like.shape or work[0].dtype != like.dtype:
-        work = _WORK[owner] = (*(torch.empty_like(like) for _ in range(k)), torch.empty_like(like) if b > 1 else None)
+    if work is None or len(work) != k or work[0].shape != like.shape or work[0].dtype != like.dtype:
+        work = _WORK[owner] = tuple(torch.empty_like(like) for _ in range(k))
     return work
+
+
+def _grad_stack(owner: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped like ``like`` (B, m, n) for the gradients' stack: a view of the flat
+    buffer that ``owner``'s step shares (:data:`_STACKS`)."""
+    flats = _STACKS.get(owner)
+    if flats is None:
+        flats = _STACKS[owner] = {}
+    flat = flats.get(like.dtype)
+    if flat is None or flat.numel() < like.numel():
+        flat = flats[like.dtype] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return flat[:like.numel()].view(like.shape)
 
 
 def _single(rule: UpdateRule, st: dict, g: torch.Tensor, v: torch.Tensor, t, lay=None) -> Read:
@@ -330,6 +353,7 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     sigma_whole = _readout.on_whole(rule)
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
     done: list[int] = []                                     # σ already applied
+    stack_owner = states[0]["memory"] if states else None   # the shared gradients' stack's key
     for (m, n, _, _, lay), idx in buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
         if lay is not None:
@@ -337,7 +361,7 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
             if sigma_whole is not None:
                 done += idx
         else:                                                # rebind unless per-step dict copies
-            d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), rebind=layouts is None)
+            d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), layouts is None, stack_owner)
         for j, i in enumerate(idx):
             ds[i] = d[j].view_as(gs[i])
     if not done:
