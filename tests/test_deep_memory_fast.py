@@ -22,6 +22,8 @@ VARIANTS = {
     "previous_keys_l2": {"keys": "previous", "momentum": 0.95, "readout": None},
     "no_mlp": {"hidden": 0, "readout": None},
     "no_mlp_dot_nesterov": {"hidden": 0, "objective": "dot", "nesterov": True, "momentum": 0.9, "readout": None},
+    "no_inner_step": {"inner_lr": 0.0, "readout": None},              # η = 0: the fused rates' limit
+    "no_inner_step_dot": {"inner_lr": 0.0, "objective": "dot", "keys": "previous", "readout": None},
 }
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-13), torch.float32: dict(rtol=2e-4, atol=1e-6)}
 

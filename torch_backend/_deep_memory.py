@@ -151,9 +151,9 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
         s.mul_(alpha)
     s.add_(p, alpha=eta) if dot else s.sub_(p, alpha=eta)   # S ← αS − E
     sign = -1.0 if dot else 1.0
-    # 1/c₂ and 1/c₁ : (B,1,1)
-    d2 = h.square().sum(dim=(-2, -1), keepdim=True).add_(m / eta).mul_(nu)
-    d1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(mem.SILU_SLOPE_SQ * m).add_(m / eta).mul_(nu)
+    m_eta = m / eta if eta else math.inf                     # η = 0: c₁ = c₂ = 0, θ stays
+    d2 = h.square().sum(dim=(-2, -1), keepdim=True).add_(m_eta).mul_(nu)   # 1/c₂ : (B,1,1)
+    d1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(mem.SILU_SLOPE_SQ * m).add_(m_eta).mul_(nu)   # 1/c₁
     # (P W₂ ⊙ σ'(Z)) in one op (aten's silu_backward: silu_grad's closed form), rows × c₁ r (K = Ĝ)
     back = torch.ops.aten.silu_backward(torch.bmm(p, w2), z)
     back = back.mul_(torch.div(r, d1)) if current else back.div_(d1)
