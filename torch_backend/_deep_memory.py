@@ -112,7 +112,8 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
     - nor are ``F``, ``E`` or ``Ê``: with ``P = S − V + (ν H) W₂ᵀ`` (one ``baddbmm``; dot: ``P = −V``,
       not made: ``V`` is used with the signs flipped), ``E = ηP``, ``S ← αS − ηP`` is one ``sub_``
       and ``Ê = (η/ν) P``; the per-matrix rates fold into one scalar per weight,
-      ``c₂ = ρ₂ η/(ν m) = 1/(ν (m/η + ‖H‖²))`` and ``c₁ = ρ₁ η/(ν m) = 1/(ν m (1/η + 1.21 ‖W₂‖²))``:
+      ``c₂ = ρ₂ η/(ν m) = 1/(ν (m/η + ‖H‖²))`` and ``c₁ = ρ₁ η/(ν m) = 1/(ν m (1/η + 1.21 ‖W₂‖²))``
+      (divided by: no reciprocals; η = 0 gives c = 0, no step on θ):
       ``W₂ ← αW₂ − c₂ (Hᵀ P)ᵀ`` and ``W₁ ← W₁ − ((P W₂) ⊙ σ'(Z) ⊙ c₁ r)ᵀ G``, the latter one
       ``baddbmm_`` into ``W₁``;
     - ``D = S + (ν σ(Q W₁ᵀ)) W₂ᵀ`` is one ``baddbmm`` (Nesterov ``αD + ηV``: α in it too);
@@ -137,8 +138,8 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
             s.lerp_(v, eta) if alpha == 1.0 else s.mul_(alpha - eta).add_(v, alpha=eta)
         else:
             (s if alpha == 1.0 else s.mul_(alpha)).add_(v, alpha=eta)
-        if current is False:
-            torch.mul(g, r, out=prev_key)
+        if not current:
+            torch.mul(g, r, out=prev_key)                    # Ĝ, the next step's key
         return s, w1, w2, nu, torch.mul(s, alpha, out=buf).add_(v, alpha=eta) if mem.nesterov else s, None
     k = g if current else prev_key
     z = torch.bmm(k, w1.mT)                                  # Z = K W₁ᵀ : (B,m,h)
