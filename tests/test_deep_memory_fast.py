@@ -22,6 +22,8 @@ VARIANTS = {
     "previous_keys_l2": {"keys": "previous", "momentum": 0.95, "readout": None},
     "no_mlp": {"hidden": 0, "readout": None},
     "no_mlp_dot_nesterov": {"hidden": 0, "objective": "dot", "nesterov": True, "momentum": 0.9, "readout": None},
+    "no_inner_step": {"inner_lr": 0.0, "readout": None},              # η = 0: the fused rates' limit
+    "no_inner_step_dot": {"inner_lr": 0.0, "objective": "dot", "keys": "previous", "readout": None},
 }
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-13), torch.float32: dict(rtol=2e-4, atol=1e-6)}
 
@@ -58,8 +60,8 @@ def test_fused_kernel_equals_the_op_by_op_kernel(variant, values_are_grads, dtyp
     ref = _clone([s, w1, w2, nu, prev])
     out_ref = _deep_memory.deep_memory_kernel(mem, *ref[:4], g, v, ref[4])
     ours = _clone([s, w1, w2, nu, prev])
-    work = (torch.full_like(s, float("nan")), torch.full_like(s, float("nan")))
-    out = _deep_memory.fused_kernel(mem, *ours[:4], g, v, ours[4], work)
+    buf = torch.full_like(s, float("nan"))               # P, then D̃: every entry written before read
+    out = _deep_memory.fused_kernel(mem, *ours[:4], g, v, ours[4], buf)
     tol = TOL[dtype]
     for name, a, r in zip(("S", "W1", "W2", "nu", "D"), out[:5], out_ref[:5]):
         if r is None:

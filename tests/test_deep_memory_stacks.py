@@ -62,7 +62,7 @@ def _step(opt, params, grads) -> None:
     opt.step()
 
 
-def _copy_path_run(mem, sts, gs, vs, shape, rebind):
+def _copy_path_run(mem, sts, gs, vs, shape, rebind, stack_owner=None):
     """The path before persistent stacks: stack the gradients, values and state, run the
     kernel on new tensors, copy the state back."""
     g = torch.stack([x.reshape(shape) for x in gs])
@@ -271,27 +271,37 @@ def test_eager_stacks_then_compiled_steps_equal_eager(monkeypatch):
     _assert_equal(_snapshot(opt, params), eager)
 
 
-def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op_by_op"])
+def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer(fused, monkeypatch):
     """On CPU each bucket keeps its full-size temporaries between steps (a fresh megabyte came
-    back from the OS as new pages every step); they are no state and die with the optimizer."""
+    back from the OS as new pages every step); they are no state and die with the optimizer.
+    The fused kernel needs one (P, then D̃), the op-by-op kernel two (Ĝ then D̃; F then E); the
+    buckets of more than one share one buffer for the gradients' stack, as large as the largest."""
     import gc
 
+    monkeypatch.setattr(_deep_memory, "FUSED", fused)
+    k = 1 if fused else 2
     params = _params()
     opt = torch_backend.compile(_spec("memory_alone"), list(params.items()))
     grads = _grads(3)
-    _step(opt, params, grads[0])
+    for g in grads[:2]:                                   # the first step rebinds the entries
+        _step(opt, params, g)
     bucket = opt.state[params["a"]]["memory"]._base       # the (4, 4, 6) bucket's memory stack
     single = opt.state[params["e"]]["memory"]              # a bucket of one: its entry
+    first = opt.state[params["a"]]["memory"]               # the first parameter's: the stack's key
     work = {id(bucket): _deep_memory._WORK[bucket], id(single): _deep_memory._WORK[single]}
-    assert [tuple(w.shape) for w in work[id(bucket)]] == [(4, 4, 6)] * 3
-    assert work[id(single)][2] is None                    # a bucket of one stacks no gradient
-    for g in grads[1:]:
-        _step(opt, params, g)
+    stack = _deep_memory._STACKS[first][torch.float64]
+    assert [tuple(w.shape) for w in work[id(bucket)]] == [(4, 4, 6)] * k
+    assert [tuple(w.shape) for w in work[id(single)]] == [(1, 6, 5)] * k
+    assert tuple(stack.shape) == (4 * 4 * 6,)             # a bucket of one stacks no gradient
+    _step(opt, params, grads[2])
     assert _deep_memory._WORK[bucket] is work[id(bucket)]
+    assert _deep_memory._STACKS[first][torch.float64] is stack
     slots = {slot.key for slot in _spec("memory_alone").rule.state_slots()}
     dmgd_states = [st for st in opt.state_dict()["state"].values() if "mlp_w1" in st]   # not the fallback's
     assert len(dmgd_states) == 5 and all(set(st) == slots for st in dmgd_states)
-    n = len(_deep_memory._WORK)
-    del opt, bucket, single, work, dmgd_states
+    n, n_stacks = len(_deep_memory._WORK), len(_deep_memory._STACKS)
+    del opt, bucket, single, first, work, stack, dmgd_states
     gc.collect()
     assert len(_deep_memory._WORK) == n - 2
+    assert len(_deep_memory._STACKS) == n_stacks - 1

@@ -14,8 +14,9 @@ themselves (``entry._base``); an entry that is not the row of one stack in bucke
 makes that entry's stack anew, once. A bucket of one needs no stack (its entries, viewed with a
 batch dimension of one). Under ``torch.compile`` and where the state dicts are per-step copies
 (local shards of distributed parameters) the state is stacked and copied back each step instead.
-On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: two or three
-``(B, m, n)`` buffers, not state). Eager CPU buckets run :func:`fused_kernel` (the same update
+On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: one or two
+``(B, m, n)`` buffers, not state), and a step's buckets share one buffer for the gradients'
+stack (:data:`_STACKS`). Eager CPU buckets run :func:`fused_kernel` (the same update
 in fewer full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel).
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
@@ -101,63 +102,73 @@ def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None
 
 def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: torch.Tensor | None,
                  nu: torch.Tensor | None, g: torch.Tensor, v: torch.Tensor, prev_key: torch.Tensor | None,
-                 work: tuple):
-    """:func:`deep_memory_kernel` in fewer full-size passes (~18 instead of ~31 per step), equal
-    to it within float rounding (not bit for bit). Every product by a per-row or per-matrix
-    scalar moves onto the thin ``(B, m, h)`` and ``(B, h, n)`` factors:
+                 buf: torch.Tensor):
+    """:func:`deep_memory_kernel` in fewer full-size passes, temporaries and small ops, equal to it
+    within float rounding (not bit for bit). Every product by a per-row or per-matrix scalar moves
+    onto the thin ``(B, m, h)`` and ``(B, h, n)`` factors, or into a product:
 
     - Ĝ is never made: ``Ĝ X = r ⊙ (G X)`` and ``Yᵀ Ĝ = (r ⊙ Y)ᵀ G`` with ``r = 1/max(‖row‖, ε)``
       (``keys="previous"`` writes ``r ⊙ G`` into the previous key, once);
-    - nor is ``F`` or ``Ê``: ``P = S − V + (ν H) W₂ᵀ`` is one ``baddbmm``, ``E = ηP`` (dot: ``P = −V``),
-      ``S ← αS − ηP`` one ``sub_``, and ``Ê = (η/ν) P`` scales ``Hᵀ P`` and ``P W₂``;
-    - ``D = S + (ν σ(Q W₁ᵀ)) W₂ᵀ`` is one ``baddbmm``;
+    - nor are ``F``, ``E`` or ``Ê``: with ``P = S − V + (ν H) W₂ᵀ`` (one ``baddbmm``; dot: ``P = −V``,
+      not made: ``V`` is used with the signs flipped), ``E = ηP``, ``S ← αS − ηP`` is one ``sub_``
+      and ``Ê = (η/ν) P``; the per-matrix rates fold into one scalar per weight,
+      ``c₂ = ρ₂ η/(ν m) = 1/(ν (m/η + ‖H‖²))`` and ``c₁ = ρ₁ η/(ν m) = 1/(ν m (1/η + 1.21 ‖W₂‖²))``
+      (divided by: no reciprocals; η = 0 gives c = 0, no step on θ):
+      ``W₂ ← αW₂ − c₂ (Hᵀ P)ᵀ`` and ``W₁ ← W₁ − ((P W₂) ⊙ σ'(Z) ⊙ c₁ r)ᵀ G``, the latter one
+      ``baddbmm_`` into ``W₁``;
+    - ``D = S + (ν σ(Q W₁ᵀ)) W₂ᵀ`` is one ``baddbmm`` (Nesterov ``αD + ηV``: α in it too);
     - ``‖V‖`` is read off the row norms when ``V`` is ``G``; ``Êᵀ H`` is made as ``(Hᵀ Ê)ᵀ``,
       the operand order MKL runs fast (``bmm(Ê.mT, H)``: up to 2× slower on a (4, 128, 512) stack).
 
-    ``work``: two ``(B, m, n)`` buffers, ``D̃``'s and ``P``'s (see :func:`deep_memory_kernel`;
-    required here); the returned Ĝ is None. The caller's ``S``, ``W₁``, ``W₂``, ν (and previous
-    key) are written in place.
+    ``buf``: one ``(B, m, n)`` buffer, kept between steps by the caller (:func:`_workspace`): it
+    holds ``P``, then ``D̃`` (P is spent by then). Returns ``(S, W₁, W₂, ν, D̃, None)``, the first
+    four the caller's stacks, written in place (and the previous key); ``D̃`` is ``buf``, or ``s``
+    itself when the memory is ``S`` alone without Nesterov.
     """
     m = s.size(-2)
     alpha, eta = mem.momentum, mem.inner_lr
-    w_read, w_err = work
-    current = mem.keys == "current"
+    current, dot = mem.keys == "current", mem.objective == "dot"
     r = torch.linalg.vector_norm(g, dim=-1, keepdim=True)  # ‖row‖ : (B,m,1)
     if mem.hidden:                                           # ν = max(β ν, ‖V‖_F/√m, ε)
         rms = torch.linalg.vector_norm(r if v is g else v, dim=(-2, -1), keepdim=True).div_(math.sqrt(m))
         torch.maximum(nu.mul_(mem.scale_decay), rms, out=nu).clamp_(min=mem.key_eps)
     r = r.clamp_(min=mem.key_eps).reciprocal_()              # Ĝ = r ⊙ G
-    if mem.hidden:
-        z = torch.bmm(g, w1.mT).mul_(r) if current else torch.bmm(prev_key, w1.mT)   # Z = K W₁ᵀ
-        h = F.silu(z)
-    if mem.objective == "dot":
-        p = torch.neg(v, out=w_err)                          # E = ηP = −ηV
-    elif mem.hidden:
-        p = torch.sub(s, v, out=w_err).baddbmm_(h * nu, w2.mT)   # P = S − V + ν H W₂ᵀ
-    else:
-        p = torch.sub(s, v, out=w_err)
+    if not mem.hidden:                                       # S ← αS − E, E = ηP: P = −V or S − V
+        if not dot:
+            s.lerp_(v, eta) if alpha == 1.0 else s.mul_(alpha - eta).add_(v, alpha=eta)
+        else:
+            (s if alpha == 1.0 else s.mul_(alpha)).add_(v, alpha=eta)
+        if not current:
+            torch.mul(g, r, out=prev_key)                    # Ĝ, the next step's key
+        return s, w1, w2, nu, torch.mul(s, alpha, out=buf).add_(v, alpha=eta) if mem.nesterov else s, None
+    k = g if current else prev_key
+    z = torch.bmm(k, w1.mT)                                  # Z = K W₁ᵀ : (B,m,h)
+    if current:
+        z.mul_(r)
+    h = F.silu(z)
+    # P (l2), or −P = V (dot): the error E = ηP without its sign
+    p = v if dot else torch.sub(s, v, out=buf).baddbmm_(h * nu, w2.mT)   # P = S − V + ν H W₂ᵀ
     if alpha != 1.0:
         s.mul_(alpha)
-    s.sub_(p, alpha=eta)                                     # S ← αS − E
-    if mem.hidden:
-        e_scale = eta / nu                                   # Ê = (η/ν) P : (B,1,1)
-        rate_w2 = h.square().sum(dim=(-2, -1), keepdim=True).mul_(eta / m).add_(1).reciprocal_()
-        rate_w1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(eta * mem.SILU_SLOPE_SQ).add_(1).reciprocal_()
-        grad_w2 = torch.bmm(h.mT, p).mul_(rate_w2.div_(m).mul_(e_scale)).mT     # (Hᵀ Ê)ᵀ / m : (B,n,h)
-        # (Ê W₂) ⊙ silu'(Z) in one op (aten's silu_backward: silu_grad's closed form), rows × r
-        back = torch.ops.aten.silu_backward(torch.bmm(p, w2), z).mul_(e_scale * r if current else e_scale)
-        grad_w1 = torch.bmm(back.mT, g if current else prev_key).mul_(rate_w1.div_(m))
-        w1.sub_(grad_w1)                                     # no retention on W₁
-        if alpha != 1.0:
-            w2.mul_(alpha)
-        w2.sub_(grad_w2)
-        hq = F.silu(torch.bmm(g, w1.mT).mul_(r), inplace=True).mul_(nu)   # ν σ(Q W₁ᵀ), Q = Ĝ
+    s.add_(p, alpha=eta) if dot else s.sub_(p, alpha=eta)   # S ← αS − E
+    sign = -1.0 if dot else 1.0
+    m_eta = m / eta if eta else math.inf                     # η = 0: c₁ = c₂ = 0, θ stays
+    d2 = h.square().sum(dim=(-2, -1), keepdim=True).add_(m_eta).mul_(nu)   # 1/c₂ : (B,1,1)
+    d1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(mem.SILU_SLOPE_SQ * m).add_(m_eta).mul_(nu)   # 1/c₁
+    # (P W₂ ⊙ σ'(Z)) in one op (aten's silu_backward: silu_grad's closed form), rows × c₁ r (K = Ĝ)
+    back = torch.ops.aten.silu_backward(torch.bmm(p, w2), z)
+    back = back.mul_(torch.div(r, d1)) if current else back.div_(d1)
+    grad_w2 = torch.bmm(h.mT, p).div_(d2).mT                 # c₂ (Hᵀ P)ᵀ : (B,n,h)
+    w1.baddbmm_(back.mT, k, alpha=-sign)                     # no retention on W₁
+    if alpha != 1.0:
+        w2.mul_(alpha)
+    w2.add_(grad_w2) if dot else w2.sub_(grad_w2)
+    hq = F.silu(torch.bmm(g, w1.mT).mul_(r), inplace=True).mul_(nu)   # ν σ(Q W₁ᵀ), Q = Ĝ
     if not current:
         torch.mul(g, r, out=prev_key)                        # Ĝ, the next step's key
-    d = torch.baddbmm(s, hq, w2.mT, out=w_read) if mem.hidden else s   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
-    if mem.nesterov:
-        d = torch.mul(d, alpha, out=w_read).add_(v, alpha=eta)
-    return s, w1, w2, nu, d, None
+    if mem.nesterov:                                         # D̃ = αD + ηV
+        return s, w1, w2, nu, torch.baddbmm(s, hq, w2.mT, beta=alpha, alpha=alpha, out=buf).add_(v, alpha=eta), None
+    return s, w1, w2, nu, torch.baddbmm(s, hq, w2.mT, out=buf), None   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
 
 
 @functools.lru_cache(maxsize=64)
@@ -241,10 +252,11 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
 
 
 def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tuple[int, int],
-         rebind: bool) -> torch.Tensor:
+         rebind: bool, stack_owner: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel on one bucket (its states, gradients and values), the state written where it
     lives; returns ``D̃ (B, m, n)``. ``rebind``: ``sts`` are the optimizer's own dicts (not
-    per-step copies), whose entries may become rows of new stacks."""
+    per-step copies), whose entries may become rows of new stacks. ``stack_owner``: the key of
+    the gradients' stack that the step's buckets share on CPU (:func:`_grad_stack`)."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
         g, v = _rows(gs, shape), _values(gs, vs, shape)
         s, w1, w2, nu, prev = state_stacks(mem, sts, shape)
@@ -252,14 +264,16 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
         state_writeback(mem, sts, s, w1, w2, nu, g_hat)
         return d
     (s, w1, w2, nu, prev), copied = state_rows(mem, sts, shape, rebind)
-    work = None
-    if s.device.type == "cpu" and all(key != "memory" for key, _ in copied):   # s persists
-        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, len(sts))
-    g = _rows(gs, shape, None if work is None else work[2])
+    cpu = s.device.type == "cpu"
+    fused = FUSED and cpu                                    # the same kernel for every CPU bucket
+    work = None                                              # (split DDP buckets too)
+    if cpu and all(key != "memory" for key, _ in copied):   # s persists
+        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, 1 if fused else 2)
+    stack = None if work is None or len(sts) == 1 or stack_owner is None else _grad_stack(stack_owner, s)
+    g = _rows(gs, shape, stack)
     v = _values(gs, vs, shape, g)
-    if FUSED and s.device.type == "cpu":                     # the same kernel for every CPU bucket
-        buffers = work[:2] if work is not None else (torch.empty_like(s), torch.empty_like(s))
-        d = fused_kernel(mem, s, w1, w2, nu, g, v, prev, buffers)[4]   # (split DDP buckets too)
+    if fused:
+        d = fused_kernel(mem, s, w1, w2, nu, g, v, prev, work[0] if work is not None else torch.empty_like(s))[4]
     else:
         d = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev, None if work is None else work[:2])[4]
     copy_back(sts, copied)
@@ -294,15 +308,33 @@ FUSED = True
 #: no checkpoint or copy sees it. (CUDA's caching allocator keeps freed blocks already.)
 _WORK: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
+#: The gradients' stack on CPU, one flat buffer per dtype that a step's buckets share (a
+#: bucket's stack is spent when its kernel returns: D̃ lives in the bucket's own buffer), grown
+#: to the largest bucket and kept between steps as :data:`_WORK` is, keyed by the first
+#: parameter's memory entry (see :func:`_batched`). One buffer instead of one per bucket: less
+#: memory to stream through the caches every step.
+_STACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-def _workspace(owner: torch.Tensor, like: torch.Tensor, b: int) -> tuple:
-    """Buffers shaped like ``like`` (B, m, n): two for :func:`deep_memory_kernel`'s ``work``,
-    and one for the gradients' stack (None for a bucket of one, whose gradient is a view)."""
+
+def _workspace(owner: torch.Tensor, like: torch.Tensor, k: int) -> tuple:
+    """``k`` buffers shaped like ``like`` (B, m, n) for the kernel: :func:`fused_kernel`'s one,
+    :func:`deep_memory_kernel`'s two."""
     work = _WORK.get(owner)
-    if work is None or work[0].shape != like.shape or work[0].dtype != like.dtype:
-        work = _WORK[owner] = (torch.empty_like(like), torch.empty_like(like),
-                               torch.empty_like(like) if b > 1 else None)
+    if work is None or len(work) != k or work[0].shape != like.shape or work[0].dtype != like.dtype:
+        work = _WORK[owner] = tuple(torch.empty_like(like) for _ in range(k))
     return work
+
+
+def _grad_stack(owner: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped like ``like`` (B, m, n) for the gradients' stack: a view of the flat
+    buffer that ``owner``'s step shares (:data:`_STACKS`)."""
+    flats = _STACKS.get(owner)
+    if flats is None:
+        flats = _STACKS[owner] = {}
+    flat = flats.get(like.dtype)
+    if flat is None or flat.numel() < like.numel():
+        flat = flats[like.dtype] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return flat[:like.numel()].view(like.shape)
 
 
 def _single(rule: UpdateRule, st: dict, g: torch.Tensor, v: torch.Tensor, t, lay=None) -> Read:
@@ -322,6 +354,7 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     sigma_whole = _readout.on_whole(rule)
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
     done: list[int] = []                                     # σ already applied
+    stack_owner = states[0]["memory"] if states else None   # the shared gradients' stack's key
     for (m, n, _, _, lay), idx in buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
         if lay is not None:
@@ -329,7 +362,7 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
             if sigma_whole is not None:
                 done += idx
         else:                                                # rebind unless per-step dict copies
-            d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), rebind=layouts is None)
+            d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), layouts is None, stack_owner)
         for j, i in enumerate(idx):
             ds[i] = d[j].view_as(gs[i])
     if not done:
