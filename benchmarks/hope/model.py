@@ -659,7 +659,9 @@ class CMSLevel(nn.Module):
 
         Only the writes are sequential: the loop steps the state once per period whose
         write a later token reads, then every period's MLP read is one batched product on
-        the stacked states (a ragged last period is zero-padded and cut off).
+        the stacked states (a ragged last period is zero-padded and cut off). Eager and
+        without autocast (`fused`, the default) the loop and reads are `fused.CMSScan`, whose
+        backward is hand-written; return_states, autocast and `compile_scans` run `scan`.
         """
         if not self.writes:
             y = x + F.silu(self.norm(x) @ self.w_up.T) @ self.w_down.T
@@ -672,7 +674,8 @@ class CMSLevel(nn.Module):
         return self.scan(x, return_states)
 
     def fused_scan(self, x):
-        """`scan`'s function with its writes and reads in one `fused.CMSScan` (hand-written backward)."""
+        """`scan`'s function with its writes and reads in one `fused.CMSScan` (hand-written backward);
+        a level that never writes (one period) is `scan`'s plain read."""
         B, T, D = x.shape
         P = self.period
         n = -(-T // P)
