@@ -138,13 +138,17 @@ def test_scans_run_in_float32_under_bf16_autocast():
     torch.manual_seed(0)
     model = Hope(tiny_cfg(n_layers=1, cms_eta_init=0.05))
     inside = Dtypes()
-    for m in (model.blocks[0].titans, *model.blocks[0].cms):
-        def spy(*a, _scan=m.scan, **k):
+    scans = [(model.blocks[0].titans, "scan")] + [(m, "fused_scan") for m in model.blocks[0].cms]
+    for m, name in scans:
+        def spy(*a, _scan=getattr(m, name), **k):
+            inside.calls += 1
             with inside:
                 return _scan(*a, **k)
-        m.scan = spy
+        setattr(m, name, spy)
+    inside.calls = 0
     with torch.autocast("cpu", dtype=torch.bfloat16), Dtypes() as outside:
         _, loss = model(torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12)))
+    assert inside.calls == len(scans)
     assert torch.float32 in inside.seen and not inside.seen & {torch.bfloat16, torch.float16}
     assert torch.bfloat16 in outside.seen and torch.isfinite(loss)
 

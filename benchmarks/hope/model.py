@@ -133,6 +133,8 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
+from .fused import CMSScan
+
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
 N_MEMORIES = 5
@@ -365,7 +367,7 @@ def in_float32(fn, *tensors, **kwargs):
     """
     device = tensors[0].device.type
     half = (torch.float16, torch.bfloat16)
-    if not torch.is_autocast_enabled(device) and all(t.dtype not in half for t in tensors):
+    if device == "meta" or (not torch.is_autocast_enabled(device) and all(t.dtype not in half for t in tensors)):
         return fn(*tensors, **kwargs)
     with torch.autocast(device, enabled=False):
         return fn(*(t.float() if t.dtype in half else t for t in tensors), **kwargs)
@@ -652,6 +654,7 @@ class CMSLevel(nn.Module):
         D, f = cfg.d_model, cfg.cms_hidden
         self.period, self.clip, self.eta_max = period, cfg.inner_clip, cfg.cms_eta_max
         self.writes = True  # False: the level is the plain MLP of φ₀
+        self.fused = True  # eager writes through `fused.CMSScan` (False: autograd's `scan`, as `compile_scans` sets)
         self.norm = nn.RMSNorm(D, eps=1e-6)
         # initial fast weights φ₀ = (W_up, W_down): outer parameters (a Transformer MLP)
         self.w_up = nn.Parameter(torch.randn(f, D) * 0.02)
@@ -674,14 +677,36 @@ class CMSLevel(nn.Module):
 
         Only the writes are sequential: the loop steps the state once per period whose
         write a later token reads, then every period's MLP read is one batched product on
-        the stacked states (a ragged last period is zero-padded and cut off).
+        the stacked states (a ragged last period is zero-padded and cut off). Eager
+        (`fused`, the default) the loop and reads are `fused.CMSScan`, whose backward is
+        hand-written; return_states and `compile_scans` run `scan`. Both run in float32 under
+        autocast (`in_float32`).
         """
         if not self.writes:
             y = x + F.silu(self.norm(x) @ self.w_up.T) @ self.w_down.T
             return (y, [(self.w_up, self.w_down)]) if return_states else y
         if reference:
             return cms_reference(self, x, return_states)
+        if self.fused and not return_states:
+            return in_float32(self.fused_scan, x)
         return in_float32(self.scan, x, return_states=return_states)
+
+    def fused_scan(self, x):
+        """`scan`'s function with its writes and reads in one `fused.CMSScan` (hand-written backward);
+        a level that never writes (one period) is `scan`'s plain read."""
+        B, T, D = x.shape
+        P = self.period
+        n = -(-T // P)
+        if n == 1:
+            return self.scan(x)
+        u, key, val = self.views(x)
+        L = (n - 1) * P
+        eta_c = self.eta() * (self.clip if self.clip is not None else 1.0)
+        up_t = self.w_up.T.contiguous().expand(B, D, -1)
+        down_t = self.w_down.T.contiguous().expand(B, -1, D)
+        read = CMSScan.apply(key[:, :L], val[:, :L], F.pad(u, (0, 0, 0, n * P - T)) if n * P > T else u,
+                             up_t, down_t, eta_c, P, self.clip)
+        return x + (read if n * P == T else read[:, :T])
 
     def scan(self, x, return_states=False):
         """The written level: `forward` with writes on (what `Hope.compile_scans` compiles)."""
@@ -860,6 +885,8 @@ class Hope(nn.Module):
                 m.__dict__.pop("scan", None)  # back to the class's eager method
                 if on:
                     m.scan = CompiledOrEager(m.scan, **compile_kw)
+            if isinstance(m, CMSLevel):
+                m.fused = not on  # compiled: the autograd scan, not the hand-written backward
         return self
 
     def set_writes(self, on: bool):

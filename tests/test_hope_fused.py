@@ -1,0 +1,103 @@
+"""Hand-written backwards of HOPE's scans (benchmarks/hope/fused.py) against autograd, float64.
+
+Oracles: autograd through the CMS level's own `scan` (which tests/test_hope_model.py holds to
+the per-token reference), and `torch.autograd.gradcheck` (finite differences) of the Function.
+"""
+
+import pytest
+import torch
+
+from benchmarks.hope.fused import CMSScan
+from benchmarks.hope.model import CMSLevel, Hope, HopeConfig
+
+F64 = torch.float64
+
+
+def level(period, clip, seed=0):
+    torch.manual_seed(seed)
+    cfg = HopeConfig(d_model=16, n_heads=2, mem_hidden=8, cms_hidden=16, cms_periods=(period,), n_layers=1,
+                     inner_clip=clip, cms_eta_init=0.05)
+    return CMSLevel(cfg, period).to(F64)
+
+
+def loss_and_grads(module, inputs, fused):
+    """Σ y ⊙ r for a fixed random r, and its gradients in every input and parameter."""
+    for m in module.modules():
+        if isinstance(m, CMSLevel):
+            m.fused = fused
+    y = module(*inputs)
+    y = y[1] if isinstance(y, tuple) else y  # Hope returns (logits, loss)
+    r = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype)
+    leaves = [t for t in inputs if t.requires_grad] + list(module.parameters())
+    grads = torch.autograd.grad((y * r).sum(), leaves, allow_unused=True)
+    return y.detach(), [torch.zeros(()) if g is None else g for g in grads]
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.05, None])  # 0.05: most rows' clip is active
+@pytest.mark.parametrize("period,T", [(2, 12), (3, 11), (4, 16), (4, 5), (5, 5)])  # ragged, one write, none
+def test_cms_scan_equals_autograd_scan(period, T, clip):
+    lvl = level(period, clip)
+    x = (torch.randn(2, T, 16, generator=torch.Generator().manual_seed(1), dtype=F64) * 3).requires_grad_()
+    y_fused, g_fused = loss_and_grads(lvl, (x,), fused=True)
+    y_ref, g_ref = loss_and_grads(lvl, (x,), fused=False)
+    torch.testing.assert_close(y_fused, y_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip", [0.3, None])
+def test_cms_scan_gradcheck(clip):
+    """Finite differences of every input, η_c included (B = 2, three periods of 3, D = 4, f = 5)."""
+    g = torch.Generator().manual_seed(0)
+    B, P, n, D, f = 2, 3, 3, 4, 5
+    key, val = (torch.randn(B, (n - 1) * P, D, generator=g, dtype=F64).requires_grad_() for _ in range(2))
+    u = torch.randn(B, n * P, D, generator=g, dtype=F64).requires_grad_()
+    up_t = (torch.randn(B, D, f, generator=g, dtype=F64) * 0.5).requires_grad_()
+    down_t = (torch.randn(B, f, D, generator=g, dtype=F64) * 0.5).requires_grad_()
+    eta_c = torch.tensor(0.2, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: CMSScan.apply(*t, P, clip), (key, val, u, up_t, down_t, eta_c))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_model_loss_and_gradients_equal_autograd_scans(checkpoint):
+    torch.manual_seed(0)
+    model = Hope(HopeConfig(d_model=16, n_heads=2, mem_hidden=8, cms_hidden=16, cms_periods=(2, 4), n_layers=2,
+                            chunk_size=4, cms_eta_init=0.05)).to(F64).set_checkpointing(checkpoint)
+    idx = torch.randint(0, 256, (2, 14))
+    loss_fused, g_fused = loss_and_grads(model, (idx[:, :-1], idx[:, 1:]), fused=True)
+    loss_ref, g_ref = loss_and_grads(model, (idx[:, :-1], idx[:, 1:]), fused=False)
+    torch.testing.assert_close(loss_fused, loss_ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(g_fused, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def ran_fused(y):
+    """Whether y's autograd graph holds a CMSScan node."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CMSScan" in type(node).__name__:
+            return True
+        todo += [nxt for nxt, _ in node.next_functions]
+    return False
+
+
+def test_fused_path_is_the_eager_default_and_falls_back():
+    """The hand-written backward runs by default, also under autocast (in float32); return_states
+    and compiled scans take the autograd scan (its grad_fn tells which ran)."""
+    lvl = level(2, 1.0)
+    x = torch.randn(2, 6, 16, dtype=F64, requires_grad=True)
+    assert lvl.fused
+    assert ran_fused(lvl(x))
+    assert not ran_fused(lvl(x, return_states=True)[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lvl.float()(x.float())
+    assert ran_fused(y) and y.dtype == torch.float32
+    model = Hope(HopeConfig(d_model=16, n_heads=2, mem_hidden=8, cms_hidden=16, cms_periods=(2,), n_layers=1))
+    model.compile_scans(True)
+    assert not model.blocks[0].cms[0].fused
+    model.compile_scans(False)
+    assert model.blocks[0].cms[0].fused
