@@ -265,7 +265,8 @@ def deepopt_specs(deepopt, backend: str) -> dict[str, Any]:
         # the preset as users get it (its own default routing), momentum as the SGD anchor
         "delta_momentum": deepopt.delta_momentum(LR["delta_momentum"], momentum=MOMENTUM),
         "muon": muon,
-        "dmgd": deepopt.dmgd(LR["dmgd"], routing=routing, fallback=fallback(LR["dmgd"])),
+        "dmgd": deepopt.dmgd(LR["dmgd"], routing=routing, fallback=fallback(LR["dmgd"]),
+                             ns_dtype="bfloat16" if backend == "torch" else "input"),   # as each backend's muon
         # the deep memory alone (no Newton–Schulz read-out): a second row of the dmgd group
         "dmgd_memory": deepopt.dmgd(LR["dmgd"], readout=None, routing=routing, fallback=fallback(LR["dmgd"])),
         "m3": deepopt.m3(LR["m3"], frequency=M3_PERIOD, routing=routing, fallback=fallback(LR["m3"]),
@@ -313,9 +314,10 @@ def torch_table(deepopt, torch, torch_backend) -> dict[str, Plan]:
                                "torch.optim.SGD(foreach)",
                                "no exact anchor: SGD momentum is delta momentum with zeta=0 (no S·KᵀK matmuls)"),
         "muon": Plan((ours("muon", ns_dtype="bfloat16"), torch_muon), torch_muon.name),
-        "dmgd": Plan((ours("dmgd"), ours("dmgd_memory", role="deepopt-variant", label="deepopt.dmgd(readout=None)"),
+        "dmgd": Plan((ours("dmgd", ns_dtype="bfloat16"),
+                      ours("dmgd_memory", role="deepopt-variant", label="deepopt.dmgd(readout=None)"),
                       ours("muon", ns_dtype="bfloat16", role="deepopt-reference"), torch_muon),
-                     torch_muon.name, "default dmgd (a deep Muon: hidden=16, Newton–Schulz in the input dtype), and "
+                     torch_muon.name, "default dmgd (a deep Muon: hidden=16, Newton–Schulz in bf16 as muon), and "
                      "the memory alone (readout=None, floor: DMGD's matmuls only); target is vs deepopt.muon"),
         "m3": Plan((ours("m3", ns_dtype="bfloat16"), ours("muon", ns_dtype="bfloat16", role="deepopt-reference"),
                     torch_muon), torch_muon.name, M3_NOTE + "; bf16 Newton–Schulz as muon; target is vs deepopt.muon",

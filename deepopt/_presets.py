@@ -405,7 +405,7 @@ def dmgd(
     eps: float = 1e-8,
     ns_coefficients: Any = "muon",
     ns_steps: int = 5,
-    ns_dtype: str = "input",
+    ns_dtype: str = "bfloat16",
     adjust_lr_fn: str | None = None,
     fallback: Spec | None = None,
     routing: Routing | None = None,
@@ -453,8 +453,11 @@ def dmgd(
       weight_decay: decoupled λ.
       seed: seeds W₁'s initialisation.
       betas, eps: β₂ and ε of adam values (β₁ unused; kept for AdamW-shaped configs).
-      ns_coefficients, ns_steps, ns_dtype, adjust_lr_fn: Newton–Schulz read-out settings (as
-        ``muon``; ``ns_dtype`` defaults to the input dtype).
+      ns_coefficients, ns_steps, ns_dtype, adjust_lr_fn: Newton–Schulz read-out settings, as
+        ``muon``: bf16 by default, like ``muon``, ``m3`` and ``torch.optim.Muon`` (on an H200 a
+        GPT-2-small DMGD step with a float32 read-out took 44 ms against muon's 6.4 ms, its
+        memory alone 6.1 ms);
+        ``ns_dtype="input"`` runs it in the parameters' dtype, the exact algorithm.
       fallback, routing: as ``muon`` (DMGD takes parameters with ndim ≥ 2).
 
     Example::

@@ -67,7 +67,7 @@ def test_equals_reference_step_by_step(spec):
 
 
 #: DMGD with momentum (α < 1) and an l2 objective, whose state the tests below read.
-DMGD_MOMENTUM = deepopt.dmgd(0.02, momentum=0.9, inner_lr=0.5, hidden=3)
+DMGD_MOMENTUM = deepopt.dmgd(0.02, momentum=0.9, inner_lr=0.5, hidden=3, ns_dtype="input")
 
 
 def _rows_loss(objective, eta, nu, s, w1, w2, k, v):
