@@ -73,8 +73,9 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     """Config-independent facts about this run: code version, libraries, machine, command."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     env: dict[str, Any] = {
-        # A copy of the tree without .git (a lent GPU's) names its commit in DEEPOPT_GIT_SHA.
-        "git_sha": _git("rev-parse", "HEAD") or os.environ.get("DEEPOPT_GIT_SHA"),
+        # A copy of the tree names its commit in DEEPOPT_GIT_SHA: a lent GPU's copy carried a
+        # .git whose HEAD was older than the tree it ran.
+        "git_sha": os.environ.get("DEEPOPT_GIT_SHA") or _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "command": " ".join(["python", "-m", _module_name(), *sys.argv[1:]]),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

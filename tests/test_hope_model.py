@@ -139,12 +139,15 @@ def test_scans_run_in_float32_under_bf16_autocast():
     model = Hope(tiny_cfg(n_layers=1, cms_eta_init=0.05))
     inside = Dtypes()
     scans = [(model.blocks[0].titans, "scan")] + [(m, "fused_scan") for m in model.blocks[0].cms]
-    for m, name in scans:
-        def spy(*a, _scan=getattr(m, name), **k):
+    def spying(scan):
+        def spy(*a, **k):
             inside.calls += 1
             with inside:
-                return _scan(*a, **k)
-        setattr(m, name, spy)
+                return scan(*a, **k)
+        return spy
+
+    for m, name in scans:
+        setattr(m, name, spying(getattr(m, name)))
     inside.calls = 0
     with torch.autocast("cpu", dtype=torch.bfloat16), Dtypes() as outside:
         _, loss = model(torch.randint(0, 256, (2, 12)), torch.randint(0, 256, (2, 12)))
