@@ -208,3 +208,12 @@ def test_gpu_check_pipeline_runs_on_cpu(tmp_path):
     assert set(runs) == {name for name, _, _ in gpu_check.HOPE_RUNS}
     assert {r["steps"] for r in runs.values()} == {result["parts"]["hope"]["steps"]}
     assert all(r["rc"] == 0 and math.isfinite(r["val_bpb"]) for r in runs.values())
+
+
+def test_step_overhead_writes_its_rows(tmp_path):
+    from benchmarks import step_overhead
+
+    assert step_overhead.main(["--repeats", "5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "step_overhead.json").read_text())["rows"]
+    assert [r["deepopt"] for r in rows] == ["deepopt.sgd", "deepopt.adamw"]
+    assert all(r["deepopt_ms"]["median"] > 0 and r["anchor_ms"]["median"] > 0 for r in rows)

@@ -89,6 +89,8 @@ def layouts(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ddp_m
     placements, made of ``Shard`` and ``Replicate`` (no pending ``Partial`` reduction); a
     ``ddp_mesh`` applies to plain (replicated) parameters only.
     """
+    if ddp_mesh is None and not any(issubclass(t, DTensor) for t in {*map(type, params), *map(type, grads)}):
+        return None                                   # the common case: nothing distributed
     out: list[Layout | None] = []
     for p, g in zip(params, grads):
         if isinstance(p, DTensor):

@@ -28,7 +28,7 @@ Kind = Literal["adamw", "sgd"]
 _DEVICES = ("cpu", "cuda")
 _EXACT = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = {torch.Tensor, torch.nn.Parameter}
 
 
 @functools.lru_cache(maxsize=256)
@@ -58,12 +58,16 @@ def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
         return None
     dtypes = _EXACT + (_HALF if fused else ())
     groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, (p, g) in enumerate(zip(params, grads)):
+    if not {*map(type, params), *map(type, grads)} <= _PLAIN:   # no tensor subclass (DTensor, …)
+        return None
+    strided = torch.strided
+    for i, (p, g) in enumerate(zip(params, grads)):   # per tensor: only the cheap checks
         device, dtype = p.device, p.dtype
-        if not (type(p) in _PLAIN and type(g) in _PLAIN and p.layout == g.layout == torch.strided
-                and device.type in _DEVICES and dtype in dtypes and g.dtype == dtype and g.device == device):
+        if not (p.layout is strided and g.layout is strided and g.dtype is dtype and g.device == device):
             return None
         groups[(device, dtype)].append(i)
+    if not all(device.type in _DEVICES and dtype in dtypes for device, dtype in groups):   # per group
+        return None
     return list(groups.values())
 
 

@@ -414,19 +414,20 @@ class DeepOptimizer(Optimizer):
         """Gather the group's parameters with a gradient, their gradients and states; checks
         only, nothing is written (``fresh``: the parameters whose state is still empty)."""
         for p in group["params"]:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 continue
-            if p.grad.is_sparse:
+            if g.is_sparse:
                 raise RuntimeError(f"deepopt.{self.spec.name} does not support sparse gradients; "
                                    "use dense gradients (e.g. nn.Embedding(sparse=False))")
-            if torch.is_complex(p) or torch.is_complex(p.grad):
+            if p.is_complex() or g.is_complex():
                 raise RuntimeError(f"deepopt.{self.spec.name} does not support complex parameters or "
                                    "gradients; view them as real with torch.view_as_real")
             state = self.state[p]
             if len(state) == 0:
                 fresh.append(p)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(g)
             states.append(state)
 
     def _check_layout(self, group: dict[str, Any], rule: UpdateRule) -> list[tuple[dict, str, Any]]:
