@@ -210,8 +210,11 @@ def test_gpu_check_pipeline_runs_on_cpu(tmp_path):
     assert all(r["rc"] == 0 and math.isfinite(r["val_bpb"]) for r in runs.values())
 
 
-def test_step_overhead_writes_its_rows(tmp_path):
-    from benchmarks import step_overhead
+def test_step_overhead_writes_its_rows(tmp_path, monkeypatch):
+    from benchmarks import _threads, step_overhead
+
+    for var in (*_threads.THREAD_VARIABLES, "XLA_FLAGS"):   # main() limits threads: restored after the test
+        monkeypatch.setenv(var, os.environ.get(var, ""))
 
     assert step_overhead.main(["--repeats", "5", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "step_overhead.json").read_text())["rows"]

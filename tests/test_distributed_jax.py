@@ -122,8 +122,10 @@ def _main(names: list[str], whole: list[str]) -> None:
 
 
 def _run(names, whole) -> dict:
-    env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
-                                       " --xla_force_host_platform_device_count=4").strip(),
+    # First: XLA stops reading flags at a bare token such as the common thread-limit recipe's
+    # "intra_op_parallelism_threads=1" (benchmarks._threads), so a flag appended after it is lost.
+    env = {**os.environ, "XLA_FLAGS": ("--xla_force_host_platform_device_count=4 " +
+                                       os.environ.get("XLA_FLAGS", "")).strip(),
            "JAX_PLATFORMS": "cpu"}
     tests = Path(__file__).resolve().parent
     code = (f"import sys; sys.path.insert(0, {str(tests)!r}); import test_distributed_jax as t; "
