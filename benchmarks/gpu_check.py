@@ -115,7 +115,11 @@ def _read_json(path: Path) -> Any:
 def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[str, Any]:
     from benchmarks.hope.presets import PRESETS
 
-    common = ["--preset", args.preset, "--device", args.device, "--compile", "off", "--no-progress"]
+    common = ["--preset", args.preset, "--device", args.device, "--no-progress"]
+
+    def compile_flag(model):   # scans exist only in HOPE; the Transformer++ is compiled whole or not at all
+        return ["--compile", args.hope_compile if model == "hope" or args.hope_compile != "scans" else "off"]
+
     if args.batch:
         common += ["--batch", str(args.batch)]
     if args.seq_len:
@@ -125,7 +129,7 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
     # Probe: all three side by side, as they will train; the slowest step sets everyone's steps.
     t0 = time.monotonic()
     procs = {name: start(py + ["benchmarks.hope.train", "--model", model, "--optimizer", opt, *common,
-                               "--steps", str(PROBE_STEPS), "--warm", str(PROBE_WARM),
+                               *compile_flag(model), "--steps", str(PROBE_STEPS), "--warm", str(PROBE_WARM),
                                "--out", str(out / "probe" / name)], logs / f"probe-{name}.log", args.threads)
              for name, model, opt in HOPE_RUNS}
     probe = {name: finish(p, clock.limit(args.probe_seconds), t0) for name, p in procs.items()}
@@ -150,7 +154,7 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
 
     t0 = time.monotonic()
     procs = {name: start(py + ["benchmarks.hope.train", "--model", model, "--optimizer", opt, *common,
-                               "--steps", str(steps), "--max-train-seconds", f"{max(1.0, train_seconds):.0f}",
+                               *compile_flag(model), "--steps", str(steps), "--max-train-seconds", f"{max(1.0, train_seconds):.0f}",
                                "--out", str(out / "hope" / name)], logs / f"hope-{name}.log", args.threads)
              for name, model, opt in HOPE_RUNS}
     if args.jax_tests:   # correctness only, while the GPU is shared: it does not touch the timings above
@@ -223,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="HOPE batch (default: the preset's)")
     ap.add_argument("--seq-len", type=int, default=None, help="HOPE sequence length (default: the preset's)")
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per HOPE process")
+    ap.add_argument("--hope-compile", default="off", choices=("off", "scans", "on"),
+                    help="train --compile for the runs (off: eager, as the published table; scans: HOPE's "
+                         "scans compiled, the Transformer++ eager; on: both compiled whole)")
     ap.add_argument("--tests-seconds", type=float, default=100.0)
     ap.add_argument("--step-cost-seconds", type=float, default=120.0, help="per backend")
     ap.add_argument("--probe-seconds", type=float, default=90.0)
