@@ -14,7 +14,7 @@ W₂: f×d, W₁: d×f, σ = SiLU. For each head and token t = 1…T of a sequen
 
     x̃_t = conv(x_t W_in),   q_t = normalize(conv(x_t W_q))         fixed projections
     k_t = normalize(M_k(x̃_t)),  v_t = M_v(x̃_t)                     generator memories
-    η_t = min(s_η · softplus(w_ηᵀ M_η(x̃_t) + b_η), η_max)            (s_η = 4, η_max = 16)
+    η_t = min(s_η · softplus(w_ηᵀ M_η(x̃_t) + b_η), η_max)            (s_η = 1, η_max = 16)
     α_t = sigmoid(w_αᵀ M_α(x̃_t) + b_α)                              (b_α = 4 at init)
     v̂_t = M_{φ_{t−1}}(v_t)                                           self-generated target
     ℓ_t(φ) = ½ ‖M_φ(k_t) − v̂_t‖²
@@ -65,8 +65,9 @@ B = 32, AdamW lr 3e-3, 1000 steps, seed 0), variants of `ablate.VARIANTS`:
 Why these changes:
   * η scale and cap. With the residual MLP's hidden activations a = σ(W₂ k) of norm ~0.5 at
     init, η ≈ 0.35 corrected η‖a‖²/(1 + η‖a‖²) ≈ 8% of a key's recall error per write.
-    DGD's η′ makes any η safe — the corrected fraction η‖x‖²/(1 + η‖x‖²) stays below 1 — so
-    the cap is 16 and the scale 4 (≈ 40% correction per write at init).
+    DGD's η′ makes any η safe for one layer's write — the corrected fraction η‖x‖²/(1 + η‖x‖²)
+    stays below 1 — so the cap is 16 and the scale was 4 (≈ 40% correction per write at init).
+    That scale held on MQAR (T = 48) but not on long sequences: it is now 1 (choice 14).
   * Static generators. Written with M_memory's α, the k/v/η/α memories decay and drift
     with the state they generate (the old design on text: retention mean 0.59, 5th
     percentile 0.0, η at its cap on 23% of tokens: a feedback loop). Static generators
@@ -118,6 +119,22 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
 13. DGD's closed form is applied layer by layer (W₁: the exact proximal minimiser of ℓ with
    W₂ frozen, tested; W₂: the proximal step on the Gauss–Newton model of ℓ), with decoupled
    retention (α W instead of W) and the k kᵀ shrink applied once (NL eq. 93 applies it twice).
+14. η's scale `eta_scale` = 1 (η ≈ 0.69 at init), not the ablation's 4 (η ≈ 2.8). Each layer's
+   DGD rate makes that layer's write contractive alone, but W₁ and W₂ are written together and
+   the inner loss is not convex in (W₁, W₂) jointly: the write map's Jacobian over a sequence
+   grows exponentially with the number of tokens at η ≈ 2.8, while the forward state stays
+   bounded only through the inner clip (no clip: NaN at init). The outer gradient inherits that
+   growth. Measured in float64 at init (one Titans layer, D = 64, 2 heads, f = 32, random unit-RMS
+   input, ‖∂⟨y, r⟩/∂x‖ with writes on over writes off, seeds 0–2): at s_η = 4, 6.4–8.3 at
+   T = 128 and 1.2e4–3.3e4 at T = 512; s_η = 2: 2.2–2.7 and 22–93; s_η = 1: 1.04–1.07 and
+   1.2–1.4 (`test_titans_outer_gradient_does_not_grow_with_sequence_length`). Writing W₁ alone
+   or W₂ alone at s_η = 4 does not grow; neither bf16 (float64 the same) nor the widths are the
+   cause (cpu-tiny's widths at T = 512 grow as gpu-small's). The whole model at gpu-small,
+   T = 512, B = 2, float32 CPU, step 0: gradient norm 2.8e5 (writes off: 15.8) at s_η = 4,
+   17.9 at s_η = 1; on the H200 the global clip to 1.0 then scaled every other gradient by
+   1e-4 … 1e-7 (HOPE plateaued at ~3.3 nats/byte, then NaN). MQAR (`cpu-mqar`, seed 0) at
+   s_η = 1: val accuracy 1.0, writes off 0.025. Left open: η is learned and can climb back
+   (gpu-small at s_η = 1, B = 2: layer 0's mean η 1.93 and gradient norm 4.0e3 at step 80).
 """
 
 from __future__ import annotations
@@ -153,7 +170,7 @@ class HopeConfig:
     cms_hidden: int = 128        # hidden width of each CMS level's MLP
     cms_eta_init: float = 0.01   # η_ℓ at init
     cms_eta_max: float = 0.1     # upper bound of η_ℓ
-    eta_scale: float = 4.0       # η_t = min(eta_scale · softplus(·), eta_max) (ablation: 0.5 was inert)
+    eta_scale: float = 1.0       # η_t = min(eta_scale · softplus(·), eta_max); 4 made long sequences chaotic (choice 14)
     eta_max: float = 16.0        # DGD's η′ = η/(1+η‖x‖²) keeps every η contractive
     eta_bias_init: float = 0.0   # η read-out bias at init: η = eta_scale · softplus(0) ≈ 0.69 eta_scale
     alpha_bias_init: float = 4.0  # sigmoid(4) ≈ 0.982 retention at init
