@@ -19,6 +19,7 @@ from . import train
 
 # name -> HopeConfig overrides. OLD is the design before this ablation; DEFAULT is today's.
 OLD = dict(generator_writes="shared", generator_inputs="shared", key_shift_init=False, eta_scale=0.5, eta_max=1.0)
+# The ablation's default: eta_scale 4, as these runs were made; the model's default is 1 since (model.py choice 14).
 DEFAULT = dict(generator_writes="off", generator_inputs="separate", key_shift_init=True, eta_scale=4.0, eta_max=16.0)
 VARIANTS = {
     "old": OLD,
