@@ -376,11 +376,11 @@ def in_float32(fn, *tensors, **kwargs):
     """``fn(*tensors, **kwargs)`` with autocast off and half-precision tensors cast to float32.
 
     The scans write the fast weights once per chunk or period, hundreds of times per sequence,
-    each write a small correction to a state of norm ~1. Under bf16 autocast every product of
-    those writes rounds to 8 bits of mantissa: gpu-small on an H200 went NaN (HOPE+DMGD at step
-    297, HOPE+AdamW at 483, benchmarks/README.md) while the Transformer++ trained. So the
-    recurrences run in float32, as chunked linear-attention kernels keep their state; the
-    projections around them still take autocast's bf16.
+    each write a small correction to a state of norm ~1; under bf16 autocast every product of
+    those writes would round to 8 bits of mantissa. So the recurrences run in float32, as
+    chunked linear-attention kernels keep their state; the projections around them still take
+    autocast's bf16. (This was tried first against gpu-small's NaN on an H200 and did not
+    prevent it: that was the η scale, choice 14.)
     """
     device = tensors[0].device.type
     half = (torch.float16, torch.bfloat16)
