@@ -16,8 +16,8 @@ batch dimension of one). Under ``torch.compile`` and where the state dicts are p
 (local shards of distributed parameters) the state is stacked and copied back each step instead.
 On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: one or two
 ``(B, m, n)`` buffers, not state), and a step's buckets share one buffer for the gradients'
-stack (:data:`_STACKS`). Eager CPU buckets run :func:`fused_kernel` (the same update
-in fewer full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel).
+stack (:data:`_STACKS`). Eager buckets run :func:`fused_kernel` (the same update in fewer
+full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel).
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
 """
@@ -265,7 +265,7 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
         return d
     (s, w1, w2, nu, prev), copied = state_rows(mem, sts, shape, rebind)
     cpu = s.device.type == "cpu"
-    fused = FUSED and cpu                                    # the same kernel for every CPU bucket
+    fused = FUSED                                            # the same kernel for every eager bucket
     work = None                                              # (split DDP buckets too)
     if cpu and all(key != "memory" for key, _ in copied):   # s persists
         work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, 1 if fused else 2)
@@ -294,11 +294,13 @@ def _values(gs: Tensors, vs: Tensors, shape: tuple[int, int], g: torch.Tensor | 
     return _rows(vs, shape)
 
 
-#: Whether eager CPU buckets run :func:`fused_kernel` (equal to :func:`deep_memory_kernel`
-#: within rounding, ~15% less CPU time per bucket) or :func:`deep_memory_kernel` itself (False:
-#: every result bit for bit the op-by-op kernel's). Every eager CPU bucket takes the same kernel,
-#: so a bucket split across DDP ranks equals the unsplit bucket bit for bit; CUDA, ``torch.compile``
-#: and the whole-matrix kernel of sharded (FSDP) buckets run the op-by-op kernel.
+#: Whether eager buckets run :func:`fused_kernel` (equal to :func:`deep_memory_kernel` within
+#: rounding, ~15% less CPU time per bucket) or :func:`deep_memory_kernel` itself (False: every
+#: result bit for bit the op-by-op kernel's). Every eager bucket takes the same kernel, so a
+#: bucket split across DDP ranks equals the unsplit bucket bit for bit; ``torch.compile`` and the
+#: whole-matrix kernel of sharded (FSDP) buckets run the op-by-op kernel. CUDA buckets take the
+#: fused kernel too (plain torch ops, fewer full-size passes: on an H200 the op-by-op memory was
+#: 5.8× its floor); its speed there has not been measured yet.
 FUSED = True
 
 #: Each bucket's full-size temporaries on CPU, kept between steps: freed and allocated anew,
