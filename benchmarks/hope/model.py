@@ -19,8 +19,9 @@ W₂: f×d, W₁: d×f, σ = SiLU. For each head and token t = 1…T of a sequen
     v̂_t = M_{φ_{t−1}}(v_t)                                           self-generated target
     ℓ_t(φ) = ½ ‖M_φ(k_t) − v̂_t‖²
     for each layer W ∈ {W₁, W₂} of M_memory, with x_in its input and δ = ∂ℓ_t/∂(W x_in):
-        W_t = α_t W_{t−1} − η′_t c_t δ x_inᵀ,   η′_t = η_t / (1 + η_t ‖x_in‖²)    (DGD, §7)
-        c_t = min(1, 1 / ‖δ x_inᵀ‖_F)                                    inner clip
+        W_t = α_t W_{t−1} − η′_t c_t δ x_inᵀ,   η′_t = η_t / (1 + η_t ‖x_in‖² ‖J‖²_F)   (DGD, §7)
+        J = ∂M/∂(W x_in): I for W₁ (x_in = a = σ(W₂k)), W₁ diag σ′(W₂k) for W₂ (x_in = k)
+        c_t = min(1, 0.3 / ‖δ x_inᵀ‖_F)                                  inner clip (choice 15)
     o_t = M_{φ_t}(q_t)                                                read after the write
     y_t = W_o [o_t]_heads
 
@@ -96,7 +97,7 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
    to `alpha_bias_init` (α ≈ 0.98).
 5. Inner-gradient clipping (Titans NaNs without it): each layer's per-token gradient
    δ x_inᵀ is scaled by min(1, inner_clip / ‖δ‖‖x_in‖) before the step, in every path
-   alike; `inner_clip=None` turns it off.
+   alike; `inner_clip=None` turns it off. The bound is 0.3 (choice 15).
 6. Output read (`out_read`). "causal" (default): o_t reads the state *after* token t's own
    write (Titans' retrieve-after-store). "strict": o_t reads φ_{t−1} (NL eq. 94's s < t).
    "boundary": every read of a chunk uses φ_b. The generators and targets always read φ_b.
@@ -117,7 +118,8 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
    step as M_memory, with the same α_t (the paper's self-modification, the old default);
    "separate": the same step with their own retention read-out α_gen,t.
 13. DGD's closed form is applied layer by layer (W₁: the exact proximal minimiser of ℓ with
-   W₂ frozen, tested; W₂: the proximal step on the Gauss–Newton model of ℓ), with decoupled
+   W₂ frozen, tested; W₂: a proximal step on the Gauss–Newton model of ℓ, its curvature
+   majorised by a scalar, choice 15), with decoupled
    retention (α W instead of W) and the k kᵀ shrink applied once (NL eq. 93 applies it twice).
 14. η's scale `eta_scale` = 1 (η ≈ 0.69 at init), not the ablation's 4 (η ≈ 2.8). Each layer's
    DGD rate makes that layer's write contractive alone, but W₁ and W₂ are written together and
@@ -133,8 +135,37 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
    T = 512, B = 2, float32 CPU, step 0: gradient norm 2.8e5 (writes off: 15.8) at s_η = 4,
    17.9 at s_η = 1; on the H200 the global clip to 1.0 then scaled every other gradient by
    1e-4 … 1e-7 (HOPE plateaued at ~3.3 nats/byte, then NaN). MQAR (`cpu-mqar`, seed 0) at
-   s_η = 1: val accuracy 1.0, writes off 0.025. Left open: η is learned and can climb back
-   (gpu-small at s_η = 1, B = 2: layer 0's mean η 1.93 and gradient norm 4.0e3 at step 80).
+   s_η = 1: val accuracy 1.0, writes off 0.025. η is learned and climbed back (gpu-small at
+   s_η = 1, B = 2: layer 0's mean η 1.93 and gradient norm 4.0e3 at step 80): choice 15.
+15. W₂'s rate (`w2_rate="gauss-newton"`) and the inner clip 0.3 (`inner_clip`, was 1.0). W₂'s step
+   −η′ g kᵀ moves M(k) by −η′‖k‖² W₁S²W₁ᵀ e to first order (S = diag σ′(W₂k)); the rate
+   η/(1 + η‖k‖²) (`w2_rate="input"`, before) ignores W₁S, so at large η W₂'s factor overshoots,
+   and with W₁'s own step the joint first-order factor I − η′₁‖a‖² − η′₂‖k‖²W₁S²W₁ᵀ leaves
+   [−1, 1]. "gauss-newton" majorises W₂'s curvature by ‖k‖²‖W₁S‖²_F (one bmm per chunk): each
+   layer's factor then lies in [0, 1] and the joint one in [−1, 1] for every η
+   (`test_w2_step_contracts_its_gauss_newton_model`). One layer, float64, T = 512, the
+   input-gradient gain writes on / off (tests' `_write_gain`), seeds 0–2, η pinned at η_max = 16
+   (b_η = 50), clip 1.0: "input" 4.9e7–2.2e8; "input" with η_max = 1: 6.4–12, η_max = 2:
+   311–2.6e3, η_max = 4: 1.5e4–2.7e5; one joint rate η/(1 + η(‖a‖² + ‖k‖²‖W₁S‖²_F)) for both
+   layers with one joint clip: 1.35–1.92; the exact ‖W₁S‖²_op (an SVD per token) for W₂ only:
+   1.87–2.04, for a joint rate: 30–35; joint rates from the curvature along e or along the step
+   (no max bound): 1.6e5–1.7e6 and 7.2e5–1.6e6; "gauss-newton": 1.40–1.48 (1.02–1.08 at the
+   default η; input scaled ×3: 1.5–2.2, "input" 195–893).
+   That alone did not stabilise training. gpu-small, B = 2, T = 512, CPU float32, AdamW 3e-3,
+   600 s (~340 steps), clip 1.0: gradient norm above 1e3 on 28 of the first 100 steps with
+   either rate (max 4.1e6 "input", 1.8e6 "gauss-newton"); val bpb 4.10 and 4.31. Those spikes
+   were at η ≈ 0.7–0.9, not at η's cap: the outer gradients of the first chunks' α, η and k grew
+   backwards through ~500 writes that the clip, not the rate, bounded. With the weights of that run's
+   step 21 and Titans writes on in layer 2 only: gradient norm 2.1e6 at clip 1.0, 27 at 0.5, 6.3
+   at 0.3, NaN loss without the clip (all Titans writes off: 6.5). Trained at clip 0.3
+   (same run otherwise): "input" had 8 steps above 1e3 in the first 200 (max 1.3e4), val bpb 3.39
+   (writes off 3.43); "gauss-newton" none in 338 steps (max 78), val bpb 3.18 (writes off 3.21).
+   Seed 1, the former defaults ("input", clip 1.0): 69 steps above 1e3 in the first 200 (max
+   5.2e7), val bpb 4.23 (writes off 4.28); the defaults: 2 (steps 49 and 65: 9.9e4, 2.0e4), none
+   after step 65, val bpb 3.28 (writes off 3.43). So spikes are rarer, not gone; the writes' own
+   benefit stays small (0.03–0.15 bpb). MQAR (`cpu-mqar`, seed 0) at the
+   defaults: val accuracy 1.000, writes off 0.038.
+   The clip is shared with the CMS levels (their η ≤ 0.1; not separately measured).
 """
 
 from __future__ import annotations
@@ -171,10 +202,11 @@ class HopeConfig:
     cms_eta_init: float = 0.01   # η_ℓ at init
     cms_eta_max: float = 0.1     # upper bound of η_ℓ
     eta_scale: float = 1.0       # η_t = min(eta_scale · softplus(·), eta_max); 4 made long sequences chaotic (choice 14)
-    eta_max: float = 16.0        # DGD's η′ = η/(1+η‖x‖²) keeps every η contractive
+    eta_max: float = 16.0        # DGD's η′ (with w2_rate="gauss-newton") keeps every η stable (choice 15)
+    w2_rate: str = "gauss-newton"  # W₂'s DGD rate: its Gauss–Newton curvature ‖k‖²‖W₁ diag σ′‖_F², or "input": ‖k‖²
     eta_bias_init: float = 0.0   # η read-out bias at init: η = eta_scale · softplus(0) ≈ 0.69 eta_scale
     alpha_bias_init: float = 4.0  # sigmoid(4) ≈ 0.982 retention at init
-    inner_clip: float | None = 1.0  # per-token inner-gradient Frobenius clip
+    inner_clip: float | None = 0.3  # per-token inner-gradient Frobenius clip (Titans and CMS); 1.0 before choice 15
     out_read: str = "causal"     # "causal" (retrieve after store), "strict" (before) or "boundary"
     generator_writes: str = "off"  # M_k, M_v, M_η, M_α static, or written with M_memory's α / their own
     generator_inputs: str = "separate"  # a fixed projection x̃ per generator, or one "shared" by all four
@@ -185,7 +217,7 @@ class HopeConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must divide into n_heads={self.n_heads}")
         choices = dict(out_read=("causal", "strict", "boundary"), generator_writes=("shared", "separate", "off"),
-                       generator_inputs=("shared", "separate"))
+                       generator_inputs=("shared", "separate"), w2_rate=("gauss-newton", "input"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -288,7 +320,7 @@ def chunk_constants(k, v, eta, log_alpha, clip):
       k      (..., C, d),  kt (..., d, C) = kᵀ
       k_norm (..., C, 1)   ‖k‖ (the clip factor of W₂'s step)
       eta    (..., C, 1);  eta_c = η · clip (η without a clip)
-      s2     (..., C, 1)   W₂'s rate before clipping, η / (1 + η‖k‖²) (input k)
+      k_sq   (..., C, 1)   ‖k‖²;  s2 (..., C, 1) W₂'s `w2_rate="input"` rate before clipping, η / (1 + η‖k‖²)
       cum    (..., C)      Σ_{r≤t} log α_r inside the chunk;  log_alpha (..., C)
       carry  (..., C, 1)   Π_{r>t} α_r;  keep (..., 1, 1) = Π_r α_r
     """
@@ -297,12 +329,13 @@ def chunk_constants(k, v, eta, log_alpha, clip):
     cum = log_alpha.cumsum(-1)
     total = cum[..., -1:]
     return dict(x=torch.cat([v, k], dim=-2), k=k, kt=k.transpose(-1, -2), k_norm=k_norm, eta=eta,
-                eta_c=eta * clip if clip is not None else eta, s2=eta / (1 + eta * k_norm * k_norm),
+                eta_c=eta * clip if clip is not None else eta, k_sq=k_norm * k_norm,
+                s2=eta / (1 + eta * k_norm * k_norm),
                 cum=cum, log_alpha=log_alpha, carry=torch.exp(total - cum).unsqueeze(-1),
                 keep=torch.exp(total).unsqueeze(-1))
 
 
-def chunk_grads(w1t, w2t, c, clip):
+def chunk_grads(w1t, w2t, c, clip, w2_rate="gauss-newton"):
     """The state-dependent half of one chunk's DGD write: error signals and step sizes at φ_b.
 
     w1t: (N, f, d) = W₁ᵀ, w2t: (N, d, f) = W₂ᵀ  the boundary state φ_b of the written memories
@@ -310,7 +343,9 @@ def chunk_grads(w1t, w2t, c, clip):
     returns e (N, C, d) = M_b(k) − v̂ = ∂ℓ/∂y, a (N, C, f) = σ(W₂k) = W₁'s input,
     g (N, C, f) = (W₁ᵀ e) ⊙ σ′(W₂k) = ∂ℓ/∂z (as `mem_inner_grad`), and the per-token step
     sizes s1, s2 (N, C, 1) of W₁ (input a) and W₂ (input k): η′ times the clip factor
-    min(1, clip/‖δ xᵀ‖_F) = clip / max(‖δ‖‖x‖, clip) (`dgd_rate`).
+    min(1, clip/‖δ xᵀ‖_F) = clip / max(‖δ‖‖x‖, clip) (`dgd_rate`). W₁'s η′ = η/(1 + η‖a‖²);
+    W₂'s η′ = η/(1 + η‖k‖²‖W₁ diag σ′(z)‖_F²) (w2_rate "gauss-newton", choice 15) or
+    η/(1 + η‖k‖²) ("input"), with ‖W₁ diag σ′‖_F² = Σ_j σ′(z_j)² ‖W₁[:, j]‖².
     """
     C = c["x"].shape[-2] // 2
     z = torch.bmm(c["x"], w2t)  # (N, 2C, f): W₂ of [v; k]
@@ -319,15 +354,21 @@ def chunk_grads(w1t, w2t, c, clip):
     a, zk = act[:, C:], z[:, C:]
     e = yk - vhat
     sig = torch.sigmoid(zk)
-    g = torch.bmm(e, w1t.transpose(1, 2)) * torch.addcmul(sig, a, 1 - sig)  # σ′ = σ + silu·(1 − σ)
+    dsig = torch.addcmul(sig, a, 1 - sig)  # σ′ = σ + silu·(1 − σ)
+    g = torch.bmm(e, w1t.transpose(1, 2)) * dsig
     a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
     eta = c["eta"]
+    if w2_rate == "gauss-newton":  # ‖k‖² ‖W₁ diag σ′(z)‖_F²: the rows of W₁ᵀ are W₁'s columns
+        curv2 = c["k_sq"] * torch.bmm(dsig * dsig, (w1t * w1t).sum(-1, keepdim=True))
+        s2 = eta / (1 + eta * curv2)
+    else:
+        s2 = c["s2"]
     if clip is None:
-        return e, a, g, eta / (1 + eta * a_norm * a_norm), c["s2"]
+        return e, a, g, eta / (1 + eta * a_norm * a_norm), s2
     e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
     g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
     s1 = c["eta_c"] / ((1 + eta * a_norm * a_norm) * torch.clamp_min(a_norm * e_norm, clip))
-    s2 = c["s2"] * clip / torch.clamp_min(c["k_norm"] * g_norm, clip)
+    s2 = s2 * clip / torch.clamp_min(c["k_norm"] * g_norm, clip)
     return e, a, g, s1, s2
 
 
@@ -539,7 +580,7 @@ class SelfModifyingTitans(nn.Module):
                     stats["eta"].append(eta)
                     stats["log_alpha"].append(log_a[:, :, -1])
                 c = constants(k, v, eta, log_a)
-            e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip)
+            e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip, self.cfg.w2_rate)
             kept.append(dict(w1t=w1t, w2t=w2t, kt=c["kt"], cum=c["cum"], log_alpha=c["log_alpha"],
                              e=e, a=a, g=g, s1=s1, s2=s2))
             if keep_state or i + 1 < len(spans):
@@ -639,10 +680,14 @@ def titans_reference(layer, w1, w2, xin, q, chunk_size, stats=None):
         k5 = k.unsqueeze(2)  # (B,H,1,1,d), broadcast over the five memories
         vhat, _, _ = mem_apply(b1, b2, v.unsqueeze(2))  # (B,H,5,1,d)
         g1, g2 = grad_fn(b1, b2, k5.expand_as(vhat), vhat)  # (B,H,5,d,f), (B,H,5,f,d)
-        _, _, a = mem_apply(b1, b2, k5)  # W₁'s layer input at this token
+        _, z, a = mem_apply(b1, b2, k5)  # W₁'s layer input at this token, W₂'s output z
         eta5 = eta[:, :, None, 0]  # (B,H,1)
         r1 = eta5 / (1 + eta5 * (a * a).sum((-1, -2)))  # η′ with ‖x_in‖² = ‖a‖²
-        r2 = eta5 / (1 + eta5 * (k5 * k5).sum((-1, -2)))  # η′ with ‖x_in‖² = ‖k‖²
+        curv2 = (k5 * k5).sum((-1, -2))  # ‖k‖²
+        if layer.cfg.w2_rate == "gauss-newton":  # × ‖∂M/∂z‖_F² = ‖W₁ diag σ′(z)‖_F², σ′ by autograd
+            dsig = torch.func.grad(lambda z_: F.silu(z_).sum())(z)  # (B,H,5,1,f)
+            curv2 = curv2 * ((b1 * dsig) ** 2).sum((-1, -2))
+        r2 = eta5 / (1 + eta5 * curv2)
         if clip is not None:
             r1 = r1 * torch.clamp(clip / (g1.flatten(-2).norm(dim=-1) + 1e-15), max=1.0)
             r2 = r2 * torch.clamp(clip / (g2.flatten(-2).norm(dim=-1) + 1e-15), max=1.0)
