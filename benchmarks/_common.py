@@ -71,11 +71,12 @@ def _version(distribution: str) -> str | None:
 
 def environment(device: str = "cpu") -> dict[str, Any]:
     """Config-independent facts about this run: code version, libraries, machine, command."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # A copy of the tree names its commit in DEEPOPT_GIT_SHA: a lent GPU's copy carried a .git
+    # whose HEAD was older than the tree it ran, so that .git says nothing (dirty: unknown).
+    named = os.environ.get("DEEPOPT_GIT_SHA")
+    status = None if named else _git("status", "--porcelain", "--untracked-files=no")
     env: dict[str, Any] = {
-        # A copy of the tree names its commit in DEEPOPT_GIT_SHA: a lent GPU's copy carried a
-        # .git whose HEAD was older than the tree it ran.
-        "git_sha": os.environ.get("DEEPOPT_GIT_SHA") or _git("rev-parse", "HEAD"),
+        "git_sha": named or _git("rev-parse", "HEAD"),
         "git_dirty": None if status is None else bool(status),
         "command": " ".join(["python", "-m", _module_name(), *sys.argv[1:]]),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

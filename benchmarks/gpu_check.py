@@ -116,22 +116,26 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
     from benchmarks.hope.presets import PRESETS
 
     common = ["--preset", args.preset, "--device", args.device, "--no-progress"]
-
-    def compile_flag(model):   # scans exist only in HOPE; the Transformer++ is compiled whole or not at all
-        return ["--compile", args.hope_compile if model == "hope" or args.hope_compile != "scans" else "off"]
-
     if args.batch:
         common += ["--batch", str(args.batch)]
     if args.seq_len:
         common += ["--seq-len", str(args.seq_len)]
     part: dict[str, Any] = {"runs": {}, "concurrent": len(HOPE_RUNS)}
 
+    def launch(phase: str, *extra: str) -> dict[str, subprocess.Popen]:
+        """Every run of HOPE_RUNS side by side, under out/phase/name; scans exist only in HOPE,
+        so the Transformer++ is compiled whole or not at all."""
+        procs = {}
+        for name, model, opt in HOPE_RUNS:
+            compile_ = args.hope_compile if model == "hope" or args.hope_compile != "scans" else "off"
+            procs[name] = start(py + ["benchmarks.hope.train", "--model", model, "--optimizer", opt, *common,
+                                      "--compile", compile_, *extra, "--out", str(out / phase / name)],
+                                logs / f"{phase}-{name}.log", args.threads)
+        return procs
+
     # Probe: all three side by side, as they will train; the slowest step sets everyone's steps.
     t0 = time.monotonic()
-    procs = {name: start(py + ["benchmarks.hope.train", "--model", model, "--optimizer", opt, *common,
-                               *compile_flag(model), "--steps", str(PROBE_STEPS), "--warm", str(PROBE_WARM),
-                               "--out", str(out / "probe" / name)], logs / f"probe-{name}.log", args.threads)
-             for name, model, opt in HOPE_RUNS}
+    procs = launch("probe", "--steps", str(PROBE_STEPS), "--warm", str(PROBE_WARM))
     probe = {name: finish(p, clock.limit(args.probe_seconds), t0) for name, p in procs.items()}
     step_s = {}
     for name, res in probe.items():
@@ -153,10 +157,7 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
           f"(preset {part['preset_steps']}), {train_seconds:.0f} s to train", flush=True)
 
     t0 = time.monotonic()
-    procs = {name: start(py + ["benchmarks.hope.train", "--model", model, "--optimizer", opt, *common,
-                               *compile_flag(model), "--steps", str(steps), "--max-train-seconds", f"{max(1.0, train_seconds):.0f}",
-                               "--out", str(out / "hope" / name)], logs / f"hope-{name}.log", args.threads)
-             for name, model, opt in HOPE_RUNS}
+    procs = launch("hope", "--steps", str(steps), "--max-train-seconds", f"{max(1.0, train_seconds):.0f}")
     if args.jax_tests:   # correctness only, while the GPU is shared: it does not touch the timings above
         part["jax_tests"] = run(py + ["pytest", "-q", "-p", "no:cacheprovider", "tests/test_jax_backend.py"],
                                 logs / "tests-jax.log", clock.limit(args.jax_tests_seconds), threads=4)
