@@ -264,15 +264,13 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
         state_writeback(mem, sts, s, w1, w2, nu, g_hat)
         return d
     (s, w1, w2, nu, prev), copied = state_rows(mem, sts, shape, rebind)
-    cpu = s.device.type == "cpu"
-    fused = FUSED                                            # the same kernel for every eager bucket
-    work = None                                              # (split DDP buckets too)
-    if cpu and all(key != "memory" for key, _ in copied):   # s persists
-        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, 1 if fused else 2)
+    work = None                                              # CPU workspaces, where s persists
+    if s.device.type == "cpu" and all(key != "memory" for key, _ in copied):
+        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, 1 if FUSED else 2)
     stack = None if work is None or len(sts) == 1 or stack_owner is None else _grad_stack(stack_owner, s)
     g = _rows(gs, shape, stack)
     v = _values(gs, vs, shape, g)
-    if fused:
+    if FUSED:                                                # the same kernel for every eager bucket
         d = fused_kernel(mem, s, w1, w2, nu, g, v, prev, work[0] if work is not None else torch.empty_like(s))[4]
     else:
         d = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev, None if work is None else work[:2])[4]
