@@ -71,12 +71,12 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def start(cmd: list[str], log: Path, threads: int) -> subprocess.Popen:
+def start(cmd: list[str], log: Path, threads: int, **env: str) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     f = open(log, "w")
     f.write(" ".join(cmd) + "\n\n")
     f.flush()
-    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=_common.REPO, env=_env(threads))
+    return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=_common.REPO, env=dict(_env(threads), **env))
 
 
 def finish(proc: subprocess.Popen, timeout: float, t0: float) -> dict[str, Any]:
@@ -90,10 +90,10 @@ def finish(proc: subprocess.Popen, timeout: float, t0: float) -> dict[str, Any]:
     return {"command": " ".join(proc.args), "rc": rc, "seconds": round(time.monotonic() - t0, 1)}
 
 
-def run(cmd: list[str], log: Path, timeout: float, threads: int = 8) -> dict[str, Any]:
+def run(cmd: list[str], log: Path, timeout: float, threads: int = 8, **env: str) -> dict[str, Any]:
     t0 = time.monotonic()
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd[2:])} (limit {timeout:.0f} s)", flush=True)
-    out = finish(start(cmd, log, threads), timeout, t0)
+    out = finish(start(cmd, log, threads, **env), timeout, t0)
     print(f"    -> rc {out['rc']} in {out['seconds']} s", flush=True)
     return out
 
@@ -128,8 +128,9 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
         procs = {}
         for name, model, opt in HOPE_RUNS:
             compile_ = args.hope_compile if model == "hope" or args.hope_compile != "scans" else "off"
+            graph = ["--cuda-graph"] if args.hope_cuda_graph else []
             procs[name] = start(py + ["benchmarks.hope.train", "--model", model, "--optimizer", opt, *common,
-                                      "--compile", compile_, *extra, "--out", str(out / phase / name)],
+                                      "--compile", compile_, *graph, *extra, "--out", str(out / phase / name)],
                                 logs / f"{phase}-{name}.log", args.threads)
         return procs
 
@@ -170,6 +171,7 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
                                                "steps", "steps_completed", "stopped_early", "peak_memory_bytes",
                                                "params", "train_time_s", "val_tokens")})
             res["lr"] = s["config"]["lr"]
+            res["compiled"] = s["config"]["compiled"]
             res["fallback_lr"] = s["config"]["optimizer"]["fallback_lr"]
         else:
             res["log_tail"] = _tail(logs / f"hope-{name}.log")
@@ -210,7 +212,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"  {name}: val bpb {_f(r.get('val_bpb'), 4)}"
                          + (f" (writes off {_f(off, 4)})" if off is not None else "")
                          + f", steps {r.get('steps_completed')}/{r.get('steps')}, tok/s {_f(r.get('tokens_per_s'))}, "
-                           f"peak {_f((r.get('peak_memory_bytes') or 0) / 2**30)} GiB, rc {r.get('rc')} "
+                           f"peak {_f((r.get('peak_memory_bytes') or 0) / 2**30)} GiB, compiled {r.get('compiled')}, "
+                           f"rc {r.get('rc')} "
                            f"{r.get('log_tail', '')}")
         if "jax_tests" in h:
             lines.append(f"  jax tests on the device: rc {h['jax_tests']['rc']}: {h['jax_tests'].get('summary')}")
@@ -231,6 +234,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hope-compile", default="off", choices=("off", "scans", "on"),
                     help="train --compile for the runs (off: eager, as the published table; scans: HOPE's "
                          "scans compiled, the Transformer++ eager; on: both compiled whole)")
+    ap.add_argument("--hope-cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                    help="train --cuda-graph for every run (HOPE and the Transformer++ alike): the forward and "
+                         "backward replayed as CUDA graphs; a run whose capture fails trains eagerly and says so")
     ap.add_argument("--tests-seconds", type=float, default=100.0)
     ap.add_argument("--step-cost-seconds", type=float, default=120.0, help="per backend")
     ap.add_argument("--probe-seconds", type=float, default=90.0)
@@ -253,8 +259,9 @@ def main(argv=None) -> int:
 
     if "tests" in parts:
         xdist = ["-n", "4"] if args.device == "cuda" and _has("xdist") else []
+        # dynamo's graph-break reasons go to the log (a failing compile test shows them)
         res = run(py + ["pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *xdist], logs / "tests-gpu.log",
-                  clock.limit(args.tests_seconds))
+                  clock.limit(args.tests_seconds), TORCH_LOGS="graph_breaks")
         res["summary"] = _tail(logs / "tests-gpu.log", 1)
         result["parts"]["tests"] = res
         save()

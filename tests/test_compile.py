@@ -37,7 +37,7 @@ def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu") -> No
         eager.step()
         if t == 1:                                           # state exists: the steady-state step
             explained = dynamo.explain(traced.step)()
-            assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+            assert explained.graph_break_count == 0, _why(explained)
         else:
             step()
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
@@ -45,6 +45,14 @@ def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu") -> No
         for key, value in eager.state[p].items():
             torch.testing.assert_close(traced.state[q][key], value, rtol=1e-12, atol=1e-14,
                                        msg=lambda m, key=key: f"state[{key!r}]: {m}")
+
+
+def _why(explained) -> str:
+    """Where the graph broke: dynamo's reasons with their frames, and each graph's last ops (a
+    break with no recorded reason still shows where one graph ends and the next begins)."""
+    reasons = [f"{r.reason} at {[str(f)[:120] for f in (r.user_stack or [])[-2:]]}" for r in explained.break_reasons]
+    ends = [[str(op)[:80] for op in ops[-3:]] for ops in explained.ops_per_graph]
+    return f"{explained.graph_count} graphs; reasons {reasons}; each graph's last ops {ends}"
 
 
 @pytest.mark.specs(*T_DEPENDENT)

@@ -228,6 +228,11 @@ def parse_args(argv=None):
     ap.add_argument("--compile", choices=("auto", "on", "scans", "off"), default="auto",
                     help="torch.compile the model (auto: on CUDA), or only HOPE's sequential scans "
                          "(Hope.compile_scans; minutes of compilation on a small CPU)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="replay each micro-batch's forward+backward as CUDA graphs "
+                         "(torch.cuda.make_graphed_callables): removes the per-kernel launch cost that bounds "
+                         "small models on a GPU; CUDA and an eager model only (--compile off, no checkpointing); "
+                         "falls back to eager, with a printed note, if capture fails")
     ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                     help="bf16 autocast (auto: on CUDA; bf16 also runs it on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -323,8 +328,8 @@ def run(args):
     # bf16 autocast: on by default on CUDA; --amp bf16 runs the same path on CPU (CI covers it).
     use_amp = args.amp == "bf16" or (args.amp == "auto" and use_cuda)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    def autocast():  # a captured graph must not hold autocast's cached casts of the weights
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp, cache_enabled=not args.cuda_graph)
 
     micro = min(args.micro_batch or preset.get("micro_batch") or batch, batch)
     checkpointing = args.checkpoint == "on" or (args.checkpoint == "auto" and preset.get("checkpoint", False))
@@ -336,11 +341,19 @@ def run(args):
             raise ValueError("--compile scans applies to --model hope")
         model.compile_scans()  # falls back to eager per scan, with a warning, if compiling fails
         compiled = "scans"
-    elif args.compile == "on" or (args.compile == "auto" and use_cuda):
+    elif args.compile == "on" or (args.compile == "auto" and use_cuda and not args.cuda_graph):
         try:
             fwd, compiled = torch.compile(model), True
         except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
             print(f"torch.compile unavailable ({type(e).__name__}: {e}); running eager", flush=True)
+    if args.cuda_graph:
+        problem = ("needs --device cuda" if not use_cuda else "runs the eager model: add --compile off" if compiled
+                   else "cannot replay checkpointed sub-layers: add --checkpoint off" if checkpointing
+                   else f"needs equal micro-batches: --batch {batch} is not a multiple of {micro}" if batch % micro
+                   else None)
+        if problem:
+            raise ValueError(f"--cuda-graph {problem}")
+        fwd, compiled = cuda_graphed(model, micro, seq_len, device, autocast)
 
     gen = torch.Generator().manual_seed(args.seed)
     log_every = max(1, preset["log_every"] if steps >= 50 else 1)
@@ -446,6 +459,37 @@ def run(args):
     print(f"{args.model}+{args.optimizer}: val_loss {val_loss:.4f}  val_bpb {summary['val_bpb']:.4f}{off}  "
           f"tokens/s {tps:,.0f}  params {n_params:,}  -> {out / 'summary.json'}", flush=True)
     return summary
+
+
+class _Loss(torch.nn.Module):
+    """The model's training loss as a module of its own: what a CUDA graph captures."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model(x, y)[1]
+
+
+def cuda_graphed(model, micro: int, seq_len: int, device, autocast):
+    """-> (fwd, compiled): ``fwd(x, y) -> (None, loss)`` replaying the forward and backward of one
+    ``(micro, seq_len)`` micro-batch as CUDA graphs, and ``"cuda-graph"``; or the eager model and
+    False, with a printed note, where capture fails (a host sync in the forward, say).
+
+    Only a training-mode call replays the graphs: evaluation runs ``model`` itself, eagerly. The
+    parameters keep their storage (the optimizers update them in place), which the graphs read.
+    """
+    sample = torch.zeros(micro, seq_len, dtype=torch.long, device=device)
+    try:
+        with autocast():
+            graphed = torch.cuda.make_graphed_callables(_Loss(model), (sample, sample.clone()),
+                                                        allow_unused_input=True)
+    except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+        print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); running eager", flush=True)
+        model.zero_grad(set_to_none=True)
+        return model, False
+    return (lambda x, y: (None, graphed(x, y))), "cuda-graph"
 
 
 def _plain(obj):
