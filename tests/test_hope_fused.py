@@ -101,3 +101,26 @@ def test_fused_path_is_the_eager_default_and_falls_back():
     assert not model.blocks[0].cms[0].fused
     model.compile_scans(False)
     assert model.blocks[0].cms[0].fused
+
+
+def test_a_backward_inside_autocast_runs_in_the_forwards_dtype():
+    """A backward called inside bf16 autocast (as a CUDA graph's capture calls it) used to mix a
+    bf16 gradient with float32 saved tensors in one baddbmm; it now runs as outside autocast."""
+    from benchmarks.hope.presets import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model("hope", "cpu-tiny", 256)
+    x, y = torch.randint(0, 256, (2, 32)), torch.randint(0, 256, (2, 32))
+    params = list(model.parameters())
+    grads = {}
+    for inside in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            loss = model(x, y)[1]
+            if inside:
+                grads[inside] = torch.autograd.grad(loss, params, allow_unused=True)
+        if not inside:
+            grads[inside] = torch.autograd.grad(loss, params, allow_unused=True)
+    for a, b in zip(grads[True], grads[False]):
+        if b is not None:
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.1, atol=0.1 * float(b.abs().max()) + 1e-6)

@@ -164,7 +164,9 @@ class DeepOptimizer(Optimizer):
 
     def _reset_caches(self) -> None:
         self._rules: OrderedDict[tuple, tuple[UpdateRule, tuple]] = OrderedDict()  # -> (rule, layout)
-        self._layouts: dict[int, tuple] = {}           # id(group) -> layout its state was checked for
+        # group index -> the layout its state was checked for (an index, not id(group): dynamo
+        # traces no id() of a dict; groups are only appended, and loading a checkpoint resets this)
+        self._layouts: dict[int, tuple] = {}
         # The hyperparameters that shape each route's rule (lr and weight decay are read per step).
         self._rule_keys = {route: [k for k in s.hyperparameters if k not in ("lr", "weight_decay")]
                            for route, s in (("rule", self.spec), ("fallback", self.spec.fallback))
@@ -215,6 +217,13 @@ class DeepOptimizer(Optimizer):
         self._user_params.append(tensors)
         self._n_user_groups += 1
         self.param_groups.extend(parts)
+        self._warm_rules(parts)
+
+    def _warm_rules(self, groups: list[dict[str, Any]]) -> None:
+        """Build the rules of ``groups`` now, so that a first ``torch.compile``-d step finds them
+        cached: building a rule (a spec's builder, frozen dataclasses) does not trace."""
+        for group in groups:
+            self._rule_and_layout(group)
 
     def _group_params(self, group: dict[str, Any]):
         """``(names or None, tensors, aliases)`` of a user group; a tensor listed under several
@@ -479,15 +488,15 @@ class DeepOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans, fills, layouts = [], [], []
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):
             rule, layout = self._rule_and_layout(group)
             lr = self._rate(group, "lr")
             if "lr_ratio" in group:
                 lr *= self._rate(group, "lr_ratio")
             wd = self._rate(group, "weight_decay")
-            if self._layouts.get(id(group)) != layout:
+            if self._layouts.get(i) != layout:
                 fills += self._check_layout(group, rule)
-                layouts.append((id(group), layout))
+                layouts.append((i, layout))
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
             states: list[dict] = []
@@ -536,6 +545,7 @@ class DeepOptimizer(Optimizer):
         what can be (e.g. AdamW moments into a matrix rule's fallback).
         """
         super().load_state_dict(_checkpoint.prepare(self, state_dict))
+        self._warm_rules(self.param_groups)
 
 
 def compile(spec: Spec, params: Iterable[Any] | torch.nn.Module, *, foreach: bool | None = None,

@@ -96,7 +96,15 @@ class CMSScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dr):
-        key, u, ups, downs, zr, h, eta_c, *flat = ctx.saved_tensors
+        # The forward's dtype, whatever autocast is doing around the backward: a backward called
+        # inside autocast (a CUDA graph's capture, say) would otherwise mix bf16 and float32.
+        saved = ctx.saved_tensors                            # unpacked once (checkpointing allows no more)
+        with torch.autocast(dr.device.type, enabled=False):
+            return CMSScan._backward(ctx, saved, dr.to(saved[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, saved, dr):
+        key, u, ups, downs, zr, h, eta_c, *flat = saved
         P, clip, m = ctx.period, ctx.clip, ctx.n_step
         steps = [flat[i : i + m] for i in range(0, len(flat), m)]
         B, L, D = key.shape

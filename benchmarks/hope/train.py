@@ -462,14 +462,16 @@ def run(args):
 
 
 class _Loss(torch.nn.Module):
-    """The model's training loss as a module of its own: what a CUDA graph captures."""
+    """The model's training loss as a module of its own, what a CUDA graph captures: the forward
+    under ``autocast``, the backward outside it, as an eager training step runs them."""
 
-    def __init__(self, model):
+    def __init__(self, model, autocast):
         super().__init__()
-        self.model = model
+        self.model, self.autocast = model, autocast
 
     def forward(self, x, y):
-        return self.model(x, y)[1]
+        with self.autocast():
+            return self.model(x, y)[1]
 
 
 def cuda_graphed(model, micro: int, seq_len: int, device, autocast):
@@ -482,9 +484,8 @@ def cuda_graphed(model, micro: int, seq_len: int, device, autocast):
     """
     sample = torch.zeros(micro, seq_len, dtype=torch.long, device=device)
     try:
-        with autocast():
-            graphed = torch.cuda.make_graphed_callables(_Loss(model), (sample, sample.clone()),
-                                                        allow_unused_input=True)
+        graphed = torch.cuda.make_graphed_callables(_Loss(model, autocast), (sample, sample.clone()),
+                                                    allow_unused_input=True)
     except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
         print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); running eager", flush=True)
         model.zero_grad(set_to_none=True)
