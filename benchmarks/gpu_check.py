@@ -239,6 +239,7 @@ def main(argv=None) -> int:
                          "backward replayed as CUDA graphs; a run whose capture fails trains eagerly and says so")
     ap.add_argument("--tests-seconds", type=float, default=100.0)
     ap.add_argument("--step-cost-seconds", type=float, default=120.0, help="per backend")
+    ap.add_argument("--step-cost-backends", default="torch,jax", choices=("torch,jax", "torch", "jax"))
     ap.add_argument("--probe-seconds", type=float, default=90.0)
     ap.add_argument("--jax-tests", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--jax-tests-seconds", type=float, default=150.0)
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
         save()
     if "step_cost" in parts:
         size = [] if args.size == "full" else [f"--{args.size}"]
-        for backend in ("torch", "jax"):
+        for backend in args.step_cost_backends.split(","):
             d = out / f"step_cost_{backend}"
             res = run(py + ["benchmarks.step_cost", "--device", args.device, "--backends", backend, *size,
                             "--out", str(d)], logs / f"step_cost_{backend}.log", clock.limit(args.step_cost_seconds))
