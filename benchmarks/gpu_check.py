@@ -168,7 +168,7 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
         s = _read_json(out / "hope" / name / "summary.json")
         if s:
             res.update({k: s.get(k) for k in ("val_bpb", "val_bpb_writes_off", "final_train_loss", "tokens_per_s",
-                                               "steps", "steps_completed", "stopped_early", "peak_memory_bytes",
+                                               "steps", "steps_completed", "stopped_early", "skipped_steps", "peak_memory_bytes",
                                                "params", "train_time_s", "val_tokens")})
             res["lr"] = s["config"]["lr"]
             res["compiled"] = s["config"]["compiled"]
@@ -211,7 +211,7 @@ def table(result: dict[str, Any]) -> str:
             off = r.get("val_bpb_writes_off")
             lines.append(f"  {name}: val bpb {_f(r.get('val_bpb'), 4)}"
                          + (f" (writes off {_f(off, 4)})" if off is not None else "")
-                         + f", steps {r.get('steps_completed')}/{r.get('steps')}, tok/s {_f(r.get('tokens_per_s'))}, "
+                         + f", steps {r.get('steps_completed')}/{r.get('steps')} ({r.get('skipped_steps')} skipped), tok/s {_f(r.get('tokens_per_s'))}, "
                            f"peak {_f((r.get('peak_memory_bytes') or 0) / 2**30)} GiB, compiled {r.get('compiled')}, "
                            f"rc {r.get('rc')} "
                            f"{r.get('log_tail', '')}")

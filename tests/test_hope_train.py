@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import deepopt
+import torch_backend
 from benchmarks.hope import train
 from benchmarks.hope.model import Hope
 from benchmarks.hope.presets import DEFAULT_LR, PRESETS, hope_config, matched_transformer_config
@@ -64,6 +65,52 @@ def test_max_train_seconds_stops_early_and_still_evaluates(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--max-train-seconds", "0", "--out", str(tmp_path)])
     assert "--max-train-seconds must be > 0" in capsys.readouterr().err
+
+
+def _nan_gradient_at(monkeypatch, bad_steps, param="norm_f.weight"):
+    """Make ``param``'s gradient NaN in the training steps ``bad_steps`` (a hook on the model that
+    train.py builds; one backward per step); returns a dict that will hold that model."""
+    built = {}
+
+    def build(*args, **kwargs):
+        model, cfg = real_build(*args, **kwargs)
+        calls = iter(range(10_000))
+        dict(model.named_parameters())[param].register_hook(
+            lambda g: g * float("nan") if next(calls) in bad_steps else g)
+        built["model"] = model
+        return model, cfg
+
+    real_build = train.build_model
+    monkeypatch.setattr(train, "build_model", build)
+    return built
+
+
+def test_a_non_finite_gradient_skips_its_update_and_is_reported(tmp_path, monkeypatch):
+    """The update of a step with a NaN gradient is skipped (the optimizer is not stepped, so
+    parameters and state stay as they were), the run goes on, and the summary names the step and
+    the parameter whose gradient was not finite (read before clipping spreads the NaN)."""
+    built = _nan_gradient_at(monkeypatch, {2})
+    updates = []
+    real_step = torch_backend.DeepOptimizer.step
+    monkeypatch.setattr(torch_backend.DeepOptimizer, "step", lambda self, *a: updates.append(1) or real_step(self, *a))
+    s = train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "5", "--batch", "2",
+                    "--seq-len", "32", "--out", str(tmp_path / "run"), "--no-progress"])
+    assert (s["skipped_steps"], s["steps_completed"], len(updates)) == (1, 5, 4)
+    (record,) = s["nonfinite"]
+    assert record["step"] == 2 and record["params"] == ["norm_f.weight"] and math.isnan(record["grad_norm"])
+    assert math.isfinite(s["final_train_loss"]) and math.isfinite(s["val_bpb"])
+    assert all(torch.isfinite(p).all() for p in built["model"].parameters())
+
+
+def test_nonfinite_raise_and_too_many_skips_fail_the_run(tmp_path, monkeypatch):
+    _nan_gradient_at(monkeypatch, {1})
+    with pytest.raises(FloatingPointError, match=r"step 1 .*--nonfinite raise"):
+        train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "3", "--batch", "2", "--seq-len",
+                    "32", "--nonfinite", "raise", "--out", str(tmp_path / "a"), "--no-progress"])
+    _nan_gradient_at(monkeypatch, set(range(1, 100)))
+    with pytest.raises(FloatingPointError, match=r"6 so far.*at most 5 skipped"):
+        train.main(["--model", "transformer", "--optimizer", "adamw", "--steps", "20", "--batch", "2", "--seq-len",
+                    "32", "--out", str(tmp_path / "b"), "--no-progress"])
 
 
 def test_wrong_optimizer_is_rejected_by_argparse_listing_only_optimizers(capsys, monkeypatch):
@@ -250,14 +297,17 @@ def test_cuda_graph_replays_the_eager_loss_and_gradients(kind):
         with autocast():
             loss = fwd(x, y)[1]
         loss.backward()
-        graphed = [p.grad.clone() for p in model.parameters()]
+        graphed = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
         model.zero_grad(set_to_none=True)
         with autocast():
             eager = model(x, y)[1]
         eager.backward()
         torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-4)
-        for g, p in zip(graphed, model.parameters()):
-            torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5)
+        for g, p in zip(graphed, model.parameters()):     # unused parameters: no gradient either way
+            assert (g is None) == (p.grad is None)
+            if g is not None:
+                torch.testing.assert_close(g, p.grad, rtol=1e-3, atol=1e-5)
         with torch.no_grad():
             for p in model.parameters():
-                p.sub_(1e-2 * p.grad)
+                if p.grad is not None:
+                    p.sub_(1e-2 * p.grad)

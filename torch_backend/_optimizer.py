@@ -81,7 +81,7 @@ def init_state(state: dict, rule: UpdateRule, p: torch.Tensor, name: Callable[[]
     per_matrix = []
     for slot in rule.state_slots():
         if slot.key == "step":
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")   # as torch.optim
         elif slot.like_param and slot.init is None:
             state[slot.key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         else:

@@ -233,6 +233,10 @@ def parse_args(argv=None):
                          "(torch.cuda.make_graphed_callables): removes the per-kernel launch cost that bounds "
                          "small models on a GPU; CUDA and an eager model only (--compile off, no checkpointing); "
                          "falls back to eager, with a printed note, if capture fails")
+    ap.add_argument("--nonfinite", choices=("skip", "raise"), default="skip",
+                    help="a step whose loss or gradient norm is not finite: skip its update (the default; "
+                         "the run fails past 1%% of its steps, at least 5) or raise at once; the summary lists "
+                         "each skipped step with the parameters whose gradients were not finite")
     ap.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
                     help="bf16 autocast (auto: on CUDA; bf16 also runs it on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -371,6 +375,9 @@ def run(args):
     except ImportError:
         bar = range(steps)
     steps_completed = 0
+    skipped, losses_since_log = [], []
+    params = list(model.parameters())
+    max_skips = max(5, steps // 100)                # more than 1% of the steps: the run has diverged
     for step in bar:
         if step > 0 and args.max_train_seconds is not None and time.perf_counter() - t_start >= args.max_train_seconds:
             break                                   # at least one step, so the summary has a loss
@@ -394,11 +401,21 @@ def run(args):
             part = part * (xm.shape[0] / x.shape[0])  # equal supervised units per row: the batch mean
             part.backward()
             loss = loss + part.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_value = loss.item()  # synchronises: the step's time is complete here
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at step {step}")
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # one host sync per step, before the update: a non-finite loss or gradient skips the step
+        loss_value, norm_value = torch.stack([loss.float(), grad_norm.float()]).tolist()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            torch.nn.utils.clip_grads_with_norm_(params, 1.0, grad_norm)
+            opt.step()
+            losses_since_log.append(loss_value)
+        else:
+            skipped.append(dict(step=step, loss=loss_value, grad_norm=norm_value, params=nonfinite_grads(model)))
+            opt.zero_grad(set_to_none=True)
+            if args.nonfinite == "raise" or len(skipped) > max_skips:
+                raise FloatingPointError(f"non-finite loss or gradient at step {step} ({len(skipped)} so far, "
+                                         f"--nonfinite {args.nonfinite}, at most {max_skips} skipped): {skipped[-3:]}")
+            print(f"step {step}: loss {loss_value}, gradient norm {norm_value}: step skipped "
+                  f"(non-finite gradients in {skipped[-1]['params'][:4]})", flush=True)
         n_tok = x.numel()
         if step >= args.warm:
             tokens_timed += n_tok
@@ -408,7 +425,9 @@ def run(args):
             now = time.perf_counter()
             tps = tokens_since_log / max(now - t_log, 1e-9)
             t_log, tokens_since_log = now, 0
-            losses.append(loss_value)
+            if losses_since_log:                    # the last finite loss: a skipped step has none
+                losses.append(losses_since_log[-1])
+            losses_since_log = []
             rec = dict(step=step, loss=loss_value, tokens_per_s=tps, lr=opt.param_groups[0]["lr"] if not
                        isinstance(opt.param_groups[0]["lr"], torch.Tensor) else float(opt.param_groups[0]["lr"]),
                        elapsed_s=now - t_start)
@@ -439,6 +458,7 @@ def run(args):
         val_unit=data.unit, val_accuracy=val_acc, val_tokens=val_tokens, **diagnostics,
         tokens_per_s=tps, params=n_params,
         peak_memory_bytes=peak_memory(device), steps=steps, steps_completed=steps_completed,
+        skipped_steps=len(skipped), nonfinite=skipped[:20],
         stopped_early="max_train_seconds" if steps_completed < steps else None, train_time_s=train_time,
         config=dict(args=_plain(vars(args)), steps=steps, batch=batch, seq_len=seq_len, lr=lr,
                     optimizer=dict(name=args.optimizer, lr=lr, opts=_plain(dict(args.opt)),
@@ -459,6 +479,12 @@ def run(args):
     print(f"{args.model}+{args.optimizer}: val_loss {val_loss:.4f}  val_bpb {summary['val_bpb']:.4f}{off}  "
           f"tokens/s {tps:,.0f}  params {n_params:,}  -> {out / 'summary.json'}", flush=True)
     return summary
+
+
+def nonfinite_grads(model) -> list[str]:
+    """Names of the parameters whose gradient has a NaN or an infinity (a skipped step's record)."""
+    return [name for name, p in model.named_parameters()
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
 class _Loss(torch.nn.Module):
