@@ -274,6 +274,13 @@ def test_cuda_graph_is_a_cuda_option(tmp_path):
                     "--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "run"), "--no-progress"])
 
 
+def test_cuda_graph_refuses_what_it_cannot_replay():
+    assert train.cuda_graph_problem(True, False, False, 16, 16) is None
+    assert "--compile off" in train.cuda_graph_problem(True, True, False, 16, 16)
+    assert "--checkpoint off" in train.cuda_graph_problem(True, False, True, 16, 16)
+    assert "gradient accumulation (micro-batch 8 < batch 16)" in train.cuda_graph_problem(True, False, False, 8, 16)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["hope", "transformer"])
 def test_cuda_graph_replays_the_eager_loss_and_gradients(kind):

@@ -351,10 +351,7 @@ def run(args):
         except Exception as e:  # noqa: BLE001 - any compile failure falls back to eager
             print(f"torch.compile unavailable ({type(e).__name__}: {e}); running eager", flush=True)
     if args.cuda_graph:
-        problem = ("needs --device cuda" if not use_cuda else "runs the eager model: add --compile off" if compiled
-                   else "cannot replay checkpointed sub-layers: add --checkpoint off" if checkpointing
-                   else f"needs equal micro-batches: --batch {batch} is not a multiple of {micro}" if batch % micro
-                   else None)
+        problem = cuda_graph_problem(use_cuda, compiled, checkpointing, micro, batch)
         if problem:
             raise ValueError(f"--cuda-graph {problem}")
         fwd, compiled = cuda_graphed(model, micro, seq_len, device, autocast)
@@ -485,6 +482,20 @@ def nonfinite_grads(model) -> list[str]:
     """Names of the parameters whose gradient has a NaN or an infinity (a skipped step's record)."""
     return [name for name, p in model.named_parameters()
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
+def cuda_graph_problem(use_cuda: bool, compiled, checkpointing: bool, micro: int, batch: int) -> str | None:
+    """Why ``--cuda-graph`` cannot run with these settings (the end of its error), or None."""
+    if not use_cuda:
+        return "needs --device cuda"
+    if compiled:
+        return "runs the eager model: add --compile off"
+    if checkpointing:
+        return "cannot replay checkpointed sub-layers: add --checkpoint off"
+    if micro != batch:
+        return (f"replays one micro-batch per step: gradient accumulation (micro-batch {micro} < batch {batch}) "
+                "could read the graph's gradient buffers while the next replay rewrites them")
+    return None
 
 
 class _Loss(torch.nn.Module):
