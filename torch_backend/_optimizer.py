@@ -72,7 +72,9 @@ def init_state(state: dict, rule: UpdateRule, p: torch.Tensor, name: Callable[[]
 
     Slots shaped like the parameter are ``zeros_like(p)`` (a DTensor for a DTensor: sharded
     alike); per-matrix slots are plain tensors, replicated on a DTensor's mesh (FSDP2). The
-    step count is a float32 0-d tensor, as in torch.optim. ``name()`` gives the parameter's
+    step count is a float32 0-d tensor on the CPU, as in torch.optim; ``torch.compile`` moves it
+    to the parameter's device, as it does torch.optim's (dynamo hooks every ``_init_group``), and
+    the compiled step reads it there with no host sync. ``name()`` gives the parameter's
     name, asked only by a slot with an initializer (under ``torch.compile``, looking up a dict
     keyed by tensors made dynamo hand every state the first parameter's shape).
     """
@@ -81,7 +83,7 @@ def init_state(state: dict, rule: UpdateRule, p: torch.Tensor, name: Callable[[]
     per_matrix = []
     for slot in rule.state_slots():
         if slot.key == "step":
-            state["step"] = torch.tensor(0.0, dtype=torch.float32, device="cpu")   # as torch.optim
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
         elif slot.like_param and slot.init is None:
             state[slot.key] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         else:
