@@ -12,8 +12,10 @@ fails or runs out of time:
 2. ``step_cost``: :mod:`benchmarks.step_cost` at full size (GPT-2 small) on CUDA, torch and
    then JAX, each next to its anchors in one process.
 3. ``hope``: the gpu-small comparison the HOPE issue asks for — HOPE+DMGD, HOPE+AdamW and the
-   parameter-matched Transformer++ with AdamW, each at its preset default lr, eager, bf16
-   autocast, the three processes side by side on the one GPU. A short probe of all three
+   parameter-matched Transformer++ with AdamW, each at its preset default lr, bf16 autocast,
+   each step's forward and backward replayed as CUDA graphs (``train --cuda-graph``, ~4× faster
+   for HOPE on an H200; ``--no-hope-cuda-graph`` runs them eagerly), the three processes side
+   by side on the one GPU. A short probe of all three
    measures the slowest step, and every run then gets the same number of steps: the preset's
    (2000), or fewer where the time left does not allow them (the summary says which). A run
    still going at the deadline stops (``train --max-train-seconds``) and evaluates.
@@ -234,9 +236,10 @@ def main(argv=None) -> int:
     ap.add_argument("--hope-compile", default="off", choices=("off", "scans", "on"),
                     help="train --compile for the runs (off: eager, as the published table; scans: HOPE's "
                          "scans compiled, the Transformer++ eager; on: both compiled whole)")
-    ap.add_argument("--hope-cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--hope-cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                     help="train --cuda-graph for every run (HOPE and the Transformer++ alike): the forward and "
-                         "backward replayed as CUDA graphs; a run whose capture fails trains eagerly and says so")
+                         "backward replayed as CUDA graphs; a run whose capture fails trains eagerly and says so "
+                         "(default: on with --device cuda)")
     ap.add_argument("--tests-seconds", type=float, default=100.0)
     ap.add_argument("--step-cost-seconds", type=float, default=120.0, help="per backend")
     ap.add_argument("--step-cost-backends", default="torch,jax", choices=("torch,jax", "torch", "jax"))
@@ -244,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jax-tests", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--jax-tests-seconds", type=float, default=150.0)
     args = ap.parse_args(argv)
+    if args.hope_cuda_graph is None:
+        args.hope_cuda_graph = args.device == "cuda"
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"tests", "step_cost", "hope"}
     if unknown:

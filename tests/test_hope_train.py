@@ -100,6 +100,12 @@ def test_a_non_finite_gradient_skips_its_update_and_is_reported(tmp_path, monkey
     assert record["step"] == 2 and record["params"] == ["norm_f.weight"] and math.isnan(record["grad_norm"])
     assert math.isfinite(s["final_train_loss"]) and math.isfinite(s["val_bpb"])
     assert all(torch.isfinite(p).all() for p in built["model"].parameters())
+    # the first skipped step's weights and batch, to replay it elsewhere
+    saved = torch.load(s["nonfinite_file"], weights_only=False)
+    assert saved["step"] == 2 and saved["model"] == "transformer" and saved["x"].shape == (2, 32)
+    replay, _ = train.build_model("transformer", saved["preset"], 256, **saved["model_opts"])
+    replay.load_state_dict(saved["state_dict"])
+    assert math.isfinite(replay(saved["x"], saved["y"])[1].item())
 
 
 def test_nonfinite_raise_and_too_many_skips_fail_the_run(tmp_path, monkeypatch):

@@ -407,6 +407,8 @@ def run(args):
             losses_since_log.append(loss_value)
         else:
             skipped.append(dict(step=step, loss=loss_value, grad_norm=norm_value, params=nonfinite_grads(model)))
+            if len(skipped) == 1:                   # what it takes to replay the first one elsewhere
+                save_nonfinite(out / NONFINITE_FILE, model, model_cfg, x, y, step, args, use_amp)
             opt.zero_grad(set_to_none=True)
             if args.nonfinite == "raise" or len(skipped) > max_skips:
                 raise FloatingPointError(f"non-finite loss or gradient at step {step} ({len(skipped)} so far, "
@@ -456,6 +458,7 @@ def run(args):
         tokens_per_s=tps, params=n_params,
         peak_memory_bytes=peak_memory(device), steps=steps, steps_completed=steps_completed,
         skipped_steps=len(skipped), nonfinite=skipped[:20],
+        nonfinite_file=str(out / NONFINITE_FILE) if skipped else None,
         stopped_early="max_train_seconds" if steps_completed < steps else None, train_time_s=train_time,
         config=dict(args=_plain(vars(args)), steps=steps, batch=batch, seq_len=seq_len, lr=lr,
                     optimizer=dict(name=args.optimizer, lr=lr, opts=_plain(dict(args.opt)),
@@ -476,6 +479,22 @@ def run(args):
     print(f"{args.model}+{args.optimizer}: val_loss {val_loss:.4f}  val_bpb {summary['val_bpb']:.4f}{off}  "
           f"tokens/s {tps:,.0f}  params {n_params:,}  -> {out / 'summary.json'}", flush=True)
     return summary
+
+
+#: The first skipped step's model and batch, in the run's directory (see `save_nonfinite`).
+NONFINITE_FILE = "nonfinite_first.pt"
+
+
+def save_nonfinite(path: Path, model, model_cfg, x, y, step: int, args, bf16: bool) -> None:
+    """Save what replays the first non-finite step: the weights that produced it (the update is
+    skipped, so they are the step's own), its batch, the model's config and the step's settings.
+    ``torch.load`` it on any machine, rebuild the model with ``presets.build_model`` and the
+    config, load the weights, and run forward and backward on the batch (in float64, say) to see
+    where the NaN starts."""
+    torch.save(dict(step=step, model=args.model, preset=args.preset, model_opts=dict(args.model_opt),
+                    config=asdict(model_cfg), bf16_autocast=bf16,
+                    state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    x=x.detach().cpu(), y=y.detach().cpu()), path)
 
 
 def nonfinite_grads(model) -> list[str]:
