@@ -98,6 +98,7 @@ def test_a_non_finite_gradient_skips_its_update_and_is_reported(tmp_path, monkey
     assert (s["skipped_steps"], s["steps_completed"], len(updates)) == (1, 5, 4)
     (record,) = s["nonfinite"]
     assert record["step"] == 2 and record["params"] == ["norm_f.weight"] and math.isnan(record["grad_norm"])
+    assert record["weights"] == []                           # the weights were finite: the backward made the NaN
     assert math.isfinite(s["final_train_loss"]) and math.isfinite(s["val_bpb"])
     assert all(torch.isfinite(p).all() for p in built["model"].parameters())
     # the first skipped step's weights and batch, to replay it elsewhere

@@ -406,7 +406,8 @@ def run(args):
             opt.step()
             losses_since_log.append(loss_value)
         else:
-            skipped.append(dict(step=step, loss=loss_value, grad_norm=norm_value, params=nonfinite_grads(model)))
+            skipped.append(dict(step=step, loss=loss_value, grad_norm=norm_value, params=nonfinite_grads(model),
+                                weights=nonfinite_weights(model)))
             if len(skipped) == 1:                   # what it takes to replay the first one elsewhere
                 save_nonfinite(out / NONFINITE_FILE, model, model_cfg, x, y, step, args, use_amp)
             opt.zero_grad(set_to_none=True)
@@ -501,6 +502,12 @@ def nonfinite_grads(model) -> list[str]:
     """Names of the parameters whose gradient has a NaN or an infinity (a skipped step's record)."""
     return [name for name, p in model.named_parameters()
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+
+
+def nonfinite_weights(model) -> list[str]:
+    """Names of the parameters that are themselves not finite: an earlier update (the optimizer)
+    made them so, where an empty list means this step's forward or backward did."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def cuda_graph_problem(use_cuda: bool, compiled, checkpointing: bool, micro: int, batch: int) -> str | None:
