@@ -99,8 +99,11 @@ class CMSScan(torch.autograd.Function):
         # The forward's dtype, whatever autocast is doing around the backward: a backward called
         # inside autocast (a CUDA graph's capture, say) would otherwise mix bf16 and float32.
         saved = ctx.saved_tensors                            # unpacked once (checkpointing allows no more)
-        with torch.autocast(dr.device.type, enabled=False):
-            return CMSScan._backward(ctx, saved, dr.to(saved[0].dtype))
+        dr, device = dr.to(saved[0].dtype), dr.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):   # (no autocast on meta)
+            with torch.autocast(device, enabled=False):
+                return CMSScan._backward(ctx, saved, dr)
+        return CMSScan._backward(ctx, saved, dr)
 
     @staticmethod
     def _backward(ctx, saved, dr):
