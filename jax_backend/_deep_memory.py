@@ -71,7 +71,11 @@ def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
 
     # ν = max(β ν, ‖V‖_F/√m, ε); the MLP's read at φ_{t−1} in units of ν: H = silu(K W₁ᵀ), F = ν H W₂ᵀ.
     if memory.hidden:
-        sq_v = jnp.sum(sq_rows, axis=(-2, -1)) if v is g else jnp.sum(v * v, axis=(-2, -1))
+        # The barrier keeps ‖V‖² a sum of the row sums: XLA folds a sum of sums into one sum
+        # of G², which then has two readers and is written out (on CPU: a full-size write and
+        # read more per matrix than the one fused pass over G).
+        sq_v = (jnp.sum(jax.lax.optimization_barrier(sq_rows), axis=(-2, -1)) if v is g
+                else jnp.sum(v * v, axis=(-2, -1)))
         rms = jnp.sqrt(sq_v) / jnp.sqrt(jnp.asarray(m, v.dtype))
         nu = jnp.maximum(jnp.maximum(memory.scale_decay * nu, rms), memory.key_eps).astype(v.dtype)
         scale = nu[..., None, None]

@@ -6,9 +6,12 @@
 - the state holds the reference's S, W₁, W₂; W₂ leaves zero;
 - layout="optax" on a kernel == layout="torch" on its transpose; a stacked (L, in, out) leaf ==
   L matrices that all start from the one W₁ of the leaf's name;
+- the compiled kernel never writes G ⊙ G out (‖V‖² from the row norms' pass);
 - M3's slow level is written exactly at t = f, 2f, 3f with β₃ Σ V, and O² = NS(M²);
 - no retrace on the second jitted step; inject_hyperparams with a traced lr.
 """
+
+import re
 
 import jax
 
@@ -151,6 +154,28 @@ def test_optax_layout_kernel_equals_torch_layout_transpose():
                          [{"w": g.T} for g in grads])
     for t, (a, b) in enumerate(zip(optax_traj, torch_traj), 1):
         _close(a["w"], b["w"].T, rtol=1e-12, msg=f"step {t}")
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_kernel_never_writes_out_g_squared(transposed):
+    """‖V‖² (V = G) is the sum of the rows' squared norms, read in the one fused pass over G
+    that gives the row norms: the compiled kernel has no computation whose result is G ⊙ G
+    (XLA folded the two sums into one sum of G², which then had two readers and was written
+    out: a full-size write and read more per matrix)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks XLA's CPU fusions")
+    rng = np.random.default_rng(5)
+    n, m, h = 24, 40, 4
+    mem = deepopt.DeepMemory(hidden=h)
+    shape = (n, m) if transposed else (m, n)
+    g = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    args = (jnp.zeros(shape, jnp.float32), jnp.asarray(rng.normal(size=(h, n)), jnp.float32),
+            jnp.zeros((n, h), jnp.float32), jnp.zeros((), jnp.float32), g)
+    kernel = jax.jit(lambda s, w1, w2, nu, g: deep_memory_kernel(mem, s, w1, w2, nu, g, g, None,
+                                                                  transposed=transposed))
+    text = kernel.lower(*args).compile().as_text()
+    squares = re.findall(rf"ROOT %\S+ = f32\[{shape[0]},{shape[1]}\]\S* multiply\((%\S+), \1\)", text)
+    assert "reduce" in text and not squares, squares
 
 
 def test_stacked_leaf_is_independent_matrices_from_one_w1():
