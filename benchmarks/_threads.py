@@ -36,3 +36,20 @@ def limit_threads(threads: int) -> dict[str, str]:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     return {var: os.environ[var] for var in (*THREAD_VARIABLES, "XLA_FLAGS") if var in os.environ}
+
+
+def pin_to_one_core() -> int | None:
+    """Run this process, and the threads it starts, on one CPU core: the first it may use.
+
+    Returns that core, or None where the platform has no affinity call. The one-thread flags of
+    :func:`limit_threads` do not hold XLA's CPU runtime to one core everywhere: with jax 0.10 a
+    1024² float32 matmul still ran at twice one core's rate on a 2-core machine (two cores), while
+    the small matmuls of an optimizer step ran on one. A measurement that must be one core's,
+    such as ``step_cost --threads 1``'s floors against its steps, pins.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    return core
+

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import _common
+from benchmarks._threads import pin_to_one_core
 
 SPECS = ("sgd", "adamw", "delta_momentum", "muon", "dmgd", "m3")
 EMBED_PATTERNS = (r"^wte\.", r"^wpe\.")   # embeddings take the AdamW fallback (torch Muon docs)
@@ -643,11 +644,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch and XLA CPU threads (default: the libraries' own); 1 is steadier on a busy machine")
+                    help="torch and XLA CPU threads (default: the libraries' own); 1 is steadier on a busy machine, "
+                         "and pins the process to one core (XLA's large matmuls otherwise use every core, so the "
+                         "floor's matmul rate would not be the one core the steps get)")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    pinned = None
     if args.threads:
         _common.limit_threads(args.threads)      # before torch or jax is imported
+        if args.threads == 1 and args.device == "cpu":
+            pinned = pin_to_one_core()
 
     size = "tiny" if (args.tiny or _common.tiny()) else ("quick" if args.quick else "full")
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -685,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                    "muon_weight_decay": MUON_WD, "ns_steps": NS_STEPS, "m3_frequency": M3_PERIOD,
                    "warmup_rounds": warmup, "repeats": repeats, "max_seconds_per_group": max_seconds,
                    "dtype": "float32",
-                   "torch_threads": args.threads,
+                   "torch_threads": args.threads, "pinned_core": pinned,
                    "floor_model": {"words_per_element": WORDS,
                                    "rule": "bytes/copy bandwidth + matmul FLOPs/matmul rate; "
                                            "NS 5·(4m²n+2m³), DMGD 12·m·n·h + its NS, delta 4m²n"}},
