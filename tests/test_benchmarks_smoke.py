@@ -220,3 +220,12 @@ def test_step_overhead_writes_its_rows(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "step_overhead.json").read_text())["rows"]
     assert [r["deepopt"] for r in rows] == ["deepopt.sgd", "deepopt.adamw"]
     assert all(r["deepopt_ms"]["median"] > 0 and r["anchor_ms"]["median"] > 0 for r in rows)
+
+
+def test_pin_to_one_core_leaves_one_core():
+    """In a child process (pinning this one would slow the rest of the suite)."""
+    code = ("import os; from benchmarks._threads import pin_to_one_core; core = pin_to_one_core(); "
+            "print(core, sorted(os.sched_getaffinity(0)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split(maxsplit=1)
+    assert out[1].strip() == f"[{out[0]}]"
