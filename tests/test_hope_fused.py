@@ -1,13 +1,15 @@
 """Hand-written backwards of HOPE's scans (benchmarks/hope/fused.py) against autograd, float64.
 
 Oracles: autograd through the CMS level's own `scan` (which tests/test_hope_model.py holds to
-the per-token reference), and `torch.autograd.gradcheck` (finite differences) of the Function.
+the per-token reference), autograd through `F.conv1d` for the causal convolution, and
+`torch.autograd.gradcheck` (finite differences) of each Function.
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from benchmarks.hope.fused import CMSScan
+from benchmarks.hope.fused import CausalConv, CMSScan
 from benchmarks.hope.model import CMSLevel, Hope, HopeConfig
 
 F64 = torch.float64
@@ -124,3 +126,30 @@ def test_a_backward_inside_autocast_runs_in_the_forwards_dtype():
         if b is not None:
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a.float(), b.float(), rtol=0.1, atol=0.1 * float(b.abs().max()) + 1e-6)
+
+
+def conv1d_reference(x, w):
+    """The causal depthwise convolution as `F.conv1d` computes it: channels first, left-padded."""
+    K = w.shape[1]
+    return F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w.unsqueeze(1), groups=w.shape[0]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("T,K", [(12, 4), (3, 4), (1, 4), (7, 1)])  # shorter than the window, one token, no shift
+def test_causal_conv_equals_conv1d(T, K):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, T, 6, generator=g, dtype=F64).requires_grad_()
+    w = torch.randn(6, K, generator=g, dtype=F64).requires_grad_()
+    r = torch.randn(2, T, 6, generator=g, dtype=F64)
+    outs = []
+    for fn in (CausalConv.apply, conv1d_reference):
+        y = fn(x, w)
+        outs.append((y.detach(), *torch.autograd.grad((y * r).sum(), (x, w))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 3, generator=g, dtype=F64).requires_grad_()
+    w = torch.randn(3, 4, generator=g, dtype=F64).requires_grad_()
+    assert torch.autograd.gradcheck(CausalConv.apply, (x, w))

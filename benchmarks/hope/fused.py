@@ -1,4 +1,4 @@
-"""Hand-written backwards of HOPE's sequential scans (`model.py`), for eager training.
+"""Hand-written backwards of HOPE's sequential scans and its causal convolution (`model.py`), for eager training.
 
 A training step is bound by operator dispatch: autograd records every small operator of a
 sequential write loop and replays each one's backward node (with its own allocations and
@@ -158,3 +158,42 @@ class CMSScan(torch.autograd.Function):
         dval = torch.cat(n_vals[::-1], 1)
         deta = -torch.stack(eta_terms).sum() / eta_c if ctx.needs_input_grad[5] else None
         return dkey, dval, du, dw, dv_, deta, None, None
+
+
+class CausalConv(torch.autograd.Function):
+    """Causal depthwise convolution over time in the (B, T, C) layout: `CausalDepthwiseConv`'s function.
+
+    Inputs: x (B, T, C); w (C, K) the taps, w[:, K − 1] on the current token. Returns
+        y_t = Σ_{j<K} w[:, K − 1 − j] ⊙ x_{t−j}      (x_{t−j} = 0 before the start)
+    as K shifted multiply-adds on x's own layout; backward:
+        dx_s = Σ_j w[:, K − 1 − j] ⊙ dy_{s+j},   dw[:, K − 1 − j] = Σ_{b, t} dy_t ⊙ x_{t−j}.
+    `F.conv1d` needs channels first: a transpose, a left pad and mkldnn's layout copies of x
+    and of y, forward and backward, which at cpu-tiny (C = 256, T = 128) cost more than the
+    convolution's own arithmetic. Computed in x's dtype (w is cast to it, dw back to w's).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):
+        T, K = x.shape[1], w.shape[1]
+        wx = w.to(x.dtype)
+        y = x * wx[:, K - 1]
+        for j in range(1, min(K, T)):
+            y[:, j:].addcmul_(x[:, : T - j], wx[:, K - 1 - j])
+        ctx.save_for_backward(x, wx)
+        ctx.w_dtype = w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wx = ctx.saved_tensors
+        T, K = x.shape[1], wx.shape[1]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = dy * wx[:, K - 1]
+            for j in range(1, min(K, T)):
+                dx[:, : T - j].addcmul_(dy[:, j:], wx[:, K - 1 - j])
+        if ctx.needs_input_grad[1]:
+            taps = [(dy[:, j:] * x[:, : T - j]).sum((0, 1)) if j < T else dy.new_zeros(dy.shape[-1])
+                    for j in range(K - 1, -1, -1)]
+            dw = torch.stack(taps, 1).to(ctx.w_dtype)
+        return dx, dw

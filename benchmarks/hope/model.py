@@ -181,7 +181,7 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
-from .fused import CMSScan
+from .fused import CausalConv, CMSScan
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -441,9 +441,8 @@ class CausalDepthwiseConv(nn.Module):
         w[:, 0, -1] += 1.0  # the current token's tap: starts as (almost) a pass-through
         self.weight = nn.Parameter(w)
 
-    def forward(self, x):  # x: (B, T, channels)
-        x = F.pad(x.transpose(1, 2), (self.size - 1, 0))  # left pad: output t sees ≤ t
-        return F.conv1d(x, self.weight, groups=self.weight.shape[0]).transpose(1, 2)
+    def forward(self, x):  # x: (B, T, channels); `fused.CausalConv`, the taps as shifted multiply-adds
+        return CausalConv.apply(x, self.weight[:, 0])
 
 
 class SelfModifyingTitans(nn.Module):
