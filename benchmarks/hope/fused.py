@@ -20,6 +20,18 @@ import torch.nn.functional as F
 _silu_bwd = torch.ops.aten.silu_backward  # (x, z) -> x ⊙ silu′(z), one operator
 
 
+def _period_major(x, n):
+    """(B, n·P, D) -> (n·B, P, D), rows (period, batch): the layout of the stacked CMS states."""
+    B, L, D = x.shape
+    return x.view(B, n, L // n, D).transpose(0, 1).reshape(n * B, L // n, D)
+
+
+def _batch_major(x, B):
+    """(n·B, P, D) -> (B, n·P, D), `_period_major`'s inverse (a copy)."""
+    nB, P, D = x.shape
+    return x.view(nB // B, B, P, D).transpose(0, 1).reshape(B, nB // B * P, D)
+
+
 def _clip_slopes(c, x_norm, y_norm, clip):
     """Slopes of a clipped rate c = η / max(‖x‖‖y‖, clip) in ‖x‖ and ‖y‖, divided by those norms.
 
@@ -62,13 +74,14 @@ class CMSScan(torch.autograd.Function):
         n = L // period + 1
         keys = key.view(B, n - 1, period, D).unbind(1)
         k_norms = torch.linalg.vector_norm(key, dim=-1, keepdim=True).view(B, n - 1, period, 1).unbind(1)
-        # every state φ_0 … φ_{n−1}, written in place of a stack: (B, n, D, f) and (B, n, f, D)
-        ups = up_t.new_empty(B, n, *up_t.shape[1:])
-        downs = down_t.new_empty(B, n, *down_t.shape[1:])
-        ups[:, 0], downs[:, 0] = up_t, down_t
+        # every state φ_0 … φ_{n−1}, written in place of a stack: (n, B, D, f) and (n, B, f, D),
+        # period-major so that each state is contiguous and `baddbmm` writes it with no copy
+        ups = up_t.new_empty(n, *up_t.shape)
+        downs = down_t.new_empty(n, *down_t.shape)
+        ups[0], downs[0] = up_t, down_t
         steps = []
         for i, (k, v, kn) in enumerate(zip(keys, val.view(B, n - 1, period, D).unbind(1), k_norms)):
-            w, v_ = ups[:, i], downs[:, i]
+            w, v_ = ups[i], downs[i]
             z = torch.bmm(k, w)  # (B, P, f)
             a = F.silu(z)
             e = torch.baddbmm(v, a, v_, beta=-1)  # a V − v, (B, P, D)
@@ -84,15 +97,16 @@ class CMSScan(torch.autograd.Function):
                 c_d = eta_c / torch.clamp_min(norms[0] * norms[1], clip)
                 c_u = eta_c / torch.clamp_min(kn * norms[2], clip)
             e_d, e_u = c_d * e, c_u * g
-            torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs[:, i + 1])
-            torch.baddbmm(w, k.transpose(1, 2), e_u, alpha=-1, out=ups[:, i + 1])
+            torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs[i + 1])
+            torch.baddbmm(w, k.transpose(1, 2), e_u, alpha=-1, out=ups[i + 1])
             steps.append((z, a, e, gh, g, e_d, e_u, c_d, c_u, *norms))
-        ups, downs = ups.flatten(0, 1), downs.flatten(0, 1)  # (B·n, D, f), (B·n, f, D)
-        zr = torch.bmm(u.view(B * n, period, D), ups)
+        ups, downs = ups.flatten(0, 1), downs.flatten(0, 1)  # (n·B, D, f), (n·B, f, D)
+        u = _period_major(u, n)  # (n·B, P, D)
+        zr = torch.bmm(u, ups)
         h = F.silu(zr)
         ctx.period, ctx.clip, ctx.n_step = period, clip, len(steps[0])
         ctx.save_for_backward(key, u, ups, downs, zr, h, eta_c, *(t for s in steps for t in s))
-        return torch.bmm(h, downs).view(B, n * period, D)
+        return _batch_major(torch.bmm(h, downs), B)
 
     @staticmethod
     def backward(ctx, dr):
@@ -110,10 +124,10 @@ class CMSScan(torch.autograd.Function):
         B, L, D = key.shape
         n = L // P + 1
         # the reads' backward, batched over periods
-        dr = dr.reshape(B * n, P, D)
-        dzr = _silu_bwd(torch.bmm(dr, downs.transpose(1, 2)), zr)  # (B·n, P, f)
-        du = torch.bmm(dzr, ups.transpose(1, 2)).view(B, n * P, D)
-        per = [t.view(B, n, *t.shape[1:]).unbind(1) for t in (ups, downs, u.view(B * n, P, D), h, dr, dzr)]
+        dr = _period_major(dr, n)  # (n·B, P, D), as the forward's reads
+        dzr = _silu_bwd(torch.bmm(dr, downs.transpose(1, 2)), zr)  # (n·B, P, f)
+        du = _batch_major(torch.bmm(dzr, ups.transpose(1, 2)), B)
+        per = [t.view(n, B, *t.shape[1:]).unbind(0) for t in (ups, downs, u, h, dr, dzr)]
         ups_i, downs_i, u_i, h_i, dr_i, dzr_i = per
         # the clip slopes of every write, batched (per-row scalars)
         if clip is not None:
