@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.hope.fused import CausalConv, CMSScan
-from benchmarks.hope.model import CMSLevel, Hope, HopeConfig
+from benchmarks.hope.fused import CausalConv, CMSScan, TitansChunk
+from benchmarks.hope.model import CMSLevel, Hope, HopeConfig, SelfModifyingTitans, chunk_constants
 
 F64 = torch.float64
 
@@ -25,7 +25,7 @@ def level(period, clip, seed=0):
 def loss_and_grads(module, inputs, fused):
     """Σ y ⊙ r for a fixed random r, and its gradients in every input and parameter."""
     for m in module.modules():
-        if isinstance(m, CMSLevel):
+        if isinstance(m, (CMSLevel, SelfModifyingTitans)):
             m.fused = fused
     y = module(*inputs)
     y = y[1] if isinstance(y, tuple) else y  # Hope returns (logits, loss)
@@ -73,15 +73,15 @@ def test_model_loss_and_gradients_equal_autograd_scans(checkpoint):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def ran_fused(y):
-    """Whether y's autograd graph holds a CMSScan node."""
+def ran_fused(y, name="CMSScan"):
+    """Whether y's autograd graph holds a node of the Function `name`."""
     seen, todo = set(), [y.grad_fn]
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "CMSScan" in type(node).__name__:
+        if name in type(node).__name__:
             return True
         todo += [nxt for nxt, _ in node.next_functions]
     return False
@@ -100,9 +100,10 @@ def test_fused_path_is_the_eager_default_and_falls_back():
     assert ran_fused(y) and y.dtype == torch.float32
     model = Hope(HopeConfig(d_model=16, n_heads=2, mem_hidden=8, cms_hidden=16, cms_periods=(2,), n_layers=1))
     model.compile_scans(True)
-    assert not model.blocks[0].cms[0].fused
+    assert not model.blocks[0].cms[0].fused and not model.blocks[0].titans.fused
     model.compile_scans(False)
-    assert model.blocks[0].cms[0].fused
+    assert model.blocks[0].cms[0].fused and model.blocks[0].titans.fused
+    assert ran_fused(model.blocks[0].titans(torch.randn(2, 6, 16)), "TitansChunk")
 
 
 def test_a_backward_inside_autocast_runs_in_the_forwards_dtype():
@@ -153,3 +154,56 @@ def test_causal_conv_gradcheck():
     x = torch.randn(2, 5, 3, generator=g, dtype=F64).requires_grad_()
     w = torch.randn(3, 4, generator=g, dtype=F64).requires_grad_()
     assert torch.autograd.gradcheck(CausalConv.apply, (x, w))
+
+
+def titans_layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(d_model=16, n_heads=2, mem_hidden=8, n_layers=1, chunk_size=4, inner_clip=0.3)
+    return SelfModifyingTitans(HopeConfig(**{**cfg, **kw})).to(F64)
+
+
+@pytest.mark.parametrize("clip", [0.3, 0.02, None])  # 0.02: most rows' clips are active
+@pytest.mark.parametrize("w2_rate", ["gauss-newton", "input"])
+@pytest.mark.parametrize("T,C", [(12, 4), (11, 4), (5, 8)])  # whole chunks, a ragged last one, one chunk
+@pytest.mark.parametrize("gen", ["off", "separate"])  # static generators (one chunk write of M_memory), or all five
+def test_titans_chunk_equals_autograd_scan(clip, w2_rate, T, C, gen):
+    """The layer with `TitansChunk` (fused, the default) against autograd through chunk_grads + chunk_write;
+    return_state also checks the last chunk's write."""
+    layer = titans_layer(inner_clip=clip, w2_rate=w2_rate, chunk_size=C, generator_writes=gen)
+    x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(1), dtype=F64).requires_grad_()
+    r = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(2), dtype=F64)
+    outs = []
+    for fused in (True, False):
+        layer.fused = fused
+        y, (w1, w2) = layer(x, return_state=True)
+        loss = (y * r).sum() + (w1 * w1).sum() + (w2 * r[0, 0, :8, None]).sum()
+        outs.append((y.detach(), *torch.autograd.grad(loss, [x, *layer.parameters()], allow_unused=True)))
+    for a, b in zip(*outs):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip,w2_rate,write", [(0.3, "gauss-newton", True), (None, "input", True),
+                                                (0.3, "gauss-newton", False), (0.05, "input", True)])
+def test_titans_chunk_gradcheck(clip, w2_rate, write):
+    """Finite differences of every input of one chunk (N = 2 rows, C = 3, d = 4, f = 5)."""
+    g = torch.Generator().manual_seed(0)
+    N, C, d, f = 2, 3, 4, 5
+    w1t = (torch.randn(N, f, d, generator=g, dtype=F64) * 0.5).requires_grad_()
+    w2t = (torch.randn(N, d, f, generator=g, dtype=F64) * 0.5).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(N, C, d, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(N, C, d, generator=g, dtype=F64)
+    eta = torch.rand(N, C, generator=g, dtype=F64) + 0.5
+    log_a = -torch.rand(N, C, generator=g, dtype=F64) * 0.1
+    c = chunk_constants(k, v, eta, log_a, clip)
+    names = ["x", "k_norm", "k_sq", "eta", "eta_c", "s2", "carry", "keep"]
+    inputs = [c[n].detach().clone().requires_grad_() for n in names]
+    if w2_rate == "gauss-newton":
+        inputs[5] = None  # no s2_in: W₂'s rate from the curvature
+
+    def fn(w1t, w2t, *rest):
+        return TitansChunk.apply(w1t, w2t, *rest, clip, write)
+
+    assert torch.autograd.gradcheck(fn, (w1t, w2t, *inputs))

@@ -14,10 +14,17 @@ Notation: B batch, P period, D width, f hidden width; a per-row scalar is kept a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 _silu_bwd = torch.ops.aten.silu_backward  # (x, z) -> x ⊙ silu′(z), one operator
+
+
+def _autocast_off(device_type):
+    """Autocast disabled for a backward; nothing on the meta device (`plan.py`), which has no autocast."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
 
 
 def _period_major(x, n):
@@ -113,7 +120,7 @@ class CMSScan(torch.autograd.Function):
         # The forward's dtype, whatever autocast is doing around the backward: a backward called
         # inside autocast (a CUDA graph's capture, say) would otherwise mix bf16 and float32.
         saved = ctx.saved_tensors                            # unpacked once (checkpointing allows no more)
-        with torch.autocast(dr.device.type, enabled=False):
+        with _autocast_off(dr.device.type):
             return CMSScan._backward(ctx, saved, dr.to(saved[0].dtype))
 
     @staticmethod
@@ -211,3 +218,152 @@ class CausalConv(torch.autograd.Function):
                     for j in range(K - 1, -1, -1)]
             dw = torch.stack(taps, 1).to(ctx.w_dtype)
         return dx, dw
+
+
+class TitansChunk(torch.autograd.Function):
+    """One chunk's DGD write of the Titans memory: `model.chunk_grads` + `model.chunk_write`, hand-written backward.
+
+    Inputs (N rows, C tokens, d width, f hidden; per-row scalars (N, C, 1)):
+    w1t (N, f, d) = W₁ᵀ, w2t (N, d, f) = W₂ᵀ the boundary state φ_b; x (N, 2C, d) = [v; k];
+    k_norm, k_sq = ‖k‖, ‖k‖²; eta, eta_c = η, η · clip (η without a clip); s2_in: W₂'s rate
+    η/(1 + η‖k‖²) for w2_rate="input", None for "gauss-newton"; carry (N, C, 1), keep (N, 1, 1)
+    the decays; clip (float or None); write: also return the chunk's end state.
+    Returns e, a, g, s1, s2 (as `chunk_grads`) and, if write, w1t', w2t' (as `chunk_write`):
+
+        z = x W₂ᵀ, h = silu(z), [v̂; y_k] = x + h W₁ᵀ, a = h_k, e = y_k − v̂
+        σ′ = silu′(z_k), ĝ = e W₁, g = ĝ ⊙ σ′
+        s1 = η_c / ((1 + η‖a‖²) max(‖a‖‖e‖, clip))
+        s2 = s2₀ clip / max(‖k‖‖g‖, clip),  s2₀ = η / (1 + η ‖k‖² m),  m = (σ′ ⊙ σ′) c,  c_j = ‖W₁[:, j]‖²
+        W₁ᵀ′ = keep W₁ᵀ − aᵀ (carry s1 e),   W₂ᵀ′ = keep W₂ᵀ − kᵀ (carry s2 g)
+
+    (without a clip the max(·) factors are 1; w2_rate="input": s2₀ = s2_in.) Autograd records
+    ~50 operators per chunk and replays ~160 in backward, each a node with its own dispatch and
+    allocation; here the forward is unrecorded and the backward is the chain rule of the
+    lines above in reverse, with the per-row clip slopes zero where a clip is inactive.
+    """
+
+    @staticmethod
+    def forward(ctx, w1t, w2t, x, k_norm, k_sq, eta, eta_c, s2_in, carry, keep, clip, write):
+        C = x.shape[1] // 2
+        z = torch.bmm(x, w2t)
+        act = F.silu(z)
+        vhat, yk = torch.baddbmm(x, act, w1t).split(C, dim=1)
+        a, zk, k = act[:, C:], z[:, C:], x[:, C:]
+        e = yk - vhat
+        sig = torch.sigmoid(zk)
+        dsig = torch.addcmul(sig, a, 1 - sig)
+        gh = torch.bmm(e, w1t.transpose(1, 2))
+        g = gh * dsig
+        a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+        q1 = 1 + eta * a_norm * a_norm
+        colsq = m = None
+        if s2_in is None:
+            colsq = (w1t * w1t).sum(-1, keepdim=True)
+            m = torch.bmm(dsig * dsig, colsq)
+            s2_0 = eta / (1 + eta * (k_sq * m))
+        else:
+            s2_0 = s2_in
+        if clip is None:
+            e_norm = g_norm = None
+            s1 = eta_c / q1
+            s2 = s2_0
+        else:
+            e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+            g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+            s1 = eta_c / (q1 * torch.clamp_min(a_norm * e_norm, clip))
+            s2 = s2_0 * clip / torch.clamp_min(k_norm * g_norm, clip)
+        outs = (e, a, g, s1, s2)
+        if write:
+            outs += (keep * w1t - torch.bmm(a.transpose(1, 2), carry * s1 * e),
+                     keep * w2t - torch.bmm(k.transpose(1, 2), carry * s2 * g))
+        ctx.clip, ctx.write, ctx.C, ctx.gauss_newton = clip, write, C, s2_in is None
+        ctx.save_for_backward(w1t, w2t, x, z, act, e, dsig, gh, g, a_norm, e_norm, g_norm, colsq, m, k_norm, k_sq,
+                              eta, eta_c, q1, s2_0, s1, s2, carry, keep)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # in the forward's dtype whatever autocast does around the backward, as `CMSScan.backward`
+        saved = ctx.saved_tensors
+        with _autocast_off(grads[0].device.type):
+            return TitansChunk._backward(ctx, saved, *(g.to(saved[0].dtype) for g in grads))
+
+    @staticmethod
+    def _backward(ctx, saved, de, da, dg, ds1, ds2, dw1_out=None, dw2_out=None):
+        (w1t, w2t, x, z, act, e, dsig, gh, g, a_norm, e_norm, g_norm, colsq, m, k_norm, k_sq,
+         eta, eta_c, q1, s2_0, s1, s2, carry, keep) = saved
+        C, clip = ctx.C, ctx.clip
+        a, zk, k = act[:, C:], z[:, C:], x[:, C:]
+        dw1t = dw2t = dkeep = dcarry = dk = None
+        if ctx.write:  # W₁ᵀ′ = keep W₁ᵀ − aᵀ (carry s1 e), W₂ᵀ′ = keep W₂ᵀ − kᵀ (carry s2 g)
+            dw1t, dw2t = keep * dw1_out, keep * dw2_out
+            dkeep = (dw1_out * w1t).sum((1, 2), keepdim=True) + (dw2_out * w2t).sum((1, 2), keepdim=True)
+            n1 = torch.bmm(a, dw1_out)  # −dL/d(carry s1 e), (N, C, d)
+            n2 = torch.bmm(k, dw2_out)  # −dL/d(carry s2 g), (N, C, f)
+            p1 = (n1 * e).sum(-1, keepdim=True)
+            p2 = (n2 * g).sum(-1, keepdim=True)
+            da = da - torch.bmm(carry * s1 * e, dw1_out.transpose(1, 2))
+            dk = -torch.bmm(carry * s2 * g, dw2_out.transpose(1, 2))
+            de = torch.addcmul(de, carry * s1, n1, value=-1)
+            dg = torch.addcmul(dg, carry * s2, n2, value=-1)
+            dcarry = -(s1 * p1 + s2 * p2)
+            ds1 = ds1 - carry * p1
+            ds2 = ds2 - carry * p2
+        # s2 = s2₀ · clip / max(‖k‖‖g‖, clip)
+        dk_norm = None
+        if clip is None:
+            ds2_0 = ds2
+        else:
+            kg = k_norm * g_norm
+            ds2_0 = ds2 * clip / torch.clamp_min(kg, clip)
+            slope = torch.where(kg >= clip, -ds2 * s2 / kg, 0.0)  # dL/d(‖k‖‖g‖), 0 where the clip is inactive
+            dk_norm = slope * g_norm
+            dg = torch.addcmul(dg, torch.where(kg >= clip, slope * k_norm / g_norm, 0.0), g)
+        # s2₀ = η / (1 + η ‖k‖² m), m = (σ′ ⊙ σ′) c
+        ddsig = dg * gh
+        deta = dk_sq = ds2_in = dw1_c = None
+        if ctx.gauss_newton:
+            den2 = 1 + eta * (k_sq * m)
+            deta = ds2_0 / (den2 * den2)
+            dcurv = -ds2_0 * s2_0 * s2_0
+            dk_sq = dcurv * m
+            dm = dcurv * k_sq
+            dcolsq = torch.bmm((dsig * dsig).transpose(1, 2), dm)  # (N, f, 1)
+            ddsig = torch.addcmul(ddsig, dm * colsq.transpose(1, 2), dsig, value=2)
+            dw1_c = 2 * dcolsq * w1t
+        else:
+            ds2_in = ds2_0
+        # s1 = η_c / (q1 · max(‖a‖‖e‖, clip)),  q1 = 1 + η ‖a‖²
+        den1 = q1 if clip is None else q1 * torch.clamp_min(a_norm * e_norm, clip)
+        deta_c = ds1 / den1
+        dq1 = -ds1 * s1 / q1
+        deta = dq1 * a_norm * a_norm if deta is None else torch.addcmul(deta, dq1, a_norm * a_norm)
+        da = torch.addcmul(da, 2 * eta * dq1, a)  # d‖a‖²/da = 2a
+        if clip is not None:
+            ae = a_norm * e_norm
+            active = ae >= clip
+            dm1 = torch.where(active, -ds1 * s1 / ae, 0.0)  # dL/d(‖a‖‖e‖)
+            da = torch.addcmul(da, torch.where(active, dm1 * e_norm / a_norm, 0.0), a)
+            de = torch.addcmul(de, torch.where(active, dm1 * a_norm / e_norm, 0.0), e)
+        # g = ĝ ⊙ σ′, ĝ = e W₁
+        dgh = dg * dsig
+        de = torch.baddbmm(de, dgh, w1t)
+        dw1_g = torch.bmm(dgh.transpose(1, 2), e)  # (N, f, d)
+        # σ′ = silu′(z_k): silu″(z) = σ(1 − σ)(2 + z − 2 silu(z))
+        dzk = torch.ops.aten.sigmoid_backward(ddsig, torch.sigmoid(zk)).mul_(torch.add(zk, a, alpha=-2).add_(2))
+        # e = y_k − v̂, [v̂; y_k] = x + h W₁ᵀ, h = silu(z), a = h_k
+        dy = torch.cat([-de, de], dim=1)
+        dact = torch.bmm(dy, w1t.transpose(1, 2))
+        dact[:, C:] += da
+        dz = _silu_bwd(dact, z)
+        dz[:, C:] += dzk
+        dx = torch.baddbmm(dy, dz, w2t.transpose(1, 2))
+        if dk is not None:
+            dx[:, C:] += dk
+        dw1 = torch.bmm(act.transpose(1, 2), dy) + dw1_g
+        if dw1_c is not None:
+            dw1 += dw1_c
+        dw2 = torch.bmm(x.transpose(1, 2), dz)
+        if dw1t is not None:
+            dw1, dw2 = dw1 + dw1t, dw2 + dw2t
+        return dw1, dw2, dx, dk_norm, dk_sq, deta, deta_c, ds2_in, dcarry, dkeep, None, None

@@ -181,7 +181,7 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
-from .fused import CausalConv, CMSScan
+from .fused import CausalConv, CMSScan, TitansChunk
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -453,6 +453,7 @@ class SelfModifyingTitans(nn.Module):
         d, f = D // H, cfg.mem_hidden
         self.n_head, self.head_dim = H, d
         self.writes = True  # False: every read uses φ₀ (static HOPE / writes-off evaluation)
+        self.fused = True  # each chunk's write through `fused.TitansChunk` (False: autograd's, as `compile_scans` sets)
         self.record_stats = False  # True: keep the last forward's memory statistics in .stats
         self.stats = None
         self.n_inputs = MEM_OUT if cfg.generator_inputs == "separate" else 1  # G: x̃ per generator or one
@@ -579,11 +580,19 @@ class SelfModifyingTitans(nn.Module):
                     stats["eta"].append(eta)
                     stats["log_alpha"].append(log_a[:, :, -1])
                 c = constants(k, v, eta, log_a)
-            e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip, self.cfg.w2_rate)
+            write = keep_state or i + 1 < len(spans)
+            if self.fused:  # the same, one node with a hand-written backward
+                s2_in = None if self.cfg.w2_rate == "gauss-newton" else c["s2"]
+                out = TitansChunk.apply(w1t, w2t, c["x"], c["k_norm"], c["k_sq"], c["eta"], c["eta_c"], s2_in,
+                                        c["carry"], c["keep"], clip, write)
+                (e, a, g, s1, s2), new_state = out[:5], out[5:]
+            else:
+                e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip, self.cfg.w2_rate)
+                new_state = chunk_write(w1t, w2t, c, e, a, g, s1, s2) if write else ()
             kept.append(dict(w1t=w1t, w2t=w2t, kt=c["kt"], cum=c["cum"], log_alpha=c["log_alpha"],
                              e=e, a=a, g=g, s1=s1, s2=s2))
-            if keep_state or i + 1 < len(spans):
-                w1t, w2t = chunk_write(w1t, w2t, c, e, a, g, s1, s2)
+            if write:
+                w1t, w2t = new_state
 
         def stacked(ts):  # the output memory's rows of (B·H·M, C, ...) per chunk -> (B·H·n, C, ...)
             ts = [t if M == 1 else t.unflatten(0, (B * H, M))[:, -1] for t in ts]
@@ -946,8 +955,8 @@ class Hope(nn.Module):
                 m.__dict__.pop("scan", None)  # back to the class's eager method
                 if on:
                     m.scan = CompiledOrEager(m.scan, **compile_kw)
-            if isinstance(m, CMSLevel):
-                m.fused = not on  # compiled: the autograd scan, not the hand-written backward
+            if isinstance(m, (SelfModifyingTitans, CMSLevel)):
+                m.fused = not on  # compiled: the autograd scans, not the hand-written backwards
         return self
 
     def set_writes(self, on: bool):
