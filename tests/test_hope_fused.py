@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.hope.fused import CausalConv, CMSScan, TitansChunk
+from benchmarks.hope.fused import CausalConv, CMSScan, TitansScan
 from benchmarks.hope.model import CMSLevel, Hope, HopeConfig, SelfModifyingTitans, chunk_constants
 
 F64 = torch.float64
@@ -103,7 +103,7 @@ def test_fused_path_is_the_eager_default_and_falls_back():
     assert not model.blocks[0].cms[0].fused and not model.blocks[0].titans.fused
     model.compile_scans(False)
     assert model.blocks[0].cms[0].fused and model.blocks[0].titans.fused
-    assert ran_fused(model.blocks[0].titans(torch.randn(2, 6, 16)), "TitansChunk")
+    assert ran_fused(model.blocks[0].titans(torch.randn(2, 6, 16)), "TitansScan")
 
 
 def test_a_backward_inside_autocast_runs_in_the_forwards_dtype():
@@ -167,8 +167,9 @@ def titans_layer(seed=0, **kw):
 @pytest.mark.parametrize("T,C", [(12, 4), (11, 4), (5, 8)])  # whole chunks, a ragged last one, one chunk
 @pytest.mark.parametrize("gen", ["off", "separate"])  # static generators (one chunk write of M_memory), or all five
 def test_titans_chunk_equals_autograd_scan(clip, w2_rate, T, C, gen):
-    """The layer with `TitansChunk` (fused, the default) against autograd through chunk_grads + chunk_write;
-    return_state also checks the last chunk's write."""
+    """The layer with `TitansScan` (fused, the default) against autograd through chunk_grads + chunk_write;
+    return_state also checks the last chunk's write. Static generators: one TitansScan over the complete
+    chunks, then a ragged one alone; written generators: one TitansScan per chunk."""
     layer = titans_layer(inner_clip=clip, w2_rate=w2_rate, chunk_size=C, generator_writes=gen)
     x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(1), dtype=F64).requires_grad_()
     r = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(2), dtype=F64)
@@ -185,25 +186,26 @@ def test_titans_chunk_equals_autograd_scan(clip, w2_rate, T, C, gen):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("clip,w2_rate,write", [(0.3, "gauss-newton", True), (None, "input", True),
-                                                (0.3, "gauss-newton", False), (0.05, "input", True)])
-def test_titans_chunk_gradcheck(clip, w2_rate, write):
-    """Finite differences of every input of one chunk (N = 2 rows, C = 3, d = 4, f = 5)."""
+@pytest.mark.parametrize("clip,w2_rate,n,write_last", [(0.3, "gauss-newton", 3, True), (None, "input", 2, True),
+                                                       (0.3, "gauss-newton", 2, False), (0.05, "input", 2, False),
+                                                       (None, "gauss-newton", 1, False)])
+def test_titans_scan_gradcheck(clip, w2_rate, n, write_last):
+    """Finite differences of every input of n chunks (N = 2 rows, C = 3, d = 4, f = 5)."""
     g = torch.Generator().manual_seed(0)
     N, C, d, f = 2, 3, 4, 5
     w1t = (torch.randn(N, f, d, generator=g, dtype=F64) * 0.5).requires_grad_()
     w2t = (torch.randn(N, d, f, generator=g, dtype=F64) * 0.5).requires_grad_()
-    k = torch.nn.functional.normalize(torch.randn(N, C, d, generator=g, dtype=F64), dim=-1)
-    v = torch.randn(N, C, d, generator=g, dtype=F64)
-    eta = torch.rand(N, C, generator=g, dtype=F64) + 0.5
-    log_a = -torch.rand(N, C, generator=g, dtype=F64) * 0.1
+    k = torch.nn.functional.normalize(torch.randn(N, n, C, d, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(N, n, C, d, generator=g, dtype=F64)
+    eta = torch.rand(N, n, C, generator=g, dtype=F64) + 0.5
+    log_a = -torch.rand(N, n, C, generator=g, dtype=F64) * 0.1
     c = chunk_constants(k, v, eta, log_a, clip)
     names = ["x", "k_norm", "k_sq", "eta", "eta_c", "s2", "carry", "keep"]
-    inputs = [c[n].detach().clone().requires_grad_() for n in names]
+    inputs = [c[name].detach().clone().requires_grad_() for name in names]
     if w2_rate == "gauss-newton":
         inputs[5] = None  # no s2_in: W₂'s rate from the curvature
 
     def fn(w1t, w2t, *rest):
-        return TitansChunk.apply(w1t, w2t, *rest, clip, write)
+        return TitansScan.apply(w1t, w2t, *rest, clip, write_last)
 
     assert torch.autograd.gradcheck(fn, (w1t, w2t, *inputs))

@@ -220,150 +220,184 @@ class CausalConv(torch.autograd.Function):
         return dx, dw
 
 
-class TitansChunk(torch.autograd.Function):
-    """One chunk's DGD write of the Titans memory: `model.chunk_grads` + `model.chunk_write`, hand-written backward.
+class TitansScan(torch.autograd.Function):
+    """The Titans memory's chunk writes (`model.chunk_grads` + `model.chunk_write` per chunk), hand-written backward.
 
-    Inputs (N rows, C tokens, d width, f hidden; per-row scalars (N, C, 1)):
-    w1t (N, f, d) = W₁ᵀ, w2t (N, d, f) = W₂ᵀ the boundary state φ_b; x (N, 2C, d) = [v; k];
-    k_norm, k_sq = ‖k‖, ‖k‖²; eta, eta_c = η, η · clip (η without a clip); s2_in: W₂'s rate
-    η/(1 + η‖k‖²) for w2_rate="input", None for "gauss-newton"; carry (N, C, 1), keep (N, 1, 1)
-    the decays; clip (float or None); write: also return the chunk's end state.
-    Returns e, a, g, s1, s2 (as `chunk_grads`) and, if write, w1t', w2t' (as `chunk_write`):
+    Inputs, for n chunks of C tokens (N rows, d width, f hidden; per-row scalars (N, n, C, 1)):
+    w1t (N, f, d) = W₁ᵀ, w2t (N, d, f) = W₂ᵀ the state before the first chunk; x (N, n, 2C, d) =
+    [v; k] per chunk; k_norm, k_sq = ‖k‖, ‖k‖²; eta, eta_c = η, η · clip (η without a clip);
+    s2_in: W₂'s rate η/(1 + η‖k‖²) for w2_rate="input", None for "gauss-newton"; carry
+    (N, n, C, 1), keep (N, n, 1, 1) the decays; clip (float or None); write_last: also write
+    the last chunk and return the end state. Returns, stacked (N, n, …): e, a, g, s1, s2 (as
+    `chunk_grads`) and each chunk's boundary state w1t, w2t; then, if write_last, the end state.
+    Chunk i, from its boundary state (W₁ᵀ, W₂ᵀ):
 
         z = x W₂ᵀ, h = silu(z), [v̂; y_k] = x + h W₁ᵀ, a = h_k, e = y_k − v̂
         σ′ = silu′(z_k), ĝ = e W₁, g = ĝ ⊙ σ′
         s1 = η_c / ((1 + η‖a‖²) max(‖a‖‖e‖, clip))
         s2 = s2₀ clip / max(‖k‖‖g‖, clip),  s2₀ = η / (1 + η ‖k‖² m),  m = (σ′ ⊙ σ′) c,  c_j = ‖W₁[:, j]‖²
-        W₁ᵀ′ = keep W₁ᵀ − aᵀ (carry s1 e),   W₂ᵀ′ = keep W₂ᵀ − kᵀ (carry s2 g)
+        W₁ᵀ ← keep W₁ᵀ − aᵀ (carry s1 e),   W₂ᵀ ← keep W₂ᵀ − kᵀ (carry s2 g)
 
-    (without a clip the max(·) factors are 1; w2_rate="input": s2₀ = s2_in.) Autograd records
-    ~50 operators per chunk and replays ~160 in backward, each a node with its own dispatch and
-    allocation; here the forward is unrecorded and the backward is the chain rule of the
-    lines above in reverse, with the per-row clip slopes zero where a clip is inactive.
+    (without a clip the max(·) factors are 1; "input": s2₀ = s2_in.) Autograd records ~50
+    operators per chunk and replays ~160, each a node with its own dispatch and allocation. Here
+    the forward is unrecorded, and the backward runs the chain rule of the lines above in one
+    reverse loop whose state gradients flow chunk to chunk; what does not depend on them — the
+    per-row slopes of s1, s2 (zero where a clip is inactive, `_clip_slopes`) and the gradients of
+    the per-row inputs, linear in ∂L/∂s1, ∂L/∂s2 — is batched over all chunks before or after it.
+    One chunk (n = 1) is the same function, so the layer's other paths (a ragged last chunk,
+    written generators) call it chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, w1t, w2t, x, k_norm, k_sq, eta, eta_c, s2_in, carry, keep, clip, write):
-        C = x.shape[1] // 2
-        z = torch.bmm(x, w2t)
-        act = F.silu(z)
-        vhat, yk = torch.baddbmm(x, act, w1t).split(C, dim=1)
-        a, zk, k = act[:, C:], z[:, C:], x[:, C:]
-        e = yk - vhat
-        sig = torch.sigmoid(zk)
-        dsig = torch.addcmul(sig, a, 1 - sig)
-        gh = torch.bmm(e, w1t.transpose(1, 2))
-        g = gh * dsig
-        a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-        q1 = 1 + eta * a_norm * a_norm
-        colsq = m = None
-        if s2_in is None:
-            colsq = (w1t * w1t).sum(-1, keepdim=True)
-            m = torch.bmm(dsig * dsig, colsq)
-            s2_0 = eta / (1 + eta * (k_sq * m))
-        else:
-            s2_0 = s2_in
-        if clip is None:
-            e_norm = g_norm = None
-            s1 = eta_c / q1
-            s2 = s2_0
-        else:
-            e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
-            g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-            s1 = eta_c / (q1 * torch.clamp_min(a_norm * e_norm, clip))
-            s2 = s2_0 * clip / torch.clamp_min(k_norm * g_norm, clip)
-        outs = (e, a, g, s1, s2)
-        if write:
-            outs += (keep * w1t - torch.bmm(a.transpose(1, 2), carry * s1 * e),
-                     keep * w2t - torch.bmm(k.transpose(1, 2), carry * s2 * g))
-        ctx.clip, ctx.write, ctx.C, ctx.gauss_newton = clip, write, C, s2_in is None
-        ctx.save_for_backward(w1t, w2t, x, z, act, e, dsig, gh, g, a_norm, e_norm, g_norm, colsq, m, k_norm, k_sq,
-                              eta, eta_c, q1, s2_0, s1, s2, carry, keep)
-        return outs
+    def forward(ctx, w1t, w2t, x, k_norm, k_sq, eta, eta_c, s2_in, carry, keep, clip, write_last):
+        n, C = x.shape[1], x.shape[2] // 2
+        gauss_newton = s2_in is None
+        outs = [[] for _ in range(7)]  # e, a, g, s1, s2, w1t, w2t per chunk
+        per, rows = [], [[] for _ in range(6)]  # the backward loop's tensors; per-row ‖a‖, ‖e‖, ‖g‖, q1, s2₀, m
+        for i in range(n):
+            xi = x[:, i]
+            z = torch.bmm(xi, w2t)
+            act = F.silu(z)
+            vhat, yk = torch.baddbmm(xi, act, w1t).split(C, dim=1)
+            a, zk = act[:, C:], z[:, C:]
+            e = yk - vhat
+            sig = torch.sigmoid(zk)
+            one_m = 1 - sig
+            dsig = torch.addcmul(sig, a, one_m)
+            gh = torch.bmm(e, w1t.transpose(1, 2))
+            g = gh * dsig
+            eta_i = eta[:, i]
+            a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+            q1 = 1 + eta_i * a_norm * a_norm
+            dsig2 = colsq = m = None
+            if gauss_newton:
+                dsig2 = dsig * dsig
+                colsq = (w1t * w1t).sum(-1, keepdim=True)
+                m = torch.bmm(dsig2, colsq)
+                s2_0 = eta_i / (1 + eta_i * (k_sq[:, i] * m))
+            else:
+                s2_0 = s2_in[:, i]
+            if clip is None:
+                e_norm = g_norm = None
+                s1 = eta_c[:, i] / q1
+                s2 = s2_0
+            else:
+                e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+                g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+                s1 = eta_c[:, i] / (q1 * torch.clamp_min(a_norm * e_norm, clip))
+                s2 = s2_0 * clip / torch.clamp_min(k_norm[:, i] * g_norm, clip)
+            cs1, cs2 = carry[:, i] * s1, carry[:, i] * s2
+            u1, u2 = cs1 * e, cs2 * g
+            silu2 = torch.add(zk, a, alpha=-2).add_(2).mul_(sig).mul_(one_m)  # silu″(z_k) = σ(1 − σ)(2 + z − 2 silu(z))
+            for lst, t in zip(outs, (e, a, g, s1, s2, w1t, w2t)):
+                lst.append(t)
+            for lst, t in zip(rows, (a_norm, e_norm, g_norm, q1, s2_0, m)):
+                lst.append(t)
+            per += [z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2]
+            if i + 1 < n or write_last:
+                w1t = keep[:, i] * w1t - torch.bmm(a.transpose(1, 2), u1)
+                w2t = keep[:, i] * w2t - torch.bmm(xi[:, C:].transpose(1, 2), u2)
+        stacked = [torch.stack(lst, 1) for lst in outs]
+        rows = [None if lst[0] is None else torch.stack(lst, 1) for lst in rows]
+        ctx.clip, ctx.write_last, ctx.n_per = clip, write_last, len(per) // n
+        ctx.save_for_backward(x, k_norm, k_sq, eta, eta_c, carry, keep, *stacked, *rows, *per)
+        return (*stacked, w1t, w2t) if write_last else tuple(stacked)
 
     @staticmethod
     def backward(ctx, *grads):
         # in the forward's dtype whatever autocast does around the backward, as `CMSScan.backward`
         saved = ctx.saved_tensors
         with _autocast_off(grads[0].device.type):
-            return TitansChunk._backward(ctx, saved, *(g.to(saved[0].dtype) for g in grads))
+            return TitansScan._backward(ctx, saved, *(g.to(saved[0].dtype) for g in grads))
 
     @staticmethod
-    def _backward(ctx, saved, de, da, dg, ds1, ds2, dw1_out=None, dw2_out=None):
-        (w1t, w2t, x, z, act, e, dsig, gh, g, a_norm, e_norm, g_norm, colsq, m, k_norm, k_sq,
-         eta, eta_c, q1, s2_0, s1, s2, carry, keep) = saved
-        C, clip = ctx.C, ctx.clip
-        a, zk, k = act[:, C:], z[:, C:], x[:, C:]
-        dw1t = dw2t = dkeep = dcarry = dk = None
-        if ctx.write:  # W₁ᵀ′ = keep W₁ᵀ − aᵀ (carry s1 e), W₂ᵀ′ = keep W₂ᵀ − kᵀ (carry s2 g)
-            dw1t, dw2t = keep * dw1_out, keep * dw2_out
-            dkeep = (dw1_out * w1t).sum((1, 2), keepdim=True) + (dw2_out * w2t).sum((1, 2), keepdim=True)
-            n1 = torch.bmm(a, dw1_out)  # −dL/d(carry s1 e), (N, C, d)
-            n2 = torch.bmm(k, dw2_out)  # −dL/d(carry s2 g), (N, C, f)
-            p1 = (n1 * e).sum(-1, keepdim=True)
-            p2 = (n2 * g).sum(-1, keepdim=True)
-            da = da - torch.bmm(carry * s1 * e, dw1_out.transpose(1, 2))
-            dk = -torch.bmm(carry * s2 * g, dw2_out.transpose(1, 2))
-            de = torch.addcmul(de, carry * s1, n1, value=-1)
-            dg = torch.addcmul(dg, carry * s2, n2, value=-1)
-            dcarry = -(s1 * p1 + s2 * p2)
-            ds1 = ds1 - carry * p1
-            ds2 = ds2 - carry * p2
-        # s2 = s2₀ · clip / max(‖k‖‖g‖, clip)
-        dk_norm = None
+    def _backward(ctx, saved, dE, dA, dG, dS1, dS2, dW1B, dW2B, dw1_end=None, dw2_end=None):
+        x, k_norm, k_sq, eta, eta_c, carry, keep, E, A, G, S1, S2, W1B, W2B = saved[:14]
+        a_norm, e_norm, g_norm, q1, s2_0, m = saved[14:20]
+        per, clip, m_per = saved[20:], ctx.clip, ctx.n_per
+        n, C = x.shape[1], x.shape[2] // 2
+        gauss_newton = m is not None
+        # per-row slopes of every chunk, batched: ∂s1/∂a = A1·a, ∂s1/∂e = fe·e, ∂s2/∂g = fg·g, ∂s2/∂s2₀ = c2
+        a_sq = a_norm * a_norm
+        A1 = -2 * eta * S1 / q1
         if clip is None:
-            ds2_0 = ds2
+            den1, c2 = q1, 1.0
         else:
-            kg = k_norm * g_norm
-            ds2_0 = ds2 * clip / torch.clamp_min(kg, clip)
-            slope = torch.where(kg >= clip, -ds2 * s2 / kg, 0.0)  # dL/d(‖k‖‖g‖), 0 where the clip is inactive
-            dk_norm = slope * g_norm
-            dg = torch.addcmul(dg, torch.where(kg >= clip, slope * k_norm / g_norm, 0.0), g)
-        # s2₀ = η / (1 + η ‖k‖² m), m = (σ′ ⊙ σ′) c
-        ddsig = dg * gh
-        deta = dk_sq = ds2_in = dw1_c = None
-        if ctx.gauss_newton:
-            den2 = 1 + eta * (k_sq * m)
-            deta = ds2_0 / (den2 * den2)
-            dcurv = -ds2_0 * s2_0 * s2_0
-            dk_sq = dcurv * m
-            dm = dcurv * k_sq
-            dcolsq = torch.bmm((dsig * dsig).transpose(1, 2), dm)  # (N, f, 1)
-            ddsig = torch.addcmul(ddsig, dm * colsq.transpose(1, 2), dsig, value=2)
-            dw1_c = 2 * dcolsq * w1t
-        else:
-            ds2_in = ds2_0
-        # s1 = η_c / (q1 · max(‖a‖‖e‖, clip)),  q1 = 1 + η ‖a‖²
-        den1 = q1 if clip is None else q1 * torch.clamp_min(a_norm * e_norm, clip)
+            fa, fe = _clip_slopes(S1, a_norm, e_norm, clip)
+            fk, fg = _clip_slopes(S2, k_norm, g_norm, clip)
+            A1 = A1 + fa
+            den1 = q1 * torch.clamp_min(a_norm * e_norm, clip)
+            c2 = clip / torch.clamp_min(k_norm * g_norm, clip)
+        if gauss_newton:
+            mf = -c2 * s2_0 * s2_0  # ∂s2/∂(‖k‖² m)
+            dm_f = mf * k_sq  # ∂s2/∂m
+        gw1, gw2 = (dw1_end, dw2_end) if ctx.write_last else (None, None)
+        ds1s, ds2s, ps, gws, dxs = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        for i in range(n - 1, -1, -1):
+            z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2 = per[i * m_per : (i + 1) * m_per]
+            w1t, w2t, xi, e, a = W1B[:, i], W2B[:, i], x[:, i], E[:, i], A[:, i]
+            de, da, dg, ds1, ds2 = dE[:, i], dA[:, i], dG[:, i], dS1[:, i], dS2[:, i]
+            dkw = None
+            if gw1 is not None:  # the write: W₁ᵀ′ = keep W₁ᵀ − aᵀ u1, W₂ᵀ′ = keep W₂ᵀ − kᵀ u2
+                n1 = torch.bmm(a, gw1)  # −∂L/∂u1
+                n2 = torch.bmm(xi[:, C:], gw2)  # −∂L/∂u2
+                p1 = (n1 * e).sum(-1, keepdim=True)
+                p2 = (n2 * g).sum(-1, keepdim=True)
+                da = torch.baddbmm(da, u1, gw1.transpose(1, 2), alpha=-1)
+                dkw = torch.bmm(u2, gw2.transpose(1, 2))  # −∂L/∂k through the write
+                de = torch.addcmul(de, cs1, n1, value=-1)
+                dg = torch.addcmul(dg, cs2, n2, value=-1)
+                ds1 = torch.addcmul(ds1, carry[:, i], p1, value=-1)
+                ds2 = torch.addcmul(ds2, carry[:, i], p2, value=-1)
+                ps[i], gws[i] = (p1, p2), (gw1, gw2)
+            ds1s[i], ds2s[i] = ds1, ds2
+            if clip is not None:
+                dg = torch.addcmul(dg, ds2 * fg[:, i], g)
+                de = torch.addcmul(de, ds1 * fe[:, i], e)
+            da = torch.addcmul(da, ds1 * A1[:, i], a)
+            ddsig = dg * gh  # ∂L/∂σ′
+            if gauss_newton:  # m = (σ′ ⊙ σ′) c
+                dm = ds2 * dm_f[:, i]
+                ddsig.addcmul_(dm * colsq.transpose(1, 2), dsig, value=2)
+                dcolsq = torch.bmm(dsig2.transpose(1, 2), dm)
+            dgh = dg * dsig
+            de = torch.baddbmm(de, dgh, w1t)
+            dy = torch.cat([-de, de], dim=1)  # ∂L/∂[v̂; y_k]
+            dact = torch.bmm(dy, w1t.transpose(1, 2))
+            dact[:, C:] += da
+            dz = _silu_bwd(dact, z)
+            dz[:, C:].addcmul_(ddsig, silu2)
+            dx = torch.baddbmm(dy, dz, w2t.transpose(1, 2))
+            if dkw is not None:
+                dx[:, C:] -= dkw
+            dxs[i] = dx
+            nw1 = torch.baddbmm(dW1B[:, i], act.transpose(1, 2), dy).baddbmm_(dgh.transpose(1, 2), e)
+            if gauss_newton:
+                nw1.addcmul_(dcolsq, w1t, value=2)
+            nw2 = torch.baddbmm(dW2B[:, i], xi.transpose(1, 2), dz)
+            if gw1 is not None:
+                nw1.addcmul_(keep[:, i], gw1)
+                nw2.addcmul_(keep[:, i], gw2)
+            gw1, gw2 = nw1, nw2
+        # the per-row inputs' gradients, linear in ∂L/∂s1, ∂L/∂s2 and the writes' p1, p2
+        ds1, ds2 = torch.stack(ds1s, 1), torch.stack(ds2s, 1)
         deta_c = ds1 / den1
-        dq1 = -ds1 * s1 / q1
-        deta = dq1 * a_norm * a_norm if deta is None else torch.addcmul(deta, dq1, a_norm * a_norm)
-        da = torch.addcmul(da, 2 * eta * dq1, a)  # d‖a‖²/da = 2a
+        deta = ds1 * (-S1 / q1 * a_sq)
+        dk_norm = dk_sq = ds2_in = None
+        if gauss_newton:
+            deta = deta + ds2 * c2 / (1 + eta * (k_sq * m)) ** 2
+            dk_sq = ds2 * mf * m
+        else:
+            ds2_in = ds2 * c2
         if clip is not None:
-            ae = a_norm * e_norm
-            active = ae >= clip
-            dm1 = torch.where(active, -ds1 * s1 / ae, 0.0)  # dL/d(‖a‖‖e‖)
-            da = torch.addcmul(da, torch.where(active, dm1 * e_norm / a_norm, 0.0), a)
-            de = torch.addcmul(de, torch.where(active, dm1 * a_norm / e_norm, 0.0), e)
-        # g = ĝ ⊙ σ′, ĝ = e W₁
-        dgh = dg * dsig
-        de = torch.baddbmm(de, dgh, w1t)
-        dw1_g = torch.bmm(dgh.transpose(1, 2), e)  # (N, f, d)
-        # σ′ = silu′(z_k): silu″(z) = σ(1 − σ)(2 + z − 2 silu(z))
-        dzk = torch.ops.aten.sigmoid_backward(ddsig, torch.sigmoid(zk)).mul_(torch.add(zk, a, alpha=-2).add_(2))
-        # e = y_k − v̂, [v̂; y_k] = x + h W₁ᵀ, h = silu(z), a = h_k
-        dy = torch.cat([-de, de], dim=1)
-        dact = torch.bmm(dy, w1t.transpose(1, 2))
-        dact[:, C:] += da
-        dz = _silu_bwd(dact, z)
-        dz[:, C:] += dzk
-        dx = torch.baddbmm(dy, dz, w2t.transpose(1, 2))
-        if dk is not None:
-            dx[:, C:] += dk
-        dw1 = torch.bmm(act.transpose(1, 2), dy) + dw1_g
-        if dw1_c is not None:
-            dw1 += dw1_c
-        dw2 = torch.bmm(x.transpose(1, 2), dz)
-        if dw1t is not None:
-            dw1, dw2 = dw1 + dw1t, dw2 + dw2t
-        return dw1, dw2, dx, dk_norm, dk_sq, deta, deta_c, ds2_in, dcarry, dkeep, None, None
+            dk_norm = ds2 * fk * k_norm
+        nw = n if ps[-1] is not None else n - 1  # chunks written
+        dcarry = torch.zeros_like(S1)
+        dkeep = torch.zeros_like(keep)
+        if nw:
+            p1, p2 = (torch.stack([p[j] for p in ps[:nw]], 1) for j in range(2))
+            dcarry[:, :nw] = -(S1[:, :nw] * p1 + S2[:, :nw] * p2)
+            g1, g2 = (torch.stack([gw[j] for gw in gws[:nw]], 1) for j in range(2))
+            dkeep[:, :nw] = ((g1 * W1B[:, :nw]).sum((-1, -2), keepdim=True)
+                             + (g2 * W2B[:, :nw]).sum((-1, -2), keepdim=True))
+        return gw1, gw2, torch.stack(dxs, 1), dk_norm, dk_sq, deta, deta_c, ds2_in, dcarry, dkeep, None, None

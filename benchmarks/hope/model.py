@@ -181,7 +181,7 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
-from .fused import CausalConv, CMSScan, TitansChunk
+from .fused import CausalConv, CMSScan, TitansScan
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -453,7 +453,7 @@ class SelfModifyingTitans(nn.Module):
         d, f = D // H, cfg.mem_hidden
         self.n_head, self.head_dim = H, d
         self.writes = True  # False: every read uses φ₀ (static HOPE / writes-off evaluation)
-        self.fused = True  # each chunk's write through `fused.TitansChunk` (False: autograd's, as `compile_scans` sets)
+        self.fused = True  # the chunk writes through `fused.TitansScan` (False: autograd's, as `compile_scans` sets)
         self.record_stats = False  # True: keep the last forward's memory statistics in .stats
         self.stats = None
         self.n_inputs = MEM_OUT if cfg.generator_inputs == "separate" else 1  # G: x̃ per generator or one
@@ -568,8 +568,25 @@ class SelfModifyingTitans(nn.Module):
                 s = n_full * C
                 consts.append(constants(k[:, :, s:], v[:, :, s:], eta[..., s:], log_a[..., s:]))
 
+        def fused_write(cs, write_last):  # chunk constants (B·H·M, n, …) -> the TitansScan's outputs
+            s2_in = None if self.cfg.w2_rate == "gauss-newton" else cs["s2"]
+            return TitansScan.apply(w1t, w2t, cs["x"], cs["k_norm"], cs["k_sq"], cs["eta"], cs["eta_c"], s2_in,
+                                    cs["carry"], cs["keep"], clip, write_last)
+
+        groups = []  # (first token, chunks, chunk_read's inputs with rows (B·H·chunks)) per batched read
+        first = 0  # the chunks before it were written by one TitansScan
+        if static and self.fused and n_full:  # every complete chunk's write in one Function
+            out = fused_write(full, keep_state or n_full < len(spans))
+            fields = dict(zip(("e", "a", "g", "s1", "s2", "w1t", "w2t"), out), kt=full["kt"], cum=full["cum"],
+                          log_alpha=full["log_alpha"])
+            groups.append((0, n_full, {name: t.flatten(0, 1) for name, t in fields.items()}))
+            if len(out) > 7:
+                w1t, w2t = out[7:]
+            first = n_full
         kept = []  # per chunk: what its read needs (boundary state, constants, chunk_grads)
         for i, (s, e_) in enumerate(spans):
+            if i < first:
+                continue
             if static:
                 c = consts[i]
             else:
@@ -581,11 +598,9 @@ class SelfModifyingTitans(nn.Module):
                     stats["log_alpha"].append(log_a[:, :, -1])
                 c = constants(k, v, eta, log_a)
             write = keep_state or i + 1 < len(spans)
-            if self.fused:  # the same, one node with a hand-written backward
-                s2_in = None if self.cfg.w2_rate == "gauss-newton" else c["s2"]
-                out = TitansChunk.apply(w1t, w2t, c["x"], c["k_norm"], c["k_sq"], c["eta"], c["eta_c"], s2_in,
-                                        c["carry"], c["keep"], clip, write)
-                (e, a, g, s1, s2), new_state = out[:5], out[5:]
+            if self.fused:  # the same, as a TitansScan of one chunk
+                out = fused_write({name: t.unsqueeze(1) for name, t in c.items()}, write)
+                (e, a, g, s1, s2), new_state = (t.squeeze(1) for t in out[:5]), out[7:]
             else:
                 e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip, self.cfg.w2_rate)
                 new_state = chunk_write(w1t, w2t, c, e, a, g, s1, s2) if write else ()
@@ -598,13 +613,14 @@ class SelfModifyingTitans(nn.Module):
             ts = [t if M == 1 else t.unflatten(0, (B * H, M))[:, -1] for t in ts]
             return ts[0] if len(ts) == 1 else torch.stack(ts, 1).flatten(0, 1)
 
+        for start, group in ((0, kept[: n_full - first]), (n_full * C, kept[n_full - first :])):  # complete, ragged
+            if group:
+                groups.append((start, len(group), {name: stacked([item[name] for item in group]) for name in group[0]}))
         outs = []
-        for start, group in ((0, kept[:n_full]), (n_full * C, kept[n_full:])):  # complete chunks, a ragged one
-            if not group:
-                continue
-            n, Cg = len(group), group[0]["e"].shape[1]
+        for start, n, fields in groups:
+            Cg = fields["e"].shape[1]
             qg = (q if n * Cg == T else q[:, :, start : start + n * Cg]).reshape(B * H * n, Cg, d)
-            o = chunk_read(q=qg, read=read, **{name: stacked([item[name] for item in group]) for name in group[0]})
+            o = chunk_read(q=qg, read=read, **fields)
             outs.append(o.view(B, H, n * Cg, d))
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         if not keep_state:
