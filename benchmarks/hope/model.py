@@ -779,18 +779,21 @@ class CMSLevel(nn.Module):
 
     def fused_scan(self, x):
         """`scan`'s function with its writes and reads in one `fused.CMSScan` (hand-written backward);
-        a level that never writes (one period) is `scan`'s plain read."""
+        a level that never writes (one period) is `scan`'s plain read. κ and ν are one product, and
+        only of the (n − 1)P rows that write (the last period's tokens are read, never written:
+        half the rows at T = 2P)."""
         B, T, D = x.shape
         P = self.period
         n = -(-T // P)
         if n == 1:
             return self.scan(x)
-        u, key, val = self.views(x)
+        u = self.norm(x)
         L = (n - 1) * P
+        key, val = (u[:, :L] @ torch.cat([self.w_key.weight, self.w_value.weight]).T).split(D, dim=-1)
         eta_c = self.eta() * (self.clip if self.clip is not None else 1.0)
         up_t = self.w_up.T.contiguous().expand(B, D, -1)
         down_t = self.w_down.T.contiguous().expand(B, -1, D)
-        read = CMSScan.apply(key[:, :L], val[:, :L], F.pad(u, (0, 0, 0, n * P - T)) if n * P > T else u,
+        read = CMSScan.apply(key, val, F.pad(u, (0, 0, 0, n * P - T)) if n * P > T else u,
                              up_t, down_t, eta_c, P, self.clip)
         return x + (read if n * P == T else read[:, :T])
 
