@@ -502,22 +502,41 @@ class SelfModifyingTitans(nn.Module):
         written memories' retentions: M = 1 (one α for all, or only M_memory written) or
         M = 5 (`generator_writes="separate"`: the generators' α four times, then M_memory's).
         """
-        if w1.shape[0] == 1:  # one state for the whole batch (φ₀): batch × tokens are rows of one bmm
-            B, H, _, n, d = xin.shape
-            rows = xin.expand(B, H, MEM_OUT, n, d).permute(1, 2, 0, 3, 4).reshape(H * MEM_OUT, B * n, d)
-            y, _, _ = mem_apply(w1[0].flatten(0, 1), w2[0].flatten(0, 1), rows)
-            y = y.view(H, MEM_OUT, B, n, d).permute(2, 0, 1, 3, 4)
+        if w1.shape[0] == 1 and self.cfg.generator_writes != "separate":  # φ₀ for the whole batch
+            yk, v, eta_pre, alpha_pre = self._generate_static(w1[0], w2[0], xin)
         else:
             y, _, _ = mem_apply(w1, w2, xin)  # (B,H,4,n,d)
-        yk, v, ye, ya = y.unbind(2)  # one node: its backward stacks, where 4 selects would each fill zeros
+            yk, v, ye, ya = y.unbind(2)  # one node: its backward stacks, where 4 selects would each fill zeros
+            eta_pre = (ye * self.eta_w[:, None, :]).sum(-1)
+            alpha_pre = (ya * self.alpha_w[:, None, :]).sum(-1)
         k = F.normalize(yk, dim=-1)
-        eta_pre = (ye * self.eta_w[:, None, :]).sum(-1) + self.eta_b[:, None]
-        eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre), max=self.cfg.eta_max)
-        log_a = F.logsigmoid((ya * self.alpha_w[:, None, :]).sum(-1) + self.alpha_b[:, None]).unsqueeze(2)
+        eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre + self.eta_b[:, None]), max=self.cfg.eta_max)
+        log_a = F.logsigmoid(alpha_pre + self.alpha_b[:, None]).unsqueeze(2)
         if self.cfg.generator_writes == "separate":
             log_g = F.logsigmoid((ya * self.gen_alpha_w[:, None, :]).sum(-1) + self.gen_alpha_b[:, None])
             log_a = torch.cat([log_g.unsqueeze(2).expand(-1, -1, MEM_OUT, -1), log_a], dim=2)
         return k, v, eta, log_a  # log α: decay products as cumsums
+
+    def _generate_static(self, w1, w2, xin):
+        """`generate` at one state for the whole batch: batch × tokens are the rows of each bmm.
+
+        w1: (H, 4, d, f), w2: (H, 4, f, d); xin: (B, H, G, n, d). returns M_k's and M_v's reads
+        (B, H, n, d) and the read-outs w_ηᵀ M_η(x̃), w_αᵀ M_α(x̃) (B, H, n), before their biases.
+        Memories are ordered (generator, head): with one x̃ per generator the rows are a view of
+        x W_in's (B, T, G, H, d) layout (no copy); the weights, small, are reordered instead.
+        M_η and M_α are only read through a vector r, so their second layer is folded into it:
+        (x + W₁ σ(W₂x))·r = x·r + σ(W₂x)·(W₁ᵀr), a (B·n)×f by f×1 product instead of f×d.
+        """
+        B, H, _, n, d = xin.shape
+        rows = xin.expand(B, H, MEM_OUT, n, d).permute(2, 1, 0, 3, 4).reshape(MEM_OUT * H, B * n, d)
+        w1, w2 = (w.transpose(0, 1).flatten(0, 1) for w in (w1, w2))  # (4H, d, f), (4H, f, d)
+        act = F.silu(torch.bmm(rows, w2.transpose(1, 2)))  # (4H, B·n, f)
+        kv = torch.baddbmm(rows[: 2 * H], act[: 2 * H], w1[: 2 * H].transpose(1, 2))  # M_k, M_v
+        r = torch.cat([self.eta_w, self.alpha_w]).unsqueeze(-1)  # (2H, d, 1)
+        pre = torch.baddbmm(torch.bmm(rows[2 * H :], r), act[2 * H :], torch.bmm(w1[2 * H :].transpose(1, 2), r))
+        yk, v = kv.view(2, H, B, n, d).transpose(1, 2).unbind(0)
+        eta_pre, alpha_pre = pre.view(2, H, B, n).transpose(1, 2).unbind(0)
+        return yk, v, eta_pre, alpha_pre
 
     def scan(self, xin, q, C, keep_state=False, stats=None):
         """The chunked recurrence (eq. 90) from φ₀: writes chunk by chunk, reads batched after.
