@@ -525,15 +525,16 @@ class SelfModifyingTitans(nn.Module):
         Memories are ordered (generator, head): with one x̃ per generator the rows are a view of
         x W_in's (B, T, G, H, d) layout (no copy); the weights, small, are reordered instead.
         M_η and M_α are only read through a vector r, so their second layer is folded into it:
-        (x + W₁ σ(W₂x))·r = x·r + σ(W₂x)·(W₁ᵀr), a (B·n)×f by f×1 product instead of f×d.
+        (x + W₁ σ(W₂x))·r = x·r + σ(W₂x)·(W₁ᵀr): row dot products instead of an f×d product.
         """
         B, H, _, n, d = xin.shape
         rows = xin.expand(B, H, MEM_OUT, n, d).permute(2, 1, 0, 3, 4).reshape(MEM_OUT * H, B * n, d)
         w1, w2 = (w.transpose(0, 1).flatten(0, 1) for w in (w1, w2))  # (4H, d, f), (4H, f, d)
         act = F.silu(torch.bmm(rows, w2.transpose(1, 2)))  # (4H, B·n, f)
         kv = torch.baddbmm(rows[: 2 * H], act[: 2 * H], w1[: 2 * H].transpose(1, 2))  # M_k, M_v
-        r = torch.cat([self.eta_w, self.alpha_w]).unsqueeze(-1)  # (2H, d, 1)
-        pre = torch.baddbmm(torch.bmm(rows[2 * H :], r), act[2 * H :], torch.bmm(w1[2 * H :].transpose(1, 2), r))
+        r = torch.cat([self.eta_w, self.alpha_w]).unsqueeze(1)  # (2H, 1, d)
+        w1r = torch.bmm(r, w1[2 * H :])  # (W₁ᵀr)ᵀ, (2H, 1, f)
+        pre = (rows[2 * H :] * r).sum(-1) + (act[2 * H :] * w1r).sum(-1)  # (2H, B·n); as bmm, a K = 1 backward
         yk, v = kv.view(2, H, B, n, d).transpose(1, 2).unbind(0)
         eta_pre, alpha_pre = pre.view(2, H, B, n).transpose(1, 2).unbind(0)
         return yk, v, eta_pre, alpha_pre
