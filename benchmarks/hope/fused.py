@@ -86,9 +86,11 @@ class CMSScan(torch.autograd.Function):
         ups = up_t.new_empty(n, *up_t.shape)
         downs = down_t.new_empty(n, *down_t.shape)
         ups[0], downs[0] = up_t, down_t
+        ups_i, downs_i = ups.unbind(0), downs.unbind(0)
+        keysT = key.view(B, n - 1, period, D).transpose(-1, -2).unbind(1)
         steps = []
         for i, (k, v, kn) in enumerate(zip(keys, val.view(B, n - 1, period, D).unbind(1), k_norms)):
-            w, v_ = ups[i], downs[i]
+            w, v_ = ups_i[i], downs_i[i]
             z = torch.bmm(k, w)  # (B, P, f)
             a = F.silu(z)
             e = torch.baddbmm(v, a, v_, beta=-1)  # a V − v, (B, P, D)
@@ -104,8 +106,8 @@ class CMSScan(torch.autograd.Function):
                 c_d = eta_c / torch.clamp_min(norms[0] * norms[1], clip)
                 c_u = eta_c / torch.clamp_min(kn * norms[2], clip)
             e_d, e_u = c_d * e, c_u * g
-            torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs[i + 1])
-            torch.baddbmm(w, k.transpose(1, 2), e_u, alpha=-1, out=ups[i + 1])
+            torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs_i[i + 1])
+            torch.baddbmm(w, keysT[i], e_u, alpha=-1, out=ups_i[i + 1])
             steps.append((z, a, e, gh, g, e_d, e_u, c_d, c_u, *norms))
         ups, downs = ups.flatten(0, 1), downs.flatten(0, 1)  # (n·B, D, f), (n·B, f, D)
         u = _period_major(u, n)  # (n·B, P, D)
@@ -134,8 +136,8 @@ class CMSScan(torch.autograd.Function):
         dr = _period_major(dr, n)  # (n·B, P, D), as the forward's reads
         dzr = _silu_bwd(torch.bmm(dr, downs.transpose(1, 2)), zr)  # (n·B, P, f)
         du = _batch_major(torch.bmm(dzr, ups.transpose(1, 2)), B)
-        per = [t.view(n, B, *t.shape[1:]).unbind(0) for t in (ups, downs, u, h, dr, dzr)]
-        ups_i, downs_i, u_i, h_i, dr_i, dzr_i = per
+        downs_i, dr_i, dzr_i = (t.view(n, B, *t.shape[1:]).unbind(0) for t in (downs, dr, dzr))
+        upsT_i, downsT_i, uT_i, hT_i = (t.view(n, B, *t.shape[1:]).transpose(-1, -2).unbind(0) for t in (ups, downs, u, h))
         # the clip slopes of every write, batched (per-row scalars)
         if clip is not None:
             rate_d, rate_u, na, ne, ng = (torch.stack([s[i] for s in steps]) for i in (7, 8, 9, 10, 11))
@@ -143,12 +145,14 @@ class CMSScan(torch.autograd.Function):
             fa, fe = (t.unbind(0) for t in _clip_slopes(rate_d, na, ne, clip))
             fk, fg = (t.unbind(0) for t in _clip_slopes(rate_u, kn, ng, clip))
         keys = key.view(B, n - 1, P, D).unbind(1)
-        dw = torch.bmm(u_i[-1].transpose(1, 2), dzr_i[-1])  # accumulated in place from here
-        dv_ = torch.bmm(h_i[-1].transpose(1, 2), dr_i[-1])
+        keysT = key.view(B, n - 1, P, D).transpose(-1, -2).unbind(1)
+        dw = torch.bmm(uT_i[-1], dzr_i[-1])  # accumulated in place from here
+        dv_ = torch.bmm(hT_i[-1], dr_i[-1])
+        dwT, dvT = dw.transpose(1, 2), dv_.transpose(1, 2)  # views: they follow the in-place updates
         n_keys, n_vals, eta_terms = [], [], []
         for i in range(n - 2, -1, -1):
             z, a, e, gh, g, e_d, e_u, c_d, c_u = steps[i][:9]
-            k, w, v_ = keys[i], ups_i[i], downs_i[i]
+            k, v_ = keys[i], downs_i[i]
             n_ed = torch.bmm(a, dv_)  # −dL/dE_d
             n_eu = torch.bmm(k, dw)  # −dL/dE_u
             q_d = (n_ed * e).sum(-1, keepdim=True)
@@ -156,25 +160,25 @@ class CMSScan(torch.autograd.Function):
             eta_terms += [c_d * q_d, c_u * q_u]
             if clip is None:
                 n_e, n_g = c_d * n_ed, c_u * n_eu
-                n_a = torch.bmm(e_d, dv_.transpose(1, 2))
-                n_k = torch.bmm(e_u, dw.transpose(1, 2))
+                n_a = torch.bmm(e_d, dvT)
+                n_k = torch.bmm(e_u, dwT)
             else:
                 n_e = torch.addcmul(c_d * n_ed, q_d * fe[i], e)
                 n_g = torch.addcmul(c_u * n_eu, q_u * fg[i], g)
-                n_a = torch.baddbmm(q_d * fa[i] * a, e_d, dv_.transpose(1, 2))
-                n_k = torch.baddbmm(q_u * fk[i] * k, e_u, dw.transpose(1, 2))
+                n_a = torch.baddbmm(q_d * fa[i] * a, e_d, dvT)
+                n_k = torch.baddbmm(q_u * fk[i] * k, e_u, dwT)
             n_gh = _silu_bwd(n_g, z)
             n_e.baddbmm_(n_gh, v_)
-            n_a.baddbmm_(n_e, v_.transpose(1, 2))
+            n_a.baddbmm_(n_e, downsT_i[i])
             # n_z = n_a ⊙ silu′(z) + n_g ⊙ ĝ ⊙ silu″(z), silu″(z) = σ(1 − σ)(2 + z − 2 silu(z))
             sig = torch.sigmoid(z)
             n_z = torch.ops.aten.sigmoid_backward(n_g * gh, sig).mul_(torch.add(z, a, alpha=-2).add_(2))
             n_z.add_(_silu_bwd(n_a, z))
-            n_keys.append(n_k.baddbmm_(n_z, w.transpose(1, 2)))
+            n_keys.append(n_k.baddbmm_(n_z, upsT_i[i]))
             n_vals.append(n_e)
-            dw.baddbmm_(k.transpose(1, 2), n_z, alpha=-1).baddbmm_(u_i[i].transpose(1, 2), dzr_i[i])
+            dw.baddbmm_(keysT[i], n_z, alpha=-1).baddbmm_(uT_i[i], dzr_i[i])
             dv_.baddbmm_(n_gh.transpose(1, 2), e, alpha=-1).baddbmm_(a.transpose(1, 2), n_e, alpha=-1)
-            dv_.baddbmm_(h_i[i].transpose(1, 2), dr_i[i])
+            dv_.baddbmm_(hT_i[i], dr_i[i])
         dkey = torch.cat(n_keys[::-1], 1).neg_()
         dval = torch.cat(n_vals[::-1], 1)
         deta = -torch.stack(eta_terms).sum() / eta_c if ctx.needs_input_grad[5] else None
@@ -254,8 +258,8 @@ class TitansScan(torch.autograd.Function):
         gauss_newton = s2_in is None
         outs = [[] for _ in range(7)]  # e, a, g, s1, s2, w1t, w2t per chunk
         per, rows = [], [[] for _ in range(6)]  # the backward loop's tensors; per-row ‖a‖, ‖e‖, ‖g‖, q1, s2₀, m
-        for i in range(n):
-            xi = x[:, i]
+        chunks = [t.unbind(1) if t is not None else [None] * n for t in (x, k_norm, k_sq, eta, eta_c, s2_in, carry, keep)]
+        for i, (xi, kn_i, ksq_i, eta_i, etac_i, s2in_i, carry_i, keep_i) in enumerate(zip(*chunks)):
             z = torch.bmm(xi, w2t)
             act = F.silu(z)
             vhat, yk = torch.baddbmm(xi, act, w1t).split(C, dim=1)
@@ -266,7 +270,6 @@ class TitansScan(torch.autograd.Function):
             dsig = torch.addcmul(sig, a, one_m)
             gh = torch.bmm(e, w1t.transpose(1, 2))
             g = gh * dsig
-            eta_i = eta[:, i]
             a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
             q1 = 1 + eta_i * a_norm * a_norm
             dsig2 = colsq = m = None
@@ -274,19 +277,19 @@ class TitansScan(torch.autograd.Function):
                 dsig2 = dsig * dsig
                 colsq = (w1t * w1t).sum(-1, keepdim=True)
                 m = torch.bmm(dsig2, colsq)
-                s2_0 = eta_i / (1 + eta_i * (k_sq[:, i] * m))
+                s2_0 = eta_i / (1 + eta_i * (ksq_i * m))
             else:
-                s2_0 = s2_in[:, i]
+                s2_0 = s2in_i
             if clip is None:
                 e_norm = g_norm = None
-                s1 = eta_c[:, i] / q1
+                s1 = etac_i / q1
                 s2 = s2_0
             else:
                 e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
                 g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-                s1 = eta_c[:, i] / (q1 * torch.clamp_min(a_norm * e_norm, clip))
-                s2 = s2_0 * clip / torch.clamp_min(k_norm[:, i] * g_norm, clip)
-            cs1, cs2 = carry[:, i] * s1, carry[:, i] * s2
+                s1 = etac_i / (q1 * torch.clamp_min(a_norm * e_norm, clip))
+                s2 = s2_0 * clip / torch.clamp_min(kn_i * g_norm, clip)
+            cs1, cs2 = carry_i * s1, carry_i * s2
             u1, u2 = cs1 * e, cs2 * g
             silu2 = torch.add(zk, a, alpha=-2).add_(2).mul_(sig).mul_(one_m)  # silu″(z_k) = σ(1 − σ)(2 + z − 2 silu(z))
             for lst, t in zip(outs, (e, a, g, s1, s2, w1t, w2t)):
@@ -295,8 +298,8 @@ class TitansScan(torch.autograd.Function):
                 lst.append(t)
             per += [z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2]
             if i + 1 < n or write_last:
-                w1t = keep[:, i] * w1t - torch.bmm(a.transpose(1, 2), u1)
-                w2t = keep[:, i] * w2t - torch.bmm(xi[:, C:].transpose(1, 2), u2)
+                w1t = keep_i * w1t - torch.bmm(a.transpose(1, 2), u1)
+                w2t = keep_i * w2t - torch.bmm(xi[:, C:].transpose(1, 2), u2)
         stacked = [torch.stack(lst, 1) for lst in outs]
         rows = [None if lst[0] is None else torch.stack(lst, 1) for lst in rows]
         ctx.clip, ctx.write_last, ctx.n_per = clip, write_last, len(per) // n
@@ -333,10 +336,15 @@ class TitansScan(torch.autograd.Function):
             dm_f = mf * k_sq  # ∂s2/∂m
         gw1, gw2 = (dw1_end, dw2_end) if ctx.write_last else (None, None)
         ds1s, ds2s, ps, gws, dxs = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        # per-chunk views, one unbind each (W₁ᵀ, W₂ᵀ and x also transposed)
+        chunks = [None if t is None else t.unbind(1) for t in (
+            W1B, W2B, x, E, A, dE, dA, dG, dS1, dS2, dW1B, dW2B, carry, keep, A1, dm_f if gauss_newton else None,
+            fe if clip is not None else None, fg if clip is not None else None,
+            W1B.transpose(-1, -2), W2B.transpose(-1, -2), x.transpose(-1, -2))]
         for i in range(n - 1, -1, -1):
             z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2 = per[i * m_per : (i + 1) * m_per]
-            w1t, w2t, xi, e, a = W1B[:, i], W2B[:, i], x[:, i], E[:, i], A[:, i]
-            de, da, dg, ds1, ds2 = dE[:, i], dA[:, i], dG[:, i], dS1[:, i], dS2[:, i]
+            (w1t, w2t, xi, e, a, de, da, dg, ds1, ds2, dw1b, dw2b, carry_i, keep_i, A1_i, dmf_i, fe_i, fg_i,
+             w1, w2, xit) = (None if c is None else c[i] for c in chunks)
             dkw = None
             if gw1 is not None:  # the write: W₁ᵀ′ = keep W₁ᵀ − aᵀ u1, W₂ᵀ′ = keep W₂ᵀ − kᵀ u2
                 n1 = torch.bmm(a, gw1)  # −∂L/∂u1
@@ -347,37 +355,37 @@ class TitansScan(torch.autograd.Function):
                 dkw = torch.bmm(u2, gw2.transpose(1, 2))  # −∂L/∂k through the write
                 de = torch.addcmul(de, cs1, n1, value=-1)
                 dg = torch.addcmul(dg, cs2, n2, value=-1)
-                ds1 = torch.addcmul(ds1, carry[:, i], p1, value=-1)
-                ds2 = torch.addcmul(ds2, carry[:, i], p2, value=-1)
+                ds1 = torch.addcmul(ds1, carry_i, p1, value=-1)
+                ds2 = torch.addcmul(ds2, carry_i, p2, value=-1)
                 ps[i], gws[i] = (p1, p2), (gw1, gw2)
             ds1s[i], ds2s[i] = ds1, ds2
             if clip is not None:
-                dg = torch.addcmul(dg, ds2 * fg[:, i], g)
-                de = torch.addcmul(de, ds1 * fe[:, i], e)
-            da = torch.addcmul(da, ds1 * A1[:, i], a)
+                dg = torch.addcmul(dg, ds2 * fg_i, g)
+                de = torch.addcmul(de, ds1 * fe_i, e)
+            da = torch.addcmul(da, ds1 * A1_i, a)
             ddsig = dg * gh  # ∂L/∂σ′
             if gauss_newton:  # m = (σ′ ⊙ σ′) c
-                dm = ds2 * dm_f[:, i]
+                dm = ds2 * dmf_i
                 ddsig.addcmul_(dm * colsq.transpose(1, 2), dsig, value=2)
                 dcolsq = torch.bmm(dsig2.transpose(1, 2), dm)
             dgh = dg * dsig
             de = torch.baddbmm(de, dgh, w1t)
             dy = torch.cat([-de, de], dim=1)  # ∂L/∂[v̂; y_k]
-            dact = torch.bmm(dy, w1t.transpose(1, 2))
+            dact = torch.bmm(dy, w1)
             dact[:, C:] += da
             dz = _silu_bwd(dact, z)
             dz[:, C:].addcmul_(ddsig, silu2)
-            dx = torch.baddbmm(dy, dz, w2t.transpose(1, 2))
+            dx = torch.baddbmm(dy, dz, w2)
             if dkw is not None:
                 dx[:, C:] -= dkw
             dxs[i] = dx
-            nw1 = torch.baddbmm(dW1B[:, i], act.transpose(1, 2), dy).baddbmm_(dgh.transpose(1, 2), e)
+            nw1 = torch.baddbmm(dw1b, act.transpose(1, 2), dy).baddbmm_(dgh.transpose(1, 2), e)
             if gauss_newton:
                 nw1.addcmul_(dcolsq, w1t, value=2)
-            nw2 = torch.baddbmm(dW2B[:, i], xi.transpose(1, 2), dz)
+            nw2 = torch.baddbmm(dw2b, xit, dz)
             if gw1 is not None:
-                nw1.addcmul_(keep[:, i], gw1)
-                nw2.addcmul_(keep[:, i], gw2)
+                nw1.addcmul_(keep_i, gw1)
+                nw2.addcmul_(keep_i, gw2)
             gw1, gw2 = nw1, nw2
         # the per-row inputs' gradients, linear in ∂L/∂s1, ∂L/∂s2 and the writes' p1, p2
         ds1, ds2 = torch.stack(ds1s, 1), torch.stack(ds2s, 1)
