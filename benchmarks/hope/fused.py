@@ -393,7 +393,8 @@ class TitansScan(torch.autograd.Function):
         deta = ds1 * (-S1 / q1 * a_sq)
         dk_norm = dk_sq = ds2_in = None
         if gauss_newton:
-            deta = deta + ds2 * c2 / (1 + eta * (k_sq * m)) ** 2
+            den2 = 1 + eta * (k_sq * m)
+            deta = deta + ds2 * c2 / (den2 * den2)
             dk_sq = ds2 * mf * m
         else:
             ds2_in = ds2 * c2
