@@ -325,10 +325,12 @@ def chunk_constants(k, v, eta, log_alpha, clip):
       carry  (..., C, 1)   Π_{r>t} α_r;  keep (..., 1, 1) = Π_r α_r
     """
     eta = eta.unsqueeze(-1)
+    x = torch.cat([v, k], dim=-2)
+    k = x[..., k.shape[-2] :, :]  # k in x's contiguous layout (leading dims then merge without a copy)
     k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
     cum = log_alpha.cumsum(-1)
     total = cum[..., -1:]
-    return dict(x=torch.cat([v, k], dim=-2), k=k, kt=k.transpose(-1, -2), k_norm=k_norm, eta=eta,
+    return dict(x=x, k=k, kt=k.transpose(-1, -2), k_norm=k_norm, eta=eta,
                 eta_c=eta * clip if clip is not None else eta, k_sq=k_norm * k_norm,
                 s2=eta / (1 + eta * k_norm * k_norm),
                 cum=cum, log_alpha=log_alpha, carry=torch.exp(total - cum).unsqueeze(-1),
@@ -575,20 +577,24 @@ class SelfModifyingTitans(nn.Module):
             if stats is not None:
                 stats["eta"].append(eta)
                 stats["log_alpha"].append(log_a[:, :, -1])
-            consts = []
+            consts = {}  # chunk index -> its constants, for the chunks the loop below writes
             if n_full:
                 L = n_full * C
 
                 def head(t, dim):  # the complete chunks' tokens (a slice's backward fills zeros: none if all)
                     return t if L == T else t.narrow(dim, 0, L)
 
-                full = chunk_constants(*(head(t, 2).reshape(B * H, n_full, C, d) for t in (k, v)),
-                                       head(eta, -1).reshape(B * H, n_full, C),
-                                       head(log_a, -1).reshape(B * H, n_full, C), clip)
-                consts = [dict(zip(full, vals)) for vals in zip(*(t.unbind(1) for t in full.values()))]
+                # leading dims (B, H, n_full) on views of k, v: chunk_constants' concatenation is
+                # their one copy into the (B·H, n_full, 2C, d) layout
+                full = chunk_constants(*(head(t, 2).unflatten(2, (n_full, C)) for t in (k, v)),
+                                       head(eta, -1).unflatten(-1, (n_full, C)),
+                                       head(log_a[:, :, 0], -1).unflatten(-1, (n_full, C)), clip)
+                full = {name: t.flatten(0, 1) for name, t in full.items()}
+                if not self.fused:  # per chunk for the autograd loop (TitansScan takes them stacked)
+                    consts.update(enumerate(dict(zip(full, vals)) for vals in zip(*(t.unbind(1) for t in full.values()))))
             if T > n_full * C:
                 s = n_full * C
-                consts.append(constants(k[:, :, s:], v[:, :, s:], eta[..., s:], log_a[..., s:]))
+                consts[n_full] = constants(k[:, :, s:], v[:, :, s:], eta[..., s:], log_a[..., s:])
 
         def fused_write(cs, write_last):  # chunk constants (B·H·M, n, …) -> the TitansScan's outputs
             s2_in = None if self.cfg.w2_rate == "gauss-newton" else cs["s2"]
