@@ -303,8 +303,9 @@ def dgd_step(w, x, u, eta, alpha=1.0):
 # A training step is bound by operator dispatch, not FLOPs (cpu-tiny: ~10 µs per op), so the
 # scan is split by what depends on the fast state. Only the writes are sequential: the
 # inputs of every chunk (`chunk_constants`) are computed for all chunks at once, the loop
-# runs `chunk_grads` + `chunk_write` per chunk, and every chunk's output read
-# (`chunk_read`) is one batched call after the loop, from the stacked boundary states.
+# runs `chunk_grads` + `chunk_write` per chunk (eager: `fused.TitansScan`, the same function
+# with a hand-written backward), and every chunk's output read (`chunk_read`) is one batched
+# call after the loop, from the stacked boundary states.
 # Layout: N = rows of memories (B·H·M), 3-D tensors so each product is one `bmm`; the
 # state is kept transposed, W₁ᵀ (N, f, d) and W₂ᵀ (N, d, f), which makes every product of
 # the loop a plain `bmm` of the stored tensors.
@@ -552,7 +553,9 @@ class SelfModifyingTitans(nn.Module):
         Within a chunk every target and inner gradient is taken at the boundary state φ_b
         (`chunk_grads`), the state steps to the next boundary in closed form (`chunk_write`),
         and the reads of all complete chunks are one `chunk_read` on the stacked φ_b's
-        (a ragged last chunk is a second call).
+        (a ragged last chunk is a second call). Eager (`fused`, the default) the writes are
+        `fused.TitansScan`, with a hand-written backward: with static generators one call for
+        all complete chunks, else one per chunk; `compile_scans` runs the autograd functions.
         returns o (B, H, T, d) and the end state (w1, w2) of all five memories, (B, H, 5, ·, ·), or None
         """
         B, H, T, d = q.shape
