@@ -165,8 +165,8 @@ class CMSScan(torch.autograd.Function):
             else:
                 n_e = torch.addcmul(c_d * n_ed, q_d * fe[i], e)
                 n_g = torch.addcmul(c_u * n_eu, q_u * fg[i], g)
-                n_a = torch.baddbmm(q_d * fa[i] * a, e_d, dvT)
-                n_k = torch.baddbmm(q_u * fk[i] * k, e_u, dwT)
+                n_a = (q_d * fa[i] * a).baddbmm_(e_d, dvT)  # in place: baddbmm would copy the fresh term
+                n_k = (q_u * fk[i] * k).baddbmm_(e_u, dwT)
             n_gh = _silu_bwd(n_g, z)
             n_e.baddbmm_(n_gh, v_)
             n_a.baddbmm_(n_e, downsT_i[i])
