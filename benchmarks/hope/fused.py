@@ -200,26 +200,28 @@ class CausalConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w):
         T, K = x.shape[1], w.shape[1]
-        wx = w.to(x.dtype)
-        y = x * wx[:, K - 1]
+        wt = w.to(x.dtype).t().contiguous()  # (K, C): each tap contiguous (a column of w, stride K, is not vectorised)
+        y = x * wt[K - 1]
         for j in range(1, min(K, T)):
-            y[:, j:].addcmul_(x[:, : T - j], wx[:, K - 1 - j])
-        ctx.save_for_backward(x, wx)
+            y[:, j:].addcmul_(x[:, : T - j], wt[K - 1 - j])
+        ctx.save_for_backward(x, wt)
         ctx.w_dtype = w.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, wx = ctx.saved_tensors
-        T, K = x.shape[1], wx.shape[1]
+        x, wt = ctx.saved_tensors
+        T, K = x.shape[1], wt.shape[0]
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = dy * wx[:, K - 1]
+            dx = dy * wt[K - 1]
             for j in range(1, min(K, T)):
-                dx[:, : T - j].addcmul_(dy[:, j:], wx[:, K - 1 - j])
+                dx[:, : T - j].addcmul_(dy[:, j:], wt[K - 1 - j])
         if ctx.needs_input_grad[1]:
-            taps = [(dy[:, j:] * x[:, : T - j]).sum((0, 1)) if j < T else dy.new_zeros(dy.shape[-1])
-                    for j in range(K - 1, -1, -1)]
+            B, _, C = x.shape
+            buf = x.new_empty(x.numel())  # one buffer for the K lag products (fresh ones cost page faults)
+            taps = [torch.mul(dy[:, j:], x[:, : T - j], out=buf[: B * (T - j) * C].view(B, T - j, C)).sum((0, 1))
+                    if j < T else dy.new_zeros(C) for j in range(K - 1, -1, -1)]
             dw = torch.stack(taps, 1).to(ctx.w_dtype)
         return dx, dw
 
