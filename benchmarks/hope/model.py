@@ -406,10 +406,11 @@ def chunk_read(w1t, w2t, q, kt, e, a, g, s1, s2, cum, log_alpha, read):
     dmat = torch.exp((cum_r.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~mask, float("-inf")))  # (R,C,C)
     a_t = torch.exp(cum_r).unsqueeze(-1)  # (R, C, 1)
     scores2 = dmat * torch.bmm(q, kt) * s2.transpose(1, 2)
-    z = a_t * torch.bmm(q, w2t) - torch.bmm(scores2, g)
+    # A_t (W₂,b q_t) as (A_t q_t) W₂,b, so that each layer's two products are one bmm and one baddbmm
+    z = torch.baddbmm(torch.bmm(a_t * q, w2t), scores2, g, alpha=-1)
     h = F.silu(z)  # (R, C, f)
     scores1 = dmat * torch.bmm(h, a.transpose(1, 2)) * s1.transpose(1, 2)
-    return q + a_t * torch.bmm(h, w1t) - torch.bmm(scores1, e)
+    return torch.baddbmm(torch.baddbmm(q, a_t * h, w1t), scores1, e, alpha=-1)
 
 
 # -----------------------------------------------------------------------------
