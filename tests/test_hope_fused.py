@@ -1,14 +1,16 @@
 """Hand-written backwards of HOPE's scans (benchmarks/hope/fused.py) against autograd, float64.
 
 Oracles: autograd through the CMS level's own `scan` (which tests/test_hope_model.py holds to
-the per-token reference), and `torch.autograd.gradcheck` (finite differences) of the Function.
+the per-token reference), autograd through `F.conv1d` for the causal convolution, and
+`torch.autograd.gradcheck` (finite differences) of each Function.
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from benchmarks.hope.fused import CMSScan
-from benchmarks.hope.model import CMSLevel, Hope, HopeConfig
+from benchmarks.hope.fused import CausalConv, CMSScan, TitansScan
+from benchmarks.hope.model import CMSLevel, Hope, HopeConfig, SelfModifyingTitans, chunk_constants
 
 F64 = torch.float64
 
@@ -23,7 +25,7 @@ def level(period, clip, seed=0):
 def loss_and_grads(module, inputs, fused):
     """Σ y ⊙ r for a fixed random r, and its gradients in every input and parameter."""
     for m in module.modules():
-        if isinstance(m, CMSLevel):
+        if isinstance(m, (CMSLevel, SelfModifyingTitans)):
             m.fused = fused
     y = module(*inputs)
     y = y[1] if isinstance(y, tuple) else y  # Hope returns (logits, loss)
@@ -71,15 +73,15 @@ def test_model_loss_and_gradients_equal_autograd_scans(checkpoint):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def ran_fused(y):
-    """Whether y's autograd graph holds a CMSScan node."""
+def ran_fused(y, name="CMSScan"):
+    """Whether y's autograd graph holds a node of the Function `name`."""
     seen, todo = set(), [y.grad_fn]
     while todo:
         node = todo.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "CMSScan" in type(node).__name__:
+        if name in type(node).__name__:
             return True
         todo += [nxt for nxt, _ in node.next_functions]
     return False
@@ -98,9 +100,10 @@ def test_fused_path_is_the_eager_default_and_falls_back():
     assert ran_fused(y) and y.dtype == torch.float32
     model = Hope(HopeConfig(d_model=16, n_heads=2, mem_hidden=8, cms_hidden=16, cms_periods=(2,), n_layers=1))
     model.compile_scans(True)
-    assert not model.blocks[0].cms[0].fused
+    assert not model.blocks[0].cms[0].fused and not model.blocks[0].titans.fused
     model.compile_scans(False)
-    assert model.blocks[0].cms[0].fused
+    assert model.blocks[0].cms[0].fused and model.blocks[0].titans.fused
+    assert ran_fused(model.blocks[0].titans(torch.randn(2, 6, 16)), "TitansScan")
 
 
 def test_a_backward_inside_autocast_runs_in_the_forwards_dtype():
@@ -124,3 +127,85 @@ def test_a_backward_inside_autocast_runs_in_the_forwards_dtype():
         if b is not None:
             assert torch.isfinite(a).all()
             torch.testing.assert_close(a.float(), b.float(), rtol=0.1, atol=0.1 * float(b.abs().max()) + 1e-6)
+
+
+def conv1d_reference(x, w):
+    """The causal depthwise convolution as `F.conv1d` computes it: channels first, left-padded."""
+    K = w.shape[1]
+    return F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w.unsqueeze(1), groups=w.shape[0]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("T,K", [(12, 4), (3, 4), (1, 4), (7, 1)])  # shorter than the window, one token, no shift
+def test_causal_conv_equals_conv1d(T, K):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, T, 6, generator=g, dtype=F64).requires_grad_()
+    w = torch.randn(6, K, generator=g, dtype=F64).requires_grad_()
+    r = torch.randn(2, T, 6, generator=g, dtype=F64)
+    outs = []
+    for fn in (CausalConv.apply, conv1d_reference):
+        y = fn(x, w)
+        outs.append((y.detach(), *torch.autograd.grad((y * r).sum(), (x, w))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 3, generator=g, dtype=F64).requires_grad_()
+    w = torch.randn(3, 4, generator=g, dtype=F64).requires_grad_()
+    assert torch.autograd.gradcheck(CausalConv.apply, (x, w))
+
+
+def titans_layer(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(d_model=16, n_heads=2, mem_hidden=8, n_layers=1, chunk_size=4, inner_clip=0.3)
+    return SelfModifyingTitans(HopeConfig(**{**cfg, **kw})).to(F64)
+
+
+@pytest.mark.parametrize("clip", [0.3, 0.02, None])  # 0.02: most rows' clips are active
+@pytest.mark.parametrize("w2_rate", ["gauss-newton", "input"])
+@pytest.mark.parametrize("T,C", [(12, 4), (11, 4), (5, 8)])  # whole chunks, a ragged last one, one chunk
+@pytest.mark.parametrize("gen", ["off", "separate"])  # static generators (one chunk write of M_memory), or all five
+def test_titans_chunk_equals_autograd_scan(clip, w2_rate, T, C, gen):
+    """The layer with `TitansScan` (fused, the default) against autograd through chunk_grads + chunk_write;
+    return_state also checks the last chunk's write. Static generators: one TitansScan over the complete
+    chunks, then a ragged one alone; written generators: one TitansScan per chunk."""
+    layer = titans_layer(inner_clip=clip, w2_rate=w2_rate, chunk_size=C, generator_writes=gen)
+    x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(1), dtype=F64).requires_grad_()
+    r = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(2), dtype=F64)
+    outs = []
+    for fused in (True, False):
+        layer.fused = fused
+        y, (w1, w2) = layer(x, return_state=True)
+        loss = (y * r).sum() + (w1 * w1).sum() + (w2 * r[0, 0, :8, None]).sum()
+        outs.append((y.detach(), *torch.autograd.grad(loss, [x, *layer.parameters()], allow_unused=True)))
+    for a, b in zip(*outs):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("clip,w2_rate,n,write_last", [(0.3, "gauss-newton", 3, True), (None, "input", 2, True),
+                                                       (0.3, "gauss-newton", 2, False), (0.05, "input", 2, False),
+                                                       (None, "gauss-newton", 1, False)])
+def test_titans_scan_gradcheck(clip, w2_rate, n, write_last):
+    """Finite differences of every input of n chunks (N = 2 rows, C = 3, d = 4, f = 5)."""
+    g = torch.Generator().manual_seed(0)
+    N, C, d, f = 2, 3, 4, 5
+    w1t = (torch.randn(N, f, d, generator=g, dtype=F64) * 0.5).requires_grad_()
+    w2t = (torch.randn(N, d, f, generator=g, dtype=F64) * 0.5).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(N, n, C, d, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(N, n, C, d, generator=g, dtype=F64)
+    eta = torch.rand(N, n, C, generator=g, dtype=F64) + 0.5
+    log_a = -torch.rand(N, n, C, generator=g, dtype=F64) * 0.1
+    c = chunk_constants(k, v, eta, log_a, clip)
+    names = ["x", "k_norm", "k_sq", "eta", "eta_c", "s2", "carry", "keep"]
+    inputs = [c[name].detach().clone().requires_grad_() for name in names]
+    if w2_rate == "gauss-newton":
+        inputs[5] = None  # no s2_in: W₂'s rate from the curvature
+
+    def fn(w1t, w2t, *rest):
+        return TitansScan.apply(w1t, w2t, *rest, clip, write_last)
+
+    assert torch.autograd.gradcheck(fn, (w1t, w2t, *inputs))

@@ -1,4 +1,4 @@
-"""Hand-written backwards of HOPE's sequential scans (`model.py`), for eager training.
+"""Hand-written backwards of HOPE's sequential scans and its causal convolution (`model.py`), for eager training.
 
 A training step is bound by operator dispatch: autograd records every small operator of a
 sequential write loop and replays each one's backward node (with its own allocations and
@@ -14,10 +14,29 @@ Notation: B batch, P period, D width, f hidden width; a per-row scalar is kept a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 _silu_bwd = torch.ops.aten.silu_backward  # (x, z) -> x ⊙ silu′(z), one operator
+
+
+def _autocast_off(device_type):
+    """Autocast disabled for a backward; nothing on the meta device (`plan.py`), which has no autocast."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
+def _period_major(x, n):
+    """(B, n·P, D) -> (n·B, P, D), rows (period, batch): the layout of the stacked CMS states."""
+    B, L, D = x.shape
+    return x.view(B, n, L // n, D).transpose(0, 1).reshape(n * B, L // n, D)
+
+
+def _batch_major(x, B):
+    """(n·B, P, D) -> (B, n·P, D), `_period_major`'s inverse (a copy)."""
+    nB, P, D = x.shape
+    return x.view(nB // B, B, P, D).transpose(0, 1).reshape(B, nB // B * P, D)
 
 
 def _clip_slopes(c, x_norm, y_norm, clip):
@@ -62,13 +81,16 @@ class CMSScan(torch.autograd.Function):
         n = L // period + 1
         keys = key.view(B, n - 1, period, D).unbind(1)
         k_norms = torch.linalg.vector_norm(key, dim=-1, keepdim=True).view(B, n - 1, period, 1).unbind(1)
-        # every state φ_0 … φ_{n−1}, written in place of a stack: (B, n, D, f) and (B, n, f, D)
-        ups = up_t.new_empty(B, n, *up_t.shape[1:])
-        downs = down_t.new_empty(B, n, *down_t.shape[1:])
-        ups[:, 0], downs[:, 0] = up_t, down_t
+        # every state φ_0 … φ_{n−1}, written in place of a stack: (n, B, D, f) and (n, B, f, D),
+        # period-major so that each state is contiguous and `baddbmm` writes it with no copy
+        ups = up_t.new_empty(n, *up_t.shape)
+        downs = down_t.new_empty(n, *down_t.shape)
+        ups[0], downs[0] = up_t, down_t
+        ups_i, downs_i = ups.unbind(0), downs.unbind(0)
+        keysT = key.view(B, n - 1, period, D).transpose(-1, -2).unbind(1)
         steps = []
         for i, (k, v, kn) in enumerate(zip(keys, val.view(B, n - 1, period, D).unbind(1), k_norms)):
-            w, v_ = ups[:, i], downs[:, i]
+            w, v_ = ups_i[i], downs_i[i]
             z = torch.bmm(k, w)  # (B, P, f)
             a = F.silu(z)
             e = torch.baddbmm(v, a, v_, beta=-1)  # a V − v, (B, P, D)
@@ -84,26 +106,24 @@ class CMSScan(torch.autograd.Function):
                 c_d = eta_c / torch.clamp_min(norms[0] * norms[1], clip)
                 c_u = eta_c / torch.clamp_min(kn * norms[2], clip)
             e_d, e_u = c_d * e, c_u * g
-            torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs[:, i + 1])
-            torch.baddbmm(w, k.transpose(1, 2), e_u, alpha=-1, out=ups[:, i + 1])
+            torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs_i[i + 1])
+            torch.baddbmm(w, keysT[i], e_u, alpha=-1, out=ups_i[i + 1])
             steps.append((z, a, e, gh, g, e_d, e_u, c_d, c_u, *norms))
-        ups, downs = ups.flatten(0, 1), downs.flatten(0, 1)  # (B·n, D, f), (B·n, f, D)
-        zr = torch.bmm(u.view(B * n, period, D), ups)
+        ups, downs = ups.flatten(0, 1), downs.flatten(0, 1)  # (n·B, D, f), (n·B, f, D)
+        u = _period_major(u, n)  # (n·B, P, D)
+        zr = torch.bmm(u, ups)
         h = F.silu(zr)
         ctx.period, ctx.clip, ctx.n_step = period, clip, len(steps[0])
         ctx.save_for_backward(key, u, ups, downs, zr, h, eta_c, *(t for s in steps for t in s))
-        return torch.bmm(h, downs).view(B, n * period, D)
+        return _batch_major(torch.bmm(h, downs), B)
 
     @staticmethod
     def backward(ctx, dr):
         # The forward's dtype, whatever autocast is doing around the backward: a backward called
         # inside autocast (a CUDA graph's capture, say) would otherwise mix bf16 and float32.
         saved = ctx.saved_tensors                            # unpacked once (checkpointing allows no more)
-        dr, device = dr.to(saved[0].dtype), dr.device.type
-        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):   # (no autocast on meta)
-            with torch.autocast(device, enabled=False):
-                return CMSScan._backward(ctx, saved, dr)
-        return CMSScan._backward(ctx, saved, dr)
+        with _autocast_off(dr.device.type):
+            return CMSScan._backward(ctx, saved, dr.to(saved[0].dtype))
 
     @staticmethod
     def _backward(ctx, saved, dr):
@@ -113,11 +133,11 @@ class CMSScan(torch.autograd.Function):
         B, L, D = key.shape
         n = L // P + 1
         # the reads' backward, batched over periods
-        dr = dr.reshape(B * n, P, D)
-        dzr = _silu_bwd(torch.bmm(dr, downs.transpose(1, 2)), zr)  # (B·n, P, f)
-        du = torch.bmm(dzr, ups.transpose(1, 2)).view(B, n * P, D)
-        per = [t.view(B, n, *t.shape[1:]).unbind(1) for t in (ups, downs, u.view(B * n, P, D), h, dr, dzr)]
-        ups_i, downs_i, u_i, h_i, dr_i, dzr_i = per
+        dr = _period_major(dr, n)  # (n·B, P, D), as the forward's reads
+        dzr = _silu_bwd(torch.bmm(dr, downs.transpose(1, 2)), zr)  # (n·B, P, f)
+        du = _batch_major(torch.bmm(dzr, ups.transpose(1, 2)), B)
+        downs_i, dr_i, dzr_i = (t.view(n, B, *t.shape[1:]).unbind(0) for t in (downs, dr, dzr))
+        upsT_i, downsT_i, uT_i, hT_i = (t.view(n, B, *t.shape[1:]).transpose(-1, -2).unbind(0) for t in (ups, downs, u, h))
         # the clip slopes of every write, batched (per-row scalars)
         if clip is not None:
             rate_d, rate_u, na, ne, ng = (torch.stack([s[i] for s in steps]) for i in (7, 8, 9, 10, 11))
@@ -125,12 +145,14 @@ class CMSScan(torch.autograd.Function):
             fa, fe = (t.unbind(0) for t in _clip_slopes(rate_d, na, ne, clip))
             fk, fg = (t.unbind(0) for t in _clip_slopes(rate_u, kn, ng, clip))
         keys = key.view(B, n - 1, P, D).unbind(1)
-        dw = torch.bmm(u_i[-1].transpose(1, 2), dzr_i[-1])  # accumulated in place from here
-        dv_ = torch.bmm(h_i[-1].transpose(1, 2), dr_i[-1])
+        keysT = key.view(B, n - 1, P, D).transpose(-1, -2).unbind(1)
+        dw = torch.bmm(uT_i[-1], dzr_i[-1])  # accumulated in place from here
+        dv_ = torch.bmm(hT_i[-1], dr_i[-1])
+        dwT, dvT = dw.transpose(1, 2), dv_.transpose(1, 2)  # views: they follow the in-place updates
         n_keys, n_vals, eta_terms = [], [], []
         for i in range(n - 2, -1, -1):
             z, a, e, gh, g, e_d, e_u, c_d, c_u = steps[i][:9]
-            k, w, v_ = keys[i], ups_i[i], downs_i[i]
+            k, v_ = keys[i], downs_i[i]
             n_ed = torch.bmm(a, dv_)  # −dL/dE_d
             n_eu = torch.bmm(k, dw)  # −dL/dE_u
             q_d = (n_ed * e).sum(-1, keepdim=True)
@@ -138,26 +160,255 @@ class CMSScan(torch.autograd.Function):
             eta_terms += [c_d * q_d, c_u * q_u]
             if clip is None:
                 n_e, n_g = c_d * n_ed, c_u * n_eu
-                n_a = torch.bmm(e_d, dv_.transpose(1, 2))
-                n_k = torch.bmm(e_u, dw.transpose(1, 2))
+                n_a = torch.bmm(e_d, dvT)
+                n_k = torch.bmm(e_u, dwT)
             else:
                 n_e = torch.addcmul(c_d * n_ed, q_d * fe[i], e)
                 n_g = torch.addcmul(c_u * n_eu, q_u * fg[i], g)
-                n_a = torch.baddbmm(q_d * fa[i] * a, e_d, dv_.transpose(1, 2))
-                n_k = torch.baddbmm(q_u * fk[i] * k, e_u, dw.transpose(1, 2))
+                n_a = (q_d * fa[i] * a).baddbmm_(e_d, dvT)  # in place: baddbmm would copy the fresh term
+                n_k = (q_u * fk[i] * k).baddbmm_(e_u, dwT)
             n_gh = _silu_bwd(n_g, z)
             n_e.baddbmm_(n_gh, v_)
-            n_a.baddbmm_(n_e, v_.transpose(1, 2))
+            n_a.baddbmm_(n_e, downsT_i[i])
             # n_z = n_a ⊙ silu′(z) + n_g ⊙ ĝ ⊙ silu″(z), silu″(z) = σ(1 − σ)(2 + z − 2 silu(z))
             sig = torch.sigmoid(z)
             n_z = torch.ops.aten.sigmoid_backward(n_g * gh, sig).mul_(torch.add(z, a, alpha=-2).add_(2))
             n_z.add_(_silu_bwd(n_a, z))
-            n_keys.append(n_k.baddbmm_(n_z, w.transpose(1, 2)))
+            n_keys.append(n_k.baddbmm_(n_z, upsT_i[i]))
             n_vals.append(n_e)
-            dw.baddbmm_(k.transpose(1, 2), n_z, alpha=-1).baddbmm_(u_i[i].transpose(1, 2), dzr_i[i])
+            dw.baddbmm_(keysT[i], n_z, alpha=-1).baddbmm_(uT_i[i], dzr_i[i])
             dv_.baddbmm_(n_gh.transpose(1, 2), e, alpha=-1).baddbmm_(a.transpose(1, 2), n_e, alpha=-1)
-            dv_.baddbmm_(h_i[i].transpose(1, 2), dr_i[i])
+            dv_.baddbmm_(hT_i[i], dr_i[i])
         dkey = torch.cat(n_keys[::-1], 1).neg_()
         dval = torch.cat(n_vals[::-1], 1)
         deta = -torch.stack(eta_terms).sum() / eta_c if ctx.needs_input_grad[5] else None
         return dkey, dval, du, dw, dv_, deta, None, None
+
+
+class CausalConv(torch.autograd.Function):
+    """Causal depthwise convolution over time in the (B, T, C) layout: `CausalDepthwiseConv`'s function.
+
+    Inputs: x (B, T, C); w (C, K) the taps, w[:, K − 1] on the current token. Returns
+        y_t = Σ_{j<K} w[:, K − 1 − j] ⊙ x_{t−j}      (x_{t−j} = 0 before the start)
+    as K shifted multiply-adds on x's own layout; backward:
+        dx_s = Σ_j w[:, K − 1 − j] ⊙ dy_{s+j},   dw[:, K − 1 − j] = Σ_{b, t} dy_t ⊙ x_{t−j}.
+    `F.conv1d` needs channels first: a transpose, a left pad and mkldnn's layout copies of x
+    and of y, forward and backward, which at cpu-tiny (C = 256, T = 128) cost more than the
+    convolution's own arithmetic. Computed in x's dtype (w is cast to it, dw back to w's).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):
+        T, K = x.shape[1], w.shape[1]
+        wt = w.to(x.dtype).t().contiguous()  # (K, C): each tap contiguous (a column of w, stride K, is not vectorised)
+        y = x * wt[K - 1]
+        for j in range(1, min(K, T)):
+            y[:, j:].addcmul_(x[:, : T - j], wt[K - 1 - j])
+        ctx.save_for_backward(x, wt)
+        ctx.w_dtype = w.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wt = ctx.saved_tensors
+        T, K = x.shape[1], wt.shape[0]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = dy * wt[K - 1]
+            for j in range(1, min(K, T)):
+                dx[:, : T - j].addcmul_(dy[:, j:], wt[K - 1 - j])
+        if ctx.needs_input_grad[1]:
+            B, _, C = x.shape
+            buf = x.new_empty(x.numel())  # one buffer for the K lag products (fresh ones cost page faults)
+            taps = [torch.mul(dy[:, j:], x[:, : T - j], out=buf[: B * (T - j) * C].view(B, T - j, C)).sum((0, 1))
+                    if j < T else dy.new_zeros(C) for j in range(K - 1, -1, -1)]
+            dw = torch.stack(taps, 1).to(ctx.w_dtype)
+        return dx, dw
+
+
+class TitansScan(torch.autograd.Function):
+    """The Titans memory's chunk writes (`model.chunk_grads` + `model.chunk_write` per chunk), hand-written backward.
+
+    Inputs, for n chunks of C tokens (N rows, d width, f hidden; per-row scalars (N, n, C, 1)):
+    w1t (N, f, d) = W₁ᵀ, w2t (N, d, f) = W₂ᵀ the state before the first chunk; x (N, n, 2C, d) =
+    [v; k] per chunk; k_norm, k_sq = ‖k‖, ‖k‖²; eta, eta_c = η, η · clip (η without a clip);
+    s2_in: W₂'s rate η/(1 + η‖k‖²) for w2_rate="input", None for "gauss-newton"; carry
+    (N, n, C, 1), keep (N, n, 1, 1) the decays; clip (float or None); write_last: also write
+    the last chunk and return the end state. Returns, stacked (N, n, …): e, a, g, s1, s2 (as
+    `chunk_grads`) and each chunk's boundary state w1t, w2t; then, if write_last, the end state.
+    Chunk i, from its boundary state (W₁ᵀ, W₂ᵀ):
+
+        z = x W₂ᵀ, h = silu(z), [v̂; y_k] = x + h W₁ᵀ, a = h_k, e = y_k − v̂
+        σ′ = silu′(z_k), ĝ = e W₁, g = ĝ ⊙ σ′
+        s1 = η_c / ((1 + η‖a‖²) max(‖a‖‖e‖, clip))
+        s2 = s2₀ clip / max(‖k‖‖g‖, clip),  s2₀ = η / (1 + η ‖k‖² m),  m = (σ′ ⊙ σ′) c,  c_j = ‖W₁[:, j]‖²
+        W₁ᵀ ← keep W₁ᵀ − aᵀ (carry s1 e),   W₂ᵀ ← keep W₂ᵀ − kᵀ (carry s2 g)
+
+    (without a clip the max(·) factors are 1; "input": s2₀ = s2_in.) Autograd records ~50
+    operators per chunk and replays ~160, each a node with its own dispatch and allocation. Here
+    the forward is unrecorded, and the backward runs the chain rule of the lines above in one
+    reverse loop whose state gradients flow chunk to chunk; what does not depend on them — the
+    per-row slopes of s1, s2 (zero where a clip is inactive, `_clip_slopes`) and the gradients of
+    the per-row inputs, linear in ∂L/∂s1, ∂L/∂s2 — is batched over all chunks before or after it.
+    One chunk (n = 1) is the same function, so the layer's other paths (a ragged last chunk,
+    written generators) call it chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, w1t, w2t, x, k_norm, k_sq, eta, eta_c, s2_in, carry, keep, clip, write_last):
+        n, C = x.shape[1], x.shape[2] // 2
+        gauss_newton = s2_in is None
+        outs = [[] for _ in range(7)]  # e, a, g, s1, s2, w1t, w2t per chunk
+        per, rows = [], [[] for _ in range(6)]  # the backward loop's tensors; per-row ‖a‖, ‖e‖, ‖g‖, q1, s2₀, m
+        chunks = [t.unbind(1) if t is not None else [None] * n for t in (x, k_norm, k_sq, eta, eta_c, s2_in, carry, keep)]
+        for i, (xi, kn_i, ksq_i, eta_i, etac_i, s2in_i, carry_i, keep_i) in enumerate(zip(*chunks)):
+            z = torch.bmm(xi, w2t)
+            act = F.silu(z)
+            vhat, yk = torch.baddbmm(xi, act, w1t).split(C, dim=1)
+            a, zk = act[:, C:], z[:, C:]
+            e = yk - vhat
+            sig = torch.sigmoid(zk)
+            one_m = 1 - sig
+            dsig = torch.addcmul(sig, a, one_m)
+            gh = torch.bmm(e, w1t.transpose(1, 2))
+            g = gh * dsig
+            a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+            q1 = 1 + eta_i * a_norm * a_norm
+            dsig2 = colsq = m = None
+            if gauss_newton:
+                dsig2 = dsig * dsig
+                colsq = (w1t * w1t).sum(-1, keepdim=True)
+                m = torch.bmm(dsig2, colsq)
+                s2_0 = eta_i / (1 + eta_i * (ksq_i * m))
+            else:
+                s2_0 = s2in_i
+            if clip is None:
+                e_norm = g_norm = None
+                s1 = etac_i / q1
+                s2 = s2_0
+            else:
+                e_norm = torch.linalg.vector_norm(e, dim=-1, keepdim=True)
+                g_norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+                s1 = etac_i / (q1 * torch.clamp_min(a_norm * e_norm, clip))
+                s2 = s2_0 * clip / torch.clamp_min(kn_i * g_norm, clip)
+            cs1, cs2 = carry_i * s1, carry_i * s2
+            u1, u2 = cs1 * e, cs2 * g
+            silu2 = torch.add(zk, a, alpha=-2).add_(2).mul_(sig).mul_(one_m)  # silu″(z_k) = σ(1 − σ)(2 + z − 2 silu(z))
+            for lst, t in zip(outs, (e, a, g, s1, s2, w1t, w2t)):
+                lst.append(t)
+            for lst, t in zip(rows, (a_norm, e_norm, g_norm, q1, s2_0, m)):
+                lst.append(t)
+            per += [z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2]
+            if i + 1 < n or write_last:
+                w1t = keep_i * w1t - torch.bmm(a.transpose(1, 2), u1)
+                w2t = keep_i * w2t - torch.bmm(xi[:, C:].transpose(1, 2), u2)
+        stacked = [torch.stack(lst, 1) for lst in outs]
+        rows = [None if lst[0] is None else torch.stack(lst, 1) for lst in rows]
+        ctx.clip, ctx.write_last, ctx.n_per = clip, write_last, len(per) // n
+        ctx.save_for_backward(x, k_norm, k_sq, eta, eta_c, carry, keep, *stacked, *rows, *per)
+        return (*stacked, w1t, w2t) if write_last else tuple(stacked)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # in the forward's dtype whatever autocast does around the backward, as `CMSScan.backward`
+        saved = ctx.saved_tensors
+        with _autocast_off(grads[0].device.type):
+            return TitansScan._backward(ctx, saved, *(g.to(saved[0].dtype) for g in grads))
+
+    @staticmethod
+    def _backward(ctx, saved, dE, dA, dG, dS1, dS2, dW1B, dW2B, dw1_end=None, dw2_end=None):
+        x, k_norm, k_sq, eta, eta_c, carry, keep, E, A, G, S1, S2, W1B, W2B = saved[:14]
+        a_norm, e_norm, g_norm, q1, s2_0, m = saved[14:20]
+        per, clip, m_per = saved[20:], ctx.clip, ctx.n_per
+        n, C = x.shape[1], x.shape[2] // 2
+        gauss_newton = m is not None
+        # per-row slopes of every chunk, batched: ∂s1/∂a = A1·a, ∂s1/∂e = fe·e, ∂s2/∂g = fg·g, ∂s2/∂s2₀ = c2
+        a_sq = a_norm * a_norm
+        A1 = -2 * eta * S1 / q1
+        if clip is None:
+            den1, c2 = q1, 1.0
+        else:
+            fa, fe = _clip_slopes(S1, a_norm, e_norm, clip)
+            fk, fg = _clip_slopes(S2, k_norm, g_norm, clip)
+            A1 = A1 + fa
+            den1 = q1 * torch.clamp_min(a_norm * e_norm, clip)
+            c2 = clip / torch.clamp_min(k_norm * g_norm, clip)
+        if gauss_newton:
+            mf = -c2 * s2_0 * s2_0  # ∂s2/∂(‖k‖² m)
+            dm_f = mf * k_sq  # ∂s2/∂m
+        gw1, gw2 = (dw1_end, dw2_end) if ctx.write_last else (None, None)
+        ds1s, ds2s, ps, gws, dxs = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
+        # per-chunk views, one unbind each (W₁ᵀ, W₂ᵀ and x also transposed)
+        chunks = [None if t is None else t.unbind(1) for t in (
+            W1B, W2B, x, E, A, dE, dA, dG, dS1, dS2, dW1B, dW2B, carry, keep, A1, dm_f if gauss_newton else None,
+            fe if clip is not None else None, fg if clip is not None else None,
+            W1B.transpose(-1, -2), W2B.transpose(-1, -2), x.transpose(-1, -2))]
+        for i in range(n - 1, -1, -1):
+            z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2 = per[i * m_per : (i + 1) * m_per]
+            (w1t, w2t, xi, e, a, de, da, dg, ds1, ds2, dw1b, dw2b, carry_i, keep_i, A1_i, dmf_i, fe_i, fg_i,
+             w1, w2, xit) = (None if c is None else c[i] for c in chunks)
+            dkw = None
+            if gw1 is not None:  # the write: W₁ᵀ′ = keep W₁ᵀ − aᵀ u1, W₂ᵀ′ = keep W₂ᵀ − kᵀ u2
+                n1 = torch.bmm(a, gw1)  # −∂L/∂u1
+                n2 = torch.bmm(xi[:, C:], gw2)  # −∂L/∂u2
+                p1 = (n1 * e).sum(-1, keepdim=True)
+                p2 = (n2 * g).sum(-1, keepdim=True)
+                da = torch.baddbmm(da, u1, gw1.transpose(1, 2), alpha=-1)
+                dkw = torch.bmm(u2, gw2.transpose(1, 2))  # −∂L/∂k through the write
+                de = torch.addcmul(de, cs1, n1, value=-1)
+                dg = torch.addcmul(dg, cs2, n2, value=-1)
+                ds1 = torch.addcmul(ds1, carry_i, p1, value=-1)
+                ds2 = torch.addcmul(ds2, carry_i, p2, value=-1)
+                ps[i], gws[i] = (p1, p2), (gw1, gw2)
+            ds1s[i], ds2s[i] = ds1, ds2
+            if clip is not None:
+                dg = torch.addcmul(dg, ds2 * fg_i, g)
+                de = torch.addcmul(de, ds1 * fe_i, e)
+            da = torch.addcmul(da, ds1 * A1_i, a)
+            ddsig = dg * gh  # ∂L/∂σ′
+            if gauss_newton:  # m = (σ′ ⊙ σ′) c
+                dm = ds2 * dmf_i
+                ddsig.addcmul_(dm * colsq.transpose(1, 2), dsig, value=2)
+                dcolsq = torch.bmm(dsig2.transpose(1, 2), dm)
+            dgh = dg * dsig
+            de = torch.baddbmm(de, dgh, w1t)
+            dy = torch.cat([-de, de], dim=1)  # ∂L/∂[v̂; y_k]
+            dact = torch.bmm(dy, w1)
+            dact[:, C:] += da
+            dz = _silu_bwd(dact, z)
+            dz[:, C:].addcmul_(ddsig, silu2)
+            dx = torch.baddbmm(dy, dz, w2)
+            if dkw is not None:
+                dx[:, C:] -= dkw
+            dxs[i] = dx
+            nw1 = torch.baddbmm(dw1b, act.transpose(1, 2), dy).baddbmm_(dgh.transpose(1, 2), e)
+            if gauss_newton:
+                nw1.addcmul_(dcolsq, w1t, value=2)
+            nw2 = torch.baddbmm(dw2b, xit, dz)
+            if gw1 is not None:
+                nw1.addcmul_(keep_i, gw1)
+                nw2.addcmul_(keep_i, gw2)
+            gw1, gw2 = nw1, nw2
+        # the per-row inputs' gradients, linear in ∂L/∂s1, ∂L/∂s2 and the writes' p1, p2
+        ds1, ds2 = torch.stack(ds1s, 1), torch.stack(ds2s, 1)
+        deta_c = ds1 / den1
+        deta = ds1 * (-S1 / q1 * a_sq)
+        dk_norm = dk_sq = ds2_in = None
+        if gauss_newton:
+            den2 = 1 + eta * (k_sq * m)
+            deta = deta + ds2 * c2 / (den2 * den2)
+            dk_sq = ds2 * mf * m
+        else:
+            ds2_in = ds2 * c2
+        if clip is not None:
+            dk_norm = ds2 * fk * k_norm
+        nw = n if ps[-1] is not None else n - 1  # chunks written
+        dcarry = torch.zeros_like(S1)
+        dkeep = torch.zeros_like(keep)
+        if nw:
+            p1, p2 = (torch.stack([p[j] for p in ps[:nw]], 1) for j in range(2))
+            dcarry[:, :nw] = -(S1[:, :nw] * p1 + S2[:, :nw] * p2)
+            g1, g2 = (torch.stack([gw[j] for gw in gws[:nw]], 1) for j in range(2))
+            dkeep[:, :nw] = ((g1 * W1B[:, :nw]).sum((-1, -2), keepdim=True)
+                             + (g2 * W2B[:, :nw]).sum((-1, -2), keepdim=True))
+        return gw1, gw2, torch.stack(dxs, 1), dk_norm, dk_sq, deta, deta_c, ds2_in, dcarry, dkeep, None, None

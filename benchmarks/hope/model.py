@@ -181,7 +181,7 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
-from .fused import CMSScan
+from .fused import CausalConv, CMSScan, TitansScan
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -303,8 +303,9 @@ def dgd_step(w, x, u, eta, alpha=1.0):
 # A training step is bound by operator dispatch, not FLOPs (cpu-tiny: ~10 µs per op), so the
 # scan is split by what depends on the fast state. Only the writes are sequential: the
 # inputs of every chunk (`chunk_constants`) are computed for all chunks at once, the loop
-# runs `chunk_grads` + `chunk_write` per chunk, and every chunk's output read
-# (`chunk_read`) is one batched call after the loop, from the stacked boundary states.
+# runs `chunk_grads` + `chunk_write` per chunk (eager: `fused.TitansScan`, the same function
+# with a hand-written backward), and every chunk's output read (`chunk_read`) is one batched
+# call after the loop, from the stacked boundary states.
 # Layout: N = rows of memories (B·H·M), 3-D tensors so each product is one `bmm`; the
 # state is kept transposed, W₁ᵀ (N, f, d) and W₂ᵀ (N, d, f), which makes every product of
 # the loop a plain `bmm` of the stored tensors.
@@ -325,10 +326,12 @@ def chunk_constants(k, v, eta, log_alpha, clip):
       carry  (..., C, 1)   Π_{r>t} α_r;  keep (..., 1, 1) = Π_r α_r
     """
     eta = eta.unsqueeze(-1)
+    x = torch.cat([v, k], dim=-2)
+    k = x[..., k.shape[-2] :, :]  # k in x's contiguous layout (leading dims then merge without a copy)
     k_norm = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
     cum = log_alpha.cumsum(-1)
     total = cum[..., -1:]
-    return dict(x=torch.cat([v, k], dim=-2), k=k, kt=k.transpose(-1, -2), k_norm=k_norm, eta=eta,
+    return dict(x=x, k=k, kt=k.transpose(-1, -2), k_norm=k_norm, eta=eta,
                 eta_c=eta * clip if clip is not None else eta, k_sq=k_norm * k_norm,
                 s2=eta / (1 + eta * k_norm * k_norm),
                 cum=cum, log_alpha=log_alpha, carry=torch.exp(total - cum).unsqueeze(-1),
@@ -403,10 +406,11 @@ def chunk_read(w1t, w2t, q, kt, e, a, g, s1, s2, cum, log_alpha, read):
     dmat = torch.exp((cum_r.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~mask, float("-inf")))  # (R,C,C)
     a_t = torch.exp(cum_r).unsqueeze(-1)  # (R, C, 1)
     scores2 = dmat * torch.bmm(q, kt) * s2.transpose(1, 2)
-    z = a_t * torch.bmm(q, w2t) - torch.bmm(scores2, g)
+    # A_t (W₂,b q_t) as (A_t q_t) W₂,b, so that each layer's two products are one bmm and one baddbmm
+    z = torch.baddbmm(torch.bmm(a_t * q, w2t), scores2, g, alpha=-1)
     h = F.silu(z)  # (R, C, f)
     scores1 = dmat * torch.bmm(h, a.transpose(1, 2)) * s1.transpose(1, 2)
-    return q + a_t * torch.bmm(h, w1t) - torch.bmm(scores1, e)
+    return torch.baddbmm(torch.baddbmm(q, a_t * h, w1t), scores1, e, alpha=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -441,9 +445,8 @@ class CausalDepthwiseConv(nn.Module):
         w[:, 0, -1] += 1.0  # the current token's tap: starts as (almost) a pass-through
         self.weight = nn.Parameter(w)
 
-    def forward(self, x):  # x: (B, T, channels)
-        x = F.pad(x.transpose(1, 2), (self.size - 1, 0))  # left pad: output t sees ≤ t
-        return F.conv1d(x, self.weight, groups=self.weight.shape[0]).transpose(1, 2)
+    def forward(self, x):  # x: (B, T, channels); `fused.CausalConv`, the taps as shifted multiply-adds
+        return CausalConv.apply(x, self.weight[:, 0])
 
 
 class SelfModifyingTitans(nn.Module):
@@ -454,6 +457,7 @@ class SelfModifyingTitans(nn.Module):
         d, f = D // H, cfg.mem_hidden
         self.n_head, self.head_dim = H, d
         self.writes = True  # False: every read uses φ₀ (static HOPE / writes-off evaluation)
+        self.fused = True  # the chunk writes through `fused.TitansScan` (False: autograd's, as `compile_scans` sets)
         self.record_stats = False  # True: keep the last forward's memory statistics in .stats
         self.stats = None
         self.n_inputs = MEM_OUT if cfg.generator_inputs == "separate" else 1  # G: x̃ per generator or one
@@ -502,22 +506,44 @@ class SelfModifyingTitans(nn.Module):
         written memories' retentions: M = 1 (one α for all, or only M_memory written) or
         M = 5 (`generator_writes="separate"`: the generators' α four times, then M_memory's).
         """
-        if w1.shape[0] == 1:  # one state for the whole batch (φ₀): batch × tokens are rows of one bmm
-            B, H, _, n, d = xin.shape
-            rows = xin.expand(B, H, MEM_OUT, n, d).permute(1, 2, 0, 3, 4).reshape(H * MEM_OUT, B * n, d)
-            y, _, _ = mem_apply(w1[0].flatten(0, 1), w2[0].flatten(0, 1), rows)
-            y = y.view(H, MEM_OUT, B, n, d).permute(2, 0, 1, 3, 4)
+        if w1.shape[0] == 1 and self.cfg.generator_writes != "separate":  # φ₀ for the whole batch
+            yk, v, eta_pre, alpha_pre = self._generate_static(w1[0], w2[0], xin)
         else:
             y, _, _ = mem_apply(w1, w2, xin)  # (B,H,4,n,d)
-        yk, v, ye, ya = y.unbind(2)  # one node: its backward stacks, where 4 selects would each fill zeros
+            yk, v, ye, ya = y.unbind(2)  # one node: its backward stacks, where 4 selects would each fill zeros
+            eta_pre = (ye * self.eta_w[:, None, :]).sum(-1)
+            alpha_pre = (ya * self.alpha_w[:, None, :]).sum(-1)
         k = F.normalize(yk, dim=-1)
-        eta_pre = (ye * self.eta_w[:, None, :]).sum(-1) + self.eta_b[:, None]
-        eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre), max=self.cfg.eta_max)
-        log_a = F.logsigmoid((ya * self.alpha_w[:, None, :]).sum(-1) + self.alpha_b[:, None]).unsqueeze(2)
+        eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre + self.eta_b[:, None]), max=self.cfg.eta_max)
+        log_a = F.logsigmoid(alpha_pre + self.alpha_b[:, None]).unsqueeze(2)
         if self.cfg.generator_writes == "separate":
             log_g = F.logsigmoid((ya * self.gen_alpha_w[:, None, :]).sum(-1) + self.gen_alpha_b[:, None])
             log_a = torch.cat([log_g.unsqueeze(2).expand(-1, -1, MEM_OUT, -1), log_a], dim=2)
         return k, v, eta, log_a  # log α: decay products as cumsums
+
+    def _generate_static(self, w1, w2, xin):
+        """`generate` at one state for the whole batch: batch × tokens are the rows of each bmm.
+
+        w1: (H, 4, d, f), w2: (H, 4, f, d); xin: (B, H, G, n, d). returns M_k's and M_v's reads
+        (B, H, n, d) and the read-outs w_ηᵀ M_η(x̃), w_αᵀ M_α(x̃) (B, H, n), before their biases.
+        Memories are ordered (generator, head): with one x̃ per generator the rows are a view of
+        x W_in's (B, T, G, H, d) layout (no copy); the weights, small, are reordered instead.
+        M_η and M_α are only read through a vector r, so their second layer is folded into it:
+        (x + W₁ σ(W₂x))·r = x·r + σ(W₂x)·(W₁ᵀr): row dot products instead of an f×d product.
+        """
+        B, H, _, n, d = xin.shape
+        rows = xin.expand(B, H, MEM_OUT, n, d).permute(2, 1, 0, 3, 4).reshape(MEM_OUT * H, B * n, d)
+        w1, w2 = (w.transpose(0, 1).flatten(0, 1) for w in (w1, w2))  # (4H, d, f), (4H, f, d)
+        act = F.silu(torch.bmm(rows, w2.transpose(1, 2)))  # (4H, B·n, f)
+        # M_k, M_v | M_η, M_α by `split` (its backward concatenates; a slice's fills a zero tensor)
+        (rows_kv, rows_ea), (act_kv, act_ea), (w1_kv, w1_ea) = (t.split(2 * H) for t in (rows, act, w1))
+        kv = torch.baddbmm(rows_kv, act_kv, w1_kv.transpose(1, 2))
+        r = torch.cat([self.eta_w, self.alpha_w]).unsqueeze(1)  # (2H, 1, d)
+        w1r = torch.bmm(r, w1_ea)  # (W₁ᵀr)ᵀ, (2H, 1, f)
+        pre = (rows_ea * r).sum(-1) + (act_ea * w1r).sum(-1)  # (2H, B·n); as bmm, a K = 1 backward
+        yk, v = kv.view(2, H, B, n, d).transpose(1, 2).unbind(0)
+        eta_pre, alpha_pre = pre.view(2, H, B, n).transpose(1, 2).unbind(0)
+        return yk, v, eta_pre, alpha_pre
 
     def scan(self, xin, q, C, keep_state=False, stats=None):
         """The chunked recurrence (eq. 90) from φ₀: writes chunk by chunk, reads batched after.
@@ -528,7 +554,9 @@ class SelfModifyingTitans(nn.Module):
         Within a chunk every target and inner gradient is taken at the boundary state φ_b
         (`chunk_grads`), the state steps to the next boundary in closed form (`chunk_write`),
         and the reads of all complete chunks are one `chunk_read` on the stacked φ_b's
-        (a ragged last chunk is a second call).
+        (a ragged last chunk is a second call). Eager (`fused`, the default) the writes are
+        `fused.TitansScan`, with a hand-written backward: with static generators one call for
+        all complete chunks, else one per chunk; `compile_scans` runs the autograd functions.
         returns o (B, H, T, d) and the end state (w1, w2) of all five memories, (B, H, 5, ·, ·), or None
         """
         B, H, T, d = q.shape
@@ -553,23 +581,44 @@ class SelfModifyingTitans(nn.Module):
             if stats is not None:
                 stats["eta"].append(eta)
                 stats["log_alpha"].append(log_a[:, :, -1])
-            consts = []
+            consts = {}  # chunk index -> its constants, for the chunks the loop below writes
             if n_full:
                 L = n_full * C
 
                 def head(t, dim):  # the complete chunks' tokens (a slice's backward fills zeros: none if all)
                     return t if L == T else t.narrow(dim, 0, L)
 
-                full = chunk_constants(*(head(t, 2).reshape(B * H, n_full, C, d) for t in (k, v)),
-                                       head(eta, -1).reshape(B * H, n_full, C),
-                                       head(log_a, -1).reshape(B * H, n_full, C), clip)
-                consts = [dict(zip(full, vals)) for vals in zip(*(t.unbind(1) for t in full.values()))]
+                # leading dims (B, H, n_full) on views of k, v: chunk_constants' concatenation is
+                # their one copy into the (B·H, n_full, 2C, d) layout
+                full = chunk_constants(*(head(t, 2).unflatten(2, (n_full, C)) for t in (k, v)),
+                                       head(eta, -1).unflatten(-1, (n_full, C)),
+                                       head(log_a[:, :, 0], -1).unflatten(-1, (n_full, C)), clip)
+                full = {name: t.flatten(0, 1) for name, t in full.items()}
+                if not self.fused:  # per chunk for the autograd loop (TitansScan takes them stacked)
+                    consts.update(enumerate(dict(zip(full, vals)) for vals in zip(*(t.unbind(1) for t in full.values()))))
             if T > n_full * C:
                 s = n_full * C
-                consts.append(constants(k[:, :, s:], v[:, :, s:], eta[..., s:], log_a[..., s:]))
+                consts[n_full] = constants(k[:, :, s:], v[:, :, s:], eta[..., s:], log_a[..., s:])
 
+        def fused_write(cs, write_last):  # chunk constants (B·H·M, n, …) -> the TitansScan's outputs
+            s2_in = None if self.cfg.w2_rate == "gauss-newton" else cs["s2"]
+            return TitansScan.apply(w1t, w2t, cs["x"], cs["k_norm"], cs["k_sq"], cs["eta"], cs["eta_c"], s2_in,
+                                    cs["carry"], cs["keep"], clip, write_last)
+
+        groups = []  # (first token, chunks, chunk_read's inputs with rows (B·H·chunks)) per batched read
+        first = 0  # the chunks before it were written by one TitansScan
+        if static and self.fused and n_full:  # every complete chunk's write in one Function
+            out = fused_write(full, keep_state or n_full < len(spans))
+            fields = dict(zip(("e", "a", "g", "s1", "s2", "w1t", "w2t"), out), kt=full["kt"], cum=full["cum"],
+                          log_alpha=full["log_alpha"])
+            groups.append((0, n_full, {name: t.flatten(0, 1) for name, t in fields.items()}))
+            if len(out) > 7:
+                w1t, w2t = out[7:]
+            first = n_full
         kept = []  # per chunk: what its read needs (boundary state, constants, chunk_grads)
         for i, (s, e_) in enumerate(spans):
+            if i < first:
+                continue
             if static:
                 c = consts[i]
             else:
@@ -580,23 +629,30 @@ class SelfModifyingTitans(nn.Module):
                     stats["eta"].append(eta)
                     stats["log_alpha"].append(log_a[:, :, -1])
                 c = constants(k, v, eta, log_a)
-            e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip, self.cfg.w2_rate)
+            write = keep_state or i + 1 < len(spans)
+            if self.fused:  # the same, as a TitansScan of one chunk
+                out = fused_write({name: t.unsqueeze(1) for name, t in c.items()}, write)
+                (e, a, g, s1, s2), new_state = (t.squeeze(1) for t in out[:5]), out[7:]
+            else:
+                e, a, g, s1, s2 = chunk_grads(w1t, w2t, c, clip, self.cfg.w2_rate)
+                new_state = chunk_write(w1t, w2t, c, e, a, g, s1, s2) if write else ()
             kept.append(dict(w1t=w1t, w2t=w2t, kt=c["kt"], cum=c["cum"], log_alpha=c["log_alpha"],
                              e=e, a=a, g=g, s1=s1, s2=s2))
-            if keep_state or i + 1 < len(spans):
-                w1t, w2t = chunk_write(w1t, w2t, c, e, a, g, s1, s2)
+            if write:
+                w1t, w2t = new_state
 
         def stacked(ts):  # the output memory's rows of (B·H·M, C, ...) per chunk -> (B·H·n, C, ...)
             ts = [t if M == 1 else t.unflatten(0, (B * H, M))[:, -1] for t in ts]
             return ts[0] if len(ts) == 1 else torch.stack(ts, 1).flatten(0, 1)
 
+        for start, group in ((0, kept[: n_full - first]), (n_full * C, kept[n_full - first :])):  # complete, ragged
+            if group:
+                groups.append((start, len(group), {name: stacked([item[name] for item in group]) for name in group[0]}))
         outs = []
-        for start, group in ((0, kept[:n_full]), (n_full * C, kept[n_full:])):  # complete chunks, a ragged one
-            if not group:
-                continue
-            n, Cg = len(group), group[0]["e"].shape[1]
+        for start, n, fields in groups:
+            Cg = fields["e"].shape[1]
             qg = (q if n * Cg == T else q[:, :, start : start + n * Cg]).reshape(B * H * n, Cg, d)
-            o = chunk_read(q=qg, read=read, **{name: stacked([item[name] for item in group]) for name in group[0]})
+            o = chunk_read(q=qg, read=read, **fields)
             outs.append(o.view(B, H, n * Cg, d))
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         if not keep_state:
@@ -755,18 +811,21 @@ class CMSLevel(nn.Module):
 
     def fused_scan(self, x):
         """`scan`'s function with its writes and reads in one `fused.CMSScan` (hand-written backward);
-        a level that never writes (one period) is `scan`'s plain read."""
+        a level that never writes (one period) is `scan`'s plain read. κ and ν are one product, and
+        only of the (n − 1)P rows that write (the last period's tokens are read, never written:
+        half the rows at T = 2P)."""
         B, T, D = x.shape
         P = self.period
         n = -(-T // P)
         if n == 1:
             return self.scan(x)
-        u, key, val = self.views(x)
+        u = self.norm(x)
         L = (n - 1) * P
+        key, val = (u[:, :L] @ torch.cat([self.w_key.weight, self.w_value.weight]).T).split(D, dim=-1)
         eta_c = self.eta() * (self.clip if self.clip is not None else 1.0)
         up_t = self.w_up.T.contiguous().expand(B, D, -1)
         down_t = self.w_down.T.contiguous().expand(B, -1, D)
-        read = CMSScan.apply(key[:, :L], val[:, :L], F.pad(u, (0, 0, 0, n * P - T)) if n * P > T else u,
+        read = CMSScan.apply(key, val, F.pad(u, (0, 0, 0, n * P - T)) if n * P > T else u,
                              up_t, down_t, eta_c, P, self.clip)
         return x + (read if n * P == T else read[:, :T])
 
@@ -947,8 +1006,8 @@ class Hope(nn.Module):
                 m.__dict__.pop("scan", None)  # back to the class's eager method
                 if on:
                     m.scan = CompiledOrEager(m.scan, **compile_kw)
-            if isinstance(m, CMSLevel):
-                m.fused = not on  # compiled: the autograd scan, not the hand-written backward
+            if isinstance(m, (SelfModifyingTitans, CMSLevel)):
+                m.fused = not on  # compiled: the autograd scans, not the hand-written backwards
         return self
 
     def set_writes(self, on: bool):
