@@ -100,6 +100,11 @@ def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None
     return s, w1, w2, nu, d, g_hat
 
 
+#: aten's SiLU backward (``dy ⊙ σ'(x)``) as the overload itself: the packet would resolve it on
+#: every call (~0.5 µs of the kernel's per-bucket host time).
+_silu_backward = torch.ops.aten.silu_backward.default
+
+
 def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: torch.Tensor | None,
                  nu: torch.Tensor | None, g: torch.Tensor, v: torch.Tensor, prev_key: torch.Tensor | None,
                  buf: torch.Tensor):
@@ -115,7 +120,9 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
       ``c₂ = ρ₂ η/(ν m) = 1/(ν (m/η + ‖H‖²))`` and ``c₁ = ρ₁ η/(ν m) = 1/(ν m (1/η + 1.21 ‖W₂‖²))``
       (divided by: no reciprocals; η = 0 gives c = 0, no step on θ):
       ``W₂ ← αW₂ − c₂ (Hᵀ P)ᵀ`` and ``W₁ ← W₁ − ((P W₂) ⊙ σ'(Z) ⊙ c₁ r)ᵀ G``, the latter one
-      ``baddbmm_`` into ``W₁``;
+      ``baddbmm_`` into ``W₁`` (its constant 1.21 m as the product's ``alpha``), the former one
+      ``addcdiv_`` of ``(νH)ᵀ P`` by ``ν/c₂ = ‖νH‖² + ν² m/η`` (``νH`` is the factor ``F`` takes;
+      ``H`` itself is never kept);
     - ``D = S + (ν σ(Q W₁ᵀ)) W₂ᵀ`` is one ``baddbmm`` (Nesterov ``αD + ηV``: α in it too);
     - ``‖V‖`` is read off the row norms when ``V`` is ``G``; ``Êᵀ H`` is made as ``(Hᵀ Ê)ᵀ``,
       the operand order MKL runs fast (``bmm(Ê.mT, H)``: up to 2× slower on a (4, 128, 512) stack).
@@ -142,33 +149,35 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
             torch.mul(g, r, out=prev_key)                    # Ĝ, the next step's key
         return s, w1, w2, nu, torch.mul(s, alpha, out=buf).add_(v, alpha=eta) if mem.nesterov else s, None
     k = g if current else prev_key
-    z = torch.bmm(k, w1.mT)                                  # Z = K W₁ᵀ : (B,m,h)
+    w1t, w2t = w1.mT, w2.mT                                  # views: they follow in-place writes
+    z = torch.bmm(k, w1t)                                    # Z = K W₁ᵀ : (B,m,h)
     if current:
         z.mul_(r)
-    h = F.silu(z)
+    hn = F.silu(z).mul_(nu)                                  # ν H
     # P (l2), or −P = V (dot): the error E = ηP without its sign
-    p = v if dot else torch.sub(s, v, out=buf).baddbmm_(h * nu, w2.mT)   # P = S − V + ν H W₂ᵀ
+    p = v if dot else torch.sub(s, v, out=buf).baddbmm_(hn, w2t)   # P = S − V + ν H W₂ᵀ
     if alpha != 1.0:
         s.mul_(alpha)
     s.add_(p, alpha=eta) if dot else s.sub_(p, alpha=eta)   # S ← αS − E
     sign = -1.0 if dot else 1.0
     m_eta = m / eta if eta else math.inf                     # η = 0: c₁ = c₂ = 0, θ stays
-    d2 = h.square().sum(dim=(-2, -1), keepdim=True).add_(m_eta).mul_(nu)   # 1/c₂ : (B,1,1)
-    d1 = w2.square().sum(dim=(-2, -1), keepdim=True).mul_(mem.SILU_SLOPE_SQ * m).add_(m_eta).mul_(nu)   # 1/c₁
-    # (P W₂ ⊙ σ'(Z)) in one op (aten's silu_backward: silu_grad's closed form), rows × c₁ r (K = Ĝ)
-    back = torch.ops.aten.silu_backward(torch.bmm(p, w2), z)
+    # ν/c₂ = ‖νH‖² + ν² m/η (c₂ Hᵀ = (νH)ᵀ/(ν/c₂)); 1/(1.21 m c₁) = ν (‖W₂‖² + m/(1.21 η m)): (B,1,1)
+    d2 = torch.linalg.vector_norm(hn, dim=(-2, -1), keepdim=True).square_().addcmul_(nu, nu, value=m_eta)
+    d1 = torch.linalg.vector_norm(w2, dim=(-2, -1), keepdim=True).square_().add_(m_eta / (mem.SILU_SLOPE_SQ * m)).mul_(nu)
+    # (P W₂ ⊙ σ'(Z)) in one op (aten's silu_backward: silu_grad's closed form), rows × c₁ r / (1.21 m)
+    back = _silu_backward(torch.bmm(p, w2), z)
     back = back.mul_(torch.div(r, d1)) if current else back.div_(d1)
-    grad_w2 = torch.bmm(h.mT, p).div_(d2).mT                 # c₂ (Hᵀ P)ᵀ : (B,n,h)
-    w1.baddbmm_(back.mT, k, alpha=-sign)                     # no retention on W₁
+    grad_w2 = torch.bmm(hn.mT, p).mT                         # (νH)ᵀ P, transposed: (B,n,h)
+    w1.baddbmm_(back.mT, k, alpha=-sign / (mem.SILU_SLOPE_SQ * m))   # no retention on W₁
     if alpha != 1.0:
         w2.mul_(alpha)
-    w2.add_(grad_w2) if dot else w2.sub_(grad_w2)
-    hq = F.silu(torch.bmm(g, w1.mT).mul_(r), inplace=True).mul_(nu)   # ν σ(Q W₁ᵀ), Q = Ĝ
+    w2.addcdiv_(grad_w2, d2, value=-sign)                    # W₂ ← αW₂ − c₂ (Hᵀ P)ᵀ
+    hq = F.silu(torch.bmm(g, w1t).mul_(r), inplace=True).mul_(nu)   # ν σ(Q W₁ᵀ), Q = Ĝ
     if not current:
         torch.mul(g, r, out=prev_key)                        # Ĝ, the next step's key
     if mem.nesterov:                                         # D̃ = αD + ηV
-        return s, w1, w2, nu, torch.baddbmm(s, hq, w2.mT, beta=alpha, alpha=alpha, out=buf).add_(v, alpha=eta), None
-    return s, w1, w2, nu, torch.baddbmm(s, hq, w2.mT, out=buf), None   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
+        return s, w1, w2, nu, torch.baddbmm(s, hq, w2t, beta=alpha, alpha=alpha, out=buf).add_(v, alpha=eta), None
+    return s, w1, w2, nu, torch.baddbmm(s, hq, w2t, out=buf), None   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
 
 
 @functools.lru_cache(maxsize=64)
