@@ -27,18 +27,6 @@ def _autocast_off(device_type):
     return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
 
 
-def _period_major(x, n):
-    """(B, n·P, D) -> (n·B, P, D), rows (period, batch): the layout of the stacked CMS states."""
-    B, L, D = x.shape
-    return x.view(B, n, L // n, D).transpose(0, 1).reshape(n * B, L // n, D)
-
-
-def _batch_major(x, B):
-    """(n·B, P, D) -> (B, n·P, D), `_period_major`'s inverse (a copy)."""
-    nB, P, D = x.shape
-    return x.view(nB // B, B, P, D).transpose(0, 1).reshape(B, nB // B * P, D)
-
-
 def _clip_slopes(c, x_norm, y_norm, clip):
     """Slopes of a clipped rate c = η / max(‖x‖‖y‖, clip) in ‖x‖ and ‖y‖, divided by those norms.
 
@@ -78,22 +66,24 @@ class CMSScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, key, val, u, up_t, down_t, eta_c, period, clip):
         B, L, D = key.shape
-        n = L // period + 1
-        keys = key.view(B, n - 1, period, D).unbind(1)
-        k_norms = torch.linalg.vector_norm(key, dim=-1, keepdim=True).view(B, n - 1, period, 1).unbind(1)
-        # every state φ_0 … φ_{n−1}, written in place of a stack: (n, B, D, f) and (n, B, f, D),
-        # period-major so that each state is contiguous and `baddbmm` writes it with no copy
-        ups = up_t.new_empty(n, *up_t.shape)
-        downs = down_t.new_empty(n, *down_t.shape)
-        ups[0], downs[0] = up_t, down_t
-        ups_i, downs_i = ups.unbind(0), downs.unbind(0)
-        keysT = key.view(B, n - 1, period, D).transpose(-1, -2).unbind(1)
-        steps = []
-        for i, (k, v, kn) in enumerate(zip(keys, val.view(B, n - 1, period, D).unbind(1), k_norms)):
-            w, v_ = ups_i[i], downs_i[i]
-            z = torch.bmm(k, w)  # (B, P, f)
-            a = F.silu(z)
-            e = torch.baddbmm(v, a, v_, beta=-1)  # a V − v, (B, P, D)
+        P, n = period, L // period + 1
+        u_p = u.view(B, n, P, D)
+        # State i serves write i's keys and read i's rows alike, so each period multiplies it once:
+        # rows [k_i; u_i] by W_upᵀ, then [a_i; h_i] by W_downᵀ with target rows [v_i; 0], so that
+        # one baddbmm gives both e = a V − v and the read h V. Reading each state as it is written
+        # also reads it while it is in cache (a batched read after the loop re-read 4 MiB of cold
+        # states per p16 level at cpu-tiny, at a third of the products' rate).
+        ku = torch.cat([key.view(B, n - 1, P, D), u_p[:, : n - 1]], 2)  # (B, n − 1, 2P, D)
+        v0 = F.pad(val.view(B, n - 1, P, D), (0, 0, 0, P))  # [v_i; 0]
+        k_norms = torch.linalg.vector_norm(key, dim=-1, keepdim=True).view(B, n - 1, P, 1).unbind(1)
+        w, v_ = up_t, down_t
+        states, reads, steps = [(w, v_)], [], []
+        for i in range(n - 1):
+            zz = torch.bmm(ku[:, i], w)  # [z; z_r], (B, 2P, f)
+            act = F.silu(zz)
+            y = torch.baddbmm(v0[:, i], act, v_, beta=-1)  # [a V − v; h V], (B, 2P, D)
+            z, a, e = zz[:, :P], act[:, :P], y[:, :P]
+            reads.append(y[:, P:])
             gh = torch.bmm(e, v_.transpose(1, 2))  # ĝ = e Vᵀ
             g = _silu_bwd(gh, z)
             if clip is None:
@@ -104,18 +94,18 @@ class CMSScan(torch.autograd.Function):
                          torch.linalg.vector_norm(e, dim=-1, keepdim=True),
                          torch.linalg.vector_norm(g, dim=-1, keepdim=True))
                 c_d = eta_c / torch.clamp_min(norms[0] * norms[1], clip)
-                c_u = eta_c / torch.clamp_min(kn * norms[2], clip)
+                c_u = eta_c / torch.clamp_min(k_norms[i] * norms[2], clip)
             e_d, e_u = c_d * e, c_u * g
-            torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs_i[i + 1])
-            torch.baddbmm(w, keysT[i], e_u, alpha=-1, out=ups_i[i + 1])
-            steps.append((z, a, e, gh, g, e_d, e_u, c_d, c_u, *norms))
-        ups, downs = ups.flatten(0, 1), downs.flatten(0, 1)  # (n·B, D, f), (n·B, f, D)
-        u = _period_major(u, n)  # (n·B, P, D)
-        zr = torch.bmm(u, ups)
+            v_ = torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1)
+            w = torch.baddbmm(w, ku[:, i, :P].transpose(1, 2), e_u, alpha=-1)
+            states.append((w, v_))
+            steps.append((zz, act, e, gh, g, e_d, e_u, c_d, c_u, *norms))
+        zr = torch.bmm(u_p[:, -1], w)  # the last period: read, never written
         h = F.silu(zr)
+        reads.append(torch.bmm(h, v_))
         ctx.period, ctx.clip, ctx.n_step = period, clip, len(steps[0])
-        ctx.save_for_backward(key, u, ups, downs, zr, h, eta_c, *(t for s in steps for t in s))
-        return _batch_major(torch.bmm(h, downs), B)
+        ctx.save_for_backward(ku, u, eta_c, zr, h, *(t for s in states for t in s), *(t for s in steps for t in s))
+        return torch.cat(reads, 1)
 
     @staticmethod
     def backward(ctx, dr):
@@ -127,32 +117,37 @@ class CMSScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, saved, dr):
-        key, u, ups, downs, zr, h, eta_c, *flat = saved
+        ku, u, eta_c, zr_last, h_last, *flat = saved
         P, clip, m = ctx.period, ctx.clip, ctx.n_step
-        steps = [flat[i : i + m] for i in range(0, len(flat), m)]
-        B, L, D = key.shape
-        n = L // P + 1
-        # the reads' backward, batched over periods
-        dr = _period_major(dr, n)  # (n·B, P, D), as the forward's reads
-        dzr = _silu_bwd(torch.bmm(dr, downs.transpose(1, 2)), zr)  # (n·B, P, f)
-        du = _batch_major(torch.bmm(dzr, ups.transpose(1, 2)), B)
-        downs_i, dr_i, dzr_i = (t.view(n, B, *t.shape[1:]).unbind(0) for t in (downs, dr, dzr))
-        upsT_i, downsT_i, uT_i, hT_i = (t.view(n, B, *t.shape[1:]).transpose(-1, -2).unbind(0) for t in (ups, downs, u, h))
+        B, L, D = u.shape
+        n = L // P
+        ups, downs = flat[0 : 2 * n : 2], flat[1 : 2 * n : 2]
+        steps = [flat[2 * n + i : 2 * n + i + m] for i in range(0, (n - 1) * m, m)]
+        dr_i = dr.view(B, n, P, D).unbind(1)
+        du_i = [None] * n
+        uT_i = [ku[:, i, P:].transpose(1, 2) for i in range(n - 1)] + [u.view(B, n, P, D)[:, -1].transpose(1, 2)]
+        zr_i = [s[0][:, P:] for s in steps] + [zr_last]
+        hT_i = [s[1][:, P:].transpose(1, 2) for s in steps] + [h_last.transpose(1, 2)]
+
+        def read_backward(i):
+            """Read i's ∂L/∂z_r (returned) and ∂L/∂u (into du_i), at state i's turn in the loop, while
+            the state is in cache for the write's backward too (as the forward's reads)."""
+            dzr = _silu_bwd(torch.bmm(dr_i[i], downs[i].transpose(1, 2)), zr_i[i])  # (B, P, f)
+            du_i[i] = torch.bmm(dzr, ups[i].transpose(1, 2))
+            return dzr
         # the clip slopes of every write, batched (per-row scalars)
         if clip is not None:
             rate_d, rate_u, na, ne, ng = (torch.stack([s[i] for s in steps]) for i in (7, 8, 9, 10, 11))
-            kn = torch.linalg.vector_norm(key, dim=-1, keepdim=True).view(B, n - 1, P, 1).transpose(0, 1)
+            kn = torch.linalg.vector_norm(ku[:, :, :P], dim=-1, keepdim=True).transpose(0, 1)
             fa, fe = (t.unbind(0) for t in _clip_slopes(rate_d, na, ne, clip))
             fk, fg = (t.unbind(0) for t in _clip_slopes(rate_u, kn, ng, clip))
-        keys = key.view(B, n - 1, P, D).unbind(1)
-        keysT = key.view(B, n - 1, P, D).transpose(-1, -2).unbind(1)
-        dw = torch.bmm(uT_i[-1], dzr_i[-1])  # accumulated in place from here
+        dw = torch.bmm(uT_i[-1], read_backward(n - 1))  # accumulated in place from here
         dv_ = torch.bmm(hT_i[-1], dr_i[-1])
         dwT, dvT = dw.transpose(1, 2), dv_.transpose(1, 2)  # views: they follow the in-place updates
         n_keys, n_vals, eta_terms = [], [], []
         for i in range(n - 2, -1, -1):
-            z, a, e, gh, g, e_d, e_u, c_d, c_u = steps[i][:9]
-            k, v_ = keys[i], downs_i[i]
+            zz, act, e, gh, g, e_d, e_u, c_d, c_u = steps[i][:9]
+            z, a, k, v_ = zz[:, :P], act[:, :P], ku[:, i, :P], downs[i]
             n_ed = torch.bmm(a, dv_)  # −dL/dE_d
             n_eu = torch.bmm(k, dw)  # −dL/dE_u
             q_d = (n_ed * e).sum(-1, keepdim=True)
@@ -169,20 +164,20 @@ class CMSScan(torch.autograd.Function):
                 n_k = (q_u * fk[i] * k).baddbmm_(e_u, dwT)
             n_gh = _silu_bwd(n_g, z)
             n_e.baddbmm_(n_gh, v_)
-            n_a.baddbmm_(n_e, downsT_i[i])
+            n_a.baddbmm_(n_e, v_.transpose(1, 2))
             # n_z = n_a ⊙ silu′(z) + n_g ⊙ ĝ ⊙ silu″(z), silu″(z) = σ(1 − σ)(2 + z − 2 silu(z))
             sig = torch.sigmoid(z)
             n_z = torch.ops.aten.sigmoid_backward(n_g * gh, sig).mul_(torch.add(z, a, alpha=-2).add_(2))
             n_z.add_(_silu_bwd(n_a, z))
-            n_keys.append(n_k.baddbmm_(n_z, upsT_i[i]))
+            n_keys.append(n_k.baddbmm_(n_z, ups[i].transpose(1, 2)))
             n_vals.append(n_e)
-            dw.baddbmm_(keysT[i], n_z, alpha=-1).baddbmm_(uT_i[i], dzr_i[i])
+            dw.baddbmm_(k.transpose(1, 2), n_z, alpha=-1).baddbmm_(uT_i[i], read_backward(i))
             dv_.baddbmm_(n_gh.transpose(1, 2), e, alpha=-1).baddbmm_(a.transpose(1, 2), n_e, alpha=-1)
             dv_.baddbmm_(hT_i[i], dr_i[i])
         dkey = torch.cat(n_keys[::-1], 1).neg_()
         dval = torch.cat(n_vals[::-1], 1)
         deta = -torch.stack(eta_terms).sum() / eta_c if ctx.needs_input_grad[5] else None
-        return dkey, dval, du, dw, dv_, deta, None, None
+        return dkey, dval, torch.cat(du_i, 1), dw, dv_, deta, None, None
 
 
 class CausalConv(torch.autograd.Function):
@@ -260,26 +255,28 @@ class TitansScan(torch.autograd.Function):
         gauss_newton = s2_in is None
         outs = [[] for _ in range(7)]  # e, a, g, s1, s2, w1t, w2t per chunk
         per, rows = [], [[] for _ in range(6)]  # the backward loop's tensors; per-row ‖a‖, ‖e‖, ‖g‖, q1, s2₀, m
-        chunks = [t.unbind(1) if t is not None else [None] * n for t in (x, k_norm, k_sq, eta, eta_c, s2_in, carry, keep)]
-        for i, (xi, kn_i, ksq_i, eta_i, etac_i, s2in_i, carry_i, keep_i) in enumerate(zip(*chunks)):
+        one = x.new_ones(())  # 1 + b·c as one addcmul
+        ones_f = one.expand(x.shape[0], C, w2t.shape[-1])  # σ′(z) = silu_backward(1, z), one operator
+        eta_ksq = eta * k_sq if gauss_newton else None  # η‖k‖², batched over the chunks
+        chunks = [t.unbind(1) if t is not None else [None] * n
+                  for t in (x, k_norm, eta_ksq, eta, eta_c, s2_in, carry, keep)]
+        for i, (xi, kn_i, eksq_i, eta_i, etac_i, s2in_i, carry_i, keep_i) in enumerate(zip(*chunks)):
             z = torch.bmm(xi, w2t)
             act = F.silu(z)
             vhat, yk = torch.baddbmm(xi, act, w1t).split(C, dim=1)
             a, zk = act[:, C:], z[:, C:]
             e = yk - vhat
-            sig = torch.sigmoid(zk)
-            one_m = 1 - sig
-            dsig = torch.addcmul(sig, a, one_m)
+            dsig = _silu_bwd(ones_f, zk)  # σ′(z_k)
             gh = torch.bmm(e, w1t.transpose(1, 2))
             g = gh * dsig
             a_norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
-            q1 = 1 + eta_i * a_norm * a_norm
+            q1 = torch.addcmul(one, eta_i * a_norm, a_norm)  # 1 + η‖a‖²
             dsig2 = colsq = m = None
             if gauss_newton:
                 dsig2 = dsig * dsig
                 colsq = (w1t * w1t).sum(-1, keepdim=True)
                 m = torch.bmm(dsig2, colsq)
-                s2_0 = eta_i / (1 + eta_i * (ksq_i * m))
+                s2_0 = eta_i / torch.addcmul(one, eksq_i, m)
             else:
                 s2_0 = s2in_i
             if clip is None:
@@ -293,15 +290,14 @@ class TitansScan(torch.autograd.Function):
                 s2 = s2_0 * clip / torch.clamp_min(kn_i * g_norm, clip)
             cs1, cs2 = carry_i * s1, carry_i * s2
             u1, u2 = cs1 * e, cs2 * g
-            silu2 = torch.add(zk, a, alpha=-2).add_(2).mul_(sig).mul_(one_m)  # silu″(z_k) = σ(1 − σ)(2 + z − 2 silu(z))
             for lst, t in zip(outs, (e, a, g, s1, s2, w1t, w2t)):
                 lst.append(t)
             for lst, t in zip(rows, (a_norm, e_norm, g_norm, q1, s2_0, m)):
                 lst.append(t)
-            per += [z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2]
+            per += [z, act, gh, g, dsig, dsig2, colsq, cs1, cs2, u1, u2]
             if i + 1 < n or write_last:
-                w1t = keep_i * w1t - torch.bmm(a.transpose(1, 2), u1)
-                w2t = keep_i * w2t - torch.bmm(xi[:, C:].transpose(1, 2), u2)
+                w1t = (keep_i * w1t).baddbmm_(a.transpose(1, 2), u1, alpha=-1)
+                w2t = (keep_i * w2t).baddbmm_(xi[:, C:].transpose(1, 2), u2, alpha=-1)
         stacked = [torch.stack(lst, 1) for lst in outs]
         rows = [None if lst[0] is None else torch.stack(lst, 1) for lst in rows]
         ctx.clip, ctx.write_last, ctx.n_per = clip, write_last, len(per) // n
@@ -336,6 +332,10 @@ class TitansScan(torch.autograd.Function):
         if gauss_newton:
             mf = -c2 * s2_0 * s2_0  # ∂s2/∂(‖k‖² m)
             dm_f = mf * k_sq  # ∂s2/∂m
+        # silu″(z_k) = σ(1 − σ)(2 + z − 2 silu(z)) of every chunk, batched (the forward does not need it)
+        zk = torch.stack([per[i * m_per][:, C:] for i in range(n)], 1)
+        sig = torch.sigmoid(zk)
+        silu2 = torch.add(zk, A, alpha=-2).add_(2).mul_(sig).mul_(1 - sig).unbind(1)
         gw1, gw2 = (dw1_end, dw2_end) if ctx.write_last else (None, None)
         ds1s, ds2s, ps, gws, dxs = [None] * n, [None] * n, [None] * n, [None] * n, [None] * n
         # per-chunk views, one unbind each (W₁ᵀ, W₂ᵀ and x also transposed)
@@ -344,7 +344,7 @@ class TitansScan(torch.autograd.Function):
             fe if clip is not None else None, fg if clip is not None else None,
             W1B.transpose(-1, -2), W2B.transpose(-1, -2), x.transpose(-1, -2))]
         for i in range(n - 1, -1, -1):
-            z, act, gh, g, dsig, dsig2, colsq, silu2, cs1, cs2, u1, u2 = per[i * m_per : (i + 1) * m_per]
+            z, act, gh, g, dsig, dsig2, colsq, cs1, cs2, u1, u2 = per[i * m_per : (i + 1) * m_per]
             (w1t, w2t, xi, e, a, de, da, dg, ds1, ds2, dw1b, dw2b, carry_i, keep_i, A1_i, dmf_i, fe_i, fg_i,
              w1, w2, xit) = (None if c is None else c[i] for c in chunks)
             dkw = None
@@ -376,7 +376,7 @@ class TitansScan(torch.autograd.Function):
             dact = torch.bmm(dy, w1)
             dact[:, C:] += da
             dz = _silu_bwd(dact, z)
-            dz[:, C:].addcmul_(ddsig, silu2)
+            dz[:, C:].addcmul_(ddsig, silu2[i])
             dx = torch.baddbmm(dy, dz, w2)
             if dkw is not None:
                 dx[:, C:] -= dkw
