@@ -213,13 +213,13 @@ class DeepOptimizer(Optimizer):
             raise ValueError("all optimizer param groups should be with/without names. cannot add "
                              f"param group {'with' if named else 'without'} names to the optimizer")
 
+        self._warm_rules(parts)                         # builds the rules: the last check
         k = self._n_user_groups
         for i, t in enumerate(tensors):
             self._names.setdefault(t, _distributed.canonical_name(names[i]) if named else f"{k}.{i}")
         self._user_params.append(tensors)
         self._n_user_groups += 1
         self.param_groups.extend(parts)
-        self._warm_rules(parts)
 
     def _warm_rules(self, groups: list[dict[str, Any]]) -> None:
         """Build the rules of ``groups`` now, so that a first ``torch.compile``-d step finds them
