@@ -22,9 +22,15 @@ import torch.nn.functional as F
 _silu_bwd = torch.ops.aten.silu_backward  # (x, z) -> x ⊙ silu′(z), one operator
 
 
-def _autocast_off(device_type):
-    """Autocast disabled for a backward; nothing on the meta device (`plan.py`), which has no autocast."""
-    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+def _in_forward_dtype(ctx, backward, *grads):
+    """``backward(ctx, saved, *grads)`` in the forward's dtype, whatever autocast is doing around
+    it: a backward called inside autocast (a CUDA graph's capture, say) would otherwise mix bf16
+    and float32. The saved tensors are unpacked once (checkpointing allows no more); the meta
+    device (`plan.py`) has no autocast to turn off."""
+    saved = ctx.saved_tensors
+    device = grads[0].device.type
+    with contextlib.nullcontext() if device == "meta" else torch.autocast(device, enabled=False):
+        return backward(ctx, saved, *(g.to(saved[0].dtype) for g in grads))
 
 
 def _clip_slopes(c, x_norm, y_norm, clip):
@@ -109,11 +115,7 @@ class CMSScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dr):
-        # The forward's dtype, whatever autocast is doing around the backward: a backward called
-        # inside autocast (a CUDA graph's capture, say) would otherwise mix bf16 and float32.
-        saved = ctx.saved_tensors                            # unpacked once (checkpointing allows no more)
-        with _autocast_off(dr.device.type):
-            return CMSScan._backward(ctx, saved, dr.to(saved[0].dtype))
+        return _in_forward_dtype(ctx, CMSScan._backward, dr)
 
     @staticmethod
     def _backward(ctx, saved, dr):
@@ -306,10 +308,7 @@ class TitansScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        # in the forward's dtype whatever autocast does around the backward, as `CMSScan.backward`
-        saved = ctx.saved_tensors
-        with _autocast_off(grads[0].device.type):
-            return TitansScan._backward(ctx, saved, *(g.to(saved[0].dtype) for g in grads))
+        return _in_forward_dtype(ctx, TitansScan._backward, *grads)
 
     @staticmethod
     def _backward(ctx, saved, dE, dA, dG, dS1, dS2, dW1B, dW2B, dw1_end=None, dw2_end=None):

@@ -372,7 +372,7 @@ def run(args):
     except ImportError:
         bar = range(steps)
     steps_completed = 0
-    skipped, losses_since_log = [], []
+    skipped, last_loss = [], None                  # last_loss: the last finite loss since the last log
     params = list(model.parameters())
     max_skips = max(5, steps // 100)                # more than 1% of the steps: the run has diverged
     for step in bar:
@@ -404,10 +404,10 @@ def run(args):
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             torch.nn.utils.clip_grads_with_norm_(params, 1.0, grad_norm)
             opt.step()
-            losses_since_log.append(loss_value)
+            last_loss = loss_value
         else:
-            skipped.append(dict(step=step, loss=loss_value, grad_norm=norm_value, params=nonfinite_grads(model),
-                                weights=nonfinite_weights(model)))
+            skipped.append(dict(step=step, loss=loss_value, grad_norm=norm_value, params=nonfinite(model, of_grads=True),
+                                weights=nonfinite(model, of_grads=False)))
             if len(skipped) == 1:                   # what it takes to replay the first one elsewhere
                 save_nonfinite(out / NONFINITE_FILE, model, model_cfg, x, y, step, args, use_amp)
             opt.zero_grad(set_to_none=True)
@@ -425,9 +425,9 @@ def run(args):
             now = time.perf_counter()
             tps = tokens_since_log / max(now - t_log, 1e-9)
             t_log, tokens_since_log = now, 0
-            if losses_since_log:                    # the last finite loss: a skipped step has none
-                losses.append(losses_since_log[-1])
-            losses_since_log = []
+            if last_loss is not None:               # a skipped step has no loss of its own
+                losses.append(last_loss)
+            last_loss = None
             rec = dict(step=step, loss=loss_value, tokens_per_s=tps, lr=opt.param_groups[0]["lr"] if not
                        isinstance(opt.param_groups[0]["lr"], torch.Tensor) else float(opt.param_groups[0]["lr"]),
                        elapsed_s=now - t_start)
@@ -498,16 +498,12 @@ def save_nonfinite(path: Path, model, model_cfg, x, y, step: int, args, bf16: bo
                     x=x.detach().cpu(), y=y.detach().cpu()), path)
 
 
-def nonfinite_grads(model) -> list[str]:
-    """Names of the parameters whose gradient has a NaN or an infinity (a skipped step's record)."""
-    return [name for name, p in model.named_parameters()
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-
-
-def nonfinite_weights(model) -> list[str]:
-    """Names of the parameters that are themselves not finite: an earlier update (the optimizer)
-    made them so, where an empty list means this step's forward or backward did."""
-    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+def nonfinite(model, of_grads: bool) -> list[str]:
+    """Names of the parameters whose gradient (``of_grads``) or value has a NaN or an infinity (a
+    skipped step's record). Non-finite values mean an earlier update (the optimizer) made them so;
+    none, with non-finite gradients, means this step's forward or backward did."""
+    tensors = ((name, p.grad if of_grads else p) for name, p in model.named_parameters())
+    return [name for name, t in tensors if t is not None and not bool(torch.isfinite(t).all())]
 
 
 def cuda_graph_problem(use_cuda: bool, compiled, checkpointing: bool, micro: int, batch: int) -> str | None:
