@@ -52,4 +52,3 @@ def pin_to_one_core() -> int | None:
     core = min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})
     return core
-
