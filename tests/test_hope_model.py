@@ -376,7 +376,7 @@ def test_static_generators_keep_phi0_and_write_only_the_output_memory():
 
 def test_separate_retention_decays_generators_at_their_own_rate():
     """Generators forced to α ≈ 1 while M_memory decays: state norms follow their own α."""
-    layer = titans(generator_writes="separate")
+    layer = titans(generator_writes="separate", alpha_min=0.0)  # no floor: α_memory ≈ 0.12
     x = rand_x()
     with torch.no_grad():
         layer.eta_b.fill_(-1e4)  # η = 0: retention alone acts

@@ -205,7 +205,8 @@ class HopeConfig:
     eta_max: float = 16.0        # DGD's η′ (with w2_rate="gauss-newton") keeps every η stable (choice 15)
     w2_rate: str = "gauss-newton"  # W₂'s DGD rate: its Gauss–Newton curvature ‖k‖²‖W₁ diag σ′‖_F², or "input": ‖k‖²
     eta_bias_init: float = 0.0   # η read-out bias at init: η = eta_scale · softplus(0) ≈ 0.69 eta_scale
-    alpha_bias_init: float = 4.0  # sigmoid(4) ≈ 0.982 retention at init
+    alpha_bias_init: float = 4.0  # retention at init α_min + (1 − α_min) sigmoid(4) ≈ 0.991
+    alpha_min: float = 0.5       # retention floor, α_t ∈ (α_min, 1): no memory collapses to the zero state (choice 16)
     inner_clip: float | None = 0.3  # per-token inner-gradient Frobenius clip (Titans and CMS); 1.0 before choice 15
     out_read: str = "causal"     # "causal" (retrieve after store), "strict" (before) or "boundary"
     generator_writes: str = "off"  # M_k, M_v, M_η, M_α static, or written with M_memory's α / their own
@@ -221,6 +222,8 @@ class HopeConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if not 0.0 <= self.alpha_min < 1.0:
+            raise ValueError(f"alpha_min={self.alpha_min!r}: expected 0 <= alpha_min < 1 (0: no floor)")
         if self.key_shift_init and (self.generator_inputs != "separate" or self.conv_size < 2):
             raise ValueError("key_shift_init=True needs generator_inputs='separate' and conv_size >= 2; "
                              "pass key_shift_init=False with shared inputs")
@@ -515,11 +518,18 @@ class SelfModifyingTitans(nn.Module):
             alpha_pre = (ya * self.alpha_w[:, None, :]).sum(-1)
         k = F.normalize(yk, dim=-1)
         eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre + self.eta_b[:, None]), max=self.cfg.eta_max)
-        log_a = F.logsigmoid(alpha_pre + self.alpha_b[:, None]).unsqueeze(2)
+        log_a = self._log_retention(alpha_pre + self.alpha_b[:, None]).unsqueeze(2)
         if self.cfg.generator_writes == "separate":
-            log_g = F.logsigmoid((ya * self.gen_alpha_w[:, None, :]).sum(-1) + self.gen_alpha_b[:, None])
+            log_g = self._log_retention((ya * self.gen_alpha_w[:, None, :]).sum(-1) + self.gen_alpha_b[:, None])
             log_a = torch.cat([log_g.unsqueeze(2).expand(-1, -1, MEM_OUT, -1), log_a], dim=2)
         return k, v, eta, log_a  # log α: decay products as cumsums
+
+    def _log_retention(self, pre):
+        """log α for read-outs ``pre``: α = α_min + (1 − α_min) sigmoid(pre), in log space (choice 16)."""
+        floor = self.cfg.alpha_min
+        if floor == 0.0:
+            return F.logsigmoid(pre)
+        return torch.logaddexp(F.logsigmoid(pre) + math.log1p(-floor), pre.new_tensor(math.log(floor)))
 
     def _generate_static(self, w1, w2, xin):
         """`generate` at one state for the whole batch: batch × tokens are the rows of each bmm.
