@@ -5,6 +5,8 @@ the per-token reference), autograd through `F.conv1d` for the causal convolution
 `torch.autograd.gradcheck` (finite differences) of each Function.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,3 +211,38 @@ def test_titans_scan_gradcheck(clip, w2_rate, n, write_last):
         return TitansScan.apply(w1t, w2t, *rest, clip, write_last)
 
     assert torch.autograd.gradcheck(fn, (w1t, w2t, *inputs))
+
+
+def _collapse(keep, n=24, C=16, N=2, d=64, f=64, at=4):
+    """n chunks of TitansScan in float32 at η = 16 with values of norm ~100, the state's size per
+    chunk and the gradient of the end state in the initial one, where chunk `at` writes nothing and
+    keeps `keep` of the state (the collapse seen on the H200: a head at α ≈ 0 whose last tokens do
+    not write). From a tiny state the writes regrow it ~1e5-fold every two chunks, so ∂(end)/∂(tiny
+    state) is ~1/keep: past float32's range for keep = 1e-42."""
+    g = torch.Generator().manual_seed(0)
+    w1t = (torch.randn(N, f, d, generator=g) / math.sqrt(f)).requires_grad_()
+    w2t = (torch.randn(N, d, f, generator=g) / math.sqrt(d)).requires_grad_()
+    k = F.normalize(torch.randn(N, n, C, d, generator=g), dim=-1)
+    v = torch.randn(N, n, C, d, generator=g) * 100 / math.sqrt(d)
+    eta = torch.full((N, n, C), 16.0)
+    eta[:, at] = 0.0
+    log_a = torch.full((N, n, C), math.log(0.9))
+    log_a[:, at] = math.log(keep) / C
+    c = chunk_constants(k, v, eta, log_a, 0.3)
+    outs = TitansScan.apply(w1t, w2t, c["x"], c["k_norm"], c["k_sq"], c["eta"], c["eta_c"], None,
+                            c["carry"], c["keep"], 0.3, True)
+    size = outs[5].abs().amax((0, 2, 3))  # the state's largest entry at each chunk boundary
+    grads = torch.autograd.grad(outs[-2].sum() + outs[-1].sum(), (w1t, w2t))
+    return size, all(bool(torch.isfinite(t).all()) for t in grads)
+
+
+def test_a_collapsed_state_overflows_float32_gradients_and_the_retention_floor_prevents_it():
+    """keep = 1e-42 (α ≈ 0.0024 per token, no floor): the state falls to ~1e-42, regrows to ~1
+    and the gradient is not finite. The default floor α_min bounds a chunk's keep below by
+    α_min^C, and from there the gradient stays finite."""
+    size, finite = _collapse(1e-42)
+    assert size[5] < 1e-40 and size[-1] > 1e-2  # collapsed, then regrown
+    assert not finite
+    floor = HopeConfig().alpha_min ** 16
+    size, finite = _collapse(floor)
+    assert size[5] < 1e-3 * size[4] and finite

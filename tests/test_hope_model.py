@@ -576,3 +576,23 @@ def test_chunked_equals_reference_with_input_w2_rate(chunk):
     torch.testing.assert_close(w1, r1, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(w2, r2, rtol=1e-11, atol=1e-11)
     assert (y - y_gn).abs().max() > 1e-6  # the two rates differ
+
+
+@pytest.mark.parametrize("alpha_min", [0.0, 0.05, 0.5])
+def test_retention_stays_in_its_floored_range_with_finite_gradients(alpha_min):
+    """α = α_min + (1 − α_min) σ(·): at read-outs of ±1e4 α is α_min and 1, in between it is the
+    formula; the log-space form has finite gradients at both ends."""
+    layer = titans(alpha_min=alpha_min)
+    pre = torch.tensor([-1e4, -30.0, -3.0, 0.0, 4.0, 30.0, 1e4], dtype=F64, requires_grad=True)
+    log_a = layer._log_retention(pre)
+    expected = alpha_min + (1 - alpha_min) * torch.sigmoid(pre.detach())
+    torch.testing.assert_close(log_a.exp(), expected, rtol=1e-12, atol=0)
+    log_a.sum().backward()
+    assert torch.isfinite(pre.grad).all()
+
+
+def test_retention_floor_is_checked():
+    with pytest.raises(ValueError, match="alpha_min"):
+        tiny_cfg(alpha_min=1.0)
+    with pytest.raises(ValueError, match="alpha_min"):
+        tiny_cfg(alpha_min=-0.1)

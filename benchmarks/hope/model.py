@@ -93,8 +93,8 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
 3. q is not adaptive (the paper's ablation finds a fixed q slightly better).
 4. η, α memories output d-vectors (the residual MLP is square); a fixed per-head read-out
    vector and bias turn them into one scalar per head and token:
-   η_t = min(eta_scale · softplus(·), eta_max), α_t = sigmoid(·) ∈ (0, 1), bias initialised
-   to `alpha_bias_init` (α ≈ 0.98).
+   η_t = min(eta_scale · softplus(·), eta_max), α_t = α_min + (1 − α_min) sigmoid(·) ∈
+   (α_min, 1) (choice 16), bias initialised to `alpha_bias_init` (α ≈ 0.98).
 5. Inner-gradient clipping (Titans NaNs without it): each layer's per-token gradient
    δ x_inᵀ is scaled by min(1, inner_clip / ‖δ‖‖x_in‖) before the step, in every path
    alike; `inner_clip=None` turns it off. The bound is 0.3 (choice 15).
@@ -166,6 +166,30 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
    benefit stays small (0.03–0.15 bpb). MQAR (`cpu-mqar`, seed 0) at the
    defaults: val accuracy 1.000, writes off 0.038.
    The clip is shared with the CMS levels (their η ≤ 0.1; not separately measured).
+16. The retention floor (`alpha_min` = 0.1): α_t = α_min + (1 − α_min) sigmoid(·), computed in log
+   space. On an H200, gpu-small without a floor (`gpu_check --parts tests,hope`, 2,000-step schedule,
+   CUDA graphs) skipped its first non-finite step at 264 (AdamW) and 341 (DMGD), and stopped after
+   the 21st skip (at 1,164 and 1,528; the limit is 20). The loss stayed finite; the gradient was NaN. The saved first
+   step (`nonfinite_first.pt`), replayed on the CPU, gave NaN in float32 and a gradient norm of 1.63
+   in float64 (one sequence), with the fused and the autograd scans alike: not a kernel bug. The NaN came
+   from `TitansScan`'s backward in layer 0. One head had α ≈ 0.002 per token and η at its cap 16,
+   with values of norm up to ~300. Its state fell to ~1e-42 over one chunk whose last tokens did
+   not write, and the writes then regrew it ~2,000-fold per chunk (the zero state is a saddle:
+   there the write is linear in the state). The end state is proportional to that remnant, so
+   the remnant's adjoint reached ~1e37–1e39 and overflowed float32. Any chunk keeps at least
+   α_min^C of its state, 1e-16 at C = 16: two such chunks in a row leave ~1e32, still inside
+   float32. `tests/test_hope_fused.py` rebuilds the collapse: keep 1e-42 gives a NaN gradient,
+   α_min^C a finite one. The replayed steps are finite with the floor at every α_min from 1e-3 to
+   0.5, and their loss moves by at most 0.013.
+   Learning with the floor: on the H200 at α_min = 0.5 (693 steps, eager, three runs side by side)
+   there was no non-finite step. HOPE + DMGD reached 1.859 val bpb (writes off 2.857), HOPE + AdamW
+   2.221 (3.592), and the Transformer++ 1.701. HOPE + DMGD's train loss lagged the unfloored runs
+   (2.14 against 1.58–1.59 at step 200, 1.57 against 1.17–1.33 near step 490). A HOPE + AdamW run
+   at 0.5 with CUDA graphs went 420 steps with no skip (2.840). At cpu-tiny with T = 512 (HOPE +
+   DMGD, 300 steps, batch 4) the floor made no difference: α_min 0 gave 2.562 and 2.549 val bpb
+   (seeds 0, 1), 0.05 gave 2.544 and 2.579, 0.1 gave 2.559 and 2.540, 0.5 gave 2.544 and 2.538.
+   `cpu-mqar` at 0.1: accuracy 0.999, 0.032 with the writes off. 0.1, the default, is the
+   smallest floor that keeps the float32 bound above; it has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -205,8 +229,8 @@ class HopeConfig:
     eta_max: float = 16.0        # DGD's η′ (with w2_rate="gauss-newton") keeps every η stable (choice 15)
     w2_rate: str = "gauss-newton"  # W₂'s DGD rate: its Gauss–Newton curvature ‖k‖²‖W₁ diag σ′‖_F², or "input": ‖k‖²
     eta_bias_init: float = 0.0   # η read-out bias at init: η = eta_scale · softplus(0) ≈ 0.69 eta_scale
-    alpha_bias_init: float = 4.0  # retention at init α_min + (1 − α_min) sigmoid(4) ≈ 0.991
-    alpha_min: float = 0.5       # retention floor, α_t ∈ (α_min, 1): no memory collapses to the zero state (choice 16)
+    alpha_bias_init: float = 4.0  # retention at init α_min + (1 − α_min) sigmoid(4) ≈ 0.984
+    alpha_min: float = 0.1       # retention floor, α_t ∈ (α_min, 1): no memory collapses to the zero state (choice 16)
     inner_clip: float | None = 0.3  # per-token inner-gradient Frobenius clip (Titans and CMS); 1.0 before choice 15
     out_read: str = "causal"     # "causal" (retrieve after store), "strict" (before) or "boundary"
     generator_writes: str = "off"  # M_k, M_v, M_η, M_α static, or written with M_memory's α / their own
@@ -529,7 +553,8 @@ class SelfModifyingTitans(nn.Module):
         floor = self.cfg.alpha_min
         if floor == 0.0:
             return F.logsigmoid(pre)
-        return torch.logaddexp(F.logsigmoid(pre) + math.log1p(-floor), pre.new_tensor(math.log(floor)))
+        c = math.log(floor)  # log(e^c + e^u) = c + softplus(u − c), with Python scalars only (CUDA graphs)
+        return F.softplus(F.logsigmoid(pre) + (math.log1p(-floor) - c)) + c
 
     def _generate_static(self, w1, w2, xin):
         """`generate` at one state for the whole batch: batch × tokens are the rows of each bmm.
