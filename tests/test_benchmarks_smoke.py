@@ -229,3 +229,15 @@ def test_pin_to_one_core_leaves_one_core():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split(maxsplit=1)
     assert out[1].strip() == f"[{out[0]}]"
+
+
+def test_hope_speed_times_the_variants_asked_for():
+    """`benchmarks.hope.speed --variants default`: today's HOPE and the Transformer++ alone, with
+    their operator counts and ratios; an unknown variant is refused by name."""
+    from benchmarks.hope import speed
+
+    out = speed.main(["--repeats", "1", "--variants", "default"])
+    assert set(out["ratio"]) == {"hope[default]", "transformer"}
+    assert out["ratio"]["transformer"] == 1.0 and out["ops"]["hope[default]"] > out["ops"]["transformer"]
+    with pytest.raises(SystemExit):
+        speed.main(["--variants", "default,newest"])

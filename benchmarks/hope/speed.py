@@ -1,11 +1,14 @@
 """HOPE step cost against the parameter-matched Transformer++: aten ops and interleaved time.
 
-    python -m benchmarks.hope.speed [--preset cpu-tiny] [--repeats 15] [--threads 1] [--compile]
+    python -m benchmarks.hope.speed [--preset cpu-tiny] [--repeats 15] [--threads 1] [--variants old,default] [--compile]
 
 Counts the aten operators one forward + backward dispatches (a TorchDispatchMode), and times
 forward + backward of each model alternated A, B, C, A, B, C, … in this process after
 warm-up (one thread unless --threads), reporting medians and each model's ratio to the eager
-Transformer++. "old" is the HOPE design before the ablation (ablate.OLD), "default" today's.
+Transformer++. "old" is the HOPE design before the ablation (ablate.OLD), "default" today's;
+`--variants default` times today's HOPE and the Transformer++ alone. The models share the
+process's allocator, so the ratio moves with which others are in it (glibc returns freed memory
+to the system and the next step faults it back in): compare ratios taken with the same variants.
 --compile adds "hope[compiled]" (today's HOPE with `Hope.compile_scans()`) and
 "transformer[compiled]" (the whole Transformer++ under torch.compile), so a compiled HOPE
 is also compared with a compiled baseline; their compile times are printed (the op count
@@ -42,13 +45,19 @@ def main(argv=None):
     ap.add_argument("--preset", default="cpu-tiny", choices=tuple(PRESETS))
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--variants", default="old,default",
+                    help="comma-separated HOPE variants to time: old, default (default: both)")
     ap.add_argument("--compile", action="store_true", help="also time compiled HOPE scans and a compiled Transformer++")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     train_cfg = PRESETS[args.preset]["train"]
     B, T = train_cfg["batch"], train_cfg["seq_len"]
     torch.manual_seed(0)
-    models = {f"hope[{k}]": build_model("hope", args.preset, 256, **v)[0] for k, v in VARIANTS.items()}
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; expected a comma-separated subset of {sorted(VARIANTS)}")
+    models = {f"hope[{k}]": build_model("hope", args.preset, 256, **VARIANTS[k])[0] for k in variants}
     models["transformer"] = build_model("transformer", args.preset, 256)[0]
     x = torch.randint(0, 256, (B, T + 1))
 
