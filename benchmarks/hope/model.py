@@ -188,6 +188,9 @@ Choices where docs/math.md §8 / the paper are ambiguous (config field where one
    at 0.5 with CUDA graphs went 420 steps with no skip (2.840). At cpu-tiny with T = 512 (HOPE +
    DMGD, 300 steps, batch 4) the floor made no difference: α_min 0 gave 2.562 and 2.549 val bpb
    (seeds 0, 1), 0.05 gave 2.544 and 2.579, 0.1 gave 2.559 and 2.540, 0.5 gave 2.544 and 2.538.
+   At gpu-small's shapes on the CPU (HOPE + DMGD, batch 4, 200 steps, float32, seed 0) neither
+   floor cost anything: α_min 0 gave 2.729 val bpb (writes off 2.873), 0.1 gave 2.697 (2.898),
+   0.5 gave 2.690 (2.884). The H200's lag at 0.5 is one run at batch 16, unexplained.
    `cpu-mqar` at 0.1: accuracy 0.999, 0.032 with the writes off. 0.1, the default, is the
    smallest floor that keeps the float32 bound above; it has not run on a GPU yet.
 """
