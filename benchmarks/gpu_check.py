@@ -107,6 +107,14 @@ def _tail(log: Path, lines: int = 3) -> str:
         return ""
 
 
+def _first_line(log: Path, text: str) -> str | None:
+    """The first line of ``log`` that contains ``text`` (a run's printed note), or None."""
+    try:
+        return next((line for line in log.read_text().splitlines() if text in line), None)
+    except OSError:
+        return None
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -116,6 +124,7 @@ def _read_json(path: Path) -> Any:
 
 def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[str, Any]:
     from benchmarks.hope.presets import PRESETS
+    from benchmarks.hope.train import GRAPH_FALLBACK
 
     common = ["--preset", args.preset, "--device", args.device, "--no-progress"]
     if args.batch:
@@ -142,6 +151,10 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
     probe = {name: finish(p, clock.limit(args.probe_seconds), t0) for name, p in procs.items()}
     step_s = {}
     for name, res in probe.items():
+        fallback = _first_line(logs / f"probe-{name}.log", GRAPH_FALLBACK)
+        if fallback:  # said now: the runs that follow will be eager, at several times the step time
+            res["graph_fallback"] = fallback
+            print(f"[{time.strftime('%H:%M:%S')}] hope probe {name}: {fallback}", flush=True)
         s = _read_json(out / "probe" / name / "summary.json")
         if s and s.get("tokens_per_s"):
             step_s[name] = s["config"]["batch"] * s["config"]["seq_len"] / s["tokens_per_s"]
@@ -177,6 +190,9 @@ def hope_part(args, clock: Clock, py: list[str], out: Path, logs: Path) -> dict[
             res["fallback_lr"] = s["config"]["optimizer"]["fallback_lr"]
         else:
             res["log_tail"] = _tail(logs / f"hope-{name}.log")
+        fallback = _first_line(logs / f"hope-{name}.log", GRAPH_FALLBACK)
+        if fallback:
+            res["graph_fallback"] = fallback
         part["runs"][name] = res
     part["status"] = "ok" if all(r.get("val_bpb") is not None for r in part["runs"].values()) else "incomplete"
     return part
@@ -217,6 +233,8 @@ def table(result: dict[str, Any]) -> str:
                            f"peak {_f((r.get('peak_memory_bytes') or 0) / 2**30)} GiB, compiled {r.get('compiled')}, "
                            f"rc {r.get('rc')} "
                            f"{r.get('log_tail', '')}")
+            if r.get("graph_fallback"):
+                lines.append(f"    ran eager: {r['graph_fallback']}")
         if "jax_tests" in h:
             lines.append(f"  jax tests on the device: rc {h['jax_tests']['rc']}: {h['jax_tests'].get('summary')}")
     return "\n".join(lines)

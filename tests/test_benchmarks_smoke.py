@@ -241,3 +241,19 @@ def test_hope_speed_times_the_variants_asked_for():
     assert out["ratio"]["transformer"] == 1.0 and out["ops"]["hope[default]"] > out["ops"]["transformer"]
     with pytest.raises(SystemExit):
         speed.main(["--variants", "default,newest"])
+
+
+def test_gpu_check_names_a_run_that_fell_back_to_eager(tmp_path):
+    """A run whose CUDA-graph capture failed trains eagerly at several times the step time; the
+    summary table says so with train's own note, found in the run's log."""
+    from benchmarks import gpu_check
+    from benchmarks.hope.train import GRAPH_FALLBACK
+
+    log = tmp_path / "hope-x.log"
+    log.write_text(f"start\n{GRAPH_FALLBACK} (RuntimeError: no copies in a capture); running eager\nend\n")
+    note = gpu_check._first_line(log, GRAPH_FALLBACK)
+    assert note.startswith(GRAPH_FALLBACK) and gpu_check._first_line(log, "absent") is None
+    run = dict(val_bpb=2.0, steps=10, steps_completed=10, skipped_steps=0, rc=0, compiled=False, graph_fallback=note)
+    result = dict(preset="gpu-small", parts=dict(hope=dict(status="ok", steps=10, preset_steps=2000, concurrent=1,
+                                                           runs={"hope-dmgd": run})))
+    assert f"ran eager: {note}" in gpu_check.table(result)

@@ -506,6 +506,11 @@ def nonfinite(model, of_grads: bool) -> list[str]:
     return [name for name, t in tensors if t is not None and not bool(torch.isfinite(t).all())]
 
 
+#: The start of the note a run prints when its CUDA-graph capture fails and it trains eagerly
+#: (`gpu_check` looks for it in the runs' logs).
+GRAPH_FALLBACK = "CUDA graph capture failed"
+
+
 def cuda_graph_problem(use_cuda: bool, compiled, checkpointing: bool, micro: int, batch: int) -> str | None:
     """Why ``--cuda-graph`` cannot run with these settings (the end of its error), or None."""
     if not use_cuda:
@@ -546,7 +551,7 @@ def cuda_graphed(model, micro: int, seq_len: int, device, autocast):
         graphed = torch.cuda.make_graphed_callables(_Loss(model, autocast), (sample, sample.clone()),
                                                     allow_unused_input=True)
     except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
-        print(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); running eager", flush=True)
+        print(f"{GRAPH_FALLBACK} ({type(e).__name__}: {str(e)[:200]}); running eager", flush=True)
         model.zero_grad(set_to_none=True)
         return model, False
     return (lambda x, y: (None, graphed(x, y))), "cuda-graph"
