@@ -284,9 +284,10 @@ class CausalConv(torch.autograd.Function):
                 dx[:, : T - j].addcmul_(dy[:, j:], wt[K - 1 - j])
         if ctx.needs_input_grad[1]:
             B, _, C = x.shape
-            buf = x.new_empty(x.numel())  # one buffer for the K lag products (fresh ones cost page faults)
+            buf = _WORKSPACES.take(x.numel(), x)  # one buffer for the K lag products, kept between calls
             taps = [torch.mul(dy[:, j:], x[:, : T - j], out=buf[: B * (T - j) * C].view(B, T - j, C)).sum((0, 1))
                     if j < T else dy.new_zeros(C) for j in range(K - 1, -1, -1)]
+            _WORKSPACES.give(buf)
             dw = torch.stack(taps, 1).to(ctx.w_dtype)
         return dx, dw
 
