@@ -90,18 +90,21 @@ class CMSScan(torch.autograd.Function):
         torch.cat([key.view(B, m, P, D), u_p[:, :m]], 2, out=ku)  # (B, n − 1, 2P, D)
         v0[:, :, :P].copy_(val.view(B, m, P, D))  # [v_i; 0]
         v0[:, :, P:].zero_()
-        c_ds, c_us, a_norms, e_norms, g_norms, k_norms = rows.unbind(0)  # per-row scalars, (n − 1, B, P, 1)
-        torch.linalg.vector_norm(key.view(B, m, P, D), dim=-1, keepdim=True, out=k_norms.transpose(0, 1))
+        torch.linalg.vector_norm(key.view(B, m, P, D), dim=-1, keepdim=True, out=rows[5].transpose(0, 1))
+        # per-write views, one unbind per tensor (indexing in the loop is an operator per view)
+        c_ds, c_us, a_norms, e_norms, g_norms, k_norms = (t.unbind(0) for t in rows.unbind(0))
+        kus, kts, v0s = ku.unbind(1), ku[:, :, :P].transpose(-1, -2).unbind(1), v0.unbind(1)
+        zzs, zs, acts, a_s, ats, ys, es, reads = (t.unbind(0) for t in (
+            zzs, zzs[:, :, :P], acts, acts[:, :, :P], acts[:, :, :P].transpose(-1, -2), ys, ys[:, :, :P], ys[:, :, P:]))
+        ghs, gs, eds, eus, ups, downs = (t.unbind(0) for t in (ghs, gs, eds, eus, ups, downs))
         w, v_ = up_t, down_t
-        reads = []
         for i in range(m):
-            zz = torch.bmm(ku[:, i], w, out=zzs[i])  # [z; z_r], (B, 2P, f)
-            act = torch.ops.aten.silu.out(zz, out=acts[i])
-            y = torch.baddbmm(v0[:, i], act, v_, beta=-1, out=ys[i])  # [a V − v; h V], (B, 2P, D)
-            z, a, e = zz[:, :P], act[:, :P], y[:, :P]
-            reads.append(y[:, P:])
+            torch.bmm(kus[i], w, out=zzs[i])  # [z; z_r], (B, 2P, f)
+            torch.ops.aten.silu.out(zzs[i], out=acts[i])
+            torch.baddbmm(v0s[i], acts[i], v_, beta=-1, out=ys[i])  # [a V − v; h V], (B, 2P, D)
+            a, e = a_s[i], es[i]
             gh = torch.bmm(e, v_.transpose(1, 2), out=ghs[i])  # ĝ = e Vᵀ
-            g = _silu_bwd_out(gh, z, grad_input=gs[i])
+            g = _silu_bwd_out(gh, zs[i], grad_input=gs[i])
             if clip is None:
                 c_d = c_u = eta_c
             else:
@@ -111,14 +114,13 @@ class CMSScan(torch.autograd.Function):
                 c_d = torch.div(eta_c, torch.clamp_min(na * ne, clip), out=c_ds[i])
                 c_u = torch.div(eta_c, torch.clamp_min(k_norms[i] * ng, clip), out=c_us[i])
             e_d, e_u = torch.mul(c_d, e, out=eds[i]), torch.mul(c_u, g, out=eus[i])
-            v_ = torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1, out=downs[i])
-            w = torch.baddbmm(w, ku[:, i, :P].transpose(1, 2), e_u, alpha=-1, out=ups[i])
+            v_ = torch.baddbmm(v_, ats[i], e_d, alpha=-1, out=downs[i])
+            w = torch.baddbmm(w, kts[i], e_u, alpha=-1, out=ups[i])
         zr = torch.bmm(u_p[:, -1], w)  # the last period: read, never written
         h = F.silu(zr)
-        reads.append(torch.bmm(h, v_))
         ctx.period, ctx.clip, ctx.dims = period, clip, (B, m, P, D, f)
         ctx.save_for_backward(ws, u, eta_c, up_t, down_t, zr, h)
-        return torch.cat(reads, 1)
+        return torch.cat([*reads, torch.bmm(h, v_)], 1)
 
     @staticmethod
     def backward(ctx, dr):
@@ -141,11 +143,16 @@ class CMSScan(torch.autograd.Function):
         one_minus = torch.neg(sig, out=dsig).add_(1)  # 1 − σ, in dsig's buffer until σ′ replaces it
         torch.add(zzs[:, :, :P], acts[:, :, :P], alpha=-2, out=silu2).add_(2).mul_(sig[:, :, :P]).mul_(one_minus[:, :, :P])
         torch.addcmul(sig, acts, one_minus, out=dsig)  # σ′ = σ + silu·(1 − σ)
-        q_ds, q_us = qs.unbind(0)  # ⟨n_Ed, e⟩, ⟨n_Eu, g⟩ per row, for dη_c after the loop
+        q_ds, q_us = (t.unbind(0) for t in qs.unbind(0))  # ⟨n_Ed, e⟩, ⟨n_Eu, g⟩ per row, for dη_c after the loop
         if clip is not None:  # the clip slopes of every write, batched (per-row scalars)
             c_ds, c_us, a_norms, e_norms, g_norms, k_norms = rows.unbind(0)
-            fa, fe = _clip_slopes(c_ds, a_norms, e_norms, clip)
-            fk, fg = _clip_slopes(c_us, k_norms, g_norms, clip)
+            slopes = (*_clip_slopes(c_ds, a_norms, e_norms, clip), *_clip_slopes(c_us, k_norms, g_norms, clip))
+            (fa, fe, fk, fg), c_ds, c_us = (t.unbind(0) for t in slopes), c_ds.unbind(0), c_us.unbind(0)
+        # per-write views, one unbind per tensor (indexing in the loop is an operator per view)
+        a_s, ats, hts, es, ghs, gs, eds, eus, dsig_z, dsig_r, silu2 = (t.unbind(0) for t in (
+            acts[:, :, :P], acts[:, :, :P].transpose(-1, -2), acts[:, :, P:].transpose(-1, -2), ys[:, :, :P], ghs, gs,
+            eds, eus, dsig[:, :, :P], dsig[:, :, P:], silu2))
+        ks, kts, uts = (t.unbind(1) for t in (ku[:, :, :P], ku[:, :, :P].transpose(-1, -2), ku[:, :, P:].transpose(-1, -2)))
         dzr = _silu_bwd(torch.bmm(dr_i[-1], downs[-1].transpose(1, 2)), zr_last)  # the last read's ∂L/∂z_r
         du_i = [None] * (n - 1) + [torch.bmm(dzr, ups[-1].transpose(1, 2))]
         dw = torch.bmm(u.view(B, n, P, D)[:, -1].transpose(1, 2), dzr)  # accumulated in place from here
@@ -153,9 +160,8 @@ class CMSScan(torch.autograd.Function):
         dwT, dvT = dw.transpose(1, 2), dv_.transpose(1, 2)  # views: they follow the in-place updates
         n_keys, n_vals = [], []
         for i in range(m - 1, -1, -1):
-            a, h, e, gh, g, e_d, e_u = acts[i, :, :P], acts[i, :, P:], ys[i, :, :P], ghs[i], gs[i], eds[i], eus[i]
-            k, v_, w = ku[:, i, :P], downs[i], ups[i]
-            dsig_z, dsig_r = dsig[i, :, :P], dsig[i, :, P:]
+            a, e, g, e_d, e_u, k, v_, w = a_s[i], es[i], gs[i], eds[i], eus[i], ks[i], downs[i], ups[i]
+            vT, wT = v_.transpose(1, 2), w.transpose(1, 2)
             n_ed = torch.bmm(a, dv_)  # −dL/dE_d
             n_eu = torch.bmm(k, dw)  # −dL/dE_u
             q_d = torch.sum(n_ed * e, -1, keepdim=True, out=q_ds[i])
@@ -169,23 +175,24 @@ class CMSScan(torch.autograd.Function):
                 n_g = n_eu.mul_(c_us[i]).addcmul_(q_u * fg[i], g)
                 n_a = (q_d * fa[i] * a).baddbmm_(e_d, dvT)  # in place: baddbmm would copy the fresh term
                 n_k = (q_u * fk[i] * k).baddbmm_(e_u, dwT)
-            n_gh = n_g * dsig_z
+            n_gh = n_g * dsig_z[i]
             n_e.baddbmm_(n_gh, v_)
-            n_a.baddbmm_(n_e, v_.transpose(1, 2))
+            n_a.baddbmm_(n_e, vT)
             # n_z = n_a ⊙ silu′(z) + n_g ⊙ ĝ ⊙ silu″(z), in n_g's buffer
-            n_z = n_g.mul_(gh).mul_(silu2[i]).addcmul_(n_a, dsig_z)
-            n_keys.append(n_k.baddbmm_(n_z, w.transpose(1, 2)))
+            n_z = n_g.mul_(ghs[i]).mul_(silu2[i]).addcmul_(n_a, dsig_z[i])
+            n_keys.append(n_k.baddbmm_(n_z, wT))
             n_vals.append(n_e)
-            dzr = torch.bmm(dr_i[i], v_.transpose(1, 2)).mul_(dsig_r)  # read i's ∂L/∂z_r, at state i
-            du_i[i] = torch.bmm(dzr, w.transpose(1, 2))
-            dw.baddbmm_(k.transpose(1, 2), n_z, alpha=-1).baddbmm_(ku[:, i, P:].transpose(1, 2), dzr)
-            dv_.baddbmm_(n_gh.transpose(1, 2), e, alpha=-1).baddbmm_(a.transpose(1, 2), n_e, alpha=-1)
-            dv_.baddbmm_(h.transpose(1, 2), dr_i[i])
+            dzr = torch.bmm(dr_i[i], vT).mul_(dsig_r[i])  # read i's ∂L/∂z_r, at state i
+            du_i[i] = torch.bmm(dzr, wT)
+            dw.baddbmm_(kts[i], n_z, alpha=-1).baddbmm_(uts[i], dzr)
+            dv_.baddbmm_(n_gh.transpose(1, 2), e, alpha=-1).baddbmm_(ats[i], n_e, alpha=-1)
+            dv_.baddbmm_(hts[i], dr_i[i])
         dkey = torch.cat(n_keys[::-1], 1).neg_()
         dval = torch.cat(n_vals[::-1], 1)
         deta = None
         if ctx.needs_input_grad[5]:
-            terms = q_ds + q_us if clip is None else q_ds * c_ds + q_us * c_us
+            q_ds, q_us = qs.unbind(0)
+            terms = q_ds + q_us if clip is None else q_ds * rows[0] + q_us * rows[1]
             deta = -(terms.sum() * eta_c if clip is None else terms.sum()) / eta_c
         _WORKSPACES.give(bws)
         _WORKSPACES.give(ws)
@@ -211,11 +218,7 @@ def _numel(shapes):
 
 def _carve(buf, shapes):
     """Consecutive views of the flat tensor `buf` with the given shapes."""
-    views, start = [], 0
-    for s in shapes:
-        views.append(buf[start : start + math.prod(s)].view(s))
-        start += math.prod(s)
-    return views
+    return [t.view(s) for t, s in zip(buf.split([math.prod(s) for s in shapes]), shapes)]
 
 
 class _Workspaces:
