@@ -8,6 +8,9 @@ loop over the writes with the operators it needs, fused where an operator allows
 (`baddbmm` accumulations, `silu_backward` for x ⊙ silu′(z)); every part that does not depend
 on the reverse recurrence (the reads' backward, per-row factors) is batched outside the loop.
 Same function and gradients as the autograd scans (`tests/test_hope_fused.py`, float64).
+On the CPU, `CMSScan` keeps what its backward needs (and `CausalConv` its backward's buffer) in
+workspaces reused from call to call (`_Workspaces`): freshly allocated each step, that memory
+was most of a cpu-tiny step's page faults.
 
 Notation: B batch, P period, D width, f hidden width; a per-row scalar is kept as (…, P, 1).
 """
