@@ -121,7 +121,7 @@ class CMSScan(torch.autograd.Function):
             w = torch.baddbmm(w, kts[i], e_u, alpha=-1, out=ups[i])
         zr = torch.bmm(u_p[:, -1], w)  # the last period: read, never written
         h = F.silu(zr)
-        ctx.period, ctx.clip, ctx.dims = period, clip, (B, m, P, D, f)
+        ctx.clip, ctx.dims = clip, (B, m, P, D, f)
         ctx.save_for_backward(ws, u, eta_c, up_t, down_t, zr, h)
         return torch.cat([*reads, torch.bmm(h, v_)], 1)
 
@@ -132,8 +132,7 @@ class CMSScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, saved, dr):
         ws, u, eta_c, up0, down0, zr_last, h_last = saved
-        P, clip = ctx.period, ctx.clip
-        B, m, P, D, f = ctx.dims
+        clip, (B, m, P, D, f) = ctx.clip, ctx.dims
         n = m + 1
         ku, _, zzs, acts, ys, ghs, gs, eds, eus, ups, downs, rows = _carve(ws, _cms_saved_shapes(B, m, P, D, f))
         ups, downs = [up0, *ups.unbind(0)], [down0, *downs.unbind(0)]  # the state in force at each period
