@@ -62,6 +62,58 @@ def test_cms_scan_gradcheck(clip):
     assert torch.autograd.gradcheck(lambda *t: CMSScan.apply(*t, P, clip), (key, val, u, up_t, down_t, eta_c))
 
 
+def _cms_inputs(B=2, P=3, n=4, D=4, f=5, dtype=F64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    key, val = (torch.randn(B, (n - 1) * P, D, generator=g, dtype=dtype).requires_grad_() for _ in range(2))
+    u = torch.randn(B, n * P, D, generator=g, dtype=dtype).requires_grad_()
+    up_t = (torch.randn(B, D, f, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    down_t = (torch.randn(B, f, D, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    return key, val, u, up_t, down_t, torch.tensor(0.2, dtype=dtype, requires_grad=True)
+
+
+def test_cms_scan_reuses_its_workspaces_without_mixing_calls():
+    """CMSScan keeps its saved tensors in a CPU workspace that its backward gives back for the next
+    call: two scans outstanding at once (two layers) take two buffers, and a second round reusing
+    them gives the same values and gradients as the first."""
+    from benchmarks.hope import fused
+
+    fused._WORKSPACES.clear()
+    a, b = _cms_inputs(seed=0), _cms_inputs(seed=1)
+
+    def both():
+        ya, yb = CMSScan.apply(*a, 3, 0.3), CMSScan.apply(*b, 3, 0.3)
+        ga = torch.autograd.grad(ya.square().sum(), a)
+        gb = torch.autograd.grad(yb.square().sum(), b)
+        return ya.detach(), yb.detach(), ga, gb
+
+    first = both()
+    free = {k: list(v) for k, v in fused._WORKSPACES._free.items()}
+    assert sum(len(v) for v in free.values()) == 3  # two forward workspaces, one backward one in turn
+    second = both()
+    assert {k: len(v) for k, v in fused._WORKSPACES._free.items()} == {k: len(v) for k, v in free.items()}
+    assert all(any(x is y for y in free[k]) for k, v in fused._WORKSPACES._free.items() for x in v)  # reused
+    for s, t in zip(first, second):
+        for x, y in zip(s if isinstance(s, tuple) else (s,), t if isinstance(t, tuple) else (t,)):
+            assert torch.equal(x, y)
+
+
+def test_cms_scan_retained_graph_backs_up_twice_or_fails_loudly():
+    """retain_graph: a second backward gives the same gradients while no other scan has reused the
+    workspace, and raises (autograd's version check) once one has, never a wrong gradient."""
+    from benchmarks.hope import fused
+
+    fused._WORKSPACES.clear()
+    inputs = _cms_inputs()
+    y = CMSScan.apply(*inputs, 3, 0.3)
+    g1 = torch.autograd.grad(y.square().sum(), inputs, retain_graph=True)
+    g2 = torch.autograd.grad(y.square().sum(), inputs, retain_graph=True)
+    for x, z in zip(g1, g2):
+        assert torch.equal(x, z)
+    CMSScan.apply(*_cms_inputs(seed=1), 3, 0.3)  # takes the same workspace and writes it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.square().sum(), inputs)
+
+
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_model_loss_and_gradients_equal_autograd_scans(checkpoint):
     torch.manual_seed(0)

@@ -8,6 +8,9 @@ loop over the writes with the operators it needs, fused where an operator allows
 (`baddbmm` accumulations, `silu_backward` for x ⊙ silu′(z)); every part that does not depend
 on the reverse recurrence (the reads' backward, per-row factors) is batched outside the loop.
 Same function and gradients as the autograd scans (`tests/test_hope_fused.py`, float64).
+On the CPU, `CMSScan` keeps what its backward needs (and `CausalConv` its backward's buffer) in
+workspaces reused from call to call (`_Workspaces`): freshly allocated each step, that memory
+was most of a cpu-tiny step's page faults.
 
 Notation: B batch, P period, D width, f hidden width; a per-row scalar is kept as (…, P, 1).
 """
@@ -15,11 +18,13 @@ Notation: B batch, P period, D width, f hidden width; a per-row scalar is kept a
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
 
 _silu_bwd = torch.ops.aten.silu_backward  # (x, z) -> x ⊙ silu′(z), one operator
+_silu_bwd_out = torch.ops.aten.silu_backward.grad_input  # the same into grad_input=
 
 
 def _in_forward_dtype(ctx, backward, *grads):
@@ -72,46 +77,53 @@ class CMSScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, key, val, u, up_t, down_t, eta_c, period, clip):
         B, L, D = key.shape
-        P, n = period, L // period + 1
+        P, n, f = period, L // period + 1, up_t.shape[-1]
+        m = n - 1  # writes
         u_p = u.view(B, n, P, D)
+        # Everything the backward needs lives in one flat workspace, reused from call to call on
+        # the CPU (`_Workspaces`): at cpu-tiny these ~8 MB per level, freshly allocated every step,
+        # were most of a step's page faults (glibc returned them to the system in the backward).
+        ws = _WORKSPACES.take(_numel(_cms_saved_shapes(B, m, P, D, f)), key)
+        ku, v0, zzs, acts, ys, ghs, gs, eds, eus, ups, downs, rows = _carve(ws, _cms_saved_shapes(B, m, P, D, f))
         # State i serves write i's keys and read i's rows alike, so each period multiplies it once:
         # rows [k_i; u_i] by W_upᵀ, then [a_i; h_i] by W_downᵀ with target rows [v_i; 0], so that
         # one baddbmm gives both e = a V − v and the read h V. Reading each state as it is written
         # also reads it while it is in cache (a batched read after the loop re-read 4 MiB of cold
         # states per p16 level at cpu-tiny, at a third of the products' rate).
-        ku = torch.cat([key.view(B, n - 1, P, D), u_p[:, : n - 1]], 2)  # (B, n − 1, 2P, D)
-        v0 = F.pad(val.view(B, n - 1, P, D), (0, 0, 0, P))  # [v_i; 0]
-        k_norms = torch.linalg.vector_norm(key, dim=-1, keepdim=True).view(B, n - 1, P, 1).unbind(1)
+        torch.cat([key.view(B, m, P, D), u_p[:, :m]], 2, out=ku)  # (B, n − 1, 2P, D)
+        v0[:, :, :P].copy_(val.view(B, m, P, D))  # [v_i; 0]
+        v0[:, :, P:].zero_()
+        torch.linalg.vector_norm(key.view(B, m, P, D), dim=-1, keepdim=True, out=rows[5].transpose(0, 1))
+        # per-write views, one unbind per tensor (indexing in the loop is an operator per view)
+        c_ds, c_us, a_norms, e_norms, g_norms, k_norms = (t.unbind(0) for t in rows.unbind(0))
+        kus, kts, v0s = ku.unbind(1), ku[:, :, :P].transpose(-1, -2).unbind(1), v0.unbind(1)
+        zzs, zs, acts, a_s, ats, ys, es, reads = (t.unbind(0) for t in (
+            zzs, zzs[:, :, :P], acts, acts[:, :, :P], acts[:, :, :P].transpose(-1, -2), ys, ys[:, :, :P], ys[:, :, P:]))
+        ghs, gs, eds, eus, ups, downs = (t.unbind(0) for t in (ghs, gs, eds, eus, ups, downs))
         w, v_ = up_t, down_t
-        states, reads, steps = [(w, v_)], [], []
-        for i in range(n - 1):
-            zz = torch.bmm(ku[:, i], w)  # [z; z_r], (B, 2P, f)
-            act = F.silu(zz)
-            y = torch.baddbmm(v0[:, i], act, v_, beta=-1)  # [a V − v; h V], (B, 2P, D)
-            z, a, e = zz[:, :P], act[:, :P], y[:, :P]
-            reads.append(y[:, P:])
-            gh = torch.bmm(e, v_.transpose(1, 2))  # ĝ = e Vᵀ
-            g = _silu_bwd(gh, z)
+        for i in range(m):
+            torch.bmm(kus[i], w, out=zzs[i])  # [z; z_r], (B, 2P, f)
+            torch.ops.aten.silu.out(zzs[i], out=acts[i])
+            torch.baddbmm(v0s[i], acts[i], v_, beta=-1, out=ys[i])  # [a V − v; h V], (B, 2P, D)
+            a, e = a_s[i], es[i]
+            gh = torch.bmm(e, v_.transpose(1, 2), out=ghs[i])  # ĝ = e Vᵀ
+            g = _silu_bwd_out(gh, zs[i], grad_input=gs[i])
             if clip is None:
                 c_d = c_u = eta_c
-                norms = ()
             else:
-                norms = (torch.linalg.vector_norm(a, dim=-1, keepdim=True),
-                         torch.linalg.vector_norm(e, dim=-1, keepdim=True),
-                         torch.linalg.vector_norm(g, dim=-1, keepdim=True))
-                c_d = eta_c / torch.clamp_min(norms[0] * norms[1], clip)
-                c_u = eta_c / torch.clamp_min(k_norms[i] * norms[2], clip)
-            e_d, e_u = c_d * e, c_u * g
-            v_ = torch.baddbmm(v_, a.transpose(1, 2), e_d, alpha=-1)
-            w = torch.baddbmm(w, ku[:, i, :P].transpose(1, 2), e_u, alpha=-1)
-            states.append((w, v_))
-            steps.append((zz, act, e, gh, g, e_d, e_u, c_d, c_u, *norms))
+                na = torch.linalg.vector_norm(a, dim=-1, keepdim=True, out=a_norms[i])
+                ne = torch.linalg.vector_norm(e, dim=-1, keepdim=True, out=e_norms[i])
+                ng = torch.linalg.vector_norm(g, dim=-1, keepdim=True, out=g_norms[i])
+                c_d = torch.div(eta_c, torch.clamp_min(na * ne, clip), out=c_ds[i])
+                c_u = torch.div(eta_c, torch.clamp_min(k_norms[i] * ng, clip), out=c_us[i])
+            e_d, e_u = torch.mul(c_d, e, out=eds[i]), torch.mul(c_u, g, out=eus[i])
+            v_ = torch.baddbmm(v_, ats[i], e_d, alpha=-1, out=downs[i])
+            w = torch.baddbmm(w, kts[i], e_u, alpha=-1, out=ups[i])
         zr = torch.bmm(u_p[:, -1], w)  # the last period: read, never written
         h = F.silu(zr)
-        reads.append(torch.bmm(h, v_))
-        ctx.period, ctx.clip, ctx.n_step = period, clip, len(steps[0])
-        ctx.save_for_backward(ku, u, eta_c, zr, h, *(t for s in states for t in s), *(t for s in steps for t in s))
-        return torch.cat(reads, 1)
+        ctx.clip, ctx.dims = clip, (B, m, P, D, f)
+        ctx.save_for_backward(ws, u, eta_c, up_t, down_t, zr, h)
+        return torch.cat([*reads, torch.bmm(h, v_)], 1)
 
     @staticmethod
     def backward(ctx, dr):
@@ -119,67 +131,128 @@ class CMSScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, saved, dr):
-        ku, u, eta_c, zr_last, h_last, *flat = saved
-        P, clip, m = ctx.period, ctx.clip, ctx.n_step
-        B, L, D = u.shape
-        n = L // P
-        ups, downs = flat[0 : 2 * n : 2], flat[1 : 2 * n : 2]
-        steps = [flat[2 * n + i : 2 * n + i + m] for i in range(0, (n - 1) * m, m)]
+        ws, u, eta_c, up0, down0, zr_last, h_last = saved
+        clip, (B, m, P, D, f) = ctx.clip, ctx.dims
+        n = m + 1
+        ku, _, zzs, acts, ys, ghs, gs, eds, eus, ups, downs, rows = _carve(ws, _cms_saved_shapes(B, m, P, D, f))
+        ups, downs = [up0, *ups.unbind(0)], [down0, *downs.unbind(0)]  # the state in force at each period
         dr_i = dr.view(B, n, P, D).unbind(1)
-        du_i = [None] * n
-        uT_i = [ku[:, i, P:].transpose(1, 2) for i in range(n - 1)] + [u.view(B, n, P, D)[:, -1].transpose(1, 2)]
-        zr_i = [s[0][:, P:] for s in steps] + [zr_last]
-        hT_i = [s[1][:, P:].transpose(1, 2) for s in steps] + [h_last.transpose(1, 2)]
-
-        def read_backward(i):
-            """Read i's ∂L/∂z_r (returned) and ∂L/∂u (into du_i), at state i's turn in the loop, while
-            the state is in cache for the write's backward too (as the forward's reads)."""
-            dzr = _silu_bwd(torch.bmm(dr_i[i], downs[i].transpose(1, 2)), zr_i[i])  # (B, P, f)
-            du_i[i] = torch.bmm(dzr, ups[i].transpose(1, 2))
-            return dzr
-        # the clip slopes of every write, batched (per-row scalars)
-        if clip is not None:
-            rate_d, rate_u, na, ne, ng = (torch.stack([s[i] for s in steps]) for i in (7, 8, 9, 10, 11))
-            kn = torch.linalg.vector_norm(ku[:, :, :P], dim=-1, keepdim=True).transpose(0, 1)
-            fa, fe = (t.unbind(0) for t in _clip_slopes(rate_d, na, ne, clip))
-            fk, fg = (t.unbind(0) for t in _clip_slopes(rate_u, kn, ng, clip))
-        dw = torch.bmm(uT_i[-1], read_backward(n - 1))  # accumulated in place from here
-        dv_ = torch.bmm(hT_i[-1], dr_i[-1])
+        bws = _WORKSPACES.take(_numel(_cms_backward_shapes(m, B, P, f)), dr)
+        sig, dsig, silu2, qs = _carve(bws, _cms_backward_shapes(m, B, P, f))
+        # σ′ of every write's [z; z_r] and silu″(z) = σ(1 − σ)(2 + z − 2 silu(z)), batched: the loop
+        # then multiplies where it called silu_backward (each a sigmoid of its own) before
+        torch.sigmoid(zzs, out=sig)
+        one_minus = torch.neg(sig, out=dsig).add_(1)  # 1 − σ, in dsig's buffer until σ′ replaces it
+        torch.add(zzs[:, :, :P], acts[:, :, :P], alpha=-2, out=silu2).add_(2).mul_(sig[:, :, :P]).mul_(one_minus[:, :, :P])
+        torch.addcmul(sig, acts, one_minus, out=dsig)  # σ′ = σ + silu·(1 − σ)
+        q_ds, q_us = (t.unbind(0) for t in qs.unbind(0))  # ⟨n_Ed, e⟩, ⟨n_Eu, g⟩ per row, for dη_c after the loop
+        if clip is not None:  # the clip slopes of every write, batched (per-row scalars)
+            c_ds, c_us, a_norms, e_norms, g_norms, k_norms = rows.unbind(0)
+            slopes = (*_clip_slopes(c_ds, a_norms, e_norms, clip), *_clip_slopes(c_us, k_norms, g_norms, clip))
+            (fa, fe, fk, fg), c_ds, c_us = (t.unbind(0) for t in slopes), c_ds.unbind(0), c_us.unbind(0)
+        # per-write views, one unbind per tensor (indexing in the loop is an operator per view)
+        a_s, ats, hts, es, ghs, gs, eds, eus, dsig_z, dsig_r, silu2 = (t.unbind(0) for t in (
+            acts[:, :, :P], acts[:, :, :P].transpose(-1, -2), acts[:, :, P:].transpose(-1, -2), ys[:, :, :P], ghs, gs,
+            eds, eus, dsig[:, :, :P], dsig[:, :, P:], silu2))
+        ks, kts, uts = (t.unbind(1) for t in (ku[:, :, :P], ku[:, :, :P].transpose(-1, -2), ku[:, :, P:].transpose(-1, -2)))
+        dzr = _silu_bwd(torch.bmm(dr_i[-1], downs[-1].transpose(1, 2)), zr_last)  # the last read's ∂L/∂z_r
+        du_i = [None] * (n - 1) + [torch.bmm(dzr, ups[-1].transpose(1, 2))]
+        dw = torch.bmm(u.view(B, n, P, D)[:, -1].transpose(1, 2), dzr)  # accumulated in place from here
+        dv_ = torch.bmm(h_last.transpose(1, 2), dr_i[-1])
         dwT, dvT = dw.transpose(1, 2), dv_.transpose(1, 2)  # views: they follow the in-place updates
-        n_keys, n_vals, eta_terms = [], [], []
-        for i in range(n - 2, -1, -1):
-            zz, act, e, gh, g, e_d, e_u, c_d, c_u = steps[i][:9]
-            z, a, k, v_ = zz[:, :P], act[:, :P], ku[:, i, :P], downs[i]
+        n_keys, n_vals = [], []
+        for i in range(m - 1, -1, -1):
+            a, e, g, e_d, e_u, k, v_, w = a_s[i], es[i], gs[i], eds[i], eus[i], ks[i], downs[i], ups[i]
+            vT, wT = v_.transpose(1, 2), w.transpose(1, 2)
             n_ed = torch.bmm(a, dv_)  # −dL/dE_d
             n_eu = torch.bmm(k, dw)  # −dL/dE_u
-            q_d = (n_ed * e).sum(-1, keepdim=True)
-            q_u = (n_eu * g).sum(-1, keepdim=True)
-            eta_terms += [c_d * q_d, c_u * q_u]
+            q_d = torch.sum(n_ed * e, -1, keepdim=True, out=q_ds[i])
+            q_u = torch.sum(n_eu * g, -1, keepdim=True, out=q_us[i])
             if clip is None:
-                n_e, n_g = c_d * n_ed, c_u * n_eu
+                n_e, n_g = n_ed.mul_(eta_c), n_eu.mul_(eta_c)
                 n_a = torch.bmm(e_d, dvT)
                 n_k = torch.bmm(e_u, dwT)
             else:
-                n_e = torch.addcmul(c_d * n_ed, q_d * fe[i], e)
-                n_g = torch.addcmul(c_u * n_eu, q_u * fg[i], g)
+                n_e = n_ed.mul_(c_ds[i]).addcmul_(q_d * fe[i], e)
+                n_g = n_eu.mul_(c_us[i]).addcmul_(q_u * fg[i], g)
                 n_a = (q_d * fa[i] * a).baddbmm_(e_d, dvT)  # in place: baddbmm would copy the fresh term
                 n_k = (q_u * fk[i] * k).baddbmm_(e_u, dwT)
-            n_gh = _silu_bwd(n_g, z)
+            n_gh = n_g * dsig_z[i]
             n_e.baddbmm_(n_gh, v_)
-            n_a.baddbmm_(n_e, v_.transpose(1, 2))
-            # n_z = n_a ⊙ silu′(z) + n_g ⊙ ĝ ⊙ silu″(z), silu″(z) = σ(1 − σ)(2 + z − 2 silu(z))
-            sig = torch.sigmoid(z)
-            n_z = torch.ops.aten.sigmoid_backward(n_g * gh, sig).mul_(torch.add(z, a, alpha=-2).add_(2))
-            n_z.add_(_silu_bwd(n_a, z))
-            n_keys.append(n_k.baddbmm_(n_z, ups[i].transpose(1, 2)))
+            n_a.baddbmm_(n_e, vT)
+            # n_z = n_a ⊙ silu′(z) + n_g ⊙ ĝ ⊙ silu″(z), in n_g's buffer
+            n_z = n_g.mul_(ghs[i]).mul_(silu2[i]).addcmul_(n_a, dsig_z[i])
+            n_keys.append(n_k.baddbmm_(n_z, wT))
             n_vals.append(n_e)
-            dw.baddbmm_(k.transpose(1, 2), n_z, alpha=-1).baddbmm_(uT_i[i], read_backward(i))
-            dv_.baddbmm_(n_gh.transpose(1, 2), e, alpha=-1).baddbmm_(a.transpose(1, 2), n_e, alpha=-1)
-            dv_.baddbmm_(hT_i[i], dr_i[i])
+            dzr = torch.bmm(dr_i[i], vT).mul_(dsig_r[i])  # read i's ∂L/∂z_r, at state i
+            du_i[i] = torch.bmm(dzr, wT)
+            dw.baddbmm_(kts[i], n_z, alpha=-1).baddbmm_(uts[i], dzr)
+            dv_.baddbmm_(n_gh.transpose(1, 2), e, alpha=-1).baddbmm_(ats[i], n_e, alpha=-1)
+            dv_.baddbmm_(hts[i], dr_i[i])
         dkey = torch.cat(n_keys[::-1], 1).neg_()
         dval = torch.cat(n_vals[::-1], 1)
-        deta = -torch.stack(eta_terms).sum() / eta_c if ctx.needs_input_grad[5] else None
+        deta = None
+        if ctx.needs_input_grad[5]:
+            q_ds, q_us = qs.unbind(0)
+            terms = q_ds + q_us if clip is None else q_ds * rows[0] + q_us * rows[1]
+            deta = -(terms.sum() * eta_c if clip is None else terms.sum()) / eta_c
+        _WORKSPACES.give(bws)
+        _WORKSPACES.give(ws)
         return dkey, dval, torch.cat(du_i, 1), dw, dv_, deta, None, None
+
+
+def _cms_saved_shapes(B, m, P, D, f):
+    """`CMSScan`'s saved tensors in its workspace, in order: [k; u] and [v; 0] rows (B, n − 1, 2P, ·),
+    then per write (leading n − 1): [z; z_r], [a; h] = silu, [e; read], ĝ, g, E_d, E_u, the states
+    after it, and six per-row scalars (c_d, c_u, ‖a‖, ‖e‖, ‖g‖, ‖k‖)."""
+    return ((B, m, 2 * P, D), (B, m, 2 * P, D), (m, B, 2 * P, f), (m, B, 2 * P, f), (m, B, 2 * P, D),
+            (m, B, P, f), (m, B, P, f), (m, B, P, D), (m, B, P, f), (m, B, D, f), (m, B, f, D), (6, m, B, P, 1))
+
+
+def _cms_backward_shapes(m, B, P, f):
+    """`CMSScan._backward`'s workspace: σ and σ′ of every [z; z_r], silu″(z), and ⟨n_E, ·⟩ per row."""
+    return (m, B, 2 * P, f), (m, B, 2 * P, f), (m, B, P, f), (2, m, B, P, 1)
+
+
+def _numel(shapes):
+    return sum(math.prod(s) for s in shapes)
+
+
+def _carve(buf, shapes):
+    """Consecutive views of the flat tensor `buf` with the given shapes."""
+    return [t.view(s) for t, s in zip(buf.split([math.prod(s) for s in shapes]), shapes)]
+
+
+class _Workspaces:
+    """Flat buffers kept from one call to the next on the CPU, a free list per (size, dtype).
+
+    A scan takes one for its saved tensors in the forward and gives it back at the end of its
+    backward, so a training step reuses the previous step's memory instead of allocating it
+    again (glibc hands large freed blocks back to the system, and every page of a fresh one
+    faults on first touch). Only CPU buffers are kept (CUDA has its caching allocator, and a
+    graph capture its own pool). A buffer is never handed out twice at once; a graph kept with
+    ``retain_graph=True`` whose buffer a later forward has reused fails loudly at its second
+    backward (autograd's version check on saved tensors), never silently.
+    """
+
+    def __init__(self):
+        self._free = {}
+
+    def take(self, numel, like):
+        free = self._free.get((numel, like.dtype)) if like.device.type == "cpu" else None
+        return free.pop() if free else like.new_empty(numel)
+
+    def give(self, buf):
+        if buf.device.type == "cpu":
+            free = self._free.setdefault((buf.numel(), buf.dtype), [])
+            if all(b is not buf for b in free):
+                free.append(buf)
+
+    def clear(self):
+        self._free.clear()
+
+
+_WORKSPACES = _Workspaces()
 
 
 class CausalConv(torch.autograd.Function):
@@ -216,9 +289,10 @@ class CausalConv(torch.autograd.Function):
                 dx[:, : T - j].addcmul_(dy[:, j:], wt[K - 1 - j])
         if ctx.needs_input_grad[1]:
             B, _, C = x.shape
-            buf = x.new_empty(x.numel())  # one buffer for the K lag products (fresh ones cost page faults)
+            buf = _WORKSPACES.take(x.numel(), x)  # one buffer for the K lag products, kept between calls
             taps = [torch.mul(dy[:, j:], x[:, : T - j], out=buf[: B * (T - j) * C].view(B, T - j, C)).sum((0, 1))
                     if j < T else dy.new_zeros(C) for j in range(K - 1, -1, -1)]
+            _WORKSPACES.give(buf)
             dw = torch.stack(taps, 1).to(ctx.w_dtype)
         return dx, dw
 
