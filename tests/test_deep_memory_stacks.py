@@ -62,7 +62,7 @@ def _step(opt, params, grads) -> None:
     opt.step()
 
 
-def _copy_path_run(mem, sts, gs, vs, shape, rebind, stack_owner=None, shared=False):
+def _copy_path_run(mem, sts, gs, vs, shape, rebind, flats=None, shared=False):
     """The path before persistent stacks: stack the gradients, values and state, run the
     kernel on new tensors, copy the state back."""
     g = torch.stack([x.reshape(shape) for x in gs])

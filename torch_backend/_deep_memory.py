@@ -288,11 +288,11 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
 
 
 def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tuple[int, int],
-         rebind: bool, stack_owner: torch.Tensor | None = None, shared: bool = False) -> torch.Tensor:
+         rebind: bool, flats: dict | None = None, shared: bool = False) -> torch.Tensor:
     """The kernel on one bucket (its states, gradients and values), the state written where it
     lives; returns ``D̃ (B, m, n)``. ``rebind``: ``sts`` are the optimizer's own dicts (not
-    per-step copies), whose entries may become rows of new stacks. ``stack_owner``: the key of
-    the gradients' stack that the step's buckets share on CPU (:func:`_shared_buffer`).
+    per-step copies), whose entries may become rows of new stacks. ``flats``: the buffers that
+    the step's buckets share on CPU (:func:`_step_buffers`), for the gradients' stack.
     ``shared``: D̃ is spent before the next bucket runs, so its buffer is one the step's
     buckets share too (else the bucket's own, :func:`_workspace`)."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
@@ -305,12 +305,12 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
     work = None                                              # CPU workspaces, where s persists
     if s.device.type == "cpu" and all(key != "memory" for key, _ in copied):
         k = 1 if FUSED else 2
-        if shared and stack_owner is not None:
-            work = tuple(_shared_buffer(stack_owner, s, f"work{j}") for j in range(k))
+        if shared and flats is not None:
+            work = tuple(_shared_buffer(flats, s, f"work{j}") for j in range(k))
         else:
             work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, k)
-    stack = (None if work is None or len(sts) == 1 or stack_owner is None
-             else _shared_buffer(stack_owner, s, "grads"))
+    stack = (None if work is None or len(sts) == 1 or flats is None
+             else _shared_buffer(flats, s, "grads"))
     g = _rows(gs, shape, stack)
     v = _values(gs, vs, shape, g)
     if FUSED:                                                # the same kernel for every eager bucket
@@ -369,13 +369,18 @@ def _workspace(owner: torch.Tensor, like: torch.Tensor, k: int) -> tuple:
     return work
 
 
-def _shared_buffer(owner: torch.Tensor, like: torch.Tensor, use: str) -> torch.Tensor:
-    """A buffer shaped like ``like`` (B, m, n) for ``use`` (``"grads"``: the gradients' stack;
-    ``"work0"``, ``"work1"``: the kernel's workspace): a view of the flat buffer that
-    ``owner``'s step shares (:data:`_STACKS`)."""
+def _step_buffers(owner: torch.Tensor) -> dict:
+    """The flat buffers (:data:`_STACKS`) that ``owner``'s step shares, looked up once a step."""
     flats = _STACKS.get(owner)
     if flats is None:
         flats = _STACKS[owner] = {}
+    return flats
+
+
+def _shared_buffer(flats: dict, like: torch.Tensor, use: str) -> torch.Tensor:
+    """A buffer shaped like ``like`` (B, m, n) for ``use`` (``"grads"``: the gradients' stack;
+    ``"work0"``, ``"work1"``: the kernel's workspace): a view of the step's flat buffer
+    (:func:`_step_buffers`)."""
     flat = flats.get((like.dtype, use))
     if flat is None or flat.numel() < like.numel():
         flat = flats[(like.dtype, use)] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
@@ -403,7 +408,7 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     sigma_whole = _readout.on_whole(rule)
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
     done: list[int] = []                                     # σ already applied
-    stack_owner = states[0]["memory"] if states else None   # the shared buffers' key
+    flats = _step_buffers(states[0]["memory"]) if states else None   # the shared buffers
     shared = apply is not None and layouts is None
     for (m, n, _, _, lay), idx in buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
@@ -413,7 +418,7 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
                 done += idx
         else:                                                # rebind unless per-step dict copies
             d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), layouts is None,
-                     stack_owner, shared)
+                     flats, shared)
         if shared:                                           # the outer step for this bucket, now
             apply(idx, _readout.apply(rule, [d[j].view_as(gs[i]) for j, i in enumerate(idx)]))
             continue
