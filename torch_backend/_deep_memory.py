@@ -408,7 +408,9 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     sigma_whole = _readout.on_whole(rule)
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
     done: list[int] = []                                     # σ already applied
-    flats = _step_buffers(states[0]["memory"]) if states else None   # the shared buffers
+    # The shared buffers (eager only: the compiled path stacks anew, and dynamo does not trace
+    # into a WeakIdKeyDictionary).
+    flats = _step_buffers(states[0]["memory"]) if states and not torch.compiler.is_compiling() else None
     shared = apply is not None and layouts is None
     for (m, n, _, _, lay), idx in buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
