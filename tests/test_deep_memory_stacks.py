@@ -62,7 +62,7 @@ def _step(opt, params, grads) -> None:
     opt.step()
 
 
-def _copy_path_run(mem, sts, gs, vs, shape, rebind, stack_owner=None):
+def _copy_path_run(mem, sts, gs, vs, shape, rebind, flats=None, shared=False):
     """The path before persistent stacks: stack the gradients, values and state, run the
     kernel on new tensors, copy the state back."""
     g = torch.stack([x.reshape(shape) for x in gs])
@@ -271,15 +271,22 @@ def test_eager_stacks_then_compiled_steps_equal_eager(monkeypatch):
     _assert_equal(_snapshot(opt, params), eager)
 
 
+@pytest.mark.parametrize("applies", [True, False], ids=["outer_step_by_bucket", "outer_step_after"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "op_by_op"])
-def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer(fused, monkeypatch):
-    """On CPU each bucket keeps its full-size temporaries between steps (a fresh megabyte came
+def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer(fused, applies, monkeypatch):
+    """On CPU the kernel's full-size temporaries are kept between steps (a fresh megabyte came
     back from the OS as new pages every step); they are no state and die with the optimizer.
-    The fused kernel needs one (P, then D̃), the op-by-op kernel two (Ĝ then D̃; F then E); the
-    buckets of more than one share one buffer for the gradients' stack, as large as the largest."""
+    The fused kernel needs one (P, then D̃), the op-by-op kernel two (Ĝ then D̃; F then E). The
+    buckets of more than one share one buffer for the gradients' stack, as large as the
+    largest; when the outer step is made bucket by bucket (``applies``: D̃ is spent before the
+    next bucket runs) they share the workspace too, else each bucket keeps its own."""
     import gc
 
+    from deepopt import DeepMemory
+    from torch_backend import _functional
+
     monkeypatch.setattr(_deep_memory, "FUSED", fused)
+    monkeypatch.setitem(_functional.MEMORIES, DeepMemory, _deep_memory.KERNEL._replace(applies=applies))
     k = 1 if fused else 2
     params = _params()
     opt = torch_backend.compile(_spec("memory_alone"), list(params.items()))
@@ -288,20 +295,72 @@ def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer(fused,
         _step(opt, params, g)
     bucket = opt.state[params["a"]]["memory"]._base       # the (4, 4, 6) bucket's memory stack
     single = opt.state[params["e"]]["memory"]              # a bucket of one: its entry
-    first = opt.state[params["a"]]["memory"]               # the first parameter's: the stack's key
-    work = {id(bucket): _deep_memory._WORK[bucket], id(single): _deep_memory._WORK[single]}
-    stack = _deep_memory._STACKS[first][torch.float64]
-    assert [tuple(w.shape) for w in work[id(bucket)]] == [(4, 4, 6)] * k
-    assert [tuple(w.shape) for w in work[id(single)]] == [(1, 6, 5)] * k
-    assert tuple(stack.shape) == (4 * 4 * 6,)             # a bucket of one stacks no gradient
+    first = opt.state[params["a"]]["memory"]               # the first parameter's: the buffers' key
+    shared = _deep_memory._STACKS[first]
+    uses = ["grads"] + ([f"work{j}" for j in range(k)] if applies else [])
+    assert sorted(shared) == sorted((torch.float64, use) for use in uses)
+    assert all(tuple(shared[(torch.float64, use)].shape) == (4 * 4 * 6,) for use in uses)   # the largest
+    if applies:
+        assert bucket not in _deep_memory._WORK and single not in _deep_memory._WORK
+    else:
+        work = {id(bucket): _deep_memory._WORK[bucket], id(single): _deep_memory._WORK[single]}
+        assert [tuple(w.shape) for w in work[id(bucket)]] == [(4, 4, 6)] * k
+        assert [tuple(w.shape) for w in work[id(single)]] == [(1, 6, 5)] * k
+    before = dict(shared)
     _step(opt, params, grads[2])
-    assert _deep_memory._WORK[bucket] is work[id(bucket)]
-    assert _deep_memory._STACKS[first][torch.float64] is stack
+    assert all(_deep_memory._STACKS[first][key] is buf for key, buf in before.items())
+    if not applies:
+        assert _deep_memory._WORK[bucket] is work[id(bucket)]
+        del work
     slots = {slot.key for slot in _spec("memory_alone").rule.state_slots()}
     dmgd_states = [st for st in opt.state_dict()["state"].values() if "mlp_w1" in st]   # not the fallback's
     assert len(dmgd_states) == 5 and all(set(st) == slots for st in dmgd_states)
-    n, n_stacks = len(_deep_memory._WORK), len(_deep_memory._STACKS)
-    del opt, bucket, single, first, work, stack, dmgd_states
+    n, n_stacks, n_rows = len(_deep_memory._WORK), len(_deep_memory._STACKS), len(_deep_memory._ROWS)
+    assert first in _deep_memory._ROWS and single not in _deep_memory._ROWS   # a bucket of one: no cache
+    del opt, bucket, single, first, shared, before, dmgd_states
     gc.collect()
-    assert len(_deep_memory._WORK) == n - 2
+    assert len(_deep_memory._WORK) == n - (0 if applies else 2)
     assert len(_deep_memory._STACKS) == n_stacks - 1
+    assert len(_deep_memory._ROWS) == n_rows - 1
+
+
+@pytest.mark.parametrize("key", ["memory", "mlp_w2", "value_scale"])
+def test_an_entry_replaced_between_steps_is_restacked(key, monkeypatch):
+    """The bucket's stacks are cached by the identity of its entries (``_ROWS``): an entry
+    replaced by an equal tensor (a user's assignment) is found and stacked anew, and the run
+    goes on as if nothing happened."""
+    grads = _grads(5)
+
+    def replace(t, opt, params):
+        if t == 1:
+            st = opt.state[params["b"]]
+            st[key] = st[key].clone()
+        return opt, params
+
+    unbroken = _run("memory_alone", grads, monkeypatch=monkeypatch)
+    replaced = _run("memory_alone", grads, monkeypatch=monkeypatch, between=replace)
+    _assert_equal(replaced, unbroken)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "op_by_op"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_outer_step_by_bucket_equals_the_outer_step_after(variant, fused, monkeypatch):
+    """The outer step made bucket by bucket as the read-outs are ready (``MemoryKernel.applies``),
+    with decoupled decay, equals bit for bit the one made after every bucket."""
+    from deepopt import DeepMemory
+    from torch_backend import _functional
+
+    monkeypatch.setattr(_deep_memory, "FUSED", fused)
+    grads = _grads(5, missing={2: "b"})
+
+    def run(applies):
+        with monkeypatch.context() as mp:
+            mp.setitem(_functional.MEMORIES, DeepMemory, _deep_memory.KERNEL._replace(applies=applies))
+            params = _params()
+            opt = torch_backend.compile(deepopt.dmgd(0.02, weight_decay=0.1, **VARIANTS[variant]),
+                                        list(params.items()))
+            for g in grads:
+                _step(opt, params, g)
+            return _snapshot(opt, params)
+
+    _assert_equal(run(True), run(False))

@@ -262,3 +262,56 @@ def test_dmgd_inject_hyperparams_traced_lr_follows_the_reference():
         ref_params, ref_state = reference.step(spec.replace(lr=lr), ref_params, grads, ref_state)
         for name in params:
             _close(jparams[name], ref_params[name], msg=f"lr={lr}, {name}")
+
+
+def _product_lines(params, hidden):
+    """The compiled update's matrix products, in the order XLA runs them (ENTRY's schedule)."""
+    tx = jax_backend.compile(deepopt.dmgd(0.01, hidden=hidden, readout=None))
+    state = tx.init(params)
+    text = jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(params, state, params).compile().as_text()
+    entry = text[text.index("\nENTRY"):].splitlines()
+    return [line for line in entry if re.search(r'op_name="[^"]*/dot_general"', line)]
+
+
+def test_matrices_run_one_after_the_other_on_one_cpu_device():
+    """With one CPU device the matrices' kernels run in tree order, each whole before the next
+    starts (a zero from the previous read-out orders them; XLA's CPU scheduler otherwise runs
+    every matrix's first product, then every second, …), and Bᵀ K is made as its n×h
+    transpose (the fast operand order; XLA folds an unbarriered transpose into the product)."""
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        pytest.skip("the order is taken with one CPU device")
+    rng = np.random.default_rng(7)
+    h = 4   # optax layout (in, out): leaf a is n=24, m=40; leaf b is n=32, m=48
+    params = {"a": jnp.asarray(rng.normal(size=(24, 40)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(32, 48)), jnp.float32)}
+    lines = _product_lines(params, h)
+    shape = lambda line: re.search(r"= f32\[(\d+),(\d+)\]", line).groups()
+    leaf = ["a" if {"24", "40"} & set(shape(x)) else "b" for x in lines]
+    assert len(lines) == 14 and leaf == ["a"] * 7 + ["b"] * 7, lines
+    assert not any(shape(x) in {(str(h), "24"), (str(h), "32")} for x in lines), lines   # no h×n product
+
+
+def test_in_order_step_equals_the_unordered_step(monkeypatch):
+    """The order (a zero added to W₁ and to G²) changes no value: six float32 steps of three
+    matrices with and without it agree to float rounding."""
+    import jax_backend._deep_memory as jdm
+
+    rng = np.random.default_rng(8)
+    params = {n: jnp.asarray(rng.normal(size=s), jnp.float32)
+              for n, s in {"a": (6, 10), "b": (12, 5), "c": (3, 8, 4)}.items()}
+    grads = [{n: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for n, p in params.items()}
+             for _ in range(6)]
+
+    def run(in_order):
+        monkeypatch.setattr(jdm, "_in_order", lambda: in_order)
+        tx = jax_backend.compile(deepopt.dmgd(0.05, hidden=3, readout=None))
+        p, s = params, tx.init(params)
+        step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+        for g in grads:
+            u, s = step(p, s, g)
+            p = optax.apply_updates(p, u)
+        return p, s
+
+    (p1, s1), (p0, s0) = run(True), run(False)
+    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p0, s0))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +232,32 @@ def state_rows(mem: DeepMemory, sts: list[dict], shape: tuple[int, int], rebind:
     return stacks, copied
 
 
+#: The stacks :func:`state_rows` found or made for a bucket, with weak references to the
+#: entries they were found from (every entry of every parameter, in bucket order), keyed by
+#: the first parameter's memory entry. While every entry is still that same object, each is
+#: still its stack's row (a tensor keeps its base and offset), so the stacks are taken as they
+#: are: ~20 host calls fewer per bucket than :func:`state_rows`'s checks. Any entry replaced
+#: (``load_state_dict``, a deepcopy, a changed bucket, a user's assignment) finds them anew.
+_ROWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _bucket_rows(mem: DeepMemory, sts: list[dict], shape: tuple[int, int]):
+    """:func:`state_rows` (with ``rebind``) through the cache :data:`_ROWS`. A bucket of one
+    is not cached: its stacks are views of its entries, which would keep the key alive."""
+    if len(sts) == 1:
+        return state_rows(mem, sts, shape, True)
+    keys = _entries(mem, *shape)
+    owner = sts[0]["memory"]
+    xs = [st[key] for key, _ in keys for st in sts]
+    hit = _ROWS.get(owner)
+    if hit is not None and len(hit[0]) == len(xs) and all(r() is x for r, x in zip(hit[0], xs)):
+        return hit[1], []
+    stacks, copied = state_rows(mem, sts, shape, True)
+    xs = [st[key] for key, _ in keys for st in sts]            # the rows, after any rebind
+    _ROWS[sts[0]["memory"]] = (tuple(weakref.ref(x) for x in xs), stacks)
+    return stacks, copied
+
+
 def copy_back(sts: list[dict], copied: list) -> None:
     """Write the stacks :func:`state_rows` made as copies into the state entries."""
     for key, stack in copied:
@@ -261,22 +288,29 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
 
 
 def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tuple[int, int],
-         rebind: bool, stack_owner: torch.Tensor | None = None) -> torch.Tensor:
+         rebind: bool, flats: dict | None = None, shared: bool = False) -> torch.Tensor:
     """The kernel on one bucket (its states, gradients and values), the state written where it
     lives; returns ``D̃ (B, m, n)``. ``rebind``: ``sts`` are the optimizer's own dicts (not
-    per-step copies), whose entries may become rows of new stacks. ``stack_owner``: the key of
-    the gradients' stack that the step's buckets share on CPU (:func:`_grad_stack`)."""
+    per-step copies), whose entries may become rows of new stacks. ``flats``: the buffers that
+    the step's buckets share on CPU (:func:`_step_buffers`), for the gradients' stack.
+    ``shared``: D̃ is spent before the next bucket runs, so its buffer is one the step's
+    buckets share too (else the bucket's own, :func:`_workspace`)."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
         g, v = _rows(gs, shape), _values(gs, vs, shape)
         s, w1, w2, nu, prev = state_stacks(mem, sts, shape)
         s, w1, w2, nu, d, g_hat = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev)
         state_writeback(mem, sts, s, w1, w2, nu, g_hat)
         return d
-    (s, w1, w2, nu, prev), copied = state_rows(mem, sts, shape, rebind)
+    (s, w1, w2, nu, prev), copied = _bucket_rows(mem, sts, shape) if rebind else state_rows(mem, sts, shape, False)
     work = None                                              # CPU workspaces, where s persists
     if s.device.type == "cpu" and all(key != "memory" for key, _ in copied):
-        work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, 1 if FUSED else 2)
-    stack = None if work is None or len(sts) == 1 or stack_owner is None else _grad_stack(stack_owner, s)
+        k = 1 if FUSED else 2
+        if shared and flats is not None:
+            work = tuple(_shared_buffer(flats, s, f"work{j}") for j in range(k))
+        else:
+            work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, k)
+    stack = (None if work is None or len(sts) == 1 or flats is None
+             else _shared_buffer(flats, s, "grads"))
     g = _rows(gs, shape, stack)
     v = _values(gs, vs, shape, g)
     if FUSED:                                                # the same kernel for every eager bucket
@@ -317,11 +351,12 @@ FUSED = True
 #: no checkpoint or copy sees it. (CUDA's caching allocator keeps freed blocks already.)
 _WORK: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-#: The gradients' stack on CPU, one flat buffer per dtype that a step's buckets share (a
-#: bucket's stack is spent when its kernel returns: D̃ lives in the bucket's own buffer), grown
-#: to the largest bucket and kept between steps as :data:`_WORK` is, keyed by the first
-#: parameter's memory entry (see :func:`_batched`). One buffer instead of one per bucket: less
-#: memory to stream through the caches every step.
+#: Buffers on CPU that a step's buckets share, one flat buffer per dtype and use, grown to the
+#: largest bucket and kept between steps as :data:`_WORK` is, keyed by the first parameter's
+#: memory entry (see :func:`_batched`): the gradients' stack (a bucket's stack is spent when its
+#: kernel returns) and, when the outer step is made bucket by bucket, the kernel's workspace (D̃
+#: is spent then too). One buffer instead of one per bucket: less memory to stream through the
+#: caches every step.
 _STACKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -334,15 +369,21 @@ def _workspace(owner: torch.Tensor, like: torch.Tensor, k: int) -> tuple:
     return work
 
 
-def _grad_stack(owner: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A buffer shaped like ``like`` (B, m, n) for the gradients' stack: a view of the flat
-    buffer that ``owner``'s step shares (:data:`_STACKS`)."""
+def _step_buffers(owner: torch.Tensor) -> dict:
+    """The flat buffers (:data:`_STACKS`) that ``owner``'s step shares, looked up once a step."""
     flats = _STACKS.get(owner)
     if flats is None:
         flats = _STACKS[owner] = {}
-    flat = flats.get(like.dtype)
+    return flats
+
+
+def _shared_buffer(flats: dict, like: torch.Tensor, use: str) -> torch.Tensor:
+    """A buffer shaped like ``like`` (B, m, n) for ``use`` (``"grads"``: the gradients' stack;
+    ``"work0"``, ``"work1"``: the kernel's workspace): a view of the step's flat buffer
+    (:func:`_step_buffers`)."""
+    flat = flats.get((like.dtype, use))
     if flat is None or flat.numel() < like.numel():
-        flat = flats[like.dtype] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        flat = flats[(like.dtype, use)] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
     return flat[:like.numel()].view(like.shape)
 
 
@@ -356,14 +397,21 @@ def _single(rule: UpdateRule, st: dict, g: torch.Tensor, v: torch.Tensor, t, lay
 
 
 def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts: list | None,
-             layouts: list | None = None) -> Read:
+             layouts: list | None = None, apply=None) -> Read:
     """Each bucket of same-shape matrices in one kernel call, then σ. A bucket of local shards
-    whose σ reads whole matrices gets σ on the owner, where D̃ is whole already."""
+    whose σ reads whole matrices gets σ on the owner, where D̃ is whole already.
+
+    ``apply`` (see :class:`~torch_backend._kernels.MemoryKernel`): each bucket's ``σ(D̃)`` goes
+    to the outer step as soon as it is made, while it is in cache, and the buckets share one
+    workspace (D̃ is spent before the next bucket runs); the returned read-outs are None."""
     mem = rule.memory
     sigma_whole = _readout.on_whole(rule)
     ds: Tensors = [None] * len(gs)  # type: ignore[list-item]
     done: list[int] = []                                     # σ already applied
-    stack_owner = states[0]["memory"] if states else None   # the shared gradients' stack's key
+    # The shared buffers (eager only: the compiled path stacks anew, and dynamo does not trace
+    # into a WeakIdKeyDictionary).
+    flats = _step_buffers(states[0]["memory"]) if states and not torch.compiler.is_compiling() else None
+    shared = apply is not None and layouts is None
     for (m, n, _, _, lay), idx in buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
         if lay is not None:
@@ -371,9 +419,15 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
             if sigma_whole is not None:
                 done += idx
         else:                                                # rebind unless per-step dict copies
-            d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), layouts is None, stack_owner)
+            d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), layouts is None,
+                     flats, shared)
+        if shared:                                           # the outer step for this bucket, now
+            apply(idx, _readout.apply(rule, [d[j].view_as(gs[i]) for j, i in enumerate(idx)]))
+            continue
         for j, i in enumerate(idx):
             ds[i] = d[j].view_as(gs[i])
+    if shared:
+        return Read(ds)
     if not done:
         return Read(_readout.apply(rule, ds, layouts))
     done_set = set(done)
@@ -385,7 +439,7 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
 
 
 #: The deep memory's entry in ``_functional.MEMORIES``.
-KERNEL = MemoryKernel(single=_single, batched=_batched)
+KERNEL = MemoryKernel(single=_single, batched=_batched, applies=True)
 
 
 def _whole(mem: DeepMemory, lay, sts: list[dict], gs: Tensors, vs: Tensors,

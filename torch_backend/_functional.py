@@ -187,6 +187,23 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     # correction left for the step size (exact when σ is the identity), as torch's AdamW
     # folds it into ``lr / (1 − β₁ᵗ)``.
     vs = values.batched(rule.values, states, gs, ts)
+    if (memory.applies and rule.denominator is None and rule.shape_scale == "none" and layouts is None
+            and not torch.compiler.is_compiling()):
+        # W ← W − γλW − γ O, the memory making the last term part by part as its read-outs are
+        # ready (while they are in cache; DMGD: bucket by bucket). The decay reads W first.
+        if rule.decoupled_weight_decay and weight_decay != 0.0:
+            decay(params, lr * weight_decay)
+
+        def apply(idx: list[int], os_: Tensors) -> None:
+            torch._foreach_add_([params[i] for i in idx], os_, alpha=-lr)
+
+        outs, divisors = memory.batched(rule, states, gs, vs, ts, layouts, apply=apply)
+        rest = [i for i, o in enumerate(outs) if o is not None]
+        if divisors is not None:
+            raise RuntimeError("a memory that applies its read-outs returned divisors")
+        if rest:
+            apply(rest, [outs[i] for i in rest])
+        return
     outs, divisors = memory.batched(rule, states, gs, vs, ts, layouts)
 
     denom = None

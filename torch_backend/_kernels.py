@@ -27,10 +27,17 @@ class MemoryKernel(NamedTuple):
     ``t`` is the step count after this step's increment when the rule counts steps (a Python
     int eagerly, a float64 tensor under ``torch.compile``), else None; ``layout`` is the
     :class:`~torch_backend._distributed.Layout` of a local shard, or None.
+
+    ``applies``: ``batched`` also takes ``apply=``, a function ``(indices, outs)`` that makes the
+    outer step of those parameters with those read-outs now; the kernel may call it as soon as
+    a part of its read-outs is ready (each ``σ(D̃)`` once), and returns None in their places.
+    The caller passes it only where the outer step is ``W ← W − γ O`` (no denominator, no
+    divisor, no shape scale; any decoupled decay made first).
     """
 
     batched: Callable[..., Read]
     single: Callable[..., Read] | None = None
+    applies: bool = False
 
 
 __all__ = ["MemoryKernel", "Read"]
