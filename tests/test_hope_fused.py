@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.hope.fused import CausalConv, CMSScan, TitansScan
+from benchmarks.hope.fused import CausalConv, CMSScan, RMSNorm, TitansScan
 from benchmarks.hope.model import CMSLevel, Hope, HopeConfig, SelfModifyingTitans, chunk_constants
 
 F64 = torch.float64
@@ -298,3 +298,22 @@ def test_a_collapsed_state_overflows_float32_gradients_and_the_retention_floor_p
     floor = HopeConfig().alpha_min ** 16
     size, finite = _collapse(floor)
     assert size[5] < 1e-3 * size[4] and finite
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 8), (2, 3, 4, 8), (8,)])
+def test_rms_norm_equals_torch_rms_norm(shape):
+    """`fused.RMSNorm` against autograd through `nn.RMSNorm` (float64), and finite differences."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g, dtype=F64) * 2).requires_grad_()
+    norm = torch.nn.RMSNorm(shape[-1], eps=1e-6).to(F64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(shape[-1], generator=g, dtype=F64))
+    r = torch.randn(shape, generator=g, dtype=F64)
+    y = RMSNorm.apply(x, norm.weight, norm.eps)
+    y_ref = norm(x)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)  # the same operators forward
+    for a, b in zip(torch.autograd.grad((y * r).sum(), (x, norm.weight)),
+                    torch.autograd.grad((y_ref * r).sum(), (x, norm.weight))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, w: RMSNorm.apply(a, w, 1e-6), (x, norm.weight))
+

@@ -485,3 +485,35 @@ class TitansScan(torch.autograd.Function):
             dkeep[:, :nw] = ((g1 * W1B[:, :nw]).sum((-1, -2), keepdim=True)
                              + (g2 * W2B[:, :nw]).sum((-1, -2), keepdim=True))
         return gw1, gw2, torch.stack(dxs, 1), dk_norm, dk_sq, deta, deta_c, ds2_in, dcarry, dkeep, None, None
+
+
+class RMSNorm(torch.autograd.Function):
+    """``F.rms_norm(x, (D,), weight, eps)`` over the last dim with a hand-written backward.
+
+    Forward as torch's own (x · rsqrt(mean(x²) + eps), then · weight: the same operators, the
+    same values); backward, with x̂ = x · r, r = rsqrt(mean(x²) + eps), g = dy ⊙ weight:
+        dx = r (g − x̂ ⟨g, x̂⟩ / D),   dweight = Σ_rows dy ⊙ x̂
+    (autograd's backward of the decomposition is ~20 operators: pow, mean, rsqrt and two
+    products, each with its own node). For float32/float64 outside autocast (`model.rms_norm`
+    picks it); under autocast the model keeps `F.rms_norm`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        xhat = x * r
+        ctx.save_for_backward(xhat, r, weight)
+        return xhat * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, r, weight = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+        if ctx.needs_input_grad[0]:
+            g = dy * weight
+            m = (g * xhat).sum(-1, keepdim=True)
+            dx = torch.addcmul(g, xhat, m, value=-1.0 / xhat.shape[-1]).mul_(r)
+        return dx, dw, None
+

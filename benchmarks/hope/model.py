@@ -215,7 +215,7 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
-from .fused import CausalConv, CMSScan, TitansScan
+from .fused import CausalConv, CMSScan, RMSNorm, TitansScan
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -452,6 +452,15 @@ def chunk_read(w1t, w2t, q, kt, e, a, g, s1, s2, cum, log_alpha, read):
 
 # -----------------------------------------------------------------------------
 # Self-modifying Titans
+
+
+def rms_norm(norm, x):
+    """``norm(x)`` for an `nn.RMSNorm` over the last dim: `fused.RMSNorm` (hand-written backward)
+    outside autocast, the module itself under it (autocast's own dtype rules)."""
+    if (x.device.type == "meta" or torch.is_autocast_enabled(x.device.type) or norm.weight is None
+            or norm.eps is None or len(norm.normalized_shape) != 1):
+        return norm(x)
+    return RMSNorm.apply(x, norm.weight, norm.eps)
 
 
 def in_float32(fn, *tensors, **kwargs):
@@ -832,7 +841,7 @@ class CMSLevel(nn.Module):
         return self.eta_max * torch.sigmoid(self.eta_logit)
 
     def views(self, x):  # x: (B, T, D) -> u, κ, ν each (B, T, D)
-        u = self.norm(x)
+        u = rms_norm(self.norm, x)
         return u, self.w_key(u), self.w_value(u)
 
     def forward(self, x, reference=False, return_states=False):
@@ -846,7 +855,7 @@ class CMSLevel(nn.Module):
         autocast (`in_float32`).
         """
         if not self.writes:
-            y = x + F.silu(self.norm(x) @ self.w_up.T) @ self.w_down.T
+            y = x + F.silu(rms_norm(self.norm, x) @ self.w_up.T) @ self.w_down.T
             return (y, [(self.w_up, self.w_down)]) if return_states else y
         if reference:
             return cms_reference(self, x, return_states)
@@ -864,7 +873,7 @@ class CMSLevel(nn.Module):
         n = -(-T // P)
         if n == 1:
             return self.scan(x)
-        u = self.norm(x)
+        u = rms_norm(self.norm, x)
         L = (n - 1) * P
         key, val = (u[:, :L] @ torch.cat([self.w_key.weight, self.w_value.weight]).T).split(D, dim=-1)
         eta_c = self.eta() * (self.clip if self.clip is not None else 1.0)
@@ -1000,7 +1009,7 @@ class HopeBlock(nn.Module):
         self.checkpoint = False  # True: keep only each segment's input, recompute it in backward
 
     def _titans(self, x, chunk_size=None, reference=False):
-        return x + self.titans(self.norm(x), chunk_size=chunk_size, reference=reference)
+        return x + self.titans(rms_norm(self.norm, x), chunk_size=chunk_size, reference=reference)
 
     def segments(self):
         """The checkpointed units, in order: the Titans sub-layer, then each CMS level."""
@@ -1076,7 +1085,7 @@ class Hope(nn.Module):
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x, chunk_size=chunk_size, reference=reference)
-        logits = self.lm_head(self.norm_f(x))
+        logits = self.lm_head(rms_norm(self.norm_f, x))
         loss = None
         if targets is not None:
             flat = logits.flatten(0, 1)
