@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.hope.fused import CausalConv, CMSScan, RMSNorm, TitansScan
+from benchmarks.hope.fused import CausalConv, CMSScan, GeneratorRead, RMSNorm, TitansScan
 from benchmarks.hope.model import CMSLevel, Hope, HopeConfig, SelfModifyingTitans, chunk_constants
 
 F64 = torch.float64
@@ -317,3 +317,29 @@ def test_rms_norm_equals_torch_rms_norm(shape):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda a, w: RMSNorm.apply(a, w, 1e-6), (x, norm.weight))
 
+
+def _generator_read_reference(rows, w1, w2, r):
+    """`fused.GeneratorRead` as autograd computes it: full reads of the first Q memories, the read-out of the rest."""
+    Q = r.shape[0]
+    act = F.silu(torch.bmm(rows, w2.transpose(1, 2)))
+    y = rows + torch.bmm(act, w1.transpose(1, 2))
+    return y[:Q], (y[Q:] * r).sum(-1, keepdim=True)
+
+
+def test_generator_read_equals_autograd():
+    """`fused.GeneratorRead` (the static generators' reads) against autograd through the plain residual
+    MLP reads (float64), and finite differences of every input."""
+    g = torch.Generator().manual_seed(0)
+    Q, R, d, f = 4, 7, 3, 5
+    rows = torch.randn(2 * Q, R, d, generator=g, dtype=F64).requires_grad_()
+    w1 = torch.randn(2 * Q, d, f, generator=g, dtype=F64).requires_grad_()
+    w2 = torch.randn(2 * Q, f, d, generator=g, dtype=F64).requires_grad_()
+    r = torch.randn(Q, 1, d, generator=g, dtype=F64).requires_grad_()
+    out, ref = GeneratorRead.apply(rows, w1, w2, r), _generator_read_reference(rows, w1, w2, r)
+    rk, rp = torch.randn(Q, R, d, generator=g, dtype=F64), torch.randn(Q, R, 1, generator=g, dtype=F64)
+    grads = [torch.autograd.grad((o[0] * rk).sum() + (o[1] * rp).sum(), (rows, w1, w2, r)) for o in (out, ref)]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(GeneratorRead.apply, (rows, w1, w2, r))

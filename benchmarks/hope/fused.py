@@ -517,3 +517,59 @@ class RMSNorm(torch.autograd.Function):
             dx = torch.addcmul(g, xhat, m, value=-1.0 / xhat.shape[-1]).mul_(r)
         return dx, dw, None
 
+
+class GeneratorRead(torch.autograd.Function):
+    """The static generators' reads (`SelfModifyingTitans._generate_static`) with a hand-written backward.
+
+    Inputs: rows (2Q, R, d) the inputs of the 2Q generator memories (M_k, M_v then M_η, M_α, Q = 2H),
+    w1 (2Q, d, f) = W₁, w2 (2Q, f, d) = W₂, r (Q, 1, d) the read-out vectors of the last Q. Returns
+        kv (Q, R, d) = x + W₁ σ(W₂x)   of the first Q (M_k, M_v)
+        pre (Q, R, 1) = (x + W₁ σ(W₂x))·r = x·r + σ(W₂x)·(W₁ᵀr)   of the last Q (M_η, M_α)
+    Backward, with a = σ(z), z = W₂x, w = W₁ᵀr of the last Q and dp = ∂L/∂pre:
+        da = [dkv W₁;  dp wᵀ],  dz = da ⊙ σ′(z),  dx = dz W₂ + [dkv;  dp r]
+        dW₂ = dzᵀ x,  dW₁ = [dkvᵀ a;  rᵀ (dpᵀ a)],  dr = dpᵀ x + (dpᵀ a) W₁ᵀ
+    (as autograd through the split, the products and the row dot products: ~60 operators, most of
+    them small element-wise ones; here 13).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, w1, w2, r):
+        Q = r.shape[0]
+        # z and σ(z), what the backward needs, in a workspace reused from call to call (`_Workspaces`)
+        ws = _WORKSPACES.take(2 * rows.shape[0] * rows.shape[1] * w2.shape[1], rows)
+        z, act = ws.view(2, rows.shape[0], rows.shape[1], w2.shape[1]).unbind(0)
+        torch.bmm(rows, w2.transpose(1, 2), out=z)  # (2Q, R, f)
+        torch.ops.aten.silu.out(z, out=act)
+        kv = torch.baddbmm(rows[:Q], act[:Q], w1[:Q].transpose(1, 2))
+        w1r = torch.bmm(r, w1[Q:])  # (W₁ᵀr)ᵀ, (Q, 1, f)
+        pre = torch.baddbmm(torch.bmm(rows[Q:], r.transpose(1, 2)), act[Q:], w1r.transpose(1, 2))  # (Q, R, 1)
+        ctx.save_for_backward(rows, w1, w2, r, ws, w1r)
+        return kv, pre
+
+    @staticmethod
+    def backward(ctx, dkv, dpre):
+        return _in_forward_dtype(ctx, GeneratorRead._backward, dkv, dpre)
+
+    @staticmethod
+    def _backward(ctx, saved, dkv, dpre):
+        rows, w1, w2, r, ws, w1r = saved
+        Q = r.shape[0]
+        z, act = ws.view(2, *rows.shape[:2], w2.shape[1]).unbind(0)
+        bws = _WORKSPACES.take(z.numel(), z)  # ∂L/∂σ(z), then ∂L/∂z in place
+        dz = bws.view(z.shape)
+        torch.bmm(dkv, w1[:Q], out=dz[:Q])
+        torch.mul(dpre, w1r, out=dz[Q:])
+        _silu_bwd_out(dz, z, grad_input=dz)
+        drows = torch.bmm(dz, w2)
+        drows[:Q].add_(dkv)
+        drows[Q:].addcmul_(dpre, r)
+        dw2 = torch.bmm(dz.transpose(1, 2), rows)
+        dpt = dpre.transpose(1, 2)  # (Q, 1, R)
+        dw1r = torch.bmm(dpt, act[Q:])  # (Q, 1, f)
+        dw1 = torch.empty_like(w1)
+        torch.bmm(dkv.transpose(1, 2), act[:Q], out=dw1[:Q])
+        torch.bmm(r.transpose(1, 2), dw1r, out=dw1[Q:])
+        dr = torch.baddbmm(torch.bmm(dpt, rows[Q:]), dw1r, w1[Q:].transpose(1, 2))
+        _WORKSPACES.give(bws)
+        _WORKSPACES.give(ws)
+        return drows, dw1, dw2, dr

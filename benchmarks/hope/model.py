@@ -215,7 +215,7 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
-from .fused import CausalConv, CMSScan, RMSNorm, TitansScan
+from .fused import CausalConv, CMSScan, GeneratorRead, RMSNorm, TitansScan
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -588,13 +588,9 @@ class SelfModifyingTitans(nn.Module):
         B, H, _, n, d = xin.shape
         rows = xin.expand(B, H, MEM_OUT, n, d).permute(2, 1, 0, 3, 4).reshape(MEM_OUT * H, B * n, d)
         w1, w2 = (w.transpose(0, 1).flatten(0, 1) for w in (w1, w2))  # (4H, d, f), (4H, f, d)
-        act = F.silu(torch.bmm(rows, w2.transpose(1, 2)))  # (4H, B·n, f)
-        # M_k, M_v | M_η, M_α by `split` (its backward concatenates; a slice's fills a zero tensor)
-        (rows_kv, rows_ea), (act_kv, act_ea), (w1_kv, w1_ea) = (t.split(2 * H) for t in (rows, act, w1))
-        kv = torch.baddbmm(rows_kv, act_kv, w1_kv.transpose(1, 2))
         r = torch.cat([self.eta_w, self.alpha_w]).unsqueeze(1)  # (2H, 1, d)
-        w1r = torch.bmm(r, w1_ea)  # (W₁ᵀr)ᵀ, (2H, 1, f)
-        pre = (rows_ea * r).sum(-1) + (act_ea * w1r).sum(-1)  # (2H, B·n); as bmm, a K = 1 backward
+        # M_k, M_v read in full, M_η, M_α through r: `fused.GeneratorRead` (hand-written backward)
+        kv, pre = GeneratorRead.apply(rows, w1, w2, r)  # (2H, B·n, d), (2H, B·n, 1)
         yk, v = kv.view(2, H, B, n, d).transpose(1, 2).unbind(0)
         eta_pre, alpha_pre = pre.view(2, H, B, n).transpose(1, 2).unbind(0)
         return yk, v, eta_pre, alpha_pre
