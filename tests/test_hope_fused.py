@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.hope.fused import CausalConv, CMSScan, GeneratorRead, RMSNorm, TitansScan
+from benchmarks.hope.fused import CausalConv, CMSScan, GeneratorRead, Normalize, RMSNorm, TitansScan
 from benchmarks.hope.model import CMSLevel, Hope, HopeConfig, SelfModifyingTitans, chunk_constants
 
 F64 = torch.float64
@@ -343,3 +343,19 @@ def test_generator_read_equals_autograd():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(GeneratorRead.apply, (rows, w1, w2, r))
+
+
+def test_normalize_equals_f_normalize():
+    """`fused.Normalize` against autograd through `F.normalize` (float64, a zero row included: the
+    clamp's branch), on a transposed view as the model's queries, and finite differences."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 4, generator=g, dtype=F64)
+    x[0, 1, 2] = 0.0
+    x = x.transpose(1, 2).requires_grad_()
+    r = torch.randn(x.shape, generator=g, dtype=F64)
+    y, y_ref = Normalize.apply(x, 1e-12), F.normalize(x, dim=-1)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad((y * r).sum(), x)[0], torch.autograd.grad((y_ref * r).sum(), x)[0],
+                               rtol=1e-12, atol=1e-12)
+    xs = torch.randn(3, 4, generator=g, dtype=F64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: Normalize.apply(a, 1e-12), (xs,))

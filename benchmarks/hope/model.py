@@ -215,7 +215,7 @@ import torch.utils.checkpoint
 
 from deepopt._memory import silu_grad
 
-from .fused import CausalConv, CMSScan, GeneratorRead, RMSNorm, TitansScan
+from .fused import CausalConv, CMSScan, GeneratorRead, Normalize, RMSNorm, TitansScan
 
 # memory slots, stacked along one axis of the fast state
 MEM_K, MEM_V, MEM_ETA, MEM_ALPHA, MEM_OUT = range(5)
@@ -463,6 +463,13 @@ def rms_norm(norm, x):
     return RMSNorm.apply(x, norm.weight, norm.eps)
 
 
+def normalize(x):
+    """``F.normalize(x, dim=-1)``: `fused.Normalize` (hand-written backward) outside autocast."""
+    if x.device.type == "meta" or torch.is_autocast_enabled(x.device.type):
+        return F.normalize(x, dim=-1)
+    return Normalize.apply(x, 1e-12)
+
+
 def in_float32(fn, *tensors, **kwargs):
     """``fn(*tensors, **kwargs)`` with autocast off and half-precision tensors cast to float32.
 
@@ -559,7 +566,7 @@ class SelfModifyingTitans(nn.Module):
             yk, v, ye, ya = y.unbind(2)  # one node: its backward stacks, where 4 selects would each fill zeros
             eta_pre = (ye * self.eta_w[:, None, :]).sum(-1)
             alpha_pre = (ya * self.alpha_w[:, None, :]).sum(-1)
-        k = F.normalize(yk, dim=-1)
+        k = normalize(yk)
         eta = torch.clamp(self.cfg.eta_scale * F.softplus(eta_pre + self.eta_b[:, None]), max=self.cfg.eta_max)
         log_a = self._log_retention(alpha_pre + self.alpha_b[:, None]).unsqueeze(2)
         if self.cfg.generator_writes == "separate":
@@ -723,7 +730,7 @@ class SelfModifyingTitans(nn.Module):
         B, T, D = x.shape
         C = chunk_size or self.cfg.chunk_size
         xin = self._gen_heads(self.conv_in(self.w_in(x)))  # (B,H,G,T,d)
-        q = F.normalize(self._heads(self.conv_q(self.w_q(x))), dim=-1)  # (B,H,T,d)
+        q = normalize(self._heads(self.conv_q(self.w_q(x))))  # (B,H,T,d)
         # per-sequence fast state, starting from the meta-learned φ₀ (expand: no copy)
         w1 = self.mem_w1.unsqueeze(0).expand(B, *self.mem_w1.shape)
         w2 = self.mem_w2.unsqueeze(0).expand(B, *self.mem_w2.shape)
