@@ -243,6 +243,22 @@ def test_hope_speed_times_the_variants_asked_for():
         speed.main(["--variants", "default,newest"])
 
 
+def test_hope_speed_in_processes_times_each_model_alone():
+    """`speed --processes N`: each model in its own process, N rounds; a ratio per round and their
+    median, the Transformer++'s exactly 1; a negative count or --compile with it is refused."""
+    from benchmarks.hope import speed
+
+    out = speed.main(["--repeats", "1", "--variants", "default", "--processes", "2"])
+    assert set(out["per_round_ratio"]) == {"hope[default]", "transformer"}
+    assert out["per_round_ratio"]["transformer"] == [1.0, 1.0]
+    assert len(out["per_round_s"]["hope[default]"]) == 2 and all(t > 0 for t in out["per_round_s"]["hope[default]"])
+    assert out["ratio"]["hope[default]"] == pytest.approx(
+        sorted(out["per_round_ratio"]["hope[default]"])[0] / 2 + sorted(out["per_round_ratio"]["hope[default]"])[1] / 2)
+    for bad in (["--processes", "-1"], ["--processes", "1", "--compile"]):
+        with pytest.raises(SystemExit):
+            speed.main(bad)
+
+
 def test_gpu_check_names_a_run_that_fell_back_to_eager(tmp_path):
     """A run whose CUDA-graph capture failed trains eagerly at several times the step time; the
     summary table says so with train's own note, found in the run's log."""
