@@ -77,16 +77,14 @@ def main(argv=None):
     if args.processes:
         if args.compile:
             ap.error("--processes times eager models only; drop --compile")
-        return _in_processes(args, [f"hope[{k}]" for k in variants] + ["transformer"])
+        return _in_processes(args, [f"hope[{k}]" for k in variants] + ["transformer"], B, T)
     if args.alone is not None:
         return _alone(args, B, T)
-    models = {f"hope[{k}]": build_model("hope", args.preset, 256, **VARIANTS[k])[0] for k in variants}
-    models["transformer"] = build_model("transformer", args.preset, 256)[0]
+    models = {name: _build(name, args.preset) for name in [f"hope[{k}]" for k in variants] + ["transformer"]}
     x = torch.randint(0, 256, (B, T + 1))
 
     def step(m):
-        _, loss = m(x[:, :-1], x[:, 1:])
-        loss.backward()
+        _fwd_bwd(m, x)
 
     ops = {}
     for name, m in models.items():
@@ -122,7 +120,13 @@ def main(argv=None):
     return dict(ops=ops, median_s=med, ratio={k: v / tf for k, v in med.items()}, compile_s=compile_s)
 
 
+def _fwd_bwd(m, x):
+    _, loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()
+
+
 def _build(name: str, preset: str):
+    """The model a row of the table names: "transformer" or "hope[VARIANT]"."""
     if name == "transformer":
         return build_model("transformer", preset, 256)[0]
     return build_model("hope", preset, 256, **VARIANTS[name[len("hope["):-1]])[0]
@@ -135,8 +139,7 @@ def _alone(args, B: int, T: int) -> dict:
     times = []
     for i in range(args.repeats + 1):
         t0 = time.perf_counter()
-        _, loss = m(x[:, :-1], x[:, 1:])
-        loss.backward()
+        _fwd_bwd(m, x)
         if i:                                                # the first step warms up
             times.append(time.perf_counter() - t0)
     out = dict(model=args.alone, median_s=statistics.median(times))
@@ -144,7 +147,7 @@ def _alone(args, B: int, T: int) -> dict:
     return out
 
 
-def _in_processes(args, names: list[str]) -> dict:
+def _in_processes(args, names: list[str], B: int, T: int) -> dict:
     """Each model alone in a fresh process, ``args.processes`` rounds, the order swapped each round."""
     med: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.processes):
@@ -155,8 +158,7 @@ def _in_processes(args, names: list[str]) -> dict:
             line = done.stdout.strip().splitlines()[-1]
             med[name].append(json.loads(line)["median_s"])
     ratios = {k: [a / b for a, b in zip(v, med["transformer"])] for k, v in med.items()}
-    train_cfg = PRESETS[args.preset]["train"]
-    print(f"{args.preset}: B={train_cfg['batch']}, T={train_cfg['seq_len']}, {args.threads} thread(s), "
+    print(f"{args.preset}: B={B}, T={T}, {args.threads} thread(s), "
           f"each model alone in its own process, {args.processes} round(s) of median-of-{args.repeats} fwd+bwd")
     for name in names:
         per_round = ", ".join(f"{x:.2f}" for x in ratios[name])
