@@ -13,7 +13,8 @@ Reported per contender: median step time and spread, the ratio to the anchor (pe
 B measured back to back), optimizer-state bytes per parameter (counted from the actual state),
 and the hardware floor — element-wise phases at the measured copy bandwidth, matrix phases at
 the measured matmul rate (Newton–Schulz ``4m²n + 2m³`` per iteration for m ≤ n; DMGD
-``12·m·n·h``, docs/math.md §5; delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. The
+``14·m·n·h`` with its default L2 objective, ``12·m·n·h`` with the dot objective, docs/math.md §5;
+delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. The
 dmgd groups (torch and JAX) also time the deep memory alone (``readout=None``; floor: DMGD's matmuls without
 Newton–Schulz). JAX rows also record how many times the jitted step was traced (1 = no
 recompilation).
@@ -120,14 +121,22 @@ def ns_flops(m: int, n: int, steps: int = NS_STEPS) -> float:
     return steps * (4 * a * a * b + 2 * a ** 3)
 
 
+def dmgd_products(memory) -> int:
+    """The m×n-by-thin products of one DMGD write and read per matrix (docs/math.md §5): the
+    write's ``K W₁ᵀ``, ``Êᵀ H``, ``Ê W₂``, ``[·]ᵀ K`` and the read's ``Q W₁ᵀ``, ``H W₂ᵀ``; the L2
+    objective's error also needs the memory's read before the write, ``H W₂ᵀ``: a seventh."""
+    return 7 if memory.objective == "l2" else 6
+
+
 def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: int = 4,
                 hidden: int = 16, route: Callable[[str, tuple[int, ...]], str] | None = None,
-                fallback_kind: str = "adamw") -> dict[str, float]:
+                fallback_kind: str = "adamw", products: int = 7) -> dict[str, float]:
     """Bytes moved and matmul FLOPs of one step of ``kind`` over ``shapes``.
 
     ``route(name, shape)`` says which parameters take the rule (``"rule"``) and which its
     element-wise fallback (``"fallback"``, costed as ``fallback_kind``); by default the
-    matrices of :func:`is_matrix` take matrix rules and everything else AdamW.
+    matrices of :func:`is_matrix` take matrix rules and everything else AdamW. ``hidden`` and
+    ``products`` (:func:`dmgd_products`) are DMGD's: each product costs ``2·m·n·h`` FLOPs.
     """
     nbytes, flops = 0.0, 0.0
     for name, shape in shapes:
@@ -148,9 +157,9 @@ def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: 
         elif kind == "delta_momentum":
             flops += 4 * min(m, n) ** 2 * max(m, n)                 # (S Kᵀ) K on the short side
         elif kind == "dmgd":                                          # the default: a deep Muon
-            flops += 12 * m * n * hidden + ns_flops(m, n)             # docs/math.md §5, then §4
+            flops += 2 * products * m * n * hidden + ns_flops(m, n)   # docs/math.md §5, then §4
         elif kind == "dmgd_memory":                                   # readout=None: §5 alone
-            flops += 12 * m * n * hidden
+            flops += 2 * products * m * n * hidden
         elif kind == "m3":
             flops += ns_flops(m, n) * (1 + 1 / M3_PERIOD)            # fast NS + amortised slow NS
     return {"bytes": nbytes, "flops": flops}
@@ -200,6 +209,8 @@ class Contender:
     extra: dict = field(default_factory=dict)
     route: Callable[[str, tuple[int, ...]], str] | None = None   # deepopt spec routing (floor)
     fallback_kind: str = "adamw"
+    hidden: int = 16                 # DMGD's MLP width and products per matrix (the floor's FLOPs)
+    products: int = 7
 
 
 @dataclass
@@ -225,6 +236,9 @@ def _with_floor_routing(c: Contender, entry: Entry, shape_of=lambda shape: shape
         spec = entry.spec
         c.route = lambda name, shape: spec.route(name, shape_of(shape))
         c.fallback_kind = spec.fallback.name if spec.fallback is not None else entry.floor_kind
+        memory = spec.rule.memory
+        if hasattr(memory, "hidden"):                             # DeepMemory
+            c.hidden, c.products = memory.hidden, dmgd_products(memory)
     return c
 
 
@@ -558,7 +572,8 @@ def run_group(group: Group, shapes, rates: dict[str, float], n_params: int, warm
         row["time_ms"] = _common.summary(times[c.name], 1e3)
         row["headline_stat"] = stat
         row["state_bytes_per_param"] = c.state_bytes() / n_params
-        terms = floor_terms(c.floor_kind, shapes, route=c.route, fallback_kind=c.fallback_kind)
+        terms = floor_terms(c.floor_kind, shapes, route=c.route, fallback_kind=c.fallback_kind,
+                            hidden=c.hidden, products=c.products)
         rate = rates.get(f"matmul_{c.ns_dtype}_flops_per_s", rates["matmul_float32_flops_per_s"])
         fl = floor_seconds(terms, rates["copy_bytes_per_s"], rate)
         row["floor"] = {"math": c.floor_kind, "bytes": terms["bytes"], "matmul_flops": terms["flops"],
@@ -694,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                    "torch_threads": args.threads, "pinned_core": pinned,
                    "floor_model": {"words_per_element": WORDS,
                                    "rule": "bytes/copy bandwidth + matmul FLOPs/matmul rate; "
-                                           "NS 5·(4m²n+2m³), DMGD 12·m·n·h + its NS, delta 4m²n"}},
+                                           "NS 5·(4m²n+2m³), DMGD 14·m·n·h (L2; 12·m·n·h dot) + its NS, delta 4m²n"}},
         "environment": env,
         "rates": rates,
         "pairs": pairs,

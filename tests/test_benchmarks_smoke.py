@@ -222,6 +222,21 @@ def test_step_overhead_writes_its_rows(tmp_path, monkeypatch):
     assert all(r["deepopt_ms"]["median"] > 0 and r["anchor_ms"]["median"] > 0 for r in rows)
 
 
+def test_dmgd_floor_counts_every_product_its_objective_needs():
+    """The floor prices DMGD's products at 2·m·n·h FLOPs each: seven with the L2 objective (the
+    write's error reads the memory first), six with the dot objective; the read-out's Newton–
+    Schulz comes on top."""
+    from benchmarks import step_cost
+
+    l2, dot = (deepopt.dmgd(0.01, readout=None, objective=o).rule.memory for o in ("l2", "dot"))
+    assert (step_cost.dmgd_products(l2), step_cost.dmgd_products(dot)) == (7, 6)
+    shapes = [("h.0.mlp.c_fc.weight", (64, 32))]
+    flops = {k: step_cost.floor_terms("dmgd_memory", shapes, hidden=8, products=k)["flops"] for k in (6, 7)}
+    assert flops == {6: 2 * 6 * 64 * 32 * 8, 7: 2 * 7 * 64 * 32 * 8}
+    deep_muon = step_cost.floor_terms("dmgd", shapes, hidden=8, products=7)["flops"]
+    assert deep_muon == flops[7] + step_cost.ns_flops(64, 32)
+
+
 def test_pin_to_one_core_leaves_one_core():
     """In a child process (pinning this one would slow the rest of the suite)."""
     code = ("import os; from benchmarks._threads import pin_to_one_core; core = pin_to_one_core(); "

@@ -292,7 +292,7 @@ def test_matrices_run_one_after_the_other_on_one_cpu_device():
 
 
 def test_in_order_step_equals_the_unordered_step(monkeypatch):
-    """The order (a zero added to W₁ and to G²) changes no value: six float32 steps of three
+    """The order (a zero added to W₁) changes no value: six float32 steps of three
     matrices with and without it agree to float rounding."""
     import jax_backend._deep_memory as jdm
 
