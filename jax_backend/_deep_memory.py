@@ -62,8 +62,9 @@ def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
     ``after``: a scalar zero (:func:`_zero_after`) added to ``W₁``, where this matrix's products
     start, so that XLA schedules them after the matrix the zero came from; it changes no value.
     None: no order. (Not to ``G²`` as well: with the zero as a second operand, jax 0.10's CPU
-    reduction of the row sums ran at half speed, ~24 against ~11 µs on 128×512, and left
-    unordered it costs less than that: 0.959 of the step's time, step_cost's 16 matrices.)
+    reduction of the row sums ran at half speed, ~24 against ~11 µs on 128×512; left unordered,
+    step_cost's 16 matrices took 0.959 of the time with warm caches and 1.007 with a 48 MB
+    flush before each step, 300 alternated rounds each.)
     """
     ein = _EINSUMS[transposed]
     m = s.shape[-1] if transposed else s.shape[-2]
