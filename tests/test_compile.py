@@ -74,3 +74,40 @@ def test_every_spec_compiles_whole_on_both_twins(spec, foreach):
 def test_compiled_step_on_cuda_has_no_graph_break_and_equals_eager(spec):
     """On CUDA a graph break at the step count or the lr would also be a host sync."""
     _check_compiled_equals_eager(spec, foreach=True, device="cuda")
+
+
+def test_t_dependent_scalars_are_made_once_into_one_buffer():
+    """A compiled step's per-tensor scalars (bias corrections, step sizes: 0-d tensors, Python
+    numbers mixed in) become the entries of one float64 buffer, so inductor's loops read them
+    instead of recomputing each (a power per element, in float64) inside every element's loop."""
+    from torch_backend._foreach import made
+
+    values = [torch.tensor(2.0, dtype=torch.float64), 3.0, torch.tensor(0.5, dtype=torch.float32)]
+    got = made(values)
+    assert [float(v) for v in got] == [2.0, 3.0, 0.5]
+    assert all(v.dtype == torch.float64 and v.dim() == 0 for v in got)
+    assert got[0]._base is not None and all(v._base is got[0]._base for v in got)
+
+
+@pytest.mark.slow
+@pytest.mark.specs("adamw_nesterov", "sgd_damped_torch")
+def test_inductor_compiled_step_equals_eager(spec):
+    """Through inductor's kernels (not only the graph), with the scalars made once: the same
+    parameters and state as the eager step, to float64 rounding."""
+    eager_model = _model()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = torch_backend.compile(spec, eager_model.named_parameters())
+    traced = torch_backend.compile(spec, compiled_model.named_parameters())
+    dynamo.reset()
+    step = torch.compile(traced.step)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        eager.step()
+        step()
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+        for key, value in eager.state[p].items():
+            torch.testing.assert_close(traced.state[q][key].to(value.device), value, rtol=1e-12, atol=1e-14)

@@ -34,7 +34,7 @@ from deepopt import (
 )
 from deepopt._validate import kernel_for
 from torch_backend import _deep_memory, _linear_memory, _multiscale
-from torch_backend._foreach import Tensors, counts, decay, scalar_op, sqrt
+from torch_backend._foreach import Tensors, counts, decay, made, scalar_op, sqrt
 from torch_backend._fused import classic_kind, fused_groups, step_fused
 from torch_backend._kernels import MemoryKernel
 
@@ -227,6 +227,8 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
              else [lr] * len(params))
     if divisors is not None:
         sizes = [s / d for s, d in zip(sizes, divisors)]
+    if any(isinstance(s, torch.Tensor) for s in sizes):      # t-dependent under torch.compile
+        sizes = made(sizes)
     by_size: dict[Any, list[int]] = defaultdict(list)         # one foreach call per step size
     for i, size in enumerate(sizes):
         by_size[size].append(i)
