@@ -111,3 +111,48 @@ def test_inductor_compiled_step_equals_eager(spec):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
         for key, value in eager.state[p].items():
             torch.testing.assert_close(traced.state[q][key].to(value.device), value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.specs("adamw", "adamw_nesterov", "sgd_decoupled_decay", "muon_bfloat16", "dmgd", "m3")
+def test_tensor_lr_stays_a_tensor_and_a_scheduler_recompiles_nothing(spec):
+    """A tensor lr under ``torch.compile(opt.step)``, as torch.optim takes one: no ``.item()``
+    (the steady-state step is one graph), a scheduler writing into it compiles nothing new, the
+    step never writes into it (the fallback's lr_ratio multiplies a copy), and the parameters
+    and state are the eager run's with a float lr and the same schedule (a bf16 read-out is
+    scaled by a tensor step size in the parameters' precision, as ``alpha=`` does eagerly)."""
+    eager_model = _model()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = torch_backend.compile(spec, eager_model.named_parameters())
+    traced = torch_backend.compile(spec, compiled_model.named_parameters())
+    lrs = [torch.tensor(group["lr"], dtype=torch.float64) for group in traced.param_groups]
+    for group, lr in zip(traced.param_groups, lrs):
+        group["lr"] = lr
+    schedules = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.7) for o in (eager, traced)]
+    compiled = {"graphs": 0}
+
+    def counting(gm, example_inputs):
+        compiled["graphs"] += 1
+        return gm.forward
+
+    dynamo.reset()
+    step = torch.compile(traced.step, backend=counting)
+    gen = torch.Generator().manual_seed(3)
+    for t in range(6):
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        if t == 2:
+            explained = dynamo.explain(traced.step)()
+            assert explained.graph_break_count == 0, _why(explained)
+            compiled["graphs"] = 0
+        else:
+            step()
+        eager.step()
+        before = [float(lr) for lr in lrs]
+        for schedule in schedules:
+            schedule.step()
+        assert [float(lr) for lr in lrs] == pytest.approx([0.7 * b for b in before], rel=1e-12)
+        assert all(group["lr"] is lr for group, lr in zip(traced.param_groups, lrs))
+    assert compiled["graphs"] <= 1, f"{compiled['graphs']} graphs compiled after the steady state began"
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)

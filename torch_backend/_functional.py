@@ -148,8 +148,8 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
         size = lr * _scale(rule, p.shape if lay is None else lay.shape)
         if divisor is not None:
             size = size / divisor
-        if isinstance(size, torch.Tensor):                   # t-dependent under torch.compile
-            out = out * -size
+        if isinstance(size, torch.Tensor):                   # t-dependent or a tensor lr, under compile
+            out = out.to(p.dtype) * -size                    # in p's precision, as alpha= is (σ may be bf16)
             size = -1.0
         if denom is not None:
             p.addcdiv_(out, denom, value=-size)
@@ -234,9 +234,9 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         by_size[size].append(i)
     for size, idx in by_size.items():
         ps, os_ = [params[i] for i in idx], [outs[i] for i in idx]
-        if isinstance(size, torch.Tensor):                   # t-dependent under torch.compile
-            os_ = torch._foreach_mul(os_, -size)
-            size = -1.0
+        if isinstance(size, torch.Tensor):                   # t-dependent or a tensor lr, under compile
+            os_ = torch._foreach_mul([o.to(p.dtype) for o, p in zip(os_, ps)], -size)   # in p's precision,
+            size = -1.0                                      # as alpha= is (σ may be bf16)
         if denom is not None:
             torch._foreach_addcdiv_(ps, os_, [denom[i] for i in idx], value=-size)
         else:

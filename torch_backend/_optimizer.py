@@ -494,7 +494,7 @@ class DeepOptimizer(Optimizer):
             rule, layout = self._rule_and_layout(group)
             lr = self._rate(group, "lr")
             if "lr_ratio" in group:
-                lr *= self._rate(group, "lr_ratio")
+                lr = lr * self._rate(group, "lr_ratio")     # not *=: a tensor lr is the group's own
             wd = self._rate(group, "weight_decay")
             if self._layouts.get(i) != layout:
                 fills += self._check_layout(group, rule)
@@ -527,7 +527,14 @@ class DeepOptimizer(Optimizer):
         return loss
 
     @staticmethod
-    def _rate(group: dict[str, Any], key: str) -> float:
+    def _rate(group: dict[str, Any], key: str) -> Any:
+        if key == "lr" and isinstance(group[key], torch.Tensor) and torch.compiler.is_compiling():
+            # A tensor lr stays a tensor under torch.compile, as torch.optim's does: no .item()
+            # (no graph break, no host sync), and a scheduler writing into it recompiles nothing.
+            # Its value is not read on the host, so it is checked by eager steps only.
+            if group[key].numel() != 1:
+                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(group[key].shape)}")
+            return group[key].reshape(())
         value = _number(group[key])
         if value is None or not (0 <= value < float("inf")):
             message = f"param group {key}={group[key]!r} is invalid: expected a finite number >= 0"
