@@ -18,11 +18,14 @@ CLASSIC = {
     "sgd_momentum": deepopt.sgd(0.1, momentum=0.9, dampening=0.2, weight_decay=0.01),
     "sgd_nesterov": deepopt.sgd(0.05, momentum=0.9, nesterov=True, maximize=True),
     "delta_zeta0": deepopt.delta_momentum(0.05, momentum=0.9, zeta=0.0),
+    # a decay pass before the kernel; torch's undamped first write as the kernel's is_first_step
+    "sgd_decoupled": deepopt.sgd(0.1, momentum=0.9, weight_decay=0.05, decoupled_weight_decay=True),
+    "sgd_torch_first_step": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True),
+    "sgd_torch_first_step_decoupled": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, weight_decay=0.05,
+                                                  decoupled_weight_decay=True, undamped_first_step=True),
 }
 NOT_CLASSIC = {
     "adamw_nesterov": deepopt.adamw(1e-2, nesterov=True),
-    "sgd_decoupled": deepopt.sgd(0.1, momentum=0.9, decoupled_weight_decay=True),
-    "sgd_torch_first_step": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True),
     "ema_nesterov": deepopt.custom(deepopt.UpdateRule(memory=deepopt.LinearMemory(0.9, 0.1, nesterov=True)), 0.1),
     "delta": deepopt.delta_momentum(0.05, momentum=0.9),
     "muon": deepopt.muon(0.02),
@@ -86,3 +89,27 @@ def test_half_precision_is_fused_only_on_request():
     mixed = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(3)]
     assert _fused.fused_groups(mixed, mixed, None) == [[0, 2], [1]]
     assert _fused.classic_kind(spec.rule) == "adamw"
+
+
+def test_torch_first_step_is_per_tensor_when_step_counts_differ():
+    """A parameter without a gradient at the first step starts one step later: the kernel's
+    ``is_first_step`` is then true for it alone, in a call of its own, as the foreach twin's
+    first write is per tensor."""
+    spec = CLASSIC["sgd_torch_first_step"]
+    gen = torch.Generator().manual_seed(4)
+    init = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
+    runs = {}
+    for fused in (None, False):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = torch_backend.compile(spec, ps, fused=fused)
+        g = torch.Generator().manual_seed(5)
+        for t in range(4):
+            for j, p in enumerate(ps):
+                p.grad = None if (t == 0 and j == 1) else torch.randn(p.shape, generator=g, dtype=p.dtype)
+            opt.step()
+        runs[fused] = (ps, opt)
+    (fps, fopt), (pps, popt) = runs[None], runs[False]
+    assert [float(fopt.state[p]["step"]) for p in fps] == [4.0, 3.0]
+    for a, b in zip(fps, pps):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        torch.testing.assert_close(fopt.state[a]["memory"], popt.state[b]["memory"], rtol=0, atol=1e-12)

@@ -166,6 +166,8 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
                  lr: float, weight_decay: float, layouts: list | None = None,
                  fused: bool | None = None) -> None:
     kind = classic_kind(rule)
+    if kind is not None and rule.memory.undamped_first_write and torch.compiler.is_compiling():
+        kind = None                                         # the first write's t, masked: foreach
     groups = fused_groups(params, grads, fused) if kind is not None else None
     if groups is not None:                                      # torch's own AdamW / SGD kernel
         step_fused(kind, rule, params, grads, states, groups, lr=lr, weight_decay=weight_decay)

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from deepopt import Identity, IdentityValues, LinearMemory, UpdateRule
+from torch_backend._foreach import counts, decay
 
 Kind = Literal["adamw", "sgd"]
 _DEVICES = ("cpu", "cuda")
@@ -33,20 +34,22 @@ _PLAIN = {torch.Tensor, torch.nn.Parameter}
 
 @functools.lru_cache(maxsize=256)
 def classic_kind(rule: UpdateRule) -> Kind | None:
-    """``"adamw"`` / ``"sgd"`` when ``rule`` computes exactly what that torch kernel computes."""
+    """``"adamw"`` / ``"sgd"`` when that torch kernel computes ``rule`` — SGD also with decoupled
+    decay (one decay pass before the kernel) and with torch's undamped first write (the
+    kernel's ``is_first_step``)."""
     mem = rule.memory
-    if not (isinstance(mem, LinearMemory) and mem.zeta == 0.0 and not mem.undamped_first_write
+    if not (isinstance(mem, LinearMemory) and mem.zeta == 0.0
             and isinstance(rule.values, IdentityValues) and isinstance(rule.readout, Identity)
             and rule.shape_scale == "none"):
         return None
     den = rule.denominator
     if (den is not None and den.bias_correction and not den.accumulate and mem.bias_correction
-            and not mem.nesterov and mem.inner_lr == 1.0 - mem.momentum and rule.decoupled_weight_decay):
+            and not mem.nesterov and mem.inner_lr == 1.0 - mem.momentum and rule.decoupled_weight_decay
+            and not mem.undamped_first_write):
         return "adamw"          # EMA memory, bias-corrected read, ÷ (√v̂ + ε), decoupled decay
-    if (den is None and not mem.bias_correction and not rule.decoupled_weight_decay
-            and (not mem.nesterov or mem.inner_lr == 1.0)):
-        return "sgd"            # heavy ball with dampening 1 − η, coupled L2 decay; torch's
-    return None                 # Nesterov read is g + μ·buf, i.e. η = 1
+    if den is None and not mem.bias_correction and (not mem.nesterov or mem.inner_lr == 1.0):
+        return "sgd"            # heavy ball with dampening 1 − η; torch's Nesterov read is
+    return None                 # g + μ·buf, i.e. η = 1
 
 
 def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
@@ -84,6 +87,16 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
                  [st["step"] for st in states])
     else:
         lists = (params, grads) if mem.stateless else (params, grads, [st["memory"] for st in states])
+        if rule.decoupled_weight_decay:                   # W ← W(1 − γλ) first, as the foreach
+            if weight_decay != 0.0:                       # twin does; the kernel then adds −γ·buf
+                decay(params, lr * weight_decay)
+            weight_decay = 0.0
+        if mem.undamped_first_write:                      # torch's first write, t = 1: buf = g
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            first = [t == 1 for t in counts(steps)]
+            groups = [[i for i in idx if first[i] == f] for idx in groups for f in (True, False)]
+            groups = [idx for idx in groups if idx]
     for idx in groups:
         ps, gs, *rest = lists if len(groups) == 1 else [[xs[i] for i in idx] for xs in lists]
         if kind == "adamw":
@@ -94,10 +107,11 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
                                 eps=rule.denominator.eps, maximize=rule.maximize,
                                 grad_scale=None, found_inf=None)
         else:
-            # S_0 = 0, so the first write is the ordinary one: never torch's "first step" copy.
+            # S_0 = 0: without torch's undamped first write the first write is the ordinary one.
             torch._fused_sgd_(ps, gs, rest[0] if rest else [], weight_decay=weight_decay,
                               momentum=mem.momentum, lr=lr, dampening=1.0 - mem.inner_lr,
-                              nesterov=mem.nesterov, maximize=rule.maximize, is_first_step=False,
+                              nesterov=mem.nesterov, maximize=rule.maximize,
+                              is_first_step=mem.undamped_first_write and first[idx[0]],
                               grad_scale=None, found_inf=None)
 
 

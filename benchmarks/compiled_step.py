@@ -1,0 +1,106 @@
+"""The fused path for element-wise rules torch has no kernel for: ``torch.compile(opt.step)``.
+
+    python -m benchmarks.compiled_step [--threads 1] [--repeats 60] --out DIR
+
+``deepopt.adamw`` and ``deepopt.sgd`` as torch defines them run torch's fused kernels. Their
+variants that torch has no kernel for — Nesterov AdamW, SGD with decoupled decay, SGD with
+dampening and torch's undamped first step — run deepopt's foreach twin eagerly, and one
+graph under ``torch.compile(opt.step)``, which inductor makes one loop per tensor. This times
+each variant eagerly and compiled (inductor, a tensor lr) next to the torch fused kernel of the
+same family, interleaved in one process (docs/benchmarks.md), on ``step_cost``'s ``--quick``
+shapes (52 tensors, 1.35M parameters). Compilation happens before timing. Writes
+``DIR/compiled_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from benchmarks import _common
+
+#: name -> (deepopt preset call, torch anchor family); lr small so that no run diverges.
+VARIANTS = {
+    "adamw(nesterov=True)": ("adamw", dict(lr=1e-3, nesterov=True), "adamw"),
+    "sgd(decoupled_weight_decay=True)": ("sgd", dict(lr=1e-2, momentum=0.9, weight_decay=0.01,
+                                                     decoupled_weight_decay=True), "sgd"),
+    "sgd(dampening=0.1, undamped_first_step=True)": ("sgd", dict(lr=1e-2, momentum=0.9, dampening=0.1,
+                                                                 undamped_first_step=True), "sgd"),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.compiled_step", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--only", default="", help="comma-separated names of VARIANTS (default: all)")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # the smoke test's size
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    only = [v for v in args.only.split(",") if v] or list(VARIANTS)
+    unknown = set(only) - set(VARIANTS)
+    if unknown:
+        ap.error(f"--only: unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+    _common.limit_threads(args.threads)
+
+    import torch
+
+    import deepopt
+    import torch_backend
+    from benchmarks.step_cost import gpt2_shapes
+
+    shapes = gpt2_shapes("tiny" if (args.tiny or _common.tiny()) else "quick")
+    gen = torch.Generator().manual_seed(0)
+    init = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes}
+    grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in shapes}
+
+    def params():
+        out = []
+        for n, _ in shapes:
+            p = torch.nn.Parameter(init[n].clone())
+            p.grad = grads[n]                        # shared: no optimizer writes to a gradient
+            out.append(p)
+        return out
+
+    anchors = {"adamw": lambda: torch.optim.AdamW(params(), lr=1e-3, fused=True),
+               "sgd": lambda: torch.optim.SGD(params(), lr=1e-2, momentum=0.9, fused=True)}
+    anchor_names = {"adamw": "torch.optim.AdamW(fused)", "sgd": "torch.optim.SGD(fused)"}
+    rows = []
+    for name in only:
+        preset, kwargs, family = VARIANTS[name]
+        spec = getattr(deepopt, preset)(**kwargs)
+        eager = torch_backend.compile(spec, params())
+        traced = torch_backend.compile(spec, params())
+        for group in traced.param_groups:             # torch.optim's advice: a tensor lr under compile
+            group["lr"] = torch.tensor(group["lr"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = torch.compile(traced.step)
+            for _ in range(3):                        # state, then the steady-state graph
+                compiled()
+        fns = {"eager": eager.step, "compiled": compiled, "anchor": anchors[family]().step}
+        times = _common.interleaved(fns, warmup=3, repeats=args.repeats)
+        row = {"variant": f"deepopt.{name}", "anchor": anchor_names[family]}
+        for key in ("eager", "compiled", "anchor"):
+            row[f"{key}_ms"] = _common.summary(times[key], 1e3)
+        for key in ("eager", "compiled"):
+            row[f"{key}_vs_anchor"] = _common.ratio_summary(times[key], times["anchor"])
+        rows.append(row)
+        print(f"  {name}: done", file=sys.stderr, flush=True)
+    result = {"benchmark": "compiled_step",
+              "config": {"shapes": "tiny" if (args.tiny or _common.tiny()) else "quick", "tensors": len(shapes),
+                         "repeats": args.repeats, "threads": args.threads, "torch_compile": "inductor, tensor lr"},
+              "environment": _common.environment("cpu"), "rows": rows}
+    out = _common.write_json(args.out / "compiled_step.json", result)
+    print(_common.fmt_table(
+        ["variant", "eager ms", "compiled ms", "anchor", "anchor ms", "eager / anchor", "compiled / anchor"],
+        [[r["variant"], r["eager_ms"]["median"], r["compiled_ms"]["median"], r["anchor"], r["anchor_ms"]["median"],
+          r["eager_vs_anchor"]["median"], r["compiled_vs_anchor"]["median"]] for r in rows]))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
