@@ -26,6 +26,7 @@ BENCHMARKS = {   # module -> (arguments, the JSON file it writes under --out)
     "convergence": (["--quick", "--tiny"], "convergence.json"),
     "dmgd_defaults": (["--quick", "--tiny"], "dmgd_defaults.json"),
     "main": (["--quick", "--skip-hope"], "compare/compare.json"),
+    "compiled_step": (["--tiny", "--repeats", "2", "--only", "sgd(decoupled_weight_decay=True)"], "compiled_step.json"),
 }
 TIMEOUT_S = 150
 
@@ -220,6 +221,21 @@ def test_step_overhead_writes_its_rows(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "step_overhead.json").read_text())["rows"]
     assert [r["deepopt"] for r in rows] == ["deepopt.sgd", "deepopt.adamw"]
     assert all(r["deepopt_ms"]["median"] > 0 and r["anchor_ms"]["median"] > 0 for r in rows)
+
+
+def test_smoke_compiled_step(results):
+    """`benchmarks.compiled_step`: a variant timed eagerly and through torch.compile next to
+    torch's fused kernel of its family; an unknown variant is refused by name."""
+    data, _ = _get(results, "compiled_step")
+    _assert_finite_numbers(data)
+    _assert_environment(data["environment"])
+    (row,) = data["rows"]
+    assert row["variant"] == "deepopt.sgd(decoupled_weight_decay=True)" and row["anchor"] == "torch.optim.SGD(fused)"
+    assert all(row[f"{k}_ms"]["median"] > 0 for k in ("eager", "compiled", "anchor"))
+    assert row["eager_vs_anchor"]["median"] > 0 and row["compiled_vs_anchor"]["median"] > 0
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--only", "lion", "--out", "x"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown ['lion']" in bad.stderr
 
 
 def test_dmgd_floor_counts_every_product_its_objective_needs():
