@@ -7,8 +7,8 @@ variants that torch has no kernel for — Nesterov AdamW, SGD with decoupled dec
 dampening and torch's undamped first step — run deepopt's foreach twin eagerly, and one
 graph under ``torch.compile(opt.step)``, which inductor makes one loop per tensor. This times
 each variant eagerly and compiled (inductor, a tensor lr) next to the torch fused kernel of the
-same family, interleaved in one process (docs/benchmarks.md), on ``step_cost``'s ``--quick``
-shapes (52 tensors, 1.35M parameters). Compilation happens before timing. Writes
+same family, interleaved in one process (docs/benchmarks.md), pinned to one core with
+``--threads 1``, on ``step_cost``'s ``--quick`` shapes (52 tensors, 1.35M parameters). Compilation happens before timing. Writes
 ``DIR/compiled_step.json``.
 """
 
@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from benchmarks import _common
+from benchmarks._threads import pin_to_one_core
 
 #: name -> (deepopt preset call, torch anchor family); lr small so that no run diverges.
 VARIANTS = {
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--only: unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
     _common.limit_threads(args.threads)
+    pinned = pin_to_one_core() if args.threads == 1 else None   # as step_cost: one core, steadier
 
     import torch
 
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
         print(f"  {name}: done", file=sys.stderr, flush=True)
     result = {"benchmark": "compiled_step",
               "config": {"shapes": "tiny" if (args.tiny or _common.tiny()) else "quick", "tensors": len(shapes),
-                         "repeats": args.repeats, "threads": args.threads, "torch_compile": "inductor, tensor lr"},
+                         "repeats": args.repeats, "threads": args.threads, "pinned_core": pinned, "torch_compile": "inductor, tensor lr"},
               "environment": _common.environment("cpu"), "rows": rows}
     out = _common.write_json(args.out / "compiled_step.json", result)
     print(_common.fmt_table(
