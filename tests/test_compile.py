@@ -87,6 +87,8 @@ def test_t_dependent_scalars_are_made_once_into_one_buffer():
     assert [float(v) for v in got] == [2.0, 3.0, 0.5]
     assert all(v.dtype == torch.float64 and v.dim() == 0 for v in got)
     assert got[0]._base is not None and all(v._base is got[0]._base for v in got)
+    meta = [torch.tensor(1.0), torch.tensor(2.0, device="meta")]   # several devices: left as they are
+    assert made(meta) is meta
 
 
 @pytest.mark.specs("sgd_heavy_ball")

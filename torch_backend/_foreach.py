@@ -66,7 +66,10 @@ def made(values: list) -> list:
     it, so a bias correction's power ran per element, in float64: a compiled AdamW-type step
     took ~3× torch's fused kernel on a CPU, and 0.95× with its scalars made first (52 tensors,
     one thread). A stack is a buffer of its own, which the loops then only read."""
-    device = next(v.device for v in values if isinstance(v, torch.Tensor))
+    devices = {v.device for v in values if isinstance(v, torch.Tensor)}
+    if len(devices) != 1:                                    # parameters on several devices: as they are
+        return values
+    device = devices.pop()
     return list(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]).unbind(0))
 
 
