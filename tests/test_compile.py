@@ -91,17 +91,17 @@ def test_t_dependent_scalars_are_made_once_into_one_buffer():
     assert made(meta) is meta
 
 
-@pytest.mark.specs("sgd_heavy_ball")
+@pytest.mark.specs("sgd_heavy_ball", "adamw")
 def test_inductor_compiled_step_equals_eager(spec):
     """Through inductor's kernels (not only the graph), with the scalars made once and a tensor
-    lr: the same parameters and state as the eager step, to float64 rounding. (Compiled, the
-    classic rules take the foreach twin: torch's fused SGD has no fake kernel for a tensor lr,
-    and compiling plain ``deepopt.sgd`` with one failed.)"""
+    lr: the same parameters and state as the eager step, to float64 rounding. (Compiled with a
+    tensor lr, the classic rules take the foreach twin: torch's fused kernels have no fake
+    kernel for one, and compiling plain ``deepopt.sgd`` or ``deepopt.adamw`` with it failed.)"""
     _check_inductor_equals_eager(spec)
 
 
 @pytest.mark.slow
-@pytest.mark.specs("adamw", "adamw_nesterov", "sgd_damped_torch", "sgd_decoupled_decay")
+@pytest.mark.specs("adamw_nesterov", "sgd_damped_torch", "sgd_decoupled_decay")
 def test_inductor_compiled_step_equals_eager_more_rules(spec):
     _check_inductor_equals_eager(spec)
 

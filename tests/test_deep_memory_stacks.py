@@ -285,6 +285,7 @@ def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer(fused,
     from deepopt import DeepMemory
     from torch_backend import _functional
 
+    gc.collect()          # an earlier test's optimizer in a reference cycle: not counted below
     monkeypatch.setattr(_deep_memory, "FUSED", fused)
     monkeypatch.setitem(_functional.MEMORIES, DeepMemory, _deep_memory.KERNEL._replace(applies=applies))
     k = 1 if fused else 2
