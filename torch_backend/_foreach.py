@@ -59,8 +59,9 @@ def is_due(t, period: int):
 
 
 def made(values: list) -> list:
-    """t-dependent scalars of a compiled step (0-d tensors, see :func:`counts`; Python numbers
-    may be mixed in) made at once into one float64 buffer, returned as its entries.
+    """A compiled step's per-tensor scalars — t-dependent (0-d tensors, see :func:`counts`) or
+    from a tensor lr; Python numbers may be mixed in — made at once into one float64 buffer,
+    returned as its entries.
 
     Left as expressions, inductor inlines each scalar into the loop of every element that uses
     it, so a bias correction's power ran per element, in float64: a compiled AdamW-type step
