@@ -68,7 +68,7 @@ def made(values: list) -> list:
     took ~3× torch's fused kernel on a CPU, and 0.95× with its scalars made first (52 tensors,
     one thread). A stack is a buffer of its own, which the loops then only read."""
     devices = {v.device for v in values if isinstance(v, torch.Tensor)}
-    if len(devices) != 1:                                    # parameters on several devices: as they are
+    if len(devices) != 1:                  # Python numbers only, or several devices: as they are
         return values
     device = devices.pop()
     return list(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]).unbind(0))
@@ -84,7 +84,7 @@ def scalar_op(op: str, xs: Tensors, value: float | list[float], *, inplace: bool
     ``torch.compile`` t-dependent scalars are made once first (:func:`made`).
     """
     fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
-    if isinstance(value, list) and any(isinstance(v, torch.Tensor) for v in value):
+    if isinstance(value, list) and torch.compiler.is_compiling():   # eagerly no scalar is a tensor
         value = made(value)
     if not any(x.dtype in HALF for x in xs):
         return fn(xs, value)

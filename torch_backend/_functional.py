@@ -232,7 +232,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
              else [lr] * len(params))
     if divisors is not None:
         sizes = [s / d for s, d in zip(sizes, divisors)]
-    if any(isinstance(s, torch.Tensor) for s in sizes):      # t-dependent or a tensor lr, under compile
+    if torch.compiler.is_compiling():                        # t-dependent or a tensor lr: made once
         sizes = made(sizes)
     by_size: dict[Any, list[int]] = defaultdict(list)         # one foreach call per step size
     for i, size in enumerate(sizes):
