@@ -22,13 +22,19 @@ def _model(device: str = "cpu"):
     return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)).double().to(device)
 
 
-def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu") -> None:
+def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu", backend: str = "eager",
+                                 tensor_lr: bool = False) -> None:
+    """``backend="eager"``: the graph, not inductor's kernels; ``tensor_lr``: the compiled
+    optimizer's groups take their lr as a float64 tensor."""
     eager_model = _model(device)
     compiled_model = copy.deepcopy(eager_model)
     eager = torch_backend.compile(spec, eager_model.named_parameters(), foreach=foreach)
     traced = torch_backend.compile(spec, compiled_model.named_parameters(), foreach=foreach)
+    if tensor_lr:
+        for group in traced.param_groups:
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float64, device=device)
     dynamo.reset()
-    step = torch.compile(traced.step, backend="eager")      # the graph, not inductor's kernels
+    step = torch.compile(traced.step, backend=backend)
     gen = torch.Generator().manual_seed(1)
     for t in range(4):                                       # m3 entries write their slow level
         for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
@@ -97,35 +103,13 @@ def test_inductor_compiled_step_equals_eager(spec):
     lr: the same parameters and state as the eager step, to float64 rounding. (Compiled with a
     tensor lr, the classic rules take the foreach twin: torch's fused kernels have no fake
     kernel for one, and compiling plain ``deepopt.sgd`` or ``deepopt.adamw`` with it failed.)"""
-    _check_inductor_equals_eager(spec)
+    _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=True)
 
 
 @pytest.mark.slow
 @pytest.mark.specs("adamw_nesterov", "sgd_damped_torch", "sgd_decoupled_decay")
 def test_inductor_compiled_step_equals_eager_more_rules(spec):
-    _check_inductor_equals_eager(spec)
-
-
-def _check_inductor_equals_eager(spec) -> None:
-    eager_model = _model()
-    compiled_model = copy.deepcopy(eager_model)
-    eager = torch_backend.compile(spec, eager_model.named_parameters())
-    traced = torch_backend.compile(spec, compiled_model.named_parameters())
-    for group in traced.param_groups:
-        group["lr"] = torch.tensor(group["lr"], dtype=torch.float64)
-    dynamo.reset()
-    step = torch.compile(traced.step)
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(4):
-        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-            q.grad = p.grad.clone()
-        eager.step()
-        step()
-    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
-        for key, value in eager.state[p].items():
-            torch.testing.assert_close(traced.state[q][key].to(value.device), value, rtol=1e-12, atol=1e-14)
+    _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=True)
 
 
 @pytest.mark.specs("adamw", "adamw_nesterov", "sgd_decoupled_decay", "muon_bfloat16", "dmgd", "m3")
