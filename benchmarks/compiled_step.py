@@ -66,9 +66,8 @@ def main(argv=None) -> int:
             out.append(p)
         return out
 
-    anchors = {"adamw": lambda: torch.optim.AdamW(params(), lr=1e-3, fused=True),
-               "sgd": lambda: torch.optim.SGD(params(), lr=1e-2, momentum=0.9, fused=True)}
-    anchor_names = {"adamw": "torch.optim.AdamW(fused)", "sgd": "torch.optim.SGD(fused)"}
+    anchors = {"adamw": ("torch.optim.AdamW(fused)", lambda: torch.optim.AdamW(params(), lr=1e-3, fused=True)),
+               "sgd": ("torch.optim.SGD(fused)", lambda: torch.optim.SGD(params(), lr=1e-2, momentum=0.9, fused=True))}
     rows = []
     for name in only:
         preset, kwargs, family = VARIANTS[name]
@@ -82,9 +81,10 @@ def main(argv=None) -> int:
             compiled = torch.compile(traced.step)
             for _ in range(3):                        # state, then the steady-state graph
                 compiled()
-        fns = {"eager": eager.step, "compiled": compiled, "anchor": anchors[family]().step}
+        anchor_name, anchor = anchors[family]
+        fns = {"eager": eager.step, "compiled": compiled, "anchor": anchor().step}
         times = _common.interleaved(fns, warmup=3, repeats=args.repeats)
-        row = {"variant": f"deepopt.{name}", "anchor": anchor_names[family]}
+        row = {"variant": f"deepopt.{name}", "anchor": anchor_name}
         for key in ("eager", "compiled", "anchor"):
             row[f"{key}_ms"] = _common.summary(times[key], 1e3)
         for key in ("eager", "compiled"):

@@ -454,18 +454,23 @@ def chunk_read(w1t, w2t, q, kt, e, a, g, s1, s2, cum, log_alpha, read):
 # Self-modifying Titans
 
 
+def _autograd_form(x) -> bool:
+    """Whether the non-scan Functions below give way to their autograd forms: under autocast
+    (its own dtype rules) and on the meta device (shape-only planning)."""
+    return x.device.type == "meta" or torch.is_autocast_enabled(x.device.type)
+
+
 def rms_norm(norm, x):
     """``norm(x)`` for an `nn.RMSNorm` over the last dim: `fused.RMSNorm` (hand-written backward)
     outside autocast, the module itself under it (autocast's own dtype rules)."""
-    if (x.device.type == "meta" or torch.is_autocast_enabled(x.device.type) or norm.weight is None
-            or norm.eps is None or len(norm.normalized_shape) != 1):
+    if _autograd_form(x) or norm.weight is None or norm.eps is None or len(norm.normalized_shape) != 1:
         return norm(x)
     return RMSNorm.apply(x, norm.weight, norm.eps)
 
 
 def normalize(x):
     """``F.normalize(x, dim=-1)``: `fused.Normalize` (hand-written backward) outside autocast."""
-    if x.device.type == "meta" or torch.is_autocast_enabled(x.device.type):
+    if _autograd_form(x):
         return F.normalize(x, dim=-1)
     return Normalize.apply(x, 1e-12)
 
