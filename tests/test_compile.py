@@ -97,19 +97,24 @@ def test_t_dependent_scalars_are_made_once_into_one_buffer():
     assert made(meta) is meta
 
 
-@pytest.mark.specs("sgd_heavy_ball", "adamw")
-def test_inductor_compiled_step_equals_eager(spec):
-    """Through inductor's kernels (not only the graph), with the scalars made once and a tensor
-    lr: the same parameters and state as the eager step, to float64 rounding. (Compiled with a
-    tensor lr, the classic rules take the foreach twin: torch's fused kernels have no fake
-    kernel for one, and compiling plain ``deepopt.sgd`` or ``deepopt.adamw`` with it failed.)"""
-    _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=True)
+@pytest.mark.specs("sgd_heavy_ball", "adamw", "dmgd_newton_schulz")
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+def test_inductor_compiled_step_equals_eager(spec, tensor_lr):
+    """Through inductor's kernels (not only the graph), with the scalars made once, a float or
+    a tensor lr: the same parameters and state as the eager step, to float64 rounding. Two
+    failures this caught: under compile the classic rules take the foreach twin (inductor
+    cannot trace torch's fused kernels, and ``torch.compile(opt.step)`` of plain
+    ``deepopt.sgd`` or ``deepopt.adamw`` failed, with a float lr as with a tensor one); DMGD's
+    ν of float64 parameters is written through a view (AOTAutograd dropped the write into the
+    0-d tensor, and the compiled run drifted from the eager one from its second step)."""
+    _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=tensor_lr)
 
 
 @pytest.mark.slow
-@pytest.mark.specs("adamw_nesterov", "sgd_damped_torch", "sgd_decoupled_decay")
-def test_inductor_compiled_step_equals_eager_more_rules(spec):
-    _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=True)
+@pytest.mark.specs("adamw_nesterov", "sgd_damped_torch", "sgd_decoupled_decay", "dmgd_dot_previous_adam", "m3")
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+def test_inductor_compiled_step_equals_eager_more_rules(spec, tensor_lr):
+    _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=tensor_lr)
 
 
 @pytest.mark.specs("adamw", "adamw_nesterov", "sgd_decoupled_decay", "muon_bfloat16", "dmgd", "m3")

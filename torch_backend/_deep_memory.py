@@ -282,7 +282,9 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
         if mem.hidden:
             st["mlp_w1"].copy_(w1[j])
             st["mlp_w2"].copy_(w2[j])
-            st["value_scale"].copy_(nu[j].view(()))
+            # Through a (1,) view: torch 2.13's AOTAutograd drops an in-place write into a 0-d
+            # float64 CPU graph input (ν of float64 parameters), so a compiled step lost ν.
+            st["value_scale"].view(1).copy_(nu[j].view(1))
         if mem.keys == "previous":
             st["prev_key"].copy_(g_hat[j].view_as(st["prev_key"]))
 

@@ -165,12 +165,11 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
 def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[dict], *,
                  lr: float, weight_decay: float, layouts: list | None = None,
                  fused: bool | None = None) -> None:
-    kind = classic_kind(rule)
-    if kind is not None and torch.compiler.is_compiling() and (
-            isinstance(lr, torch.Tensor) or rule.memory.undamped_first_write):
-        # the foreach twin, which inductor fuses itself: torch's fused kernels have no fake
-        # kernel for a tensor lr, and the first write's branch on t is masked there
-        kind = None
+    # Under compile the classic rules take the foreach twin, which inductor fuses itself:
+    # torch's fused kernels cannot be traced by it (no fake kernel for ``_fused_sgd_`` or for a
+    # tensor lr, and functionalization rejects ``_fused_adamw_``), and torch.optim's own fused
+    # optimizers are skipped by dynamo altogether, so they run eagerly inside a compiled step.
+    kind = None if torch.compiler.is_compiling() else classic_kind(rule)
     groups = fused_groups(params, grads, fused) if kind is not None else None
     if groups is not None:                                      # torch's own AdamW / SGD kernel
         step_fused(kind, rule, params, grads, states, groups, lr=lr, weight_decay=weight_decay)
