@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 
+import deepopt
 import torch_backend
 
 # Entries whose math reads the step count t (bias corrections, torch's first write, M3's
@@ -115,6 +116,30 @@ def test_inductor_compiled_step_equals_eager(spec, tensor_lr):
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 def test_inductor_compiled_step_equals_eager_more_rules(spec, tensor_lr):
     _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=tensor_lr)
+
+
+def test_first_compiled_steps_compile_as_many_frames_for_any_number_of_parameters():
+    """The first compiled step makes the state of every parameter outside the graph, in one
+    call: traced, DMGD's W₁ (a draw seeded by the parameter's name) broke the graph inside a
+    per-parameter frame, dynamo compiled that frame once per parameter, and past its
+    recompile limit (8) the rest of the first step ran uncompiled."""
+    from torch._dynamo.utils import counters
+
+    def frames(n_params: int) -> int:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[torch.nn.Linear(4, 4, bias=False) for _ in range(n_params)]).double()
+        opt = torch_backend.compile(deepopt.dmgd(0.02, hidden=2, ns_dtype="input"), model.named_parameters())
+        dynamo.reset()
+        counters.clear()
+        step = torch.compile(opt.step, backend="eager")
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            step()
+        assert all(len(opt.state[p]) > 0 for p in model.parameters())
+        return counters["frames"]["total"]
+
+    assert frames(12) == frames(3)
 
 
 @pytest.mark.specs("adamw", "adamw_nesterov", "sgd_decoupled_decay", "muon_bfloat16", "dmgd", "m3")

@@ -420,10 +420,9 @@ class DeepOptimizer(Optimizer):
         return entry
 
     # -- step --------------------------------------------------------------------------------
-    def _init_group(self, group: dict[str, Any], rule: UpdateRule, params: list, grads: list,
-                    states: list, fresh: list) -> None:
-        """Gather the group's parameters with a gradient, their gradients and states; checks
-        only, nothing is written (``fresh``: the parameters whose state is still empty)."""
+    def _init_group(self, group: dict[str, Any], params: list, grads: list, fresh: list) -> None:
+        """Gather the group's parameters with a gradient and their gradients; checks only,
+        nothing is written (``fresh``: the parameters whose state is still empty)."""
         for p in group["params"]:
             g = p.grad
             if g is None:
@@ -434,12 +433,10 @@ class DeepOptimizer(Optimizer):
             if p.is_complex() or g.is_complex():
                 raise RuntimeError(f"deepopt.{self.spec.name} does not support complex parameters or "
                                    "gradients; view them as real with torch.view_as_real")
-            state = self.state[p]
-            if len(state) == 0:
+            if len(self.state[p]) == 0:
                 fresh.append(p)
             params.append(p)
             grads.append(g)
-            states.append(state)
 
     def _check_layout(self, group: dict[str, Any], rule: UpdateRule) -> list[tuple[dict, str, Any]]:
         """Check the group's existing state against ``rule``'s (after an edit, a load or a copy).
@@ -477,6 +474,15 @@ class DeepOptimizer(Optimizer):
     def _init_state(self, state: dict, rule: UpdateRule, p: torch.Tensor, group: dict) -> None:
         init_state(state, rule, p, lambda: self._names[p])
 
+    @torch.compiler.disable
+    def _init_fresh(self, fresh: list[torch.Tensor], rule: UpdateRule, group: dict) -> None:
+        """The zero state of parameters stepped for the first time. Eager under
+        ``torch.compile``: traced, a state that breaks the graph (DMGD's W₁, drawn from a
+        seed of the parameter's name) made dynamo compile a frame per parameter, and past its
+        recompile limit (8) the rest of the first step ran uncompiled."""
+        for p in fresh:
+            self._init_state(self.state[p], rule, p, group)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
@@ -501,9 +507,9 @@ class DeepOptimizer(Optimizer):
                 layouts.append((i, layout))
             params: list[torch.Tensor] = []
             grads: list[torch.Tensor] = []
-            states: list[dict] = []
             fresh: list[torch.Tensor] = []
-            self._init_group(group, rule, params, grads, states, fresh)
+            self._init_group(group, params, grads, fresh)
+            states = [self.state[p] for p in params]
             shards = _distributed.layouts(params, grads, getattr(self, "_ddp_mesh", None),
                                           lambda p: self._names.get(p, "?"))
             plans.append((group, rule, lr, wd, params, grads, states, fresh, shards))
@@ -515,8 +521,8 @@ class DeepOptimizer(Optimizer):
         functional = (functools.partial(step_batched, fused=self._fused) if self._foreach
                       else step_single)
         for group, rule, lr, wd, params, grads, states, fresh, shards in plans:
-            for p in fresh:
-                self._init_state(self.state[p], rule, p, group)
+            if fresh:
+                self._init_fresh(fresh, rule, group)
             if params:
                 if shards is None:
                     functional(rule, params, grads, states, lr=lr, weight_decay=wd)
