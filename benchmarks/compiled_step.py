@@ -1,20 +1,26 @@
-"""The fused path for element-wise rules torch has no kernel for: ``torch.compile(opt.step)``.
+"""Element-wise rules under ``torch.compile(opt.step)``, next to torch's fused kernels.
 
-    python -m benchmarks.compiled_step [--threads 1] [--repeats 60] --out DIR
+    python -m benchmarks.compiled_step [--size quick|full] [--threads 1] [--repeats 60] --out DIR
 
-``deepopt.adamw`` and ``deepopt.sgd`` as torch defines them run torch's fused kernels. Their
-variants that torch has no kernel for — Nesterov AdamW, SGD with decoupled decay, SGD with
-dampening and torch's undamped first step — run deepopt's foreach twin eagerly, and one
-graph under ``torch.compile(opt.step)``, which inductor makes one loop per tensor. This times
-each variant eagerly and compiled (inductor, a tensor lr) next to the torch fused kernel of the
-same family, interleaved in one process (docs/benchmarks.md), pinned to one core with
-``--threads 1``, on ``step_cost``'s ``--quick`` shapes (52 tensors, 1.35M parameters). Compilation happens before timing. Writes
-``DIR/compiled_step.json``.
+Eagerly, ``deepopt.adamw`` and ``deepopt.sgd`` as torch defines them run torch's fused
+kernels; their variants that torch has no kernel for — Nesterov AdamW, SGD with decoupled
+decay, SGD with dampening and torch's undamped first step — run deepopt's foreach twin.
+Compiled, every rule runs the foreach twin as one graph, which inductor makes one loop per
+tensor (inductor cannot trace torch's fused kernels). This times each rule eagerly and
+compiled (inductor, a tensor lr) next to the torch fused kernel of the same family, and
+torch.optim's own foreach step of that family compiled (a float lr: torch's foreach AdamW
+takes a tensor lr only with ``capturable=True``), interleaved in one process
+(docs/benchmarks.md), pinned to one core with ``--threads 1``, on ``step_cost``'s shapes:
+``--size quick`` 52 tensors, 1.35M parameters, where a compiled call's fixed cost (dynamo's
+guards, inductor's size checks: ~0.2–0.3 ms) shows; ``--size full`` GPT-2 small, 148 tensors,
+124M parameters. Compilation happens before timing. Writes ``DIR/compiled_step.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -24,6 +30,8 @@ from benchmarks._threads import pin_to_one_core
 
 #: name -> (deepopt preset call, torch anchor family); lr small so that no run diverges.
 VARIANTS = {
+    "adamw": ("adamw", dict(lr=1e-3), "adamw"),
+    "sgd(momentum=0.9)": ("sgd", dict(lr=1e-2, momentum=0.9), "sgd"),
     "adamw(nesterov=True)": ("adamw", dict(lr=1e-3, nesterov=True), "adamw"),
     "sgd(decoupled_weight_decay=True)": ("sgd", dict(lr=1e-2, momentum=0.9, weight_decay=0.01,
                                                      decoupled_weight_decay=True), "sgd"),
@@ -34,6 +42,8 @@ VARIANTS = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compiled_step", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="quick", choices=("quick", "full"),
+                    help="step_cost's GPT-2 shapes: quick (1.35M parameters) or full (124M)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--only", default="", help="comma-separated names of VARIANTS (default: all)")
@@ -53,7 +63,8 @@ def main(argv=None) -> int:
     import torch_backend
     from benchmarks.step_cost import gpt2_shapes
 
-    shapes = gpt2_shapes("tiny" if (args.tiny or _common.tiny()) else "quick")
+    size = "tiny" if (args.tiny or _common.tiny()) else args.size
+    shapes = gpt2_shapes(size)
     gen = torch.Generator().manual_seed(0)
     init = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes}
     grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in shapes}
@@ -66,8 +77,20 @@ def main(argv=None) -> int:
             out.append(p)
         return out
 
-    anchors = {"adamw": ("torch.optim.AdamW(fused)", lambda: torch.optim.AdamW(params(), lr=1e-3, fused=True)),
-               "sgd": ("torch.optim.SGD(fused)", lambda: torch.optim.SGD(params(), lr=1e-2, momentum=0.9, fused=True))}
+    def torch_optim(family: str, **flags):
+        if family == "adamw":
+            return torch.optim.AdamW(params(), lr=1e-3, **flags)
+        return torch.optim.SGD(params(), lr=1e-2, momentum=0.9, **flags)
+
+    def compiled(step):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fn = torch.compile(step)
+            for _ in range(3):                        # state, then the steady-state graph
+                fn()
+        return fn
+
+    anchor_names = {"adamw": "torch.optim.AdamW", "sgd": "torch.optim.SGD"}
     rows = []
     for name in only:
         preset, kwargs, family = VARIANTS[name]
@@ -76,30 +99,33 @@ def main(argv=None) -> int:
         traced = torch_backend.compile(spec, params())
         for group in traced.param_groups:             # torch.optim's advice: a tensor lr under compile
             group["lr"] = torch.tensor(group["lr"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            compiled = torch.compile(traced.step)
-            for _ in range(3):                        # state, then the steady-state graph
-                compiled()
-        anchor_name, anchor = anchors[family]
-        fns = {"eager": eager.step, "compiled": compiled, "anchor": anchor().step}
+        fns = {"eager": eager.step, "compiled": compiled(traced.step),
+               "anchor": torch_optim(family, fused=True).step,
+               "torch_compiled": compiled(torch_optim(family, foreach=True).step)}
         times = _common.interleaved(fns, warmup=3, repeats=args.repeats)
-        row = {"variant": f"deepopt.{name}", "anchor": anchor_name}
-        for key in ("eager", "compiled", "anchor"):
+        row = {"variant": f"deepopt.{name}", "anchor": f"{anchor_names[family]}(fused)",
+               "torch_compiled": f"torch.compile({anchor_names[family]}(foreach).step)"}
+        for key in fns:
             row[f"{key}_ms"] = _common.summary(times[key], 1e3)
-        for key in ("eager", "compiled"):
+        for key in ("eager", "compiled", "torch_compiled"):
             row[f"{key}_vs_anchor"] = _common.ratio_summary(times[key], times["anchor"])
+        del fns, eager, traced                        # the next rule's copies take their place
+        gc.collect()
+        torch._dynamo.reset()
         rows.append(row)
         print(f"  {name}: done", file=sys.stderr, flush=True)
     result = {"benchmark": "compiled_step",
-              "config": {"shapes": "tiny" if (args.tiny or _common.tiny()) else "quick", "tensors": len(shapes),
+              "config": {"shapes": size, "tensors": len(shapes),
+                         "parameters": sum(math.prod(shape) for _, shape in shapes),
                          "repeats": args.repeats, "threads": args.threads, "pinned_core": pinned, "torch_compile": "inductor, tensor lr"},
               "environment": _common.environment("cpu"), "rows": rows}
     out = _common.write_json(args.out / "compiled_step.json", result)
     print(_common.fmt_table(
-        ["variant", "eager ms", "compiled ms", "anchor", "anchor ms", "eager / anchor", "compiled / anchor"],
+        ["variant", "eager ms", "compiled ms", "anchor", "anchor ms", "eager / anchor", "compiled / anchor",
+         "torch's compiled / anchor"],
         [[r["variant"], r["eager_ms"]["median"], r["compiled_ms"]["median"], r["anchor"], r["anchor_ms"]["median"],
-          r["eager_vs_anchor"]["median"], r["compiled_vs_anchor"]["median"]] for r in rows]))
+          r["eager_vs_anchor"]["median"], r["compiled_vs_anchor"]["median"], r["torch_compiled_vs_anchor"]["median"]]
+         for r in rows]))
     print(f"wrote {out}")
     return 0
 

@@ -225,14 +225,17 @@ def test_step_overhead_writes_its_rows(tmp_path, monkeypatch):
 
 def test_smoke_compiled_step(results):
     """`benchmarks.compiled_step`: a variant timed eagerly and through torch.compile next to
-    torch's fused kernel of its family; an unknown variant is refused by name."""
+    torch's fused kernel of its family and torch's own compiled foreach step; an unknown
+    variant is refused by name."""
     data, _ = _get(results, "compiled_step")
     _assert_finite_numbers(data)
     _assert_environment(data["environment"])
     (row,) = data["rows"]
     assert row["variant"] == "deepopt.sgd(decoupled_weight_decay=True)" and row["anchor"] == "torch.optim.SGD(fused)"
-    assert all(row[f"{k}_ms"]["median"] > 0 for k in ("eager", "compiled", "anchor"))
-    assert row["eager_vs_anchor"]["median"] > 0 and row["compiled_vs_anchor"]["median"] > 0
+    assert row["torch_compiled"] == "torch.compile(torch.optim.SGD(foreach).step)"
+    assert all(row[f"{k}_ms"]["median"] > 0 for k in ("eager", "compiled", "anchor", "torch_compiled"))
+    assert all(row[f"{k}_vs_anchor"]["median"] > 0 for k in ("eager", "compiled", "torch_compiled"))
+    assert data["config"]["parameters"] > 0
     bad = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--only", "lion", "--out", "x"],
                          cwd=REPO, env=_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown ['lion']" in bad.stderr
