@@ -112,7 +112,8 @@ def test_inductor_compiled_step_equals_eager(spec, tensor_lr):
 
 
 @pytest.mark.slow
-@pytest.mark.specs("adamw_nesterov", "sgd_damped_torch", "sgd_decoupled_decay", "dmgd_dot_previous_adam", "m3")
+@pytest.mark.specs("adamw_nesterov", "sgd_damped_torch", "sgd_decoupled_decay", "dmgd_dot_previous_adam", "m3",
+                   "muon", "delta_momentum")
 @pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
 def test_inductor_compiled_step_equals_eager_more_rules(spec, tensor_lr):
     _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=tensor_lr)
