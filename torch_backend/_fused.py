@@ -6,7 +6,9 @@ group to ``torch._fused_adamw_`` / ``torch._fused_sgd_``: one kernel per (device
 every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is what makes
 ``deepopt.adamw`` (and the AdamW fallback of every matrix rule) as fast as
 ``torch.optim.AdamW(fused=True)``. The state is deepopt's own (``memory``, ``second_moment``,
-``step``), so checkpoints do not depend on which path ran.
+``step``), so checkpoints do not depend on which path ran. Eager steps only: under
+``torch.compile`` every rule takes its foreach twin, which inductor fuses (it cannot trace
+these kernels).
 
 ``fused=None`` (the default) fuses float32/float64 tensors, where the kernels agree with the
 foreach and single-tensor twins to float rounding; ``fused=True`` also fuses float16/bfloat16

@@ -422,7 +422,12 @@ class DeepOptimizer(Optimizer):
     # -- step --------------------------------------------------------------------------------
     def _init_group(self, group: dict[str, Any], params: list, grads: list, fresh: list) -> None:
         """Gather the group's parameters with a gradient and their gradients; checks only,
-        nothing is written (``fresh``: the parameters whose state is still empty)."""
+        nothing is written (``fresh``: the parameters whose state is still empty).
+
+        Its arguments are torch.optim's kind (a group, then lists to fill), so under
+        ``torch.compile`` dynamo's optimizer hook runs it eagerly and guards the state tensors
+        by identity, as it does torch.optim's; with any other argument it traces the body and
+        guards each state tensor's dtype, shape and strides every call."""
         for p in group["params"]:
             g = p.grad
             if g is None:
