@@ -119,6 +119,14 @@ def test_inductor_compiled_step_equals_eager_more_rules(spec, tensor_lr):
     _check_compiled_equals_eager(spec, foreach=True, backend="inductor", tensor_lr=tensor_lr)
 
 
+@pytest.mark.gpu
+@pytest.mark.specs("sgd_heavy_ball", "adamw", "dmgd_newton_schulz")
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+def test_inductor_compiled_step_on_cuda_equals_eager(spec, tensor_lr):
+    """Through inductor's CUDA kernels, where the eager step runs torch's fused kernels."""
+    _check_compiled_equals_eager(spec, foreach=True, device="cuda", backend="inductor", tensor_lr=tensor_lr)
+
+
 @pytest.mark.slow
 def test_every_spec_through_inductor_equals_eager(spec, spec_name):
     """The whole table through inductor's kernels (~13 min). Half-precision steps are compared
