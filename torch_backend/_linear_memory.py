@@ -14,7 +14,7 @@ import torch
 
 from deepopt import Identity, LinearMemory, UpdateRule, matrix_view_shape
 from torch_backend import _distributed, _readout
-from torch_backend._foreach import Tensors, add_scaled, batched_matrix_map, first_write_rate, scalar_op
+from torch_backend._foreach import HALF, Tensors, add_scaled, batched_matrix_map, first_write_rate, scalar_op
 from torch_backend._kernels import MemoryKernel, Read
 
 
@@ -69,8 +69,19 @@ def write_read_one(mem: LinearMemory, st: dict, g: torch.Tensor, v: torch.Tensor
     return s / (1 - alpha**t) if mem.bias_correction else s
 
 
+def folds_nesterov_sum(rule: UpdateRule) -> bool:
+    """Whether the NAdam read's scale ``c₁ + c₂`` (:func:`write_read`) can move into the step
+    size (exact when σ is the identity)."""
+    mem = rule.memory
+    return (isinstance(mem, LinearMemory) and mem.bias_correction and mem.nesterov
+            and isinstance(rule.readout, Identity))
+
+
 def write_read(mem: LinearMemory, states: list[dict], gs: Tensors, vs: Tensors,
-               ts: list | None, layouts: list | None = None) -> Tensors:
+               ts: list | None, layouts: list | None = None, sums: list | None = None) -> Tensors:
+    """The write and the read-outs D̃ of every tensor. ``sums``: a list to receive the NAdam
+    read's per-tensor scale ``c₁ + c₂`` when the read-outs leave it to the step size (the
+    read-outs are then ``D̃/(c₁ + c₂)``); left empty when they do not."""
     alpha, eta = mem.momentum, mem.inner_lr
     # η per tensor only under torch's first-write quirk; otherwise one scalar (no temporaries).
     etas = [first_write_rate(t, eta) for t in ts] if mem.undamped_first_write else None
@@ -102,10 +113,21 @@ def write_read(mem: LinearMemory, states: list[dict], gs: Tensors, vs: Tensors,
             scalar_op("mul", ss, alpha, inplace=True)
             add_values(ss)
     if mem.nesterov:
-        if mem.bias_correction:
-            ds = scalar_op("mul", ss, [alpha / (1 - alpha ** (t + 1)) for t in ts])
-            torch._foreach_add_(ds, scalar_op("mul", vs, [(etas[i] if etas else eta) / (1 - alpha**t)
-                                                            for i, t in enumerate(ts)]))
+        if mem.bias_correction:                              # NAdam: c₁S + c₂V (docs/math.md §2)
+            c1 = [alpha / (1 - alpha ** (t + 1)) for t in ts]
+            c2 = [(etas[i] if etas else eta) / (1 - alpha**t) for i, t in enumerate(ts)]
+            scale = [a + b for a, b in zip(c1, c2)]
+            if not torch.compiler.is_compiling() and all(scale) and not any(s.dtype in HALF for s in ss):
+                # (c₁ + c₂)·lerp(V, S, c₁/(c₁ + c₂)): one pass and one temporary where
+                # c₁S + c₂V takes three and two; the scale goes to the step size when it can.
+                ds = torch._foreach_lerp(vs, ss, [a / c for a, c in zip(c1, scale)])
+                if sums is None:
+                    torch._foreach_mul_(ds, scale)
+                else:
+                    sums.extend(scale)
+                return ds
+            ds = scalar_op("mul", ss, c1)
+            torch._foreach_add_(ds, scalar_op("mul", vs, c2))
             return ds
         if is_ema(mem):
             return torch._foreach_lerp(vs, ss, alpha)
@@ -130,6 +152,10 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     if folds_bias_correction(rule):                          # ÷ (1 − αᵗ) left to the step size
         ds = write_read(replace(mem, bias_correction=False), states, gs, vs, ts, layouts)
         return Read(ds, [1 - mem.momentum**t for t in ts])
+    if folds_nesterov_sum(rule):                             # × (c₁ + c₂) left to the step size
+        sums: list = []
+        ds = write_read(mem, states, gs, vs, ts, layouts, sums)
+        return Read(ds, [1 / c for c in sums] if sums else None)
     return Read(_readout.apply(rule, write_read(mem, states, gs, vs, ts, layouts), layouts))
 
 
@@ -137,4 +163,4 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
 KERNEL = MemoryKernel(single=_single, batched=_batched)
 
 
-__all__ = ["KERNEL", "delta_term", "folds_bias_correction", "is_ema", "write_read", "write_read_one"]
+__all__ = ["KERNEL", "delta_term", "folds_bias_correction", "folds_nesterov_sum", "is_ema", "write_read", "write_read_one"]
