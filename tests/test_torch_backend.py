@@ -241,3 +241,27 @@ def test_bad_value_edited_into_a_group_raises_before_any_update():
         opt.param_groups[1][key] = original
         assert torch.equal(a, before[0]) and torch.equal(b, before[1])       # group 0 untouched too
         assert torch.equal(opt.state[a]["memory"], before[2])
+
+
+@pytest.mark.specs("adamw_nesterov", "muon_optax")
+def test_nadam_read_with_step_counts_apart_equals_the_single_twin(spec):
+    """The batched NAdam read, ``(c₁ + c₂)·lerp(V, S, c₁/(c₁ + c₂))`` with its scale folded into
+    the step size (AdamW) or multiplied back before Newton–Schulz (Muon's fallback and read),
+    equals the single-tensor twin's ``c₁S + c₂V`` when one parameter starts two steps late, so
+    its ``t`` (and so its weights and scale) differ from the rest of the group's."""
+    shapes = {"w": (4, 6), "v": (4, 6), "bias": (6,)}
+    runs = {}
+    for foreach in (True, False):
+        gen = torch.Generator().manual_seed(1)
+        params = {k: torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+                  for k, s in shapes.items()}
+        opt = torch_backend.compile(spec, list(params.items()), foreach=foreach)
+        for t in range(6):
+            for k, p in params.items():
+                g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+                p.grad = None if (k == "v" and t < 2) else g
+            opt.step()
+        assert float(opt.state[params["v"]]["step"]) == 4 and float(opt.state[params["w"]]["step"]) == 6
+        runs[foreach] = {k: p.detach().clone() for k, p in params.items()}
+    for k in shapes:
+        torch.testing.assert_close(runs[True][k], runs[False][k], rtol=0, atol=1e-12, msg=k)
