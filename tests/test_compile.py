@@ -129,7 +129,7 @@ def test_inductor_compiled_step_on_cuda_equals_eager(spec, tensor_lr):
 
 @pytest.mark.slow
 def test_every_spec_through_inductor_equals_eager(spec, spec_name):
-    """The whole table through inductor's kernels (~13 min). Half-precision steps are compared
+    """The whole table through inductor's kernels (several minutes). Half-precision steps are compared
     with inductor rounding each bf16 intermediate as eager does (``emulate_precision_casts``;
     without it a bf16 Newton–Schulz differs from eager by its rounding, ~2% of an entry after
     four steps). ``muon_float32``'s float32 products, which inductor orders its own way, are
