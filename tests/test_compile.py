@@ -141,6 +141,31 @@ def test_every_spec_through_inductor_equals_eager(spec, spec_name):
         _check_compiled_equals_eager(spec, foreach=True, backend="inductor", **tolerance)
 
 
+@pytest.mark.specs("adamw_nesterov", "dmgd_newton_schulz")
+def test_compiled_step_after_a_checkpoint_round_trip_and_a_missing_gradient_equals_eager(spec):
+    """Dynamo guards the state by identity (its optimizer hook): ``load_state_dict`` puts new
+    tensors in the state, and a step without one parameter's gradient gathers other lists; the
+    compiled step must follow both (a recompile), not replay a graph over the old tensors."""
+    eager_model = _model()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = torch_backend.compile(spec, eager_model.named_parameters())
+    traced = torch_backend.compile(spec, compiled_model.named_parameters())
+    dynamo.reset()
+    step = torch.compile(traced.step, backend="eager")
+    gen = torch.Generator().manual_seed(2)
+    for t in range(6):
+        for i, (p, q) in enumerate(zip(eager_model.parameters(), compiled_model.parameters())):
+            p.grad = None if (t == 4 and i == 1) else torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            q.grad = None if p.grad is None else p.grad.clone()
+        eager.step()
+        step()
+        if t == 2:
+            for opt in (eager, traced):
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
 def test_first_compiled_steps_compile_as_many_frames_for_any_number_of_parameters():
     """The first compiled step makes the state of every parameter outside the graph, in one
     call: traced, DMGD's W₁ (a draw seeded by the parameter's name) broke the graph inside a
