@@ -1,6 +1,6 @@
 """Element-wise rules under ``torch.compile(opt.step)``, next to torch's fused kernels.
 
-    python -m benchmarks.compiled_step [--size quick|full] [--threads 1] [--repeats 60] --out DIR
+    python -m benchmarks.compiled_step [--size quick|full] [--device cpu|cuda] [--threads 1] [--repeats 60] --out DIR
 
 Eagerly, ``deepopt.adamw`` and ``deepopt.sgd`` as torch defines them run torch's fused
 kernels; their variants that torch has no kernel for — Nesterov AdamW, SGD with decoupled
@@ -13,7 +13,9 @@ takes a tensor lr only with ``capturable=True``), interleaved in one process
 (docs/benchmarks.md), pinned to one core with ``--threads 1``, on ``step_cost``'s shapes:
 ``--size quick`` 52 tensors, 1.35M parameters, where a compiled call's fixed cost (dynamo's
 guards, inductor's size checks: ~0.2–0.3 ms) shows; ``--size full`` GPT-2 small, 148 tensors,
-124M parameters. Compilation happens before timing. Writes ``DIR/compiled_step.json``.
+124M parameters. ``--device cuda`` runs the same on a GPU (each call synchronises; the tensor lr
+stays a CPU scalar, as a scheduler writes it). Compilation happens before timing. Writes
+``DIR/compiled_step.json``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.compiled_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="quick", choices=("quick", "full"),
                     help="step_cost's GPT-2 shapes: quick (1.35M parameters) or full (124M)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--only", default="", help="comma-separated names of VARIANTS (default: all)")
@@ -66,8 +69,15 @@ def main(argv=None) -> int:
     size = "tiny" if (args.tiny or _common.tiny()) else args.size
     shapes = gpt2_shapes(size)
     gen = torch.Generator().manual_seed(0)
-    init = {n: torch.randn(s, generator=gen) * 0.02 for n, s in shapes}
-    grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in shapes}
+    init = {n: (torch.randn(s, generator=gen) * 0.02).to(args.device) for n, s in shapes}
+    grads = {n: (torch.randn(s, generator=gen) * 1e-3).to(args.device) for n, s in shapes}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+
+    def synced(step):
+        def call():
+            step()
+            sync()
+        return call
 
     def params():
         out = []
@@ -102,6 +112,7 @@ def main(argv=None) -> int:
         fns = {"eager": eager.step, "compiled": compiled(traced.step),
                "anchor": torch_optim(family, fused=True).step,
                "torch_compiled": compiled(torch_optim(family, foreach=True).step)}
+        fns = {key: synced(fn) for key, fn in fns.items()}
         times = _common.interleaved(fns, warmup=3, repeats=args.repeats)
         row = {"variant": f"deepopt.{name}", "anchor": f"{anchor_names[family]}(fused)",
                "torch_compiled": f"torch.compile({anchor_names[family]}(foreach).step)"}
@@ -117,8 +128,9 @@ def main(argv=None) -> int:
     result = {"benchmark": "compiled_step",
               "config": {"shapes": size, "tensors": len(shapes),
                          "parameters": sum(math.prod(shape) for _, shape in shapes),
-                         "repeats": args.repeats, "threads": args.threads, "pinned_core": pinned, "torch_compile": "inductor, tensor lr"},
-              "environment": _common.environment("cpu"), "rows": rows}
+                         "repeats": args.repeats, "threads": args.threads, "pinned_core": pinned, "torch_compile": "inductor, tensor lr",
+                         "device": args.device},
+              "environment": _common.environment(args.device), "rows": rows}
     out = _common.write_json(args.out / "compiled_step.json", result)
     print(_common.fmt_table(
         ["variant", "eager ms", "compiled ms", "anchor", "anchor ms", "eager / anchor", "compiled / anchor",

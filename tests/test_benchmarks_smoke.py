@@ -27,6 +27,7 @@ BENCHMARKS = {   # module -> (arguments, the JSON file it writes under --out)
     "dmgd_defaults": (["--quick", "--tiny"], "dmgd_defaults.json"),
     "main": (["--quick", "--skip-hope"], "compare/compare.json"),
     "compiled_step": (["--tiny", "--repeats", "2", "--only", "sgd(decoupled_weight_decay=True)"], "compiled_step.json"),
+    "step_profile": (["--size", "tiny", "--steps", "2", "--top", "5", "--only", "m3,dmgd_memory"], "step_profile.json"),
 }
 TIMEOUT_S = 150
 
@@ -237,6 +238,23 @@ def test_smoke_compiled_step(results):
     assert all(row[f"{k}_vs_anchor"]["median"] > 0 for k in ("eager", "compiled", "torch_compiled"))
     assert data["config"]["parameters"] > 0
     bad = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--only", "lion", "--out", "x"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown ['lion']" in bad.stderr
+
+
+def test_smoke_step_profile(results):
+    """`benchmarks.step_profile`: per spec, a wall time per step and its costliest ops, each with
+    calls per step; an unknown spec is refused by name."""
+    data, _ = _get(results, "step_profile")
+    _assert_finite_numbers(data)
+    _assert_environment(data["environment"])
+    assert set(data["specs"]) == {"m3", "dmgd_memory"}
+    for row in data["specs"].values():
+        assert row["wall_ms_per_step"] > 0 and row["cpu_ms_per_step"] > 0
+        assert 0 < len(row["ops"]) <= 5 and all(o["calls_per_step"] > 0 for o in row["ops"])
+        cpu = [o["self_cpu_ms_per_step"] for o in row["ops"]]
+        assert cpu == sorted(cpu, reverse=True)          # on a CPU, ranked by self CPU time
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.step_profile", "--only", "lion", "--out", "x"],
                          cwd=REPO, env=_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown ['lion']" in bad.stderr
 
