@@ -24,16 +24,17 @@ def _model(device: str = "cpu"):
 
 
 def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu", backend: str = "eager",
-                                 tensor_lr: bool = False, rtol: float = 1e-12, atol: float = 1e-14) -> None:
+                                 tensor_lr: bool | str = False, rtol: float = 1e-12, atol: float = 1e-14) -> None:
     """``backend="eager"``: the graph, not inductor's kernels; ``tensor_lr``: the compiled
-    optimizer's groups take their lr as a float64 tensor."""
+    optimizer's groups take their lr as a float64 tensor on the parameters' device (``"cpu"``:
+    on the CPU, where a scheduler keeps it, whatever the parameters' device)."""
     eager_model = _model(device)
     compiled_model = copy.deepcopy(eager_model)
     eager = torch_backend.compile(spec, eager_model.named_parameters(), foreach=foreach)
     traced = torch_backend.compile(spec, compiled_model.named_parameters(), foreach=foreach)
     if tensor_lr:
         for group in traced.param_groups:
-            group["lr"] = torch.tensor(group["lr"], dtype=torch.float64, device=device)
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float64, device="cpu" if tensor_lr == "cpu" else device)
     dynamo.reset()
     step = torch.compile(traced.step, backend=backend)
     gen = torch.Generator().manual_seed(1)
@@ -90,12 +91,18 @@ def test_t_dependent_scalars_are_made_once_into_one_buffer():
     from torch_backend._foreach import made
 
     values = [torch.tensor(2.0, dtype=torch.float64), 3.0, torch.tensor(0.5, dtype=torch.float32)]
-    got = made(values)
+    got = made(values, [torch.zeros(2)] * 3)
     assert [float(v) for v in got] == [2.0, 3.0, 0.5]
     assert all(v.dtype == torch.float64 and v.dim() == 0 for v in got)
     assert got[0]._base is not None and all(v._base is got[0]._base for v in got)
-    meta = [torch.tensor(1.0), torch.tensor(2.0, device="meta")]   # several devices: left as they are
-    assert made(meta) is meta
+    numbers = [1.0, 2.0]                                        # Python numbers only: as they are
+    assert made(numbers, [torch.zeros(1)] * 2) is numbers
+    # Each value lives where the tensor that reads it lives (no host scalar reaches a device
+    # kernel): one buffer for tensors on one device, else each value on its own tensor's device.
+    meta = made([torch.tensor(1.0), 2.0], [torch.zeros(1, device="meta")] * 2)
+    assert all(v.device.type == "meta" for v in meta) and meta[0]._base is meta[1]._base
+    split = made([torch.tensor(1.0), 2.0], [torch.zeros(1), torch.zeros(1, device="meta")])
+    assert [v.device.type for v in split] == ["cpu", "meta"] and float(split[0]) == 1.0
 
 
 @pytest.mark.specs("sgd_heavy_ball", "adamw", "dmgd_newton_schulz")
@@ -121,9 +128,13 @@ def test_inductor_compiled_step_equals_eager_more_rules(spec, tensor_lr):
 
 @pytest.mark.gpu
 @pytest.mark.specs("sgd_heavy_ball", "adamw", "dmgd_newton_schulz")
-@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float_lr", "tensor_lr"])
+@pytest.mark.parametrize("tensor_lr", [False, True, "cpu"], ids=["float_lr", "tensor_lr", "cpu_tensor_lr"])
 def test_inductor_compiled_step_on_cuda_equals_eager(spec, tensor_lr):
-    """Through inductor's CUDA kernels, where the eager step runs torch's fused kernels."""
+    """Through inductor's CUDA kernels, where the eager step runs torch's fused kernels. On an
+    H100 with torch 2.11 the first compiled step failed to launch a kernel ("CUDA driver error:
+    invalid argument") for adamw and DMGD when a t-dependent scalar was computed from a step
+    count still on the CPU and passed to the CUDA kernel as a host float64 argument; t and the
+    made scalars now live on the parameters' device, and so does a CPU tensor lr under compile."""
     _check_compiled_equals_eager(spec, foreach=True, device="cuda", backend="inductor", tensor_lr=tensor_lr)
 
 

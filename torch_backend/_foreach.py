@@ -27,10 +27,14 @@ HALF = (torch.bfloat16, torch.float16)
 # torch.optim's ``capturable`` optimizers do.
 
 
-def counts(steps: Tensors) -> list:
-    """Each parameter's ``t`` after this step's increment (see above)."""
+def counts(steps: Tensors, params: Tensors) -> list:
+    """Each parameter's ``t`` after this step's increment (see above). Under compile, t is
+    float64 on its parameter's device: a step count still on the CPU (state made in the step
+    that compiles, before dynamo moves step counts to the parameters' device) would otherwise
+    reach CUDA kernels as a host float64 scalar argument, which inductor's static CUDA launcher
+    (torch 2.11, H100) failed to launch ("CUDA driver error: invalid argument")."""
     if torch.compiler.is_compiling():
-        return [s.to(torch.float64) for s in steps]
+        return [s.to(p.device, torch.float64) for s, p in zip(steps, params)]
     return [int(s.item()) for s in steps]
 
 
@@ -58,7 +62,7 @@ def is_due(t, period: int):
 # -- scalars --------------------------------------------------------------------------------
 
 
-def made(values: list) -> list:
+def made(values: list, like: Tensors) -> list:
     """A compiled step's per-tensor scalars — t-dependent (0-d tensors, see :func:`counts`) or
     from a tensor lr; Python numbers may be mixed in — made at once into one float64 buffer,
     returned as its entries.
@@ -66,10 +70,14 @@ def made(values: list) -> list:
     Left as expressions, inductor inlines each scalar into the loop of every element that uses
     it, so a bias correction's power ran per element, in float64: a compiled AdamW-type step
     took ~3× torch's fused kernel on a CPU, and 0.95× with its scalars made first (52 tensors,
-    one thread). A stack is a buffer of its own, which the loops then only read."""
-    devices = {v.device for v in values if isinstance(v, torch.Tensor)}
-    if len(devices) != 1:                  # Python numbers only, or several devices: as they are
+    one thread). A stack is a buffer of its own, which the loops then only read. Each value is
+    made on the device of its tensor in ``like`` (a tensor lr may sit on the CPU, as a scheduler
+    writes it), so no host scalar becomes a CUDA kernel's argument (see :func:`counts`)."""
+    if not any(isinstance(v, torch.Tensor) for v in values):   # Python numbers only: as they are
         return values
+    devices = {x.device for x in like}
+    if len(devices) != 1:                                     # parameters on several devices
+        return [torch.as_tensor(v, dtype=torch.float64, device=x.device) for v, x in zip(values, like)]
     device = devices.pop()
     return list(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values]).unbind(0))
 
@@ -85,7 +93,7 @@ def scalar_op(op: str, xs: Tensors, value: float | list[float], *, inplace: bool
     """
     fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
     if isinstance(value, list) and torch.compiler.is_compiling():   # eagerly no scalar is a tensor
-        value = made(value)
+        value = made(value, xs)
     if not any(x.dtype in HALF for x in xs):
         return fn(xs, value)
     values = value if isinstance(value, list) else [value] * len(xs)

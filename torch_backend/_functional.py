@@ -115,7 +115,7 @@ def step_single(rule: UpdateRule, params: Tensors, grads: Tensors, states: list[
         t, denom = None, None
         if rule.counts_steps:
             st["step"] += 1
-            t = counts([st["step"]])[0]
+            t = counts([st["step"]], [p])[0]
         if rule.maximize:
             g = -g
         if not rule.decoupled_weight_decay and weight_decay != 0.0:
@@ -179,7 +179,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     if rule.counts_steps:
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1)
-        ts = counts(steps)
+        ts = counts(steps, params)
 
     gs = grads
     if rule.maximize:
@@ -232,7 +232,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     if divisors is not None:
         sizes = [s / d for s, d in zip(sizes, divisors)]
     if torch.compiler.is_compiling():                        # t-dependent or a tensor lr: made once
-        sizes = made(sizes)
+        sizes = made(sizes, params)
     by_size: dict[Any, list[int]] = defaultdict(list)         # one foreach call per step size
     for i, size in enumerate(sizes):
         by_size[size].append(i)

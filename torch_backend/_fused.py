@@ -96,7 +96,7 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
         if mem.undamped_first_write:                      # torch's first write, t = 1: buf = g
             steps = [st["step"] for st in states]
             torch._foreach_add_(steps, 1)
-            first = [t == 1 for t in counts(steps)]
+            first = [t == 1 for t in counts(steps, params)]
             groups = [[i for i in idx if first[i] == f] for idx in groups for f in (True, False)]
             groups = [idx for idx in groups if idx]
     for idx in groups:

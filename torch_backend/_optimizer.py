@@ -515,6 +515,8 @@ class DeepOptimizer(Optimizer):
             fresh: list[torch.Tensor] = []
             self._init_group(group, params, grads, fresh)
             states = [self.state[p] for p in params]
+            if isinstance(lr, torch.Tensor) and params and lr.device != params[0].device:
+                lr = lr.to(params[0].device)   # under compile: a scheduler's CPU lr read where the kernels run
             shards = _distributed.layouts(params, grads, getattr(self, "_ddp_mesh", None),
                                           lambda p: self._names.get(p, "?"))
             plans.append((group, rule, lr, wd, params, grads, states, fresh, shards))
