@@ -131,10 +131,10 @@ def test_inductor_compiled_step_equals_eager_more_rules(spec, tensor_lr):
 @pytest.mark.parametrize("tensor_lr", [False, True, "cpu"], ids=["float_lr", "tensor_lr", "cpu_tensor_lr"])
 def test_inductor_compiled_step_on_cuda_equals_eager(spec, tensor_lr):
     """Through inductor's CUDA kernels, where the eager step runs torch's fused kernels. On an
-    H100 with torch 2.11 the first compiled step failed to launch a kernel ("CUDA driver error:
-    invalid argument") for adamw and DMGD when a t-dependent scalar was computed from a step
-    count still on the CPU and passed to the CUDA kernel as a host float64 argument; t and the
-    made scalars now live on the parameters' device, and so does a CPU tensor lr under compile."""
+    H100 with torch 2.11 the first compiled step of adamw (float lr) and DMGD (float and tensor
+    lr) failed to launch a kernel ("CUDA driver error: invalid argument") that took a
+    t-dependent scalar computed on the CPU, from a step count made in that step; with t, the
+    made scalars and a CPU tensor lr on the parameters' device, all nine cases pass there."""
     _check_compiled_equals_eager(spec, foreach=True, device="cuda", backend="inductor", tensor_lr=tensor_lr)
 
 

@@ -29,10 +29,12 @@ HALF = (torch.bfloat16, torch.float16)
 
 def counts(steps: Tensors, params: Tensors) -> list:
     """Each parameter's ``t`` after this step's increment (see above). Under compile, t is
-    float64 on its parameter's device: a step count still on the CPU (state made in the step
-    that compiles, before dynamo moves step counts to the parameters' device) would otherwise
-    reach CUDA kernels as a host float64 scalar argument, which inductor's static CUDA launcher
-    (torch 2.11, H100) failed to launch ("CUDA driver error: invalid argument")."""
+    float64 on its parameter's device. A step count made in the step that compiles is still on
+    the CPU (dynamo moves step counts to the parameters' device only when it next traces), and
+    its scalars then reached CUDA kernels as host scalar arguments: on an H100 with torch 2.11
+    inductor failed to launch those kernels ("CUDA driver error: invalid argument"), and
+    launches with t on the device. A small function with a host float64 scalar argument
+    launched there, so what exactly the launch tripped on is not established."""
     if torch.compiler.is_compiling():
         return [s.to(p.device, torch.float64) for s, p in zip(steps, params)]
     return [int(s.item()) for s in steps]
@@ -72,7 +74,7 @@ def made(values: list, like: Tensors) -> list:
     took ~3× torch's fused kernel on a CPU, and 0.95× with its scalars made first (52 tensors,
     one thread). A stack is a buffer of its own, which the loops then only read. Each value is
     made on the device of its tensor in ``like`` (a tensor lr may sit on the CPU, as a scheduler
-    writes it), so no host scalar becomes a CUDA kernel's argument (see :func:`counts`)."""
+    writes it), so no host scalar becomes a device kernel's argument (see :func:`counts`)."""
     if not any(isinstance(v, torch.Tensor) for v in values):   # Python numbers only: as they are
         return values
     devices = {x.device for x in like}
