@@ -23,9 +23,13 @@ CLASSIC = {
     "sgd_torch_first_step": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True),
     "sgd_torch_first_step_decoupled": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, weight_decay=0.05,
                                                   decoupled_weight_decay=True, undamped_first_step=True),
+    # the AdamW kernel with its β₁ and lr chosen per step, then one pass putting the memory right
+    "adamw_nesterov": deepopt.adamw(1e-2, nesterov=True),
+    "adamw_nesterov_decay_maximize": deepopt.adamw(3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1,
+                                                   nesterov=True, maximize=True),
+    "adamw_nesterov_beta1_zero": deepopt.adamw(1e-2, betas=(0.0, 0.999), weight_decay=0.1, nesterov=True),
 }
 NOT_CLASSIC = {
-    "adamw_nesterov": deepopt.adamw(1e-2, nesterov=True),
     "ema_nesterov": deepopt.custom(deepopt.UpdateRule(memory=deepopt.LinearMemory(0.9, 0.1, nesterov=True)), 0.1),
     "delta": deepopt.delta_momentum(0.05, momentum=0.9),
     "muon": deepopt.muon(0.02),
@@ -34,7 +38,7 @@ NOT_CLASSIC = {
 
 @pytest.mark.parametrize("name", sorted(CLASSIC))
 def test_classic_rules_are_recognised(name):
-    assert _fused.classic_kind(CLASSIC[name].rule) in ("adamw", "sgd")
+    assert _fused.classic_kind(CLASSIC[name].rule) in ("adamw", "nadamw", "sgd")
 
 
 @pytest.mark.parametrize("name", sorted(NOT_CLASSIC))
@@ -63,7 +67,7 @@ def _run(spec, fused, dtype=torch.float64, steps=6, seed=0):
 def test_fused_path_runs_the_kernel_and_equals_the_foreach_twin(name, monkeypatch):
     spec = CLASSIC[name]
     calls = []
-    kernel = "_fused_adamw_" if _fused.classic_kind(spec.rule) == "adamw" else "_fused_sgd_"
+    kernel = "_fused_sgd_" if _fused.classic_kind(spec.rule) == "sgd" else "_fused_adamw_"
     real = getattr(torch, kernel)
     monkeypatch.setattr(torch, kernel, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     fused, fused_states = _run(spec, None)
@@ -91,11 +95,12 @@ def test_half_precision_is_fused_only_on_request():
     assert _fused.classic_kind(spec.rule) == "adamw"
 
 
-def test_torch_first_step_is_per_tensor_when_step_counts_differ():
-    """A parameter without a gradient at the first step starts one step later: the kernel's
+@pytest.mark.parametrize("name", ["sgd_torch_first_step", "adamw_nesterov_decay_maximize"])
+def test_step_count_dependent_kernels_are_per_tensor_when_step_counts_differ(name):
+    """A parameter without a gradient at the first step starts one step later: the SGD kernel's
     ``is_first_step`` is then true for it alone, in a call of its own, as the foreach twin's
-    first write is per tensor."""
-    spec = CLASSIC["sgd_torch_first_step"]
+    first write is per tensor; the Nesterov AdamW's ``c₁``, ``c₂`` are per step count too."""
+    spec = CLASSIC[name]
     gen = torch.Generator().manual_seed(4)
     init = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
     runs = {}
@@ -112,4 +117,19 @@ def test_torch_first_step_is_per_tensor_when_step_counts_differ():
     assert [float(fopt.state[p]["step"]) for p in fps] == [4.0, 3.0]
     for a, b in zip(fps, pps):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-        torch.testing.assert_close(fopt.state[a]["memory"], popt.state[b]["memory"], rtol=0, atol=1e-12)
+        for key in fopt.state[a]:
+            torch.testing.assert_close(fopt.state[a][key], popt.state[b][key], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adamw_nesterov", "adamw_nesterov_decay_maximize"])
+def test_nesterov_adamw_through_the_kernel_in_float32(name):
+    """In float32 the kernel path (the memory rewritten from the kernel's ``S'`` each step)
+    stays within float32 rounding of the foreach twin over many steps, parameters and state."""
+    spec = CLASSIC[name]
+    fused, fused_states = _run(spec, None, dtype=torch.float32, steps=40)
+    plain, plain_states = _run(spec, False, dtype=torch.float32, steps=40)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for sa, sb in zip(fused_states, plain_states):
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)

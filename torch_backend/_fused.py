@@ -1,11 +1,13 @@
-"""torch's fused kernels for the two classic element-wise rules.
+"""torch's fused kernels for the two classic element-wise rules, and AdamW's Nesterov read.
 
 When a rule *is* ``torch.optim.AdamW`` or ``torch.optim.SGD`` — the same memory, values,
 denominator and weight-decay convention (docs/math.md §2–§3) — the batched path hands the whole
 group to ``torch._fused_adamw_`` / ``torch._fused_sgd_``: one kernel per (device, dtype) over
 every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is what makes
 ``deepopt.adamw`` (and the AdamW fallback of every matrix rule) as fast as
-``torch.optim.AdamW(fused=True)``. The state is deepopt's own (``memory``, ``second_moment``,
+``torch.optim.AdamW(fused=True)``. AdamW with the NAdam read (``adamw(nesterov=True)``, optax's
+``nadamw``), which torch has no kernel for, runs the AdamW kernel with its β₁ and lr chosen per
+step and one ``lerp`` after it (:func:`_nadamw`). The state is deepopt's own (``memory``, ``second_moment``,
 ``step``), so checkpoints do not depend on which path ran. Eager steps only: under
 ``torch.compile`` every rule takes its foreach twin, which inductor fuses (it cannot trace
 these kernels).
@@ -27,7 +29,7 @@ import torch
 from deepopt import Identity, IdentityValues, LinearMemory, UpdateRule
 from torch_backend._foreach import counts, decay
 
-Kind = Literal["adamw", "sgd"]
+Kind = Literal["adamw", "nadamw", "sgd"]
 _DEVICES = ("cpu", "cuda")
 _EXACT = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -38,7 +40,8 @@ _PLAIN = {torch.Tensor, torch.nn.Parameter}
 def classic_kind(rule: UpdateRule) -> Kind | None:
     """``"adamw"`` / ``"sgd"`` when that torch kernel computes ``rule`` — SGD also with decoupled
     decay (one decay pass before the kernel) and with torch's undamped first write (the
-    kernel's ``is_first_step``)."""
+    kernel's ``is_first_step``); ``"nadamw"`` for AdamW's Nesterov read (the AdamW kernel with
+    its β₁ and lr chosen per step, then one pass that puts the memory right: :func:`_nadamw`)."""
     mem = rule.memory
     if not (isinstance(mem, LinearMemory) and mem.zeta == 0.0
             and isinstance(rule.values, IdentityValues) and isinstance(rule.readout, Identity)
@@ -46,9 +49,10 @@ def classic_kind(rule: UpdateRule) -> Kind | None:
         return None
     den = rule.denominator
     if (den is not None and den.bias_correction and not den.accumulate and mem.bias_correction
-            and not mem.nesterov and mem.inner_lr == 1.0 - mem.momentum and rule.decoupled_weight_decay
+            and mem.inner_lr == 1.0 - mem.momentum and rule.decoupled_weight_decay
             and not mem.undamped_first_write):
-        return "adamw"          # EMA memory, bias-corrected read, ÷ (√v̂ + ε), decoupled decay
+        return "nadamw" if mem.nesterov else "adamw"   # EMA memory, bias-corrected read,
+                                                        # ÷ (√v̂ + ε), decoupled decay
     if den is None and not mem.bias_correction and (not mem.nesterov or mem.inner_lr == 1.0):
         return "sgd"            # heavy ball with dampening 1 − η; torch's Nesterov read is
     return None                 # g + μ·buf, i.e. η = 1
@@ -81,7 +85,7 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
     """One step of a classic rule through torch's fused kernel, one call per (device, dtype)
     group of :func:`fused_groups` (mutates params and states)."""
     mem = rule.memory
-    if kind == "adamw":
+    if kind in ("adamw", "nadamw"):
         for p, st in zip(params, states):           # the kernel wants t on the parameter's device
             if st["step"].device != p.device:
                 st["step"] = st["step"].to(p.device)
@@ -108,6 +112,8 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
                                 beta2=rule.denominator.beta2, weight_decay=weight_decay,
                                 eps=rule.denominator.eps, maximize=rule.maximize,
                                 grad_scale=None, found_inf=None)
+        elif kind == "nadamw":
+            _nadamw(rule, ps, gs, *rest, lr=lr, weight_decay=weight_decay)
         else:
             # S_0 = 0: without torch's undamped first write the first write is the ordinary one.
             torch._fused_sgd_(ps, gs, rest[0] if rest else [], weight_decay=weight_decay,
@@ -115,6 +121,48 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
                               nesterov=mem.nesterov, maximize=rule.maximize,
                               is_first_step=mem.undamped_first_write and first[idx[0]],
                               grad_scale=None, found_inf=None)
+
+
+def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, *, lr: float, weight_decay: float) -> None:
+    """AdamW with the NAdam read (docs/math.md §2), ``W ← W(1 − γλ) − γ D̃/(√v̂ + ε)``, through
+    torch's AdamW kernel and one ``lerp`` pass, per step count t.
+
+    ``D̃ = c₁ S_t + c₂ G`` with ``S_t = β₁ S + (1 − β₁) G``, ``c₁ = β₁/(1 − β₁ᵗ⁺¹)``,
+    ``c₂ = (1 − β₁)/(1 − β₁ᵗ)``, is ``a S + b G`` in the previous memory S: ``a = c₁β₁``,
+    ``b = c₁(1 − β₁) + c₂``. The kernel, given ``β₁' = a/(a + b)``, writes
+    ``S' = β₁' S + (1 − β₁') G = D̃/(a + b)`` and v, and takes the step with lr
+    ``γ(a + b)(1 − β₁'ᵗ)`` (its own ``lr/(1 − β₁'ᵗ)`` is then ``γ(a + b)``) and weight decay
+    ``λγ/lr`` (its ``lr·λ`` is then ``γλ``). The memory is then put right:
+    ``S_t = (β₁/β₁') S' + (1 − β₁/β₁') G``, one ``lerp``. 10 words per element where the
+    foreach twin moves 23 and makes three temporaries; the memory carries one more rounding."""
+    b1, b2, eps = rule.memory.momentum, rule.denominator.beta2, rule.denominator.eps
+    torch._foreach_add_(steps, 1)
+    by_t: dict[int, list[int]] = defaultdict(list)
+    for i, t in enumerate(torch.stack(steps).tolist()):           # one host read, CUDA too
+        by_t[int(t)].append(i)
+    for t, idx in by_t.items():
+        sel = (lambda xs: xs) if len(by_t) == 1 else (lambda xs, idx=idx: [xs[i] for i in idx])
+        c1, c2 = b1 / (1 - b1 ** (t + 1)), (1 - b1) / (1 - b1**t)
+        a, b = c1 * b1, c1 * (1 - b1) + c2
+        b1_kernel = a / (a + b)
+        lr_kernel, wd = lr * (a + b) * (1 - b1_kernel**t), weight_decay
+        if weight_decay != 0.0 and lr_kernel == 0.0:            # γ = 0 (or β₁' = 1 − ...): decay apart
+            decay(sel(ps), lr * weight_decay)
+            wd = 0.0
+        elif weight_decay != 0.0:
+            wd = lr * weight_decay / lr_kernel
+        ms = sel(m1)
+        torch._fused_adamw_(sel(ps), sel(gs), ms, sel(m2), [], sel(steps), amsgrad=False, lr=lr_kernel,
+                            beta1=b1_kernel, beta2=b2, weight_decay=wd, eps=eps, maximize=rule.maximize,
+                            grad_scale=None, found_inf=None)
+        if b1 == 0.0:                                           # β₁' = 0: S' = G = S_t already
+            continue
+        w = 1 - b1 / b1_kernel                                  # S_t = (1 − w) S' + w G
+        if rule.maximize:                                       # the kernel wrote −G into S'
+            torch._foreach_mul_(ms, 1 - w)
+            torch._foreach_add_(ms, sel(gs), alpha=-w)
+        else:
+            torch._foreach_lerp_(ms, sel(gs), w)
 
 
 __all__ = ["classic_kind", "fused_groups", "step_fused"]
