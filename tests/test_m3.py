@@ -115,3 +115,32 @@ def test_bfloat16_newton_schulz_is_the_default_close_to_float32(backend):
     moved = np.abs(b[-1]["w"] - params["w"]).max()
     diff = np.abs(a[-1]["w"] - b[-1]["w"]).max()
     assert 0 < diff < 0.05 * moved, (diff, moved)
+
+
+@pytest.mark.parametrize("slow_weight", [1.0, 0.6])
+def test_m3_read_is_laid_out_as_the_parameters(slow_weight):
+    """The batched read ``O¹ + w O²`` has each parameter's own layout. A Newton–Schulz read of a
+    tall matrix is a transposed view, and a sum led by it was transposed too, so the outer
+    step's foreach ops saw mixed layouts (on CUDA, a kernel per tensor instead of foreach's
+    fast path). Values are those of the single-tensor twin."""
+    from torch_backend import _multiscale
+
+    spec = deepopt.m3(0.01, slow_weight=slow_weight, frequency=2)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(8, 3), (3, 8), (8, 3)]]
+    opt = torch_backend.compile(spec, params)
+    for _ in range(2):                                       # O² written once: w O² is not zero
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    states = [opt.state[p] for p in params]
+    for st in states:
+        st["step"] += 1
+    copies = [{k: v.clone() for k, v in st.items()} for st in states]
+    outs = _multiscale.KERNEL.batched(spec.rule, states, grads, grads, [3] * 3).outs
+    for p, o in zip(params, outs):
+        assert o.stride() == p.stride() and o.dtype == p.dtype
+    singles = [_multiscale.KERNEL.single(spec.rule, st, g, g, 3).outs for st, g in zip(copies, grads)]
+    for o, s in zip(outs, singles):
+        torch.testing.assert_close(o, s, rtol=1e-5, atol=1e-6)

@@ -28,8 +28,16 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
              layouts: list | None = None) -> Read:
     mem = rule.memory
     ds = _linear_memory.write_read(mem.fast, states, gs, vs, ts, layouts)
-    outs = torch._foreach_add(_readout.apply(rule, ds, layouts), [st["slow_readout"] for st in states],
-                              alpha=mem.slow_weight)                                # O² before this write
+    reads = _readout.apply(rule, ds, layouts)
+    slow = [st["slow_readout"] for st in states]                                    # O² before this write
+    # O¹ + w O² laid out as O² and the parameters: a Newton–Schulz read of a tall matrix is a
+    # transposed view, and a sum led by it is transposed too, so the outer step's foreach ops
+    # would see mixed layouts (on CUDA that leaves foreach's fast path: a kernel per tensor).
+    if mem.slow_weight == 1.0:
+        outs = torch._foreach_add(slow, reads)                                      # same values
+    else:
+        outs = scalar_op("mul", slow, mem.slow_weight)
+        torch._foreach_add_(outs, reads)
     _slow_write_batched(rule, states, vs, ts, layouts)
     return Read(outs)
 
