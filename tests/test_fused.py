@@ -133,3 +133,21 @@ def test_nesterov_adamw_through_the_kernel_in_float32(name):
     for sa, sb in zip(fused_states, plain_states):
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_nesterov_adamw_in_half_precision_keeps_the_foreach_twin(monkeypatch):
+    """``fused=True`` takes half precision for the classic rules, not for the Nesterov AdamW: its
+    memory, written by the kernel and restored by a ``lerp``, would be rounded to bf16 twice a
+    step (4 bf16 ulps from the twin after five steps, where AdamW's kernel is 1). Its bf16 steps
+    stay the foreach twin's, bit for bit."""
+    spec = CLASSIC["adamw_nesterov_decay_maximize"]
+    calls = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    half, half_states = _run(spec, True, dtype=torch.bfloat16, steps=5)
+    assert not calls
+    twin, twin_states = _run(spec, False, dtype=torch.bfloat16, steps=5)
+    for a, b in zip(half, twin):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    _run(spec, True, dtype=torch.float32, steps=1)              # float32: the kernel, with fused=True too
+    assert calls
