@@ -1,6 +1,6 @@
 """Element-wise rules under ``torch.compile(opt.step)``, next to torch's fused kernels.
 
-    python -m benchmarks.compiled_step [--size quick|full] [--device cpu|cuda] [--threads 1] [--repeats 60] --out DIR
+    python -m benchmarks.compiled_step [--size quick|full] [--device cpu|cuda] [--eager-only] [--threads 1] [--repeats 60] --out DIR
 
 Eagerly, ``deepopt.adamw`` and ``deepopt.sgd`` as torch defines them run torch's fused
 kernels; their variants that torch has no kernel for — Nesterov AdamW, SGD with decoupled
@@ -14,8 +14,9 @@ takes a tensor lr only with ``capturable=True``), interleaved in one process
 ``--size quick`` 52 tensors, 1.35M parameters, where a compiled call's fixed cost (dynamo's
 guards, inductor's size checks: ~0.2–0.3 ms) shows; ``--size full`` GPT-2 small, 148 tensors,
 124M parameters. ``--device cuda`` runs the same on a GPU (each call synchronises; the tensor lr
-stays a CPU scalar, as a scheduler writes it). Compilation happens before timing. Writes
-``DIR/compiled_step.json``.
+stays a CPU scalar, as a scheduler writes it). Compilation happens before timing (on an H100,
+one rule's two compiles at full size took over 150 s); ``--eager-only`` times the eager steps
+next to the fused kernels alone. Writes ``DIR/compiled_step.json``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="quick", choices=("quick", "full"),
                     help="step_cost's GPT-2 shapes: quick (1.35M parameters) or full (124M)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--eager-only", action="store_true", help="no torch.compile: eager steps and the fused kernels")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--only", default="", help="comma-separated names of VARIANTS (default: all)")
@@ -106,21 +108,24 @@ def main(argv=None) -> int:
         preset, kwargs, family = VARIANTS[name]
         spec = getattr(deepopt, preset)(**kwargs)
         eager = torch_backend.compile(spec, params())
-        traced = torch_backend.compile(spec, params())
-        for group in traced.param_groups:             # torch.optim's advice: a tensor lr under compile
-            group["lr"] = torch.tensor(group["lr"])
-        fns = {"eager": eager.step, "compiled": compiled(traced.step),
-               "anchor": torch_optim(family, fused=True).step,
-               "torch_compiled": compiled(torch_optim(family, foreach=True).step)}
+        fns = {"eager": eager.step, "anchor": torch_optim(family, fused=True).step}
+        if not args.eager_only:
+            traced = torch_backend.compile(spec, params())
+            for group in traced.param_groups:         # torch.optim's advice: a tensor lr under compile
+                group["lr"] = torch.tensor(group["lr"])
+            fns.update(compiled=compiled(traced.step),
+                       torch_compiled=compiled(torch_optim(family, foreach=True).step))
+            del traced
         fns = {key: synced(fn) for key, fn in fns.items()}
         times = _common.interleaved(fns, warmup=3, repeats=args.repeats)
-        row = {"variant": f"deepopt.{name}", "anchor": f"{anchor_names[family]}(fused)",
-               "torch_compiled": f"torch.compile({anchor_names[family]}(foreach).step)"}
+        row = {"variant": f"deepopt.{name}", "anchor": f"{anchor_names[family]}(fused)"}
+        if not args.eager_only:
+            row["torch_compiled"] = f"torch.compile({anchor_names[family]}(foreach).step)"
         for key in fns:
             row[f"{key}_ms"] = _common.summary(times[key], 1e3)
-        for key in ("eager", "compiled", "torch_compiled"):
+        for key in fns.keys() - {"anchor"}:
             row[f"{key}_vs_anchor"] = _common.ratio_summary(times[key], times["anchor"])
-        del fns, eager, traced                        # the next rule's copies take their place
+        del fns, eager                                # the next rule's copies take their place
         gc.collect()
         torch._dynamo.reset()
         rows.append(row)
@@ -128,15 +133,18 @@ def main(argv=None) -> int:
     result = {"benchmark": "compiled_step",
               "config": {"shapes": size, "tensors": len(shapes),
                          "parameters": sum(math.prod(shape) for _, shape in shapes),
-                         "repeats": args.repeats, "threads": args.threads, "pinned_core": pinned, "torch_compile": "inductor, tensor lr",
+                         "repeats": args.repeats, "threads": args.threads, "pinned_core": pinned, "torch_compile": None if args.eager_only else "inductor, tensor lr",
                          "device": args.device},
               "environment": _common.environment(args.device), "rows": rows}
     out = _common.write_json(args.out / "compiled_step.json", result)
+    def median(r, key):
+        return r[key]["median"] if key in r else "—"
+
     print(_common.fmt_table(
         ["variant", "eager ms", "compiled ms", "anchor", "anchor ms", "eager / anchor", "compiled / anchor",
          "torch's compiled / anchor"],
-        [[r["variant"], r["eager_ms"]["median"], r["compiled_ms"]["median"], r["anchor"], r["anchor_ms"]["median"],
-          r["eager_vs_anchor"]["median"], r["compiled_vs_anchor"]["median"], r["torch_compiled_vs_anchor"]["median"]]
+        [[r["variant"], median(r, "eager_ms"), median(r, "compiled_ms"), r["anchor"], median(r, "anchor_ms"),
+          median(r, "eager_vs_anchor"), median(r, "compiled_vs_anchor"), median(r, "torch_compiled_vs_anchor")]
          for r in rows]))
     print(f"wrote {out}")
     return 0

@@ -242,6 +242,20 @@ def test_smoke_compiled_step(results):
     assert bad.returncode == 2 and "unknown ['lion']" in bad.stderr
 
 
+def test_smoke_compiled_step_eager_only(tmp_path):
+    """`--eager-only`: the eager step next to the fused kernel, nothing compiled."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--tiny", "--eager-only", "--repeats", "2",
+                          "--only", "adamw(nesterov=True)", "--out", str(tmp_path)],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    data = json.loads((tmp_path / "compiled_step.json").read_text())
+    _assert_finite_numbers(data)
+    (row,) = data["rows"]
+    assert row["eager_vs_anchor"]["median"] > 0 and row["anchor"] == "torch.optim.AdamW(fused)"
+    assert not any(key.startswith(("compiled", "torch_compiled")) for key in row)
+    assert data["config"]["torch_compile"] is None
+
+
 def test_smoke_step_profile(results):
     """`benchmarks.step_profile`: per spec, a wall time per step and its costliest ops, each with
     calls per step; an unknown spec is refused by name."""
