@@ -151,3 +151,17 @@ def test_nesterov_adamw_in_half_precision_keeps_the_foreach_twin(monkeypatch):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)
     _run(spec, True, dtype=torch.float32, steps=1)              # float32: the kernel, with fused=True too
     assert calls
+
+
+def test_nesterov_adamw_with_a_zero_lr_changes_no_parameter():
+    """γ = 0: the kernel's lr is 0 and so is its weight decay (γλ = 0), parameters unchanged;
+    the moments are still written, as the foreach twin writes them."""
+    spec = deepopt.adamw(0.0, weight_decay=0.1, nesterov=True)
+    init, _ = _run(spec, None, steps=0)
+    fused, fused_states = _run(spec, None, steps=3)
+    plain, plain_states = _run(spec, False, steps=3)
+    for a, b, c in zip(fused, plain, init):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    for sa, sb in zip(fused_states, plain_states):
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-12)

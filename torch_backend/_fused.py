@@ -145,12 +145,8 @@ def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, *, lr: float, weight_decay:
         c1, c2 = b1 / (1 - b1 ** (t + 1)), (1 - b1) / (1 - b1**t)
         a, b = c1 * b1, c1 * (1 - b1) + c2
         b1_kernel = a / (a + b)
-        lr_kernel, wd = lr * (a + b) * (1 - b1_kernel**t), weight_decay
-        if weight_decay != 0.0 and lr_kernel == 0.0:            # γ = 0 (or β₁' = 1 − ...): decay apart
-            decay(sel(ps), lr * weight_decay)
-            wd = 0.0
-        elif weight_decay != 0.0:
-            wd = lr * weight_decay / lr_kernel
+        lr_kernel = lr * (a + b) * (1 - b1_kernel**t)           # 0 only when γ = 0 (β₁' < 1)
+        wd = lr * weight_decay / lr_kernel if lr_kernel else 0.0   # γ = 0: no decay either
         ms = sel(m1)
         torch._fused_adamw_(sel(ps), sel(gs), ms, sel(m2), [], sel(steps), amsgrad=False, lr=lr_kernel,
                             beta1=b1_kernel, beta2=b2, weight_decay=wd, eps=eps, maximize=rule.maximize,
