@@ -19,6 +19,9 @@ fails or runs out of time:
    measures the slowest step, and every run then gets the same number of steps: the preset's
    (2000), or fewer where the time left does not allow them (the summary says which). A run
    still going at the deadline stops (``train --max-train-seconds``) and evaluates.
+4. ``profile`` (not in the default ``--parts``): the element-wise rules eagerly next to torch's
+   fused kernels (``compiled_step --eager-only``: compiling them at full size outlasts a short
+   call) and where a step's time goes for muon, M3 and DMGD's memory (``step_profile``).
 
 Writes ``DIR/gpu_check.json`` (each part: command, return code, seconds, its results) and
 ``DIR/logs/*.log``; prints a summary table last. ``--device cpu --preset cpu-tiny --size tiny``
@@ -221,6 +224,16 @@ def table(result: dict[str, Any]) -> str:
             alone = "".join(f"; {k}: {_f(v['time_over_floor'])}x floor" for k, v in p.get("variants", {}).items())
             lines.append(f"  {p['backend']} {p['spec']}: {_f(p['deepopt_ms'])} ms, {_f(p.get('ratio_headline'))}x "
                          f"{p['anchor']}{target}; {_f(p.get('time_over_floor'))}x floor{alone}")
+    cs = result["parts"].get("compiled_step")
+    if cs:
+        lines.append(f"compiled_step --eager-only: rc {cs['rc']} in {cs['seconds']} s")
+        for r in ((_read_json(Path(cs["json"])) if cs.get("json") else None) or {}).get("rows", []):
+            lines.append(f"  {r['variant']}: {_f(r['eager_vs_anchor']['median'])}x {r['anchor']}")
+    sp = result["parts"].get("step_profile")
+    if sp:
+        lines.append(f"step_profile: rc {sp['rc']} in {sp['seconds']} s")
+        for name, r in ((_read_json(Path(sp["json"])) if sp.get("json") else None) or {}).get("specs", {}).items():
+            lines.append(f"  {name}: {_f(r['wall_ms_per_step'])} ms per step")
     h = result["parts"].get("hope")
     if h:
         lines.append(f"hope {result['preset']}: {h.get('status')}, {h.get('steps')} steps each "
@@ -247,7 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--preset", default="gpu-small", help="HOPE preset (default gpu-small)")
     ap.add_argument("--size", default="full", choices=("full", "quick", "tiny"), help="step_cost shapes")
-    ap.add_argument("--parts", default="tests,step_cost,hope", help="comma-separated: tests, step_cost, hope")
+    ap.add_argument("--parts", default="tests,step_cost,hope", help="comma-separated: tests, step_cost, hope, profile")
     ap.add_argument("--batch", type=int, default=None, help="HOPE batch (default: the preset's)")
     ap.add_argument("--seq-len", type=int, default=None, help="HOPE sequence length (default: the preset's)")
     ap.add_argument("--threads", type=int, default=4, help="CPU threads per HOPE process")
@@ -262,15 +275,16 @@ def main(argv=None) -> int:
     ap.add_argument("--step-cost-seconds", type=float, default=120.0, help="per backend")
     ap.add_argument("--step-cost-backends", default="torch,jax", choices=("torch,jax", "torch", "jax"))
     ap.add_argument("--probe-seconds", type=float, default=90.0)
+    ap.add_argument("--profile-seconds", type=float, default=90.0, help="both of the profile part's runs")
     ap.add_argument("--jax-tests", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--jax-tests-seconds", type=float, default=150.0)
     args = ap.parse_args(argv)
     if args.hope_cuda_graph is None:
         args.hope_cuda_graph = args.device == "cuda"
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    unknown = parts - {"tests", "step_cost", "hope"}
+    unknown = parts - {"tests", "step_cost", "hope", "profile"}
     if unknown:
-        ap.error(f"--parts: unknown {sorted(unknown)}; choose from tests, step_cost, hope")
+        ap.error(f"--parts: unknown {sorted(unknown)}; choose from tests, step_cost, hope, profile")
     clock = Clock(args.budget)
     out, logs = args.out, args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -297,6 +311,18 @@ def main(argv=None) -> int:
                             "--out", str(d)], logs / f"step_cost_{backend}.log", clock.limit(args.step_cost_seconds))
             res["json"] = str(d / "step_cost.json") if (d / "step_cost.json").exists() else None
             result["parts"][f"step_cost_{backend}"] = res
+            save()
+    if "profile" in parts:
+        sized = {"compiled_step": ["--tiny"] if args.size == "tiny" else ["--size", args.size],
+                 "step_profile": ["--size", args.size, "--only", "muon,m3,dmgd_memory"]}
+        extra = {"compiled_step": ["--eager-only", "--repeats", "20"], "step_profile": []}
+        for name in ("compiled_step", "step_profile"):
+            d = out / name
+            res = run(py + [f"benchmarks.{name}", "--device", args.device, *sized[name], *extra[name],
+                            "--threads", "4", "--out", str(d)], logs / f"{name}.log",
+                      clock.limit(args.profile_seconds / 2), threads=4)
+            res["json"] = str(d / f"{name}.json") if (d / f"{name}.json").exists() else None
+            result["parts"][name] = res
             save()
     if "hope" in parts:
         result["parts"]["hope"] = hope_part(args, clock, py, out, logs)

@@ -212,6 +212,23 @@ def test_gpu_check_pipeline_runs_on_cpu(tmp_path):
     assert all(r["rc"] == 0 and math.isfinite(r["val_bpb"]) for r in runs.values())
 
 
+def test_gpu_check_profile_part_runs_on_cpu(tmp_path, capsys):
+    """``--parts profile``: the eager element-wise rules next to the fused kernels and the step
+    profiles, each its own process with rc 0, their JSON named and summed up in the table."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--size", "tiny", "--parts", "profile",
+                           "--budget", "140", "--profile-seconds", "130"]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {k: v["rc"] for k, v in result["parts"].items()} == {"compiled_step": 0, "step_profile": 0}
+    rows = json.loads(Path(result["parts"]["compiled_step"]["json"]).read_text())["rows"]
+    assert rows and all("compiled_ms" not in r for r in rows)
+    specs = json.loads(Path(result["parts"]["step_profile"]["json"]).read_text())["specs"]
+    assert set(specs) == {"muon", "m3", "dmgd_memory"}
+    printed = capsys.readouterr().out
+    assert "deepopt.adamw(nesterov=True)" in printed and "dmgd_memory:" in printed
+
+
 def test_step_overhead_writes_its_rows(tmp_path, monkeypatch):
     from benchmarks import _threads, step_overhead
 
