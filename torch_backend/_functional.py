@@ -170,9 +170,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     # tensor lr, and functionalization rejects ``_fused_adamw_``), and torch.optim's own fused
     # optimizers are skipped by dynamo altogether, so they run eagerly inside a compiled step.
     kind = None if torch.compiler.is_compiling() else classic_kind(rule)
-    if kind == "nadamw" and fused:   # float32/float64 only: in half precision the memory, written
-        fused = None                 # by the kernel and restored by a lerp, would round twice a step
-    groups = fused_groups(params, grads, fused) if kind is not None else None
+    groups = fused_groups(params, grads, fused, kind) if kind is not None else None
     if groups is not None:                                      # torch's own AdamW / SGD kernel
         step_fused(kind, rule, params, grads, states, groups, lr=lr, weight_decay=weight_decay)
         return

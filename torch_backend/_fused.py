@@ -7,8 +7,8 @@ every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is wha
 ``deepopt.adamw`` (and the AdamW fallback of every matrix rule) as fast as
 ``torch.optim.AdamW(fused=True)``. AdamW with the NAdam read (``adamw(nesterov=True)``, optax's
 ``nadamw``), which torch has no kernel for, runs the AdamW kernel with its β₁ and lr chosen per
-step and one ``lerp`` after it (:func:`_nadamw`). The state is deepopt's own (``memory``, ``second_moment``,
-``step``), so checkpoints do not depend on which path ran. Eager steps only: under
+step and one ``lerp`` after it (:func:`_nadamw`). The state is deepopt's own (``memory``,
+``second_moment``, ``step``), so checkpoints do not depend on which path ran. Eager steps only: under
 ``torch.compile`` every rule takes its foreach twin, which inductor fuses (it cannot trace
 these kernels).
 
@@ -59,13 +59,14 @@ def classic_kind(rule: UpdateRule) -> Kind | None:
 
 
 def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
-                 fused: bool | None) -> list[list[int]] | None:
+                 fused: bool | None, kind: Kind | None = None) -> list[list[int]] | None:
     """Indices of ``params`` by (device, dtype) if the fused kernels can take them all — plain
     dense tensors on CPU/CUDA, each gradient of its parameter's dtype and device, float32/float64
-    (any float with ``fused=True``) — else None."""
+    (any float with ``fused=True``, except for ``"nadamw"``: in half precision its memory,
+    written by the kernel and restored by a ``lerp``, would be rounded twice a step) — else None."""
     if fused is False or not params:
         return None
-    dtypes = _EXACT + (_HALF if fused else ())
+    dtypes = _EXACT + (_HALF if fused and kind != "nadamw" else ())
     groups: dict[tuple, list[int]] = defaultdict(list)
     if not {*map(type, params), *map(type, grads)} <= _PLAIN:   # no tensor subclass (DTensor, …)
         return None
