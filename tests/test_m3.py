@@ -144,20 +144,3 @@ def test_m3_read_is_laid_out_as_the_parameters(slow_weight):
     singles = [_multiscale.KERNEL.single(spec.rule, st, g, g, 3).outs for st, g in zip(copies, grads)]
     for o, s in zip(outs, singles):
         torch.testing.assert_close(o, s, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("ns_dtype", ["bfloat16", "float32"])
-def test_newton_schulz_read_of_a_tall_matrix_is_laid_out_as_its_input(ns_dtype):
-    """A tall matrix is iterated on as its transpose. When the read is cast back to the input's
-    dtype (bf16 Newton–Schulz), the cast writes it in the input's layout, so that the ops that
-    take the reads next (the outer step, M3's O¹ + wO²) see one layout across their lists, as
-    CUDA's foreach fast path needs. Without a cast it stays the transposed view (no copy)."""
-    from torch_backend._newton_schulz import newton_schulz
-
-    ns = deepopt.muon(0.02, ns_dtype=ns_dtype).rule.readout
-    x = torch.randn(3, 12, 5, generator=torch.Generator().manual_seed(0))
-    y = newton_schulz(x, ns)
-    assert y.shape == x.shape and y.dtype == x.dtype
-    assert y.is_contiguous() == (ns_dtype == "bfloat16")
-    wide = newton_schulz(x.mT.contiguous(), ns)              # the same matrices, iterated on as they are
-    torch.testing.assert_close(y, wide.mT, rtol=1e-5, atol=1e-6)

@@ -38,10 +38,4 @@ def newton_schulz(x: torch.Tensor, ns: NewtonSchulz) -> torch.Tensor:
             x = torch.baddbmm(x, poly, x, beta=a)            # X ← aX + BX    : (B, m, n)
     if transposed:
         x = x.mT
-    if x.dtype == out_dtype:
-        return x
-    # The cast writes a new tensor anyway: write it laid out as the input's matrix views, not
-    # as the transposed view a tall matrix was iterated on. Element-wise ops that take it next
-    # (the outer step, M3's O¹ + wO²) then see one layout across their lists, which CUDA's
-    # foreach kernels need for their fast path (else a kernel per tensor, reading it strided).
-    return x.to(out_dtype, memory_format=torch.contiguous_format)
+    return x.to(out_dtype)
