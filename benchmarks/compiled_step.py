@@ -1,6 +1,6 @@
 """Element-wise rules under ``torch.compile(opt.step)``, next to torch's fused kernels.
 
-    python -m benchmarks.compiled_step [--size quick|full] [--device cpu|cuda] [--eager-only] [--threads 1] [--repeats 60] --out DIR
+    python -m benchmarks.compiled_step [--size quick|full] [--device cpu|cuda] [--eager-only | --no-torch-compiled] [--threads 1] [--repeats 60] --out DIR
 
 Eagerly, ``deepopt.adamw`` and ``deepopt.sgd`` as torch defines them run torch's fused
 kernels; their variants that torch has no kernel for — Nesterov AdamW, SGD with decoupled
@@ -16,7 +16,8 @@ guards, inductor's size checks: ~0.2–0.3 ms) shows; ``--size full`` GPT-2 smal
 124M parameters. ``--device cuda`` runs the same on a GPU (each call synchronises; the tensor lr
 stays a CPU scalar, as a scheduler writes it). Compilation happens before timing (on an H100,
 one rule's two compiles at full size took over 150 s); ``--eager-only`` times the eager steps
-next to the fused kernels alone. Writes ``DIR/compiled_step.json``.
+next to the fused kernels alone, and ``--no-torch-compiled`` leaves out torch.optim's compiled
+foreach step (one compile per rule instead of two). Writes ``DIR/compiled_step.json``.
 """
 
 from __future__ import annotations
@@ -49,12 +50,16 @@ def main(argv=None) -> int:
                     help="step_cost's GPT-2 shapes: quick (1.35M parameters) or full (124M)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--eager-only", action="store_true", help="no torch.compile: eager steps and the fused kernels")
+    ap.add_argument("--no-torch-compiled", action="store_true",
+                    help="leave out torch.optim's compiled foreach step (compile deepopt's step only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--only", default="", help="comma-separated names of VARIANTS (default: all)")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # the smoke test's size
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
+    if args.eager_only and args.no_torch_compiled:
+        ap.error("--eager-only compiles nothing; --no-torch-compiled applies to compiled runs")
     only = [v for v in args.only.split(",") if v] or list(VARIANTS)
     unknown = set(only) - set(VARIANTS)
     if unknown:
@@ -113,13 +118,14 @@ def main(argv=None) -> int:
             traced = torch_backend.compile(spec, params())
             for group in traced.param_groups:         # torch.optim's advice: a tensor lr under compile
                 group["lr"] = torch.tensor(group["lr"])
-            fns.update(compiled=compiled(traced.step),
-                       torch_compiled=compiled(torch_optim(family, foreach=True).step))
+            fns["compiled"] = compiled(traced.step)
+            if not args.no_torch_compiled:
+                fns["torch_compiled"] = compiled(torch_optim(family, foreach=True).step)
             del traced
         fns = {key: synced(fn) for key, fn in fns.items()}
         times = _common.interleaved(fns, warmup=3, repeats=args.repeats)
         row = {"variant": f"deepopt.{name}", "anchor": f"{anchor_names[family]}(fused)"}
-        if not args.eager_only:
+        if "torch_compiled" in fns:
             row["torch_compiled"] = f"torch.compile({anchor_names[family]}(foreach).step)"
         for key in fns:
             row[f"{key}_ms"] = _common.summary(times[key], 1e3)
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
               "config": {"shapes": size, "tensors": len(shapes),
                          "parameters": sum(math.prod(shape) for _, shape in shapes),
                          "repeats": args.repeats, "threads": args.threads, "pinned_core": pinned, "torch_compile": None if args.eager_only else "inductor, tensor lr",
+                         "torch_compiled_anchor": not (args.eager_only or args.no_torch_compiled),
                          "device": args.device},
               "environment": _common.environment(args.device), "rows": rows}
     out = _common.write_json(args.out / "compiled_step.json", result)

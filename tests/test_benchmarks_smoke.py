@@ -356,3 +356,21 @@ def test_gpu_check_names_a_run_that_fell_back_to_eager(tmp_path):
     result = dict(preset="gpu-small", parts=dict(hope=dict(status="ok", steps=10, preset_steps=2000, concurrent=1,
                                                            runs={"hope-dmgd": run})))
     assert f"ran eager: {note}" in gpu_check.table(result)
+
+
+def test_smoke_compiled_step_without_torchs_compiled_step(tmp_path):
+    """`--no-torch-compiled`: deepopt's step compiled, torch.optim's compiled foreach step left
+    out (one compile per rule); with `--eager-only` the flag is refused."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--tiny", "--no-torch-compiled",
+                          "--repeats", "2", "--only", "adamw(nesterov=True)", "--out", str(tmp_path)],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    data = json.loads((tmp_path / "compiled_step.json").read_text())
+    _assert_finite_numbers(data)
+    (row,) = data["rows"]
+    assert row["compiled_vs_anchor"]["median"] > 0 and row["eager_vs_anchor"]["median"] > 0
+    assert not any(key.startswith("torch_compiled") for key in row)
+    assert data["config"]["torch_compiled_anchor"] is False
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--eager-only", "--no-torch-compiled",
+                          "--out", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--no-torch-compiled" in bad.stderr
