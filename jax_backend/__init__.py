@@ -11,6 +11,7 @@ from jax_backend._compile import MEMORIES as MEMORIES
 from jax_backend._compile import compile as compile
 from jax_backend._compile import then_readout as then_readout
 from jax_backend._deep_memory import DeepMemoryState as DeepMemoryState
+from jax_backend._deep_memory import LeafStacks as LeafStacks
 from jax_backend._deep_memory import scale_by_deep_memory as scale_by_deep_memory
 from jax_backend._multiscale import MultiScaleState as MultiScaleState
 from jax_backend._multiscale import scale_by_multiscale_memory as scale_by_multiscale_memory
@@ -33,7 +34,7 @@ from jax_backend._transforms import scale_by_shape as scale_by_shape
 
 __all__ = [
     "MEMORIES", "READOUTS", "VALUES", "apply_values", "init_state", "then_readout",
-    "DeepMemoryState", "LinearMemoryState", "MatrixView", "MultiScaleState", "SecondMomentState",
+    "DeepMemoryState", "LeafStacks", "LinearMemoryState", "MatrixView", "MultiScaleState", "SecondMomentState",
     "compile", "memory_stats", "newton_schulz", "param_labels", "path_name", "run_trajectory",
     "scale_by_deep_memory", "scale_by_linear_memory", "scale_by_multiscale_memory",
     "scale_by_readout", "scale_by_second_moment", "scale_by_shape",

@@ -64,7 +64,11 @@ def then_readout(scale_by_memory: Callable[..., optax.GradientTransformation]) -
 #: transform: the slow level's σ(M²) is state, refreshed every ``period`` steps.
 MEMORIES: dict[type[Memory], Callable[..., optax.GradientTransformation]] = {
     LinearMemory: then_readout(scale_by_linear_memory),
-    DeepMemory: then_readout(scale_by_deep_memory),
+    # The state as stacks per bucket, unless a matrix read-out (Newton–Schulz) follows: there the
+    # stacks measured slower (jax_backend/_deep_memory.py's docstring).
+    DeepMemory: lambda memory, values, readout, view: optax.chain(
+        scale_by_deep_memory(memory, values, view=view, stacks=not readout.needs_matrix),
+        scale_by_readout(readout, view=view)),
     MultiScaleMemory: lambda memory, values, readout, view: scale_by_multiscale_memory(
         memory, values, readout, view=view),
 }

@@ -51,6 +51,7 @@ def memory_stats(spec: Spec, opt_state: Any, grads: Any, *,
     out: dict[str, dict[str, float]] = {}
     as_matrix = lambda x: np.asarray(view.to_matrix(x), dtype=np.float64)   # (..., m, n)
     for st in states:
+        st = st.per_leaf()                                     # stacks per bucket → per leaf
         fields = {f: _by_name(getattr(st, f)) for f in ("memory", "mlp_w1", "mlp_w2", "value_scale", "values_sq")}
         for name, s in fields["memory"].items():
             g = grads_by_name.get(name)
