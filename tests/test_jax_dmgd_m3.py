@@ -414,3 +414,19 @@ def test_state_stays_per_leaf_on_a_mesh():
     assert not isinstance(st.memory, jax_backend.LeafStacks) and set(st.memory) == {"a", "b"}
     u, _ = jax.jit(tx.update)(params, tx.init(params), params)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+
+
+def test_stacked_state_checkpoints_round_trip():
+    """A stacked state pickles, and its leaves restore into a fresh ``init``'s structure (how
+    checkpoint libraries restore a pytree); either copy then steps as the original does."""
+    import pickle
+
+    params = {"a": {"w": jnp.ones((6, 4)), "b": jnp.zeros(4)}, "c": jnp.full((6, 4), 0.5)}
+    tx = jax_backend.compile(deepopt.dmgd(0.05, hidden=3, readout=None))
+    update = jax.jit(tx.update)
+    _, state = update(params, tx.init(params), params)
+    restored = jax.tree.unflatten(jax.tree.structure(tx.init(params)), [np.asarray(x) for x in jax.tree.leaves(state)])
+    for copy in (pickle.loads(pickle.dumps(state)), restored):
+        assert jax.tree.structure(copy) == jax.tree.structure(state)
+        for a, b in zip(jax.tree.leaves(update(params, state, params)), jax.tree.leaves(update(params, copy, params))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
