@@ -430,3 +430,16 @@ def test_stacked_state_checkpoints_round_trip():
         assert jax.tree.structure(copy) == jax.tree.structure(state)
         for a, b in zip(jax.tree.leaves(update(params, state, params)), jax.tree.leaves(update(params, copy, params))):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_stacked_state_refuses_updates_of_another_tree():
+    """A stacked state was made for one pytree of parameters: updates of another raise, naming
+    both trees, before any array is touched."""
+    params = {"a": jnp.ones((6, 4)), "c": jnp.ones((6, 4))}
+    tx = jax_backend.scale_by_deep_memory(deepopt.DeepMemory(hidden=3), view=jax_backend.MatrixView())
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="not the one this state was made for"):
+        tx.update({"a": jnp.ones((6, 4))}, state, params)
+    with pytest.raises(ValueError):                          # through compile: routing's tree check
+        jax_backend.compile(deepopt.dmgd(0.05, hidden=3, readout=None)).update(
+            {"a": jnp.ones((6, 4))}, jax_backend.compile(deepopt.dmgd(0.05, hidden=3, readout=None)).init(params), params)

@@ -159,9 +159,10 @@ def test_mlp_changes_the_update_measurably_at_defaults():
     assert stats["mlp_share"] > 0.05 and 0.0 <= stats["inner_loss"] and stats["value_scale"] > 0
 
 
+@pytest.mark.parametrize("readout", ["newton_schulz", None])   # JAX: a per-leaf state, a stacked one
 @pytest.mark.parametrize("values", ["identity", "adam"])
-def test_memory_stats_agree_on_torch_jax_and_reference(values):
-    spec = deepopt.dmgd(0.02, hidden=8, values=values)
+def test_memory_stats_agree_on_torch_jax_and_reference(values, readout):
+    spec = deepopt.dmgd(0.02, hidden=8, values=values, readout=readout)
     params, stream = _ls_stream(steps=12)
     params["bias"] = np.zeros(6)                             # routed to the fallback: no stats
     stream = [{**g, "bias": np.ones(6)} for g in stream]
