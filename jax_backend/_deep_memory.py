@@ -238,11 +238,17 @@ def _buckets(leaves: list) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(idx) for idx in groups.values())
 
 
+def _kernel_layout(view: MatrixView):
+    """A leaf shaped like its parameter as the kernel takes it: as it is under ``layout="optax"``
+    (``(..., in, out)``, the view's transpose, ``transposed=True``), else its ``m × n`` view."""
+    return (lambda x: x) if view.layout == "optax" else view.to_matrix
+
+
 def _stacked_state(state: DeepMemoryState, params: Any, view: MatrixView) -> DeepMemoryState:
     """``state`` (per leaf, from :func:`init_state`) with its per-matrix fields as :class:`LeafStacks`."""
     leaves, treedef = jax.tree.flatten(params)
     buckets = _buckets(leaves)
-    row = (lambda x: x) if view.layout == "optax" else view.to_matrix   # the kernel's layout
+    row = _kernel_layout(view)
 
     def stacks(tree, like_param: bool):
         if tree is None:
@@ -297,6 +303,7 @@ def scale_by_deep_memory(
         raise ValueError("a deep memory needs a matrix view")
     previous = memory.keys == "previous"
     transposed = view.layout == "optax"        # (..., in, out) is the view's transpose: used as is
+    row = _kernel_layout(view)
 
     slots = (IdentityValues() if values is None else values).state_slots() + memory.state_slots()
 
@@ -318,7 +325,6 @@ def scale_by_deep_memory(
         if treedef != st.treedef:
             raise ValueError(f"the updates' tree {treedef} is not the one this state was made for, {st.treedef}")
         vleaves = treedef.flatten_up_to(vals)
-        row = (lambda x: x) if transposed else view.to_matrix
         field = lambda f, b: None if getattr(state, f) is None else getattr(state, f).stacks[b]
         outs: list = [None] * len(leaves)
         new = {f: [] for f in _STACKED}
@@ -350,13 +356,10 @@ def scale_by_deep_memory(
             return d, DeepMemoryState(count=count, values_sq=values_sq, **fields)
 
         def leaf(g, v, s, w1, w2, nu, prev, after=None):
-            if transposed:
-                to = back = lambda x: x
-            else:
-                to, back = view.to_matrix, lambda x: view.from_matrix(x, g.shape)
-            gm = to(g)                        # V = G (identity values): one array, so the
+            back = (lambda x: x) if transposed else (lambda x: view.from_matrix(x, g.shape))
+            gm = row(g)                       # V = G (identity values): one array, so the
             s, w1, w2, nu, d, g_hat = deep_memory_kernel(   # kernel reads ‖V‖ off Ĝ's row norms
-                memory, to(s), w1, w2, nu, gm, gm if v is g else to(v), to(prev) if previous else None,
+                memory, row(s), w1, w2, nu, gm, gm if v is g else row(v), row(prev) if previous else None,
                 transposed=transposed, after=after)
             return back(s), w1, w2, back(d), back(g_hat) if previous else None, nu
 

@@ -440,6 +440,6 @@ def test_stacked_state_refuses_updates_of_another_tree():
     state = tx.init(params)
     with pytest.raises(ValueError, match="not the one this state was made for"):
         tx.update({"a": jnp.ones((6, 4))}, state, params)
+    compiled = jax_backend.compile(deepopt.dmgd(0.05, hidden=3, readout=None))
     with pytest.raises(ValueError):                          # through compile: routing's tree check
-        jax_backend.compile(deepopt.dmgd(0.05, hidden=3, readout=None)).update(
-            {"a": jnp.ones((6, 4))}, jax_backend.compile(deepopt.dmgd(0.05, hidden=3, readout=None)).init(params), params)
+        compiled.update({"a": jnp.ones((6, 4))}, compiled.init(params), params)
