@@ -557,3 +557,34 @@ def _hsdp_worker(rank: int, world: int) -> dict:
 def test_hsdp_on_a_2d_mesh_matches_one_process():
     errors = spawn(_hsdp_worker, world=4)[0]
     assert errors and all(e < TOL for e in errors.values()), errors
+
+
+def test_a_step_count_rebound_in_a_shards_state_copy_reaches_the_optimizer(monkeypatch):
+    """Local shards step through per-step copies of the state dicts (``local_states``). On CUDA
+    the fused AdamW path moves each step count to its parameter's device, rebinding it in the
+    copy: the count then stayed in the copy, and the optimizer's stayed 0 (t = 1 at every
+    step). Here the move is a clone (this CPU has no second device), on a one-process world."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torch_backend import _functional
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        real = _functional.step_fused
+
+        def moved(kind, rule, params, grads, states, *args, **kwargs):
+            for st in states:
+                st["step"] = st["step"].clone()           # as .to(p.device) rebinds it on CUDA
+            return real(kind, rule, params, grads, states, *args, **kwargs)
+
+        monkeypatch.setattr(_functional, "step_fused", moved)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch_backend.compile(deepopt.adamw(1e-2), model, ddp_mesh=init_device_mesh("cpu", (1,)))
+        for _ in range(3):
+            model(torch.randn(4, 3)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert [float(st["step"]) for st in opt.state.values()] == [3.0, 3.0]
+    finally:
+        dist.destroy_process_group()

@@ -151,8 +151,27 @@ def local(x):
 
 
 def local_states(states: Sequence[dict]) -> list[dict]:
-    """Per-parameter state dicts whose tensors are local shards (same storage)."""
+    """Per-parameter state dicts whose tensors are local shards (same storage): per-step copies
+    of the optimizer's dicts, whose in-place writes reach its state; an entry a step rebinds
+    in them goes back with :func:`carry_back`."""
     return [{k: local(v) for k, v in st.items()} for st in states]
+
+
+def carry_back(states: Sequence[dict], copies: Sequence[dict]) -> None:
+    """Put into the optimizer's ``states`` each entry that a step rebound (or added) in their
+    per-step ``copies`` of :func:`local_states`, e.g. a step count moved to its parameter's
+    device for torch's fused AdamW kernel: without this the move, and every count after it,
+    stayed in the copy, so on CUDA a sharded AdamW took t = 1 at every step. A rebound local
+    shard of a DTensor entry goes back as a DTensor laid out as the one it replaces. Call it
+    under ``torch.no_grad`` (a DTensor's ``to_local()`` is then its shard itself)."""
+    for st, copy in zip(states, copies):
+        for key, value in copy.items():
+            held = st.get(key)
+            if value is local(held):
+                continue
+            if isinstance(held, DTensor):
+                value = DTensor.from_local(value, held.device_mesh, held.placements, run_check=False)
+            st[key] = value
 
 
 def replicate_like(state: dict, p: torch.Tensor, keys: Sequence[str]) -> None:

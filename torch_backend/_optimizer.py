@@ -534,9 +534,11 @@ class DeepOptimizer(Optimizer):
                 if shards is None:
                     functional(rule, params, grads, states, lr=lr, weight_decay=wd)
                 else:                                   # local shards (docs/distributed.md)
+                    local_states = _distributed.local_states(states)
                     functional(rule, [_distributed.local(p) for p in params],
-                               [_distributed.local(g) for g in grads], _distributed.local_states(states),
+                               [_distributed.local(g) for g in grads], local_states,
                                lr=lr, weight_decay=wd, layouts=shards)
+                    _distributed.carry_back(states, local_states)
         return loss
 
     @staticmethod
