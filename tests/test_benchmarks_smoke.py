@@ -260,16 +260,21 @@ def test_smoke_compiled_step(results):
 
 
 def test_smoke_compiled_step_eager_only(tmp_path):
-    """`--eager-only`: the eager step next to the fused kernel, nothing compiled."""
+    """`--eager-only`: the eager step next to the fused kernel, nothing compiled. `--only` takes
+    a name with a comma of its own."""
     run = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--tiny", "--eager-only", "--repeats", "2",
-                          "--only", "adamw(nesterov=True)", "--out", str(tmp_path)],
+                          "--only", "adamw(nesterov=True), sgd(dampening=0.1, undamped_first_step=True)",
+                          "--out", str(tmp_path)],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     data = json.loads((tmp_path / "compiled_step.json").read_text())
     _assert_finite_numbers(data)
-    (row,) = data["rows"]
-    assert row["eager_vs_anchor"]["median"] > 0 and row["anchor"] == "torch.optim.AdamW(fused)"
-    assert not any(key.startswith(("compiled", "torch_compiled")) for key in row)
+    assert [row["variant"] for row in data["rows"]] == [
+        "deepopt.adamw(nesterov=True)", "deepopt.sgd(dampening=0.1, undamped_first_step=True)"]
+    assert [row["anchor"] for row in data["rows"]] == ["torch.optim.AdamW(fused)", "torch.optim.SGD(fused)"]
+    for row in data["rows"]:
+        assert row["eager_vs_anchor"]["median"] > 0
+        assert not any(key.startswith(("compiled", "torch_compiled")) for key in row)
     assert data["config"]["torch_compile"] is None
 
 
