@@ -165,3 +165,51 @@ def test_nesterov_adamw_with_a_zero_lr_changes_no_parameter():
     for sa, sb in zip(fused_states, plain_states):
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spec", [deepopt.adamw(1e-2), deepopt.adamw(1e-2, nesterov=True),
+                                  deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True),
+                                  deepopt.dmgd(1e-2, values="adam", readout=None)],
+                         ids=["adamw", "adamw_nesterov", "sgd_torch_first_step", "dmgd_adam_values"])
+def test_step_counts_are_one_stack_that_advances_as_separate_counts_would(spec):
+    """Eagerly a group's counts are the elements of one 1-D stack (``_foreach.advance``: one
+    ``add_``, not one op per count). Each count still advances only with its parameter's
+    gradient; after a load, a deepcopy or a parameter left out the counts are stacked anew and
+    go on from where they were; the step equals the foreach twin's with separate counts."""
+    import copy
+
+    from torch_backend._foreach import stack_of
+
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    runs = {}
+    for fused in (None, False):
+        ps = [torch.nn.Parameter(x.clone()) for x in init]
+        runs[fused] = (ps, torch_backend.compile(spec, ps, fused=fused))
+    counts = {None: [], False: []}
+    g = torch.Generator().manual_seed(7)
+    for t in range(7):
+        grads = [None if (t in (0, 3) and j == 2) else torch.randn(x.shape, generator=g) for j, x in enumerate(init)]
+        for fused, (ps, opt) in runs.items():
+            for p, gr in zip(ps, grads):
+                p.grad = None if gr is None else gr.clone()
+            if t == 4:                                     # a load, then a deepcopy: fresh count tensors
+                ps2 = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+                opt2 = torch_backend.compile(spec, ps2, fused=fused)
+                opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+                ps, opt = runs[fused] = copy.deepcopy((ps2, opt2))   # with its own parameters
+                for p, gr in zip(ps, grads):
+                    p.grad = None if gr is None else gr.clone()
+            opt.step()
+            counts[fused].append([float(opt.state[p]["step"]) for p in ps if "step" in opt.state[p]])
+            if fused is None:                              # eager: a group's counts are one stack
+                for group in opt.param_groups:
+                    steps = [opt.state[p]["step"] for p in group["params"] if p.grad is not None]
+                    assert not steps or (stack_of(steps, ()) is not None and stack_of(steps, ()).dim() == 1)
+    expected = [[1, 1], [2, 2, 1], [3, 3, 2], [4, 4, 2], [5, 5, 3], [6, 6, 4], [7, 7, 5]]
+    assert counts[None] == expected and counts[False] == expected
+    (a, oa), (b, ob) = runs[None], runs[False]
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        for key in oa.state[x]:
+            torch.testing.assert_close(oa.state[x][key], ob.state[y][key], rtol=0, atol=1e-6)

@@ -35,7 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from deepopt import DeepMemory, UpdateRule, matrix_view_shape
 from deepopt._memory import silu_grad
 from torch_backend import _distributed, _readout
-from torch_backend._foreach import Tensors, buckets
+from torch_backend._foreach import Tensors, buckets, stack_of
 from torch_backend._kernels import MemoryKernel, Read
 
 
@@ -189,21 +189,6 @@ def _entries(mem: DeepMemory, m: int, n: int) -> tuple[tuple[str, tuple[int, ...
     return tuple((slot.key, (m, n) if slot.like_param else slot.shape((), m, n)) for slot in mem.state_slots())
 
 
-def _stack_of(xs: Tensors, row: tuple[int, ...]) -> torch.Tensor | None:
-    """The stack ``(B, *row)`` whose rows, in order, the tensors ``xs`` are; None if they are not."""
-    x = xs[0]
-    if len(xs) == 1:                                         # a bucket of one: the entry itself
-        return x.view(1, *row) if x.is_contiguous() else None
-    base = x._base
-    if base is None or base.dtype != x.dtype or base.shape != (len(xs), *row) or not base.is_contiguous():
-        return None
-    step, offset = base.stride(0), base.storage_offset()
-    for j, x in enumerate(xs):
-        if x._base is not base or x.storage_offset() != offset + j * step or not x.is_contiguous():
-            return None
-    return base
-
-
 def state_rows(mem: DeepMemory, sts: list[dict], shape: tuple[int, int], rebind: bool = True):
     """The bucket's state as stacks ``(S, W₁, W₂, ν (B,1,1), previous key)`` that the kernel
     writes in place, and the entries to copy back afterwards (:func:`copy_back`).
@@ -217,7 +202,7 @@ def state_rows(mem: DeepMemory, sts: list[dict], shape: tuple[int, int], rebind:
     copied = []
     for key, row in _entries(mem, m, n):
         xs = [st[key] for st in sts]
-        stack = _stack_of(xs, row)
+        stack = stack_of(xs, row)
         if stack is None:
             stack = torch.stack([x.reshape(row) for x in xs])
             if rebind:

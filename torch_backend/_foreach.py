@@ -40,6 +40,52 @@ def counts(steps: Tensors, params: Tensors) -> list:
     return [int(s.item()) for s in steps]
 
 
+def advance(states: list[dict], params: Tensors, *, read: bool = True) -> tuple[Tensors, list | None]:
+    """Add one to each state's step count; return the counts and, with ``read``, each ``t``
+    after the increment (:func:`counts`).
+
+    Eagerly, a step's counts live as the elements of one 1-D stack: each state's ``"step"`` is a
+    0-d view of it, so one ``add_`` advances them all and one ``tolist`` reads them.
+    ``torch._foreach_add_`` over 0-d CPU tensors runs one op per tensor: 134 µs for 52 counts
+    on this project's CPU, against 3 µs for the stack's ``add_`` (``_fused_adamw_`` reads each
+    count itself either way). The stack is made on a step whose counts are not one yet
+    (the first step, or after ``load_state_dict``, a deepcopy, a parameter without a gradient),
+    and the states' entries then become its elements (a reference to an entry kept from before
+    that step no longer advances). Under ``torch.compile``, and where the counts differ in
+    device or dtype, the counts stay as they are and ``torch._foreach_add_`` advances them.
+    """
+    steps = [st["step"] for st in states]
+    base = None
+    if not torch.compiler.is_compiling():
+        base = stack_of(steps, ())
+        if base is None and len({(x.device, x.dtype, x.dim()) for x in steps}) == 1 and steps[0].dim() == 0:
+            base = torch.stack(steps)
+            steps = list(base.unbind(0))
+            for st, x in zip(states, steps):
+                st["step"] = x
+    if base is None:
+        torch._foreach_add_(steps, 1)
+        return steps, counts(steps, params) if read else None
+    base.add_(1)
+    return steps, [int(t) for t in base.tolist()] if read else None
+
+
+def stack_of(xs: Tensors, row: tuple[int, ...]) -> torch.Tensor | None:
+    """The stack ``(B, *row)`` whose rows, in order, the tensors ``xs`` are; None if they are not.
+    A list of one is its own stack (a view with a batch dimension of one)."""
+    x = xs[0]
+    if len(xs) == 1:
+        return x.view(1, *row) if x.is_contiguous() else None
+    base = x._base
+    if base is None or base.dtype != x.dtype or base.shape != (len(xs), *row) or not base.is_contiguous():
+        return None
+    step, offset = base.stride(0), base.storage_offset()
+    for j, x in enumerate(xs):
+        if x._base is not base or x.storage_offset() != offset + j * step or not x.is_contiguous():
+            return None
+    return base
+
+
 def sqrt(x):
     return math.sqrt(x) if isinstance(x, float) else x.sqrt()
 

@@ -34,7 +34,7 @@ from deepopt import (
 )
 from deepopt._validate import kernel_for
 from torch_backend import _deep_memory, _linear_memory, _multiscale
-from torch_backend._foreach import Tensors, counts, decay, made, scalar_op, sqrt
+from torch_backend._foreach import Tensors, advance, counts, decay, made, scalar_op, sqrt
 from torch_backend._fused import classic_kind, fused_groups, step_fused
 from torch_backend._kernels import MemoryKernel
 
@@ -177,9 +177,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     values, memory = _kernels(rule)
     ts = None
     if rule.counts_steps:
-        steps = [st["step"] for st in states]
-        torch._foreach_add_(steps, 1)
-        ts = counts(steps, params)
+        ts = advance(states, params)[1]
 
     gs = grads
     if rule.maximize:

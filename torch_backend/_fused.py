@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from deepopt import Identity, IdentityValues, LinearMemory, UpdateRule
-from torch_backend._foreach import counts, decay
+from torch_backend._foreach import advance, decay
 
 Kind = Literal["adamw", "nadamw", "sgd"]
 _DEVICES = ("cpu", "cuda")
@@ -90,8 +90,9 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
         for p, st in zip(params, states):           # the kernel wants t on the parameter's device
             if st["step"].device != p.device:
                 st["step"] = st["step"].to(p.device)
+        steps, ts = advance(states, params, read=kind == "nadamw")   # one add_ (see advance)
         lists = (params, grads, [st["memory"] for st in states], [st["second_moment"] for st in states],
-                 [st["step"] for st in states])
+                 steps) + ((ts,) if kind == "nadamw" else ())
     else:
         lists = (params, grads) if mem.stateless else (params, grads, [st["memory"] for st in states])
         if rule.decoupled_weight_decay:                   # W ← W(1 − γλ) first, as the foreach
@@ -99,16 +100,13 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
                 decay(params, lr * weight_decay)
             weight_decay = 0.0
         if mem.undamped_first_write:                      # torch's first write, t = 1: buf = g
-            steps = [st["step"] for st in states]
-            torch._foreach_add_(steps, 1)
-            first = [t == 1 for t in counts(steps, params)]
+            first = [t == 1 for t in advance(states, params)[1]]
             groups = [[i for i in idx if first[i] == f] for idx in groups for f in (True, False)]
             groups = [idx for idx in groups if idx]
     for idx in groups:
         ps, gs, *rest = lists if len(groups) == 1 else [[xs[i] for i in idx] for xs in lists]
         if kind == "adamw":
             m1, m2, steps = rest
-            torch._foreach_add_(steps, 1)
             torch._fused_adamw_(ps, gs, m1, m2, [], steps, amsgrad=False, lr=lr, beta1=mem.momentum,
                                 beta2=rule.denominator.beta2, weight_decay=weight_decay,
                                 eps=rule.denominator.eps, maximize=rule.maximize,
@@ -124,7 +122,7 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
                               grad_scale=None, found_inf=None)
 
 
-def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, *, lr: float, weight_decay: float) -> None:
+def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, ts, *, lr: float, weight_decay: float) -> None:
     """AdamW with the NAdam read (docs/math.md §2), ``W ← W(1 − γλ) − γ D̃/(√v̂ + ε)``, through
     torch's AdamW kernel and one ``lerp`` pass, per step count t.
 
@@ -137,10 +135,9 @@ def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, *, lr: float, weight_decay:
     ``S_t = (β₁/β₁') S' + (1 − β₁/β₁') G``, one ``lerp``. 10 words per element where the
     foreach twin moves 23 and makes three temporaries; the memory carries one more rounding."""
     b1, b2, eps = rule.memory.momentum, rule.denominator.beta2, rule.denominator.eps
-    torch._foreach_add_(steps, 1)
     by_t: dict[int, list[int]] = defaultdict(list)
-    for i, t in enumerate(torch.stack(steps).tolist()):           # one host read, CUDA too
-        by_t[int(t)].append(i)
+    for i, t in enumerate(ts):                                    # t after this step's increment
+        by_t[t].append(i)
     for t, idx in by_t.items():
         sel = (lambda xs: xs) if len(by_t) == 1 else (lambda xs, idx=idx: [xs[i] for i in idx])
         c1, c2 = b1 / (1 - b1 ** (t + 1)), (1 - b1) / (1 - b1**t)
