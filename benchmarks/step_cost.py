@@ -14,7 +14,9 @@ B measured back to back), optimizer-state bytes per parameter (counted from the 
 and the hardware floor — element-wise phases at the measured copy bandwidth, matrix phases at
 the measured matmul rate (Newton–Schulz ``4m²n + 2m³`` per iteration for m ≤ n; DMGD
 ``14·m·n·h`` with its default L2 objective, ``12·m·n·h`` with the dot objective, docs/math.md §5;
-delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. The
+delta momentum's ``S KᵀK`` ``4m²n``) — with ``time / floor``. The rates are measured next to
+each group, right before and right after its rounds (:func:`run_group`); ``rates`` in the JSON
+are the start-of-run ones, for reference. The
 dmgd groups (torch and JAX) also time the deep memory alone (``readout=None``; floor: DMGD's matmuls without
 Newton–Schulz). JAX rows also record how many times the jitted step was traced (1 = no
 recompilation).
@@ -165,9 +167,58 @@ def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: 
     return {"bytes": nbytes, "flops": flops}
 
 
-def floor_seconds(terms: dict[str, float], bandwidth: float, matmul_rate: float) -> float:
-    """Element-wise and matrix phases run one after the other: their floors add."""
-    return terms["bytes"] / bandwidth + (terms["flops"] / matmul_rate if terms["flops"] else 0.0)
+@dataclass(frozen=True)
+class Probe:
+    """What a floor's rate is measured on, timed in every round next to the contenders: an
+    in-place pass over a buffer (``term="bytes"``: the copy bandwidth) or a square matmul
+    (``term="flops"``, in ``dtype``). ``amount``: the bytes or FLOPs of one call."""
+
+    term: str
+    dtype: str
+    amount: float
+    step: Callable[[], Any]
+
+
+def best_rate(probe: Probe, reps: int = 7) -> float:
+    """The probe's best rate (amount per second) over ``reps`` calls, after one to warm up."""
+    probe.step()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        probe.step()
+        ts.append(time.perf_counter() - t0)
+    return probe.amount / min(ts)
+
+
+def rates_of(probes: dict[str, Probe]) -> dict[str, float]:
+    """The start-of-run rates (best of seven calls per probe), as the JSON's ``rates``."""
+    out = {}
+    for p in probes.values():
+        out["copy_bytes_per_s" if p.term == "bytes" else f"matmul_{p.dtype}_flops_per_s"] = best_rate(p)
+    return out
+
+
+def probe_times(probes: dict[str, Probe], calls: int = 4) -> dict[str, list[float]]:
+    """Seconds per call of each probe, ``calls`` calls after one to warm up."""
+    out = {}
+    for name, p in probes.items():
+        p.step()
+        out[name] = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            p.step()
+            out[name].append(time.perf_counter() - t0)
+    return out
+
+
+def floor_at(terms: dict[str, float], dtype: str, probes: dict[str, Probe], rates: dict[str, float]) -> float:
+    """The floor in seconds, bytes at the copy probe's rate and FLOPs at the matmul probe's of
+    ``dtype`` (else float32's); element-wise and matrix phases run one after the other, so
+    their floors add."""
+    copy = next(n for n, p in probes.items() if p.term == "bytes")
+    mm = next((n for n, p in probes.items() if p.term == "flops" and p.dtype == dtype),
+              next((n for n, p in probes.items() if p.term == "flops" and p.dtype == "float32"), None))
+    return terms["bytes"] / rates[copy] + (terms["flops"] / rates[mm] if terms["flops"] else 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,37 +436,31 @@ def torch_groups(shapes, device: str, only: set[str]):
     yield from build_groups("torch", torch_table(deepopt, torch, torch_backend), make, only)
 
 
-def torch_rates(device: str, size: str) -> dict[str, float]:
-    """Best-of copy bandwidth (bytes/s) and matmul rates (FLOP/s) measured by torch here."""
+def torch_probes(device: str, size: str) -> dict[str, Probe]:
+    """The floor's probes in torch here: an in-place pass over 64 MB (``--quick``; 256 MB at
+    full size) and a square matmul in float32 and bfloat16."""
     import torch
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     numel = {"full": 64, "quick": 16, "tiny": 1}[size] * 2**20
     x = torch.randn(numel, device=device)
 
-    def best(fn, reps=7):
-        fn()
-        sync()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+    def synced(fn):
+        def step():
             fn()
             sync()
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
+        return step
 
-    # In place, as the optimizer steps write their state and parameters (and as jax_rates):
+    # In place, as the optimizer steps write their state and parameters (and as jax_probes):
     # ``y.copy_(x)`` into another buffer also reads y's lines before writing them on a CPU, and
     # measured ~25 GB/s where ``x.add_(1)`` moves 47 (2-core EPYC, one thread).
-    out = {"copy_bytes_per_s": 2 * x.numel() * 4 / best(lambda: x.add_(1.0)),
-           "copy_numel": numel}
+    probes = {"floor: copy": Probe("bytes", "", 2 * numel * 4, synced(lambda: x.add_(1.0)))}
     n = {"full": 2048, "quick": 1024, "tiny": 256}[size] * (4 if device == "cuda" else 1)
     for dt_name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         a = torch.randn(n, n, device=device, dtype=dt)
         b = torch.randn(n, n, device=device, dtype=dt)
-        out[f"matmul_{dt_name}_flops_per_s"] = 2 * n**3 / best(lambda a=a, b=b: a @ b)
-    out["matmul_n"] = n
-    return out
+        probes[f"floor: matmul {dt_name}"] = Probe("flops", dt_name, 2 * n**3, synced(lambda a=a, b=b: a @ b))
+    return probes
 
 
 # ---- jax -----------------------------------------------------------------------------------
@@ -518,7 +563,9 @@ def jax_groups(shapes, only: set[str]):
     yield from build_groups("jax", jax_table(deepopt, optax, jax_backend, shapes), make, only)
 
 
-def jax_rates(size: str) -> dict[str, float]:
+def jax_probes(size: str) -> dict[str, Probe]:
+    """The floor's probes in JAX here (see :func:`torch_probes`): a donated in-place pass and a
+    float32 matmul, each jitted."""
     import jax
     import jax.numpy as jnp
 
@@ -528,22 +575,12 @@ def jax_rates(size: str) -> dict[str, float]:
 
     def bump():
         buf["x"] = add(buf["x"])
-        return buf["x"]
+        jax.block_until_ready(buf["x"])
     n = {"full": 2048, "quick": 1024, "tiny": 256}[size]
     a = jnp.ones((n, n), jnp.float32) * 0.5
     mm = jax.jit(lambda u: u @ u)
-
-    def best(fn, reps=7):
-        jax.block_until_ready(fn())
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
-
-    return {"copy_bytes_per_s": 2 * numel * 4 / best(bump), "copy_numel": numel,
-            "matmul_float32_flops_per_s": 2 * n**3 / best(lambda: mm(a)), "matmul_n": n}
+    return {"floor: copy": Probe("bytes", "", 2 * numel * 4, bump),
+            "floor: matmul float32": Probe("flops", "float32", 2 * n**3, lambda: jax.block_until_ready(mm(a)))}
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,15 +588,29 @@ def jax_rates(size: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_group(group: Group, shapes, rates: dict[str, float], n_params: int, warmup: int,
+def run_group(group: Group, shapes, probes: dict[str, Probe], n_params: int, warmup: int,
               repeats: int, max_seconds: float) -> tuple[list[dict], dict]:
+    """Time the group's contenders interleaved, and price their floors at the rates the probes
+    ran at right before and right after the group (the median of four calls each side). Measured
+    once at the start of a run, the rates left a shared machine's drift in the floors: a
+    float32 matmul rate of 59 to 85 GFLOP/s between runs of one morning. In every round, the
+    probes' 64 MB pass evicted the steps' state from the caches and moved the ratios to the
+    anchors (torch SGD from 1.10× to 1.25× the fused kernel)."""
     live = {c.name: c for c in group.contenders if c.step is not None}
+    terms = {c.name: floor_terms(c.floor_kind, shapes, route=c.route, fallback_kind=c.fallback_kind,
+                                 hidden=c.hidden, products=c.products) for c in live.values()}
+    have = {p.dtype for p in probes.values() if p.term == "flops"}
+    need = {c.ns_dtype if c.ns_dtype in have else "float32" for c in live.values() if terms[c.name]["flops"]}
+    used = {n: p for n, p in probes.items() if p.term == "bytes" or p.dtype in need}
     if group.amortize:
         # Warm up for a whole period (the first slow write is a one-off: ~1 s under jit on CPU),
         # then time one whole period of single steps: the mean includes exactly one slow write.
         warmup, repeats, max_seconds = group.amortize, group.amortize, None
+    before = probe_times(used) if live else {}
     times = _common.interleaved({n: c.step for n, c in live.items()}, warmup=warmup,
                                 repeats=repeats, max_seconds=max_seconds) if live else {}
+    after = probe_times(used) if live else {}
+    rates = {n: p.amount / float(np.median(before[n] + after[n])) for n, p in used.items()} if live else {}
     stat = "mean" if group.amortize else "median"
     ratio_key = "of_means" if group.amortize else "median"
     rows = []
@@ -574,12 +625,10 @@ def run_group(group: Group, shapes, rates: dict[str, float], n_params: int, warm
         row["time_ms"] = _common.summary(times[c.name], 1e3)
         row["headline_stat"] = stat
         row["state_bytes_per_param"] = c.state_bytes() / n_params
-        terms = floor_terms(c.floor_kind, shapes, route=c.route, fallback_kind=c.fallback_kind,
-                            hidden=c.hidden, products=c.products)
-        rate = rates.get(f"matmul_{c.ns_dtype}_flops_per_s", rates["matmul_float32_flops_per_s"])
-        fl = floor_seconds(terms, rates["copy_bytes_per_s"], rate)
-        row["floor"] = {"math": c.floor_kind, "bytes": terms["bytes"], "matmul_flops": terms["flops"],
-                        "matmul_dtype": c.ns_dtype, "ms": fl * 1e3}
+        t = terms[c.name]
+        fl = floor_at(t, c.ns_dtype, used, rates)
+        row["floor"] = {"math": c.floor_kind, "bytes": t["bytes"], "matmul_flops": t["flops"],
+                        "matmul_dtype": c.ns_dtype, "ms": fl * 1e3, "rates": rates}
         row["time_over_floor"] = row["time_ms"][stat] / (fl * 1e3)
         row["ratios"] = {f"vs {o}": _common.ratio_summary(times[c.name], times[o])
                          for o in live if o != c.name}
@@ -728,18 +777,20 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in backends:
         import torch
 
-        rates["torch"] = torch_rates(args.device, size)
+        probes = torch_probes(args.device, size)
+        rates["torch"] = rates_of(probes)
         for g in torch_groups(shapes, args.device, only):
-            r, p = run_group(g, shapes, rates["torch"], n_params, warmup, repeats, max_seconds)
+            r, p = run_group(g, shapes, probes, n_params, warmup, repeats, max_seconds)
             rows += r
             pairs.append(p)
             save("torch", g.spec)
             del g                          # free this group's parameter copies before the next
     if "jax" in backends:
         env["jax_devices"] = _common.jax_devices()
-        rates["jax"] = jax_rates(size)
+        probes = jax_probes(size)
+        rates["jax"] = rates_of(probes)
         for g in jax_groups(shapes, only):
-            r, p = run_group(g, shapes, rates["jax"], n_params, warmup, repeats, max_seconds)
+            r, p = run_group(g, shapes, probes, n_params, warmup, repeats, max_seconds)
             rows += r
             pairs.append(p)
             save("jax", g.spec)

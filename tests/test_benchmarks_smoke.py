@@ -113,6 +113,9 @@ def test_smoke_step_cost(results, optimizers):
         assert r["status"] == "ok", r
         assert {"median", "q1", "q3", "min", "max"} <= set(r["time_ms"])
         assert r["floor"]["ms"] > 0
+        assert r["floor"]["rates"]["floor: copy"] > 0      # measured next to the row's group
+        if r["floor"]["matmul_flops"]:
+            assert any(k.startswith("floor: matmul") and v > 0 for k, v in r["floor"]["rates"].items())
     for key in ("copy_bytes_per_s", "matmul_float32_flops_per_s"):
         assert data["rates"]["torch"][key] > 0
 
