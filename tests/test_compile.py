@@ -244,3 +244,36 @@ def test_tensor_lr_stays_a_tensor_and_a_scheduler_recompiles_nothing(spec):
     assert compiled["graphs"] <= 1, f"{compiled['graphs']} graphs compiled after the steady state began"
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("spec", [deepopt.adamw(1e-2, nesterov=True),
+                                  deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True)],
+                         ids=["adamw_nesterov", "sgd_torch_first_step"])
+def test_a_step_compiled_after_eager_steps_equals_eager(spec):
+    """Eager steps make a group's step counts one stack (``_foreach.advance``): compiled after
+    them, the step takes those counts as views of one tensor that it writes (AOTAutograd's
+    aliased inputs) and still traces into one graph, counting as the eager step does."""
+    eager_model = _model()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = torch_backend.compile(spec, eager_model.named_parameters())
+    traced = torch_backend.compile(spec, compiled_model.named_parameters())
+    dynamo.reset()
+    step = torch.compile(traced.step, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    for t in range(6):
+        for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        eager.step()
+        if t < 2:
+            traced.step()
+        elif t == 2:
+            first = next(iter(traced.state.values()))["step"]
+            assert first._base is not None and first._base.numel() == 4   # one stack of the four counts
+            explained = dynamo.explain(traced.step)()
+            assert explained.graph_break_count == 0, _why(explained)
+        else:
+            step()
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14)
+        assert float(traced.state[q]["step"]) == float(eager.state[p]["step"]) == 6.0
