@@ -590,12 +590,13 @@ def jax_probes(size: str) -> dict[str, Probe]:
 
 def run_group(group: Group, shapes, probes: dict[str, Probe], n_params: int, warmup: int,
               repeats: int, max_seconds: float) -> tuple[list[dict], dict]:
-    """Time the group's contenders interleaved, and price their floors at the rates the probes
-    ran at right before and right after the group (the median of four calls each side). Measured
-    once at the start of a run, the rates left a shared machine's drift in the floors: a
-    float32 matmul rate of 59 to 85 GFLOP/s between runs of one morning. In every round, the
-    probes' 64 MB pass evicted the steps' state from the caches and moved the ratios to the
-    anchors (torch SGD from 1.10× to 1.25× the fused kernel)."""
+    """Time the group's contenders interleaved, and price their floors at the probes' best rates
+    over four calls right before and four right after the group (best, as the start-of-run
+    rates are: the floor is what the machine can do). Measured once at the start of a run, the
+    rates left a shared machine's drift in the floors: a float32 matmul rate of 59 to 85
+    GFLOP/s between runs within an hour. Timed in every round, the probes' 64 MB pass evicted
+    the steps' state from the caches and moved the ratios to the anchors (torch SGD from 1.10×
+    to 1.25× the fused kernel)."""
     live = {c.name: c for c in group.contenders if c.step is not None}
     terms = {c.name: floor_terms(c.floor_kind, shapes, route=c.route, fallback_kind=c.fallback_kind,
                                  hidden=c.hidden, products=c.products) for c in live.values()}
@@ -610,7 +611,7 @@ def run_group(group: Group, shapes, probes: dict[str, Probe], n_params: int, war
     times = _common.interleaved({n: c.step for n, c in live.items()}, warmup=warmup,
                                 repeats=repeats, max_seconds=max_seconds) if live else {}
     after = probe_times(used) if live else {}
-    rates = {n: p.amount / float(np.median(before[n] + after[n])) for n, p in used.items()} if live else {}
+    rates = {n: p.amount / min(before[n] + after[n]) for n, p in used.items()} if live else {}
     stat = "mean" if group.amortize else "median"
     ratio_key = "of_means" if group.amortize else "median"
     rows = []

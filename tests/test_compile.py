@@ -58,6 +58,17 @@ def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu", backe
                                        msg=lambda m, key=key: f"state[{key!r}]: {m}")
 
 
+def _twins(spec, backend: str):
+    """Two equal models, each with an optimizer of ``spec``, and the second's step compiled
+    with ``backend``: ``(eager_model, compiled_model, eager, traced, compiled step)``."""
+    eager_model = _model()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = torch_backend.compile(spec, eager_model.named_parameters())
+    traced = torch_backend.compile(spec, compiled_model.named_parameters())
+    dynamo.reset()
+    return eager_model, compiled_model, eager, traced, torch.compile(traced.step, backend=backend)
+
+
 def _why(explained) -> str:
     """Where the graph broke: dynamo's reasons with their frames, and each graph's last ops (a
     break with no recorded reason still shows where one graph ends and the next begins)."""
@@ -157,12 +168,7 @@ def test_compiled_step_after_a_checkpoint_round_trip_and_a_missing_gradient_equa
     """Dynamo guards the state by identity (its optimizer hook): ``load_state_dict`` puts new
     tensors in the state, and a step without one parameter's gradient gathers other lists; the
     compiled step must follow both (a recompile), not replay a graph over the old tensors."""
-    eager_model = _model()
-    compiled_model = copy.deepcopy(eager_model)
-    eager = torch_backend.compile(spec, eager_model.named_parameters())
-    traced = torch_backend.compile(spec, compiled_model.named_parameters())
-    dynamo.reset()
-    step = torch.compile(traced.step, backend="eager")
+    eager_model, compiled_model, eager, traced, step = _twins(spec, "eager")
     gen = torch.Generator().manual_seed(2)
     for t in range(6):
         for i, (p, q) in enumerate(zip(eager_model.parameters(), compiled_model.parameters())):
@@ -253,12 +259,7 @@ def test_a_step_compiled_after_eager_steps_equals_eager(spec):
     """Eager steps make a group's step counts one stack (``_foreach.advance``): compiled after
     them, the step takes those counts as views of one tensor that it writes (AOTAutograd's
     aliased inputs) and still traces into one graph, counting as the eager step does."""
-    eager_model = _model()
-    compiled_model = copy.deepcopy(eager_model)
-    eager = torch_backend.compile(spec, eager_model.named_parameters())
-    traced = torch_backend.compile(spec, compiled_model.named_parameters())
-    dynamo.reset()
-    step = torch.compile(traced.step, backend="aot_eager")
+    eager_model, compiled_model, eager, traced, step = _twins(spec, "aot_eager")
     gen = torch.Generator().manual_seed(1)
     for t in range(6):
         for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
