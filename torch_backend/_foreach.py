@@ -20,11 +20,11 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 # -- the step count t: Python ints eagerly, tensors under torch.compile ------------------------
-# Eagerly, t is read once per step (``.item()``) and every scalar that depends on it (bias
-# corrections, torch's first write, M3's period) is host math, exact in float64. Under
-# ``torch.compile`` those scalars are computed from the step tensors themselves, in float64, so
-# the step traces into one graph with no ``.item()`` (no graph break, no host sync), as
-# torch.optim's ``capturable`` optimizers do.
+# Eagerly, t is read once per step (one ``tolist`` of the counts' stack, :func:`advance`), and
+# every scalar that depends on it (bias corrections, torch's first write, M3's period) is host
+# math, exact in float64. Under ``torch.compile`` those scalars are computed from the step
+# tensors themselves, in float64, so the step traces into one graph with no ``.item()`` (no
+# graph break, no host sync), as torch.optim's ``capturable`` optimizers do.
 
 
 def counts(steps: Tensors, params: Tensors) -> list:
