@@ -559,32 +559,62 @@ def test_hsdp_on_a_2d_mesh_matches_one_process():
     assert errors and all(e < TOL for e in errors.values()), errors
 
 
-def test_a_step_count_rebound_in_a_shards_state_copy_reaches_the_optimizer(monkeypatch):
+@pytest.fixture
+def one_process_mesh():
+    """A gloo world of one process, in this process, and its 1-D CPU mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_count_rebound_in_a_shards_state_copy_reaches_the_optimizer(one_process_mesh, monkeypatch):
     """Local shards step through per-step copies of the state dicts (``local_states``). On CUDA
     the fused AdamW path moves each step count to its parameter's device, rebinding it in the
     copy: the count then stayed in the copy, and the optimizer's stayed 0 (t = 1 at every
     step). Here the move is a clone (this CPU has no second device), on a one-process world."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     from torch_backend import _functional
 
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    try:
-        real = _functional.step_fused
+    real = _functional.step_fused
 
-        def moved(kind, rule, params, grads, states, *args, **kwargs):
-            for st in states:
-                st["step"] = st["step"].clone()           # as .to(p.device) rebinds it on CUDA
-            return real(kind, rule, params, grads, states, *args, **kwargs)
+    def moved(kind, rule, params, grads, states, *args, **kwargs):
+        for st in states:
+            st["step"] = st["step"].clone()               # as .to(p.device) rebinds it on CUDA
+        return real(kind, rule, params, grads, states, *args, **kwargs)
 
-        monkeypatch.setattr(_functional, "step_fused", moved)
-        torch.manual_seed(0)
-        model = torch.nn.Linear(3, 2)
-        opt = torch_backend.compile(deepopt.adamw(1e-2), model, ddp_mesh=init_device_mesh("cpu", (1,)))
-        for _ in range(3):
-            model(torch.randn(4, 3)).sum().backward()
-            opt.step()
-            opt.zero_grad()
-        assert [float(st["step"]) for st in opt.state.values()] == [3.0, 3.0]
-    finally:
-        dist.destroy_process_group()
+    monkeypatch.setattr(_functional, "step_fused", moved)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch_backend.compile(deepopt.adamw(1e-2), model, ddp_mesh=one_process_mesh)
+    for _ in range(3):
+        model(torch.randn(4, 3)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert [float(st["step"]) for st in opt.state.values()] == [3.0, 3.0]
+
+
+def test_carry_back_returns_rebound_entries_and_keeps_the_rest(one_process_mesh):
+    """``carry_back``: an entry rebound in a copy goes back (a DTensor's as a DTensor laid out
+    as before), an added one is added, and an entry written in place stays the same object."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from torch_backend import _distributed
+
+    sharded = DTensor.from_local(torch.zeros(2, 3), one_process_mesh, [Replicate()], run_check=False)
+    plain, kept = torch.zeros(()), torch.ones(4)
+    states = [{"memory": sharded, "step": plain, "other": kept}]
+    with torch.no_grad():
+        copies = _distributed.local_states(states)
+        copies[0]["other"].add_(1)                         # in place: reaches the state already
+        copies[0]["memory"] = torch.full((2, 3), 5.0)      # rebound
+        copies[0]["step"] = torch.tensor(7.0)
+        copies[0]["added"] = torch.tensor(1.0)
+        _distributed.carry_back(states, copies)
+    st = states[0]
+    assert isinstance(st["memory"], DTensor) and st["memory"].placements == (Replicate(),)
+    assert torch.equal(st["memory"].to_local(), torch.full((2, 3), 5.0))
+    assert float(st["step"]) == 7.0 and float(st["added"]) == 1.0
+    assert st["other"] is kept and torch.equal(kept, torch.full((4,), 2.0))
