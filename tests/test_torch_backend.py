@@ -265,3 +265,30 @@ def test_nadam_read_with_step_counts_apart_equals_the_single_twin(spec):
         runs[foreach] = {k: p.detach().clone() for k, p in params.items()}
     for k in shapes:
         torch.testing.assert_close(runs[True][k], runs[False][k], rtol=0, atol=1e-12, msg=k)
+
+
+@pytest.mark.parametrize("spec", [deepopt.sgd(0.1, momentum=0.9), deepopt.adamw(1e-2), deepopt.muon(0.02),
+                                  deepopt.dmgd(1e-2), deepopt.m3(0.02)], ids=lambda s: s.name)
+def test_a_gradient_of_another_dtype_raises_before_anything_changes(spec):
+    """torch >= 2.13 lets a gradient's dtype differ from its parameter's (``p.grad_dtype``:
+    float32 gradients of bfloat16 parameters). deepopt keeps the state in the parameter's dtype:
+    such a gradient is refused, naming the parameter and both dtypes, before any parameter,
+    state entry or step count changes (torch.optim's AdamW fails inside its kernels instead;
+    deepopt's adamw, muon, dmgd and m3 failed mid-step, after advancing their step counts)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)).bfloat16()
+    opt = torch_backend.compile(spec, model.named_parameters())
+    model(torch.randn(4, 8, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()                                              # state made, with bf16 gradients
+    opt.zero_grad()
+    model[1].weight.grad_dtype = torch.float32
+    model(torch.randn(4, 8, dtype=torch.bfloat16)).float().sum().backward()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    with pytest.raises(RuntimeError, match=r"'1\.weight' is torch\.bfloat16 but its gradient is torch\.float32"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(after[i][k], v) for i, st in state.items() for k, v in st.items())

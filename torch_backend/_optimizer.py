@@ -435,7 +435,15 @@ class DeepOptimizer(Optimizer):
             if g.is_sparse:
                 raise RuntimeError(f"deepopt.{self.spec.name} does not support sparse gradients; "
                                    "use dense gradients (e.g. nn.Embedding(sparse=False))")
-            if p.is_complex() or g.is_complex():
+            if g.dtype is not p.dtype:
+                # torch >= 2.13 lets a gradient differ (``p.grad_dtype``); the state is kept in
+                # the parameter's dtype, and a kernel fed both failed mid-step, after writing.
+                raise RuntimeError(
+                    f"deepopt.{self.spec.name}: parameter {self._names.get(p, '?')!r} is {p.dtype} but its "
+                    f"gradient is {g.dtype} (p.grad_dtype); deepopt keeps the state in the parameter's "
+                    "dtype and needs gradients of that dtype: leave grad_dtype unset or cast the gradient "
+                    "(p.grad = p.grad.to(p.dtype)) before step(). Nothing was updated")
+            if p.is_complex():                            # the gradient is too: the same dtype
                 raise RuntimeError(f"deepopt.{self.spec.name} does not support complex parameters or "
                                    "gradients; view them as real with torch.view_as_real")
             if len(self.state[p]) == 0:
