@@ -169,33 +169,14 @@ def floor_terms(kind: str, shapes: list[tuple[str, tuple[int, ...]]], itemsize: 
 
 @dataclass(frozen=True)
 class Probe:
-    """What a floor's rate is measured on, timed in every round next to the contenders: an
-    in-place pass over a buffer (``term="bytes"``: the copy bandwidth) or a square matmul
+    """What a floor's rate is measured on, timed next to each group of contenders: an in-place
+    pass over a buffer (``term="bytes"``: the copy bandwidth) or a square matmul
     (``term="flops"``, in ``dtype``). ``amount``: the bytes or FLOPs of one call."""
 
     term: str
     dtype: str
     amount: float
     step: Callable[[], Any]
-
-
-def best_rate(probe: Probe, reps: int = 7) -> float:
-    """The probe's best rate (amount per second) over ``reps`` calls, after one to warm up."""
-    probe.step()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        probe.step()
-        ts.append(time.perf_counter() - t0)
-    return probe.amount / min(ts)
-
-
-def rates_of(probes: dict[str, Probe]) -> dict[str, float]:
-    """The start-of-run rates (best of seven calls per probe), as the JSON's ``rates``."""
-    out = {}
-    for p in probes.values():
-        out["copy_bytes_per_s" if p.term == "bytes" else f"matmul_{p.dtype}_flops_per_s"] = best_rate(p)
-    return out
 
 
 def probe_times(probes: dict[str, Probe], calls: int = 4) -> dict[str, list[float]]:
@@ -209,6 +190,13 @@ def probe_times(probes: dict[str, Probe], calls: int = 4) -> dict[str, list[floa
             p.step()
             out[name].append(time.perf_counter() - t0)
     return out
+
+
+def rates_of(probes: dict[str, Probe]) -> dict[str, float]:
+    """The start-of-run rates (best of seven calls per probe), as the JSON's ``rates``."""
+    times = probe_times(probes, calls=7)
+    return {"copy_bytes_per_s" if p.term == "bytes" else f"matmul_{p.dtype}_flops_per_s": p.amount / min(times[n])
+            for n, p in probes.items()}
 
 
 def floor_at(terms: dict[str, float], dtype: str, probes: dict[str, Probe], rates: dict[str, float]) -> float:
