@@ -461,3 +461,42 @@ def test_the_fused_flag_decides_whether_torchs_fused_kernel_runs(monkeypatch):
         m = _model()
         _train(torch_backend.compile(deepopt.adamw(0.01), m.parameters(), fused=fused), list(m.parameters()), 3)
         assert len(calls) == expected, (fused, len(calls))
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [deepopt.adamw(0.01), deepopt.dmgd(0.05, hidden=4)], ids=lambda s: s.name)
+def test_grad_scaler_steps_as_unscaled_training_and_skips_a_step_with_an_inf(spec):
+    """``torch.amp.GradScaler``: ``scaler.step(opt)`` unscales the gradients and then steps, so
+    training with a power-of-two loss scale equals training without one, bit for bit; a step
+    whose gradients hold an inf is skipped with every parameter and state entry unchanged, and
+    the scale backs off."""
+    plain_model, scaled_model = _model(), _model()
+    plain = torch_backend.compile(spec, plain_model.named_parameters())
+    scaled = torch_backend.compile(spec, scaled_model.named_parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x = torch.randn(5, 6, generator=gen)
+        plain_model(x).square().sum().backward()
+        plain.step()
+        plain.zero_grad()
+        scaler.scale(scaled_model(x).square().sum()).backward()
+        scaler.step(scaled)
+        scaler.update()
+        scaled.zero_grad()
+    for p, q in zip(plain_model.parameters(), scaled_model.parameters()):
+        assert torch.equal(p, q)
+    params = [p.detach().clone() for p in scaled_model.parameters()]
+    state = copy.deepcopy(scaled.state_dict()["state"])
+    scaler.scale(scaled_model(torch.randn(5, 6, generator=gen)).square().sum()).backward()
+    scaled_model[0].weight.grad[0, 0] = float("inf")
+    scaler.step(scaled)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    assert all(torch.equal(p, q) for p, q in zip(scaled_model.parameters(), params))
+    after = scaled.state_dict()["state"]
+    assert all(torch.equal(after[i][k], v) for i, st in state.items() for k, v in st.items())
