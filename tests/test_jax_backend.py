@@ -248,6 +248,12 @@ def test_matrix_rule_without_fallback_rejects_vectors():
 # optax integration (float64, torch layout, against the reference)
 # --------------------------------------------------------------------------------------------
 
+def _clip(grads):
+    """``optax.clip_by_global_norm(1.0)`` on a dict of numpy gradients."""
+    norm = np.sqrt(sum(np.sum(g * g) for g in grads.values()))
+    return {n: g * min(1.0, 1.0 / norm) for n, g in grads.items()}
+
+
 def _tree_stream():
     """Full gradients (no missing ones, as optax has none); the tests below run the table's
     "muon" (matrix rule + adamw fallback: exercises the partition)."""
@@ -311,10 +317,26 @@ def test_inside_chain_after_clipping(spec):
     tx = optax.chain(optax.clip_by_global_norm(1.0), jax_backend.compile(spec, layout="torch"))
     ours = jax_run(tx, jparams, jstream)
 
-    def clip(grads):
-        norm = np.sqrt(sum(np.sum(g * g) for g in grads.values()))
-        return {n: g * min(1.0, 1.0 / norm) for n, g in grads.items()}
-    assert_trajectories_close(ours, reference_run(spec, params, [clip(g) for g in stream]))
+    assert_trajectories_close(ours, reference_run(spec, params, [_clip(g) for g in stream]))
+
+
+def test_multisteps_and_chain_carry_a_stacked_dmgd_state():
+    """DMGD's state kept as stacks per bucket (``LeafStacks``: ``readout=None``) goes through
+    optax's wrappers as any state does: ``MultiSteps`` (its state selected leaf by leaf between
+    real and accumulating steps) and ``chain`` after clipping equal the reference."""
+    spec = deepopt.dmgd(0.02, hidden=4, readout=None)
+    params, stream, jparams, jstream = _tree_stream()
+    inner = jax_backend.compile(spec, layout="torch")
+    stacked = [x for x in jax.tree.leaves(inner.init(jparams), is_leaf=lambda x: isinstance(x, jax_backend.LeafStacks))
+               if isinstance(x, jax_backend.LeafStacks)]
+    assert stacked                                          # the stacked state is the one tested
+    tx = optax.MultiSteps(inner, every_k_schedule=2, accumulator_dtype=jnp.float64)
+    ours = jax_run(tx, jparams, jstream)[1::2]
+    means = [{n: (a[n] + b[n]) / 2 for n in a} for a, b in zip(stream[0::2], stream[1::2])]
+    assert_trajectories_close(ours, reference_run(spec, params, means))
+    tx = optax.chain(optax.clip_by_global_norm(1.0), jax_backend.compile(spec, layout="torch"))
+
+    assert_trajectories_close(jax_run(tx, jparams, jstream), reference_run(spec, params, [_clip(g) for g in stream]))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
