@@ -326,7 +326,7 @@ def scale_by_deep_memory(
             raise ValueError(f"the updates' tree {treedef} is not the one this state was made for, {st.treedef}")
         vleaves = treedef.flatten_up_to(vals)
         field = lambda f, b: None if getattr(state, f) is None else getattr(state, f).stacks[b]
-        outs: list = [None] * len(leaves)
+        ds: list = []
         new = {f: [] for f in _STACKED}
         ordered = memory.hidden and _in_order()
         last = None
@@ -341,11 +341,10 @@ def scale_by_deep_memory(
             last = d                            # one bucket after another (see _in_order)
             for f, x in zip(_STACKED, (s, w1, w2, nu, g_hat if previous else None)):
                 new[f].append(x)
-            for j, i in enumerate(idx):
-                outs[i] = d[j].reshape(leaves[i].shape)
+            ds.append(d)
         fields = {f: None if getattr(state, f) is None else
                   LeafStacks(tuple(new[f]), st.treedef, st.buckets, getattr(state, f).shapes) for f in _STACKED}
-        return treedef.unflatten(outs), fields
+        return LeafStacks(tuple(ds), st.treedef, st.buckets, st.shapes).per_leaf(), fields   # D̃ shaped as S
 
     def update_fn(updates, state, params=None):
         del params

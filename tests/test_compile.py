@@ -28,15 +28,10 @@ def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu", backe
     """``backend="eager"``: the graph, not inductor's kernels; ``tensor_lr``: the compiled
     optimizer's groups take their lr as a float64 tensor on the parameters' device (``"cpu"``:
     on the CPU, where a scheduler keeps it, whatever the parameters' device)."""
-    eager_model = _model(device)
-    compiled_model = copy.deepcopy(eager_model)
-    eager = torch_backend.compile(spec, eager_model.named_parameters(), foreach=foreach)
-    traced = torch_backend.compile(spec, compiled_model.named_parameters(), foreach=foreach)
-    if tensor_lr:
+    eager_model, compiled_model, eager, traced, step = _twins(spec, backend, foreach=foreach, device=device)
+    if tensor_lr:                                            # before the first (compiling) call
         for group in traced.param_groups:
             group["lr"] = torch.tensor(group["lr"], dtype=torch.float64, device="cpu" if tensor_lr == "cpu" else device)
-    dynamo.reset()
-    step = torch.compile(traced.step, backend=backend)
     gen = torch.Generator().manual_seed(1)
     for t in range(4):                                       # m3 entries write their slow level
         for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
@@ -58,13 +53,13 @@ def _check_compiled_equals_eager(spec, foreach: bool, device: str = "cpu", backe
                                        msg=lambda m, key=key: f"state[{key!r}]: {m}")
 
 
-def _twins(spec, backend: str):
+def _twins(spec, backend: str, foreach: bool | None = None, device: str = "cpu"):
     """Two equal models, each with an optimizer of ``spec``, and the second's step compiled
     with ``backend``: ``(eager_model, compiled_model, eager, traced, compiled step)``."""
-    eager_model = _model()
+    eager_model = _model(device)
     compiled_model = copy.deepcopy(eager_model)
-    eager = torch_backend.compile(spec, eager_model.named_parameters())
-    traced = torch_backend.compile(spec, compiled_model.named_parameters())
+    eager = torch_backend.compile(spec, eager_model.named_parameters(), foreach=foreach)
+    traced = torch_backend.compile(spec, compiled_model.named_parameters(), foreach=foreach)
     dynamo.reset()
     return eager_model, compiled_model, eager, traced, torch.compile(traced.step, backend=backend)
 
