@@ -53,17 +53,21 @@ def classic_kind(rule: UpdateRule) -> Kind | None:
             and not mem.undamped_first_write):
         return "nadamw" if mem.nesterov else "adamw"   # EMA memory, bias-corrected read,
                                                         # ÷ (√v̂ + ε), decoupled decay
-    if den is None and not mem.bias_correction and (not mem.nesterov or mem.inner_lr == 1.0):
+    if (den is None and not mem.bias_correction and (not mem.nesterov or mem.inner_lr == 1.0)
+            and (not mem.stateless or mem.inner_lr == 1.0)):
         return "sgd"            # heavy ball with dampening 1 − η; torch's Nesterov read is
-    return None                 # g + μ·buf, i.e. η = 1
+    return None                 # g + μ·buf, i.e. η = 1; with no buffer the kernel takes η = 1
 
 
 def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
                  fused: bool | None, kind: Kind | None = None) -> list[list[int]] | None:
     """Indices of ``params`` by (device, dtype) if the fused kernels can take them all — plain
-    dense tensors on CPU/CUDA, each gradient of its parameter's dtype and device, float32/float64
-    (any float with ``fused=True``, except for ``"nadamw"``: in half precision its memory,
-    written by the kernel and restored by a ``lerp``, would be rounded twice a step) — else None."""
+    contiguous tensors on CPU/CUDA, each gradient of its parameter's dtype and device,
+    float32/float64 (any float with ``fused=True``, except for ``"nadamw"``: in half precision
+    its memory, written by the kernel and restored by a ``lerp``, would be rounded twice a step)
+    — else None. Contiguous: the kernels walk each tensor's storage in order, so a transposed
+    parameter (its state is contiguous) or a gradient with other strides took a wrong step, as
+    it does in ``torch.optim.AdamW(fused=True)`` (torch 2.13)."""
     if fused is False or not params:
         return None
     dtypes = _EXACT + (_HALF if fused and kind != "nadamw" else ())
@@ -73,7 +77,8 @@ def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
     strided = torch.strided
     for i, (p, g) in enumerate(zip(params, grads)):   # per tensor: only the cheap checks
         device, dtype = p.device, p.dtype
-        if not (p.layout is strided and g.layout is strided and g.dtype is dtype and g.device == device):
+        if not (p.layout is strided and g.layout is strided and g.dtype is dtype and g.device == device
+                and p.is_contiguous() and g.is_contiguous()):
             return None
         groups[(device, dtype)].append(i)
     if not all(device.type in _DEVICES and dtype in dtypes for device, dtype in groups):   # per group
