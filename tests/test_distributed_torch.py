@@ -576,16 +576,16 @@ def test_a_step_count_rebound_in_a_shards_state_copy_reaches_the_optimizer(one_p
     the fused AdamW path moves each step count to its parameter's device, rebinding it in the
     copy: the count then stayed in the copy, and the optimizer's stayed 0 (t = 1 at every
     step). Here the move is a clone (this CPU has no second device), on a one-process world."""
-    from torch_backend import _functional
+    from torch_backend import _fused
 
-    real = _functional.step_fused
+    real = _fused.step_fused
 
     def moved(kind, rule, params, grads, states, *args, **kwargs):
         for st in states:
             st["step"] = st["step"].clone()               # as .to(p.device) rebinds it on CUDA
         return real(kind, rule, params, grads, states, *args, **kwargs)
 
-    monkeypatch.setattr(_functional, "step_fused", moved)
+    monkeypatch.setattr(_fused, "step_fused", moved)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     opt = torch_backend.compile(deepopt.adamw(1e-2), model, ddp_mesh=one_process_mesh)

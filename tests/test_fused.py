@@ -1,5 +1,7 @@
 """torch's fused AdamW / SGD kernels take the classic rules (torch_backend/_fused.py) and compute
-what the foreach twin computes."""
+what the foreach twin computes. The variants torch has no kernel for run deepopt's own on the
+CPU where it is built (tests/test_native.py); here it is switched off, so they take the path
+they take on CUDA and where the build failed: torch's kernel with a pass before or after it."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import torch
 
 import deepopt
 import torch_backend
-from torch_backend import _fused
+from torch_backend import _fused, _native
 from torch_backend._functional import step_batched
 
 CLASSIC = {
@@ -29,6 +31,11 @@ CLASSIC = {
                                                    nesterov=True, maximize=True),
     "adamw_nesterov_beta1_zero": deepopt.adamw(1e-2, betas=(0.0, 0.999), weight_decay=0.1, nesterov=True),
 }
+
+
+@pytest.fixture(autouse=True)
+def _without_deepopts_kernels(monkeypatch):
+    monkeypatch.setattr(_native, "ops", lambda: None)
 
 
 NOT_CLASSIC = {

@@ -35,7 +35,7 @@ from deepopt import (
 from deepopt._validate import kernel_for
 from torch_backend import _deep_memory, _linear_memory, _multiscale
 from torch_backend._foreach import Tensors, advance, counts, decay, made, scalar_op, sqrt
-from torch_backend._fused import classic_kind, fused_groups, step_fused
+from torch_backend._fused import classic_kind, step_classic
 from torch_backend._kernels import MemoryKernel
 
 # --------------------------------------------------------------------------------------------
@@ -170,10 +170,9 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
     # tensor lr, and functionalization rejects ``_fused_adamw_``), and torch.optim's own fused
     # optimizers are skipped by dynamo altogether, so they run eagerly inside a compiled step.
     kind = None if torch.compiler.is_compiling() else classic_kind(rule)
-    groups = fused_groups(params, grads, fused, kind) if kind is not None else None
-    if groups is not None:                                      # torch's own AdamW / SGD kernel
-        step_fused(kind, rule, params, grads, states, groups, lr=lr, weight_decay=weight_decay)
-        return
+    if kind is not None and step_classic(kind, rule, params, grads, states, fused=fused, lr=lr,
+                                         weight_decay=weight_decay):   # torch's AdamW / SGD kernel,
+        return                                                      # or deepopt's for their variants
     values, memory = _kernels(rule)
     ts = None
     if rule.counts_steps:

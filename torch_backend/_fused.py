@@ -5,10 +5,14 @@ denominator and weight-decay convention (docs/math.md §2–§3) — the batched
 group to ``torch._fused_adamw_`` / ``torch._fused_sgd_``: one kernel per (device, dtype) over
 every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is what makes
 ``deepopt.adamw`` (and the AdamW fallback of every matrix rule) as fast as
-``torch.optim.AdamW(fused=True)``. AdamW with the NAdam read (``adamw(nesterov=True)``, optax's
-``nadamw``), which torch has no kernel for, runs the AdamW kernel with its β₁ and lr chosen per
-step and one ``lerp`` after it (:func:`_nadamw`). The state is deepopt's own (``memory``,
-``second_moment``, ``step``), so checkpoints do not depend on which path ran. Eager steps only: under
+``torch.optim.AdamW(fused=True)``. Three variants torch has no kernel for — SGD with decoupled decay, SGD with torch's undamped
+first write, and AdamW with the NAdam read (``adamw(nesterov=True)``, optax's ``nadamw``) — run
+deepopt's own CPU kernel (:mod:`torch_backend._native`: one loop per tensor, step counts
+included) where it is built; elsewhere (CUDA, or no compiler) torch's kernel runs them with one
+pass more: a decay pass before ``_fused_sgd_``, its ``is_first_step`` per step count, or the
+AdamW kernel with its β₁ and lr chosen per step and one ``lerp`` after it (:func:`_nadamw`).
+The state is deepopt's own (``memory``, ``second_moment``, ``step``), so checkpoints do not
+depend on which path ran. Eager steps only: under
 ``torch.compile`` every rule takes its foreach twin, which inductor fuses (it cannot trace
 these kernels).
 
@@ -27,6 +31,7 @@ from typing import Literal
 import torch
 
 from deepopt import Identity, IdentityValues, LinearMemory, UpdateRule
+from torch_backend import _native
 from torch_backend._foreach import advance, decay
 
 Kind = Literal["adamw", "nadamw", "sgd"]
@@ -86,6 +91,23 @@ def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
     return list(groups.values())
 
 
+def step_classic(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: list[torch.Tensor],
+                 states: list[dict], *, fused: bool | None, lr: float, weight_decay: float) -> bool:
+    """One step of a rule :func:`classic_kind` recognised, through a fused kernel: deepopt's own
+    for a variant torch has none for (:func:`is_variant`), where it is built and takes every
+    tensor; else torch's (:func:`step_fused`) where :func:`fused_groups` allows. False, with
+    nothing written, where neither runs (the foreach twin then takes the step)."""
+    if (fused is not False and is_variant(kind, rule, weight_decay)
+            and {*map(type, params), *map(type, grads)} <= _PLAIN      # the kernel checks the rest
+            and _step_native(kind, rule, params, grads, states, lr=lr, weight_decay=weight_decay)):
+        return True
+    groups = fused_groups(params, grads, fused, kind)
+    if groups is None:
+        return False
+    step_fused(kind, rule, params, grads, states, groups, lr=lr, weight_decay=weight_decay)
+    return True
+
+
 def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: list[torch.Tensor],
                states: list[dict], groups: list[list[int]], *, lr: float, weight_decay: float) -> None:
     """One step of a classic rule through torch's fused kernel, one call per (device, dtype)
@@ -127,6 +149,33 @@ def step_fused(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads: 
                               grad_scale=None, found_inf=None)
 
 
+def is_variant(kind: Kind, rule: UpdateRule, weight_decay: float) -> bool:
+    """Whether torch has no kernel for this step: AdamW's Nesterov read, SGD's decoupled decay,
+    or torch's undamped first write (which needs the step counts)."""
+    mem = rule.memory
+    return kind == "nadamw" or (kind == "sgd" and (mem.undamped_first_write or
+                                                   (rule.decoupled_weight_decay and weight_decay != 0.0)))
+
+
+def _step_native(kind: Kind, rule: UpdateRule, params, grads, states, *, lr: float, weight_decay: float) -> bool:
+    """The step as one loop per tensor through deepopt's CPU kernel (:mod:`torch_backend._native`),
+    step counts included; False, with nothing written, where the kernel is not built or does
+    not take these tensors (it checks them all first)."""
+    native = _native.ops()
+    if native is None:
+        return False
+    mem = rule.memory
+    if kind == "nadamw":
+        return native.nadamw_(params, grads, [st["memory"] for st in states],
+                              [st["second_moment"] for st in states], [st["step"] for st in states], lr,
+                              mem.momentum, rule.denominator.beta2, rule.denominator.eps, weight_decay,
+                              rule.maximize)
+    return native.sgd_(params, grads, [] if mem.stateless else [st["memory"] for st in states],
+                       [st["step"] for st in states] if mem.undamped_first_write else [], lr, weight_decay,
+                       rule.decoupled_weight_decay, mem.momentum, 1.0 - mem.inner_lr, mem.nesterov,
+                       rule.maximize)
+
+
 def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, ts, *, lr: float, weight_decay: float) -> None:
     """AdamW with the NAdam read (docs/math.md §2), ``W ← W(1 − γλ) − γ D̃/(√v̂ + ε)``, through
     torch's AdamW kernel and one ``lerp`` pass, per step count t.
@@ -164,4 +213,4 @@ def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, ts, *, lr: float, weight_de
             torch._foreach_lerp_(ms, sel(gs), w)
 
 
-__all__ = ["classic_kind", "fused_groups", "step_fused"]
+__all__ = ["classic_kind", "fused_groups", "is_variant", "step_classic", "step_fused"]
