@@ -42,12 +42,15 @@ def native():
 
 @pytest.fixture
 def calls(native, monkeypatch):
-    """Counts the kernel's calls and what they returned, and torch's fused kernels' calls."""
-    seen = {"native": [], "torch": 0}
+    """Counts the kernel's step calls and what they returned, its ``fused_groups`` checks, and
+    torch's fused kernels' calls."""
+    seen = {"native": [], "checks": 0, "torch": 0}
 
     class Spy:
         def __getattr__(self, name):
             op = getattr(native, name)
+            if name == "fused_groups":
+                return lambda *a: (seen.__setitem__("checks", seen["checks"] + 1), op(*a))[1]
             return lambda *a: (lambda ok: (seen["native"].append(ok), ok)[1])(op(*a))
 
     monkeypatch.setattr(_native, "ops", lambda: Spy())
@@ -181,6 +184,7 @@ def test_fused_false_and_the_classic_rules_never_run_it(calls):
     _train(deepopt.sgd(0.1, momentum=0.9, weight_decay=0.01), None)   # coupled decay: torch's own SGD
     _train(deepopt.sgd(0.1, momentum=0.9, decoupled_weight_decay=True), None)   # λ = 0: nothing to decouple
     assert calls["native"] == [] and calls["torch"] == 18
+    assert calls["checks"] == 18                        # the classic rules' checks, in C++ once built
 
 
 def test_a_checkpoint_moves_between_the_kernel_and_the_twin(native):
@@ -270,3 +274,68 @@ def test_a_step_marks_what_it_wrote_for_autograd(native):
     assert y._version == buf._version == count._version == 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_fused_groups_in_cpp_equals_the_python_checks(native, monkeypatch):
+    """``fused_groups``' checks made by the C++ op (where the kernels are built) group and refuse
+    exactly as the Python loop does, over random lists: dtypes, devices (meta stands in for a
+    device the fused kernels do not take), transposed parameters or gradients, gradients of
+    another dtype or device, sparse gradients."""
+    import random
+
+    rng = random.Random(0)
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+    def tensor(dtype, device="cpu", transposed=False):
+        x = torch.zeros(3, 2, dtype=dtype, device=device)
+        return x.t() if transposed else x
+
+    cases = 0
+    for _ in range(400):
+        params, grads = [], []
+        for _ in range(rng.randint(1, 5)):
+            dtype = rng.choice(dtypes)
+            p = tensor(dtype, "meta" if rng.random() < 0.05 else "cpu", rng.random() < 0.1)
+            g = tensor(dtype, p.device, rng.random() < 0.1)
+            roll = rng.random()
+            if roll < 0.05:
+                g = g.to(rng.choice(dtypes))
+            elif roll < 0.08:
+                g = torch.zeros(p.shape, dtype=dtype).to_sparse()
+            params.append(p)
+            grads.append(g)
+        for fused, kind in ((None, "sgd"), (True, "adamw"), (True, "nadamw")):
+            monkeypatch.setattr(_native, "loaded", lambda: native)
+            in_cpp = _fused.fused_groups(params, grads, fused, kind)
+            monkeypatch.setattr(_native, "loaded", lambda: None)
+            in_python = _fused.fused_groups(params, grads, fused, kind)
+            assert in_cpp == in_python, ([(p.dtype, p.device, p.stride()) for p in params], fused, kind)
+            cases += in_python is not None
+    assert cases > 100                                   # both outcomes were reached often
+
+
+def test_the_classic_rules_use_the_kernels_checks_only_once_built(native, monkeypatch, tmp_path):
+    """``loaded()`` never builds: with nothing built in the extensions directory the classic
+    rules keep the Python checks; once built (here: the library's file appears), they load it."""
+    calls = []
+    monkeypatch.setattr(_native, "ops", lambda: (calls.append(1), native)[1])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_built", None)
+    assert _native.loaded() is None and not calls
+    built = _native.build_directory() / f"{_native.build_name()}.so"
+    built.parent.mkdir(parents=True)
+    built.touch()
+    assert _native.loaded() is None and not calls          # looked once: no file check every step
+    monkeypatch.setattr(_native, "_built", None)
+    assert _native.loaded() is native and calls == [1]
+    monkeypatch.setattr(_native, "_built", None)
+    monkeypatch.setenv("DEEPOPT_NATIVE", "0")
+    assert _native.loaded() is None                         # off means off, built or not
+
+
+def test_build_kernels_returns_the_library_or_says_why_not(native, monkeypatch):
+    path = torch_backend.build_kernels()
+    assert path.is_file() and path.name == f"{_native.build_name()}.so"
+    monkeypatch.setattr(_native, "ops", lambda: None)
+    with pytest.raises(RuntimeError, match="DEEPOPT_NATIVE=0, or the build failed"):
+        torch_backend.build_kernels()

@@ -13,6 +13,7 @@ from torch_backend._functional import VALUES as VALUES
 from torch_backend._functional import ValuesKernel as ValuesKernel
 from torch_backend._kernels import MemoryKernel as MemoryKernel
 from torch_backend._kernels import Read as Read
+from torch_backend._native import build as build_kernels
 from torch_backend._newton_schulz import newton_schulz as newton_schulz
 from torch_backend._optimizer import DeepOptimizer as DeepOptimizer
 from torch_backend._optimizer import compile as compile
@@ -23,4 +24,5 @@ from torch_backend._stats import memory_stats as memory_stats
 from torch_backend._trajectory import run_trajectory as run_trajectory
 
 __all__ = ["MEMORIES", "READOUTS", "VALUES", "DeepOptimizer", "MemoryKernel", "Read", "ReadoutKernel",
-           "ValuesKernel", "apply_readout", "compile", "memory_stats", "newton_schulz", "run_trajectory"]
+           "ValuesKernel", "apply_readout", "build_kernels", "compile", "memory_stats", "newton_schulz",
+           "run_trajectory"]

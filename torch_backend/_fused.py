@@ -72,13 +72,26 @@ def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
     its memory, written by the kernel and restored by a ``lerp``, would be rounded twice a step)
     — else None. Contiguous: the kernels walk each tensor's storage in order, so a transposed
     parameter (its state is contiguous) or a gradient with other strides took a wrong step, as
-    it does in ``torch.optim.AdamW(fused=True)`` (torch 2.13)."""
+    it does in ``torch.optim.AdamW(fused=True)`` (torch 2.13). Where deepopt's CPU kernels are
+    built, their ``fused_groups`` op makes the checks (:func:`_native.loaded`)."""
     if fused is False or not params:
         return None
-    dtypes = _EXACT + (_HALF if fused and kind != "nadamw" else ())
-    groups: dict[tuple, list[int]] = defaultdict(list)
+    half = bool(fused) and kind != "nadamw"
     if not {*map(type, params), *map(type, grads)} <= _PLAIN:   # no tensor subclass (DTensor, …)
         return None
+    native = _native.loaded()
+    if native is not None:                          # the same checks in C++ (~20 µs less for 52)
+        ids = native.fused_groups(params, grads, half)
+        if not ids:
+            return None
+        if ids.count(0) == len(ids):
+            return [list(range(len(ids)))]
+        by_id: dict[int, list[int]] = defaultdict(list)
+        for i, k in enumerate(ids):
+            by_id[k].append(i)
+        return list(by_id.values())
+    dtypes = _EXACT + (_HALF if half else ())
+    groups: dict[tuple, list[int]] = defaultdict(list)
     strided = torch.strided
     for i, (p, g) in enumerate(zip(params, grads)):   # per tensor: only the cheap checks
         device, dtype = p.device, p.dtype

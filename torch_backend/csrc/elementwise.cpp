@@ -8,6 +8,7 @@
 // them all (another dtype or device, non-contiguous, mismatched sizes); the caller then runs
 // its other path. The formulas are docs/math.md §2–§3's, in the order the foreach twin
 // computes them, with the scalars in double and the element arithmetic in the tensors' type.
+// ``fused_groups`` is the per-tensor check before torch's own fused kernels, in C++.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -172,6 +173,33 @@ bool nadamw_(at::TensorList params, at::TensorList grads, at::TensorList memory,
   return true;
 }
 
+// The fused kernels' groups: for each parameter, the index of its (device, dtype) group in the
+// order they first appear, if torch's fused kernels can take every pair — both strided and
+// contiguous, the gradient of its parameter's dtype and device, on the CPU or CUDA, float32 or
+// float64 (or half precision with ``half``); else an empty list.
+std::vector<int64_t> fused_groups(at::TensorList params, at::TensorList grads, bool half) {
+  std::vector<int64_t> ids;
+  std::vector<std::pair<at::Device, at::ScalarType>> keys;
+  if (params.size() != grads.size()) return {};
+  ids.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor &p = params[i], &g = grads[i];
+    const at::ScalarType dtype = p.scalar_type();
+    const bool exact = dtype == at::kFloat || dtype == at::kDouble;
+    const bool halfp = dtype == at::kHalf || dtype == at::kBFloat16;
+    if (!p.defined() || !g.defined() || p.layout() != at::kStrided || g.layout() != at::kStrided ||
+        g.scalar_type() != dtype || g.device() != p.device() || !(exact || (half && halfp)) ||
+        !(p.is_cpu() || p.is_cuda()) || !p.is_contiguous() || !g.is_contiguous())
+      return {};
+    const std::pair<at::Device, at::ScalarType> key{p.device(), dtype};
+    size_t k = 0;
+    while (k < keys.size() && keys[k] != key) ++k;
+    if (k == keys.size()) keys.push_back(key);
+    ids.push_back(static_cast<int64_t>(k));
+  }
+  return ids;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(deepopt, m) {
@@ -181,6 +209,7 @@ TORCH_LIBRARY(deepopt, m) {
   m.def("nadamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] memory, Tensor(c!)[] second_moment, "
         "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
         "bool maximize) -> bool");
+  m.def("fused_groups(Tensor[] params, Tensor[] grads, bool half) -> int[]");
 }
 
 // One kernel for every device (it refuses any tensor not on the CPU), so that a list with a CUDA
@@ -188,4 +217,5 @@ TORCH_LIBRARY(deepopt, m) {
 TORCH_LIBRARY_IMPL(deepopt, CompositeExplicitAutograd, m) {
   m.impl("sgd_", &sgd_);
   m.impl("nadamw_", &nadamw_);
+  m.impl("fused_groups", &fused_groups);
 }
