@@ -339,3 +339,16 @@ def test_build_kernels_returns_the_library_or_says_why_not(native, monkeypatch):
     monkeypatch.setattr(_native, "ops", lambda: None)
     with pytest.raises(RuntimeError, match="DEEPOPT_NATIVE=0, or the build failed"):
         torch_backend.build_kernels()
+
+
+def test_a_step_on_another_device_neither_builds_nor_calls_the_kernel(monkeypatch):
+    """The kernels are for CPU tensors: a group whose tensors live elsewhere (meta stands in for
+    CUDA here) goes straight to torch's path, without building anything."""
+    monkeypatch.setattr(_native, "ops", lambda: pytest.fail("asked for the CPU kernels"))
+    monkeypatch.setattr(_native, "loaded", lambda: None)   # the checks' op: only where built
+    spec = VARIANTS["adamw_nesterov"]
+    ps = [torch.zeros(3, device="meta")]
+    states = [{"memory": torch.zeros(3, device="meta"), "second_moment": torch.zeros(3, device="meta"),
+               "step": torch.tensor(0.0)}]
+    assert not _fused.step_classic("nadamw", spec.rule, ps, [torch.zeros(3, device="meta")], states,
+                                   fused=None, lr=0.1, weight_decay=0.0)     # meta: no fused kernel either

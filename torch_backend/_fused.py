@@ -108,9 +108,10 @@ def step_classic(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads
                  states: list[dict], *, fused: bool | None, lr: float, weight_decay: float) -> bool:
     """One step of a rule :func:`classic_kind` recognised, through a fused kernel: deepopt's own
     for a variant torch has none for (:func:`is_variant`), where it is built and takes every
-    tensor; else torch's (:func:`step_fused`) where :func:`fused_groups` allows. False, with
-    nothing written, where neither runs (the foreach twin then takes the step)."""
-    if (fused is not False and is_variant(kind, rule, weight_decay)
+    tensor (CPU ones: a CUDA step neither builds nor calls it); else torch's
+    (:func:`step_fused`) where :func:`fused_groups` allows. False, with nothing written, where
+    neither runs (the foreach twin then takes the step)."""
+    if (fused is not False and params and params[0].is_cpu and is_variant(kind, rule, weight_decay)
             and {*map(type, params), *map(type, grads)} <= _PLAIN      # the kernel checks the rest
             and _step_native(kind, rule, params, grads, states, lr=lr, weight_decay=weight_decay)):
         return True
