@@ -352,3 +352,13 @@ def test_a_step_on_another_device_neither_builds_nor_calls_the_kernel(monkeypatc
                "step": torch.tensor(0.0)}]
     assert not _fused.step_classic("nadamw", spec.rule, ps, [torch.zeros(3, device="meta")], states,
                                    fused=None, lr=0.1, weight_decay=0.0)     # meta: no fused kernel either
+
+
+@pytest.mark.parametrize("name", ["sgd_torch_first_step_decoupled", "adamw_nesterov_decay_maximize"])
+def test_empty_and_0d_parameters(name, calls):
+    init = [torch.zeros(0, dtype=torch.float64), torch.tensor(1.5, dtype=torch.float64),
+            torch.ones(2, 0, 3, dtype=torch.float64)]
+    kernel, twin = _train(VARIANTS[name], None, init=init, steps=3), _train(VARIANTS[name], False, init=init, steps=3)
+    assert calls["native"] == [True] * 3
+    _assert_same(kernel, twin)
+    assert float(kernel[0][1].detach()) != 1.5
