@@ -256,10 +256,15 @@ def test_a_failed_build_leaves_the_step_to_torchs_path(monkeypatch):
 def test_the_build_is_named_by_its_source_and_torch(monkeypatch, tmp_path):
     name = _native.build_name()
     assert name.startswith("deepopt_kernels_") and name == _native.build_name()
-    edited = tmp_path / "elementwise.cpp"
-    edited.write_bytes(_native.SOURCE.read_bytes() + b"\n// edited\n")
-    monkeypatch.setattr(_native, "SOURCE", edited)
-    assert _native.build_name() != name
+    copied, edited = tmp_path / "a" / "elementwise.cpp", tmp_path / "b" / "elementwise.cpp"
+    for path, extra in ((copied, b""), (edited, b"\n// edited\n")):
+        path.parent.mkdir()
+        path.write_bytes(_native.SOURCE.read_bytes() + extra)
+    names = set()
+    for path in (copied, edited):
+        monkeypatch.setattr(_native, "SOURCE", path)
+        names.add(_native.build_name())
+    assert len(names | {name}) == 3      # another install's copy, or an edit: a build of its own
 
 
 def test_a_step_marks_what_it_wrote_for_autograd(native):

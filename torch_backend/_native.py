@@ -66,10 +66,12 @@ def cpu_signature() -> str:
 
 
 def build_name() -> str:
-    """The extension's name: the source's, torch's, Python's and the CPU's signature in it, so
-    that a changed kernel, another torch or another CPU (a home directory shared across
-    machines) never loads a stale or foreign build from the shared cache."""
-    key = "\n".join((SOURCE.read_text(), torch.__version__, sys.version, cpu_signature()))
+    """The extension's name: the source's text and path, torch's, Python's and the CPU's
+    signature in it, so that a changed kernel, another torch or another CPU (a home directory
+    shared across machines) never loads a stale or foreign build from the shared cache, and two
+    installs never rebuild one another's (ninja rebuilds when the source's path changes, under a
+    process that may have the library loaded)."""
+    key = "\n".join((SOURCE.read_text(), str(SOURCE), torch.__version__, sys.version, cpu_signature()))
     return f"deepopt_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
