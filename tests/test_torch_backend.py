@@ -292,3 +292,26 @@ def test_a_gradient_of_another_dtype_raises_before_anything_changes(spec):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     after = opt.state_dict()["state"]
     assert all(torch.equal(after[i][k], v) for i, st in state.items() for k, v in st.items())
+
+
+@pytest.mark.parametrize("case", ["transposed_parameter", "transposed_gradient"])
+def test_a_transposed_parameter_or_gradient_steps_as_a_contiguous_one(spec, case):
+    """Every spec of the table on a (4, 6) weight stored transposed, or given a transposed
+    gradient, steps as on contiguous tensors: a kernel that walks storage in order (torch's fused
+    ones, deepopt's) must not take them (docs: README "Flags"; torch 2.13's fused AdamW does)."""
+    def run(mode):
+        gen = torch.Generator().manual_seed(3)
+        x, b = torch.randn(6, 4, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)
+        w = torch.nn.Parameter(x.t().clone() if mode == "transposed_parameter" else x.t().contiguous())
+        bias = torch.nn.Parameter(b.clone())
+        opt = torch_backend.compile(spec, [("w", w), ("b", bias)])
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            grad = torch.randn(6, 4, generator=g, dtype=torch.float64)
+            w.grad = grad.t() if mode == "transposed_gradient" else grad.t().contiguous()
+            bias.grad = torch.randn(5, generator=g, dtype=torch.float64)
+            opt.step()
+        return w.detach(), bias.detach()
+
+    for a, b in zip(run(case), run("contiguous")):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
