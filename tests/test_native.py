@@ -207,11 +207,15 @@ def test_a_checkpoint_moves_between_the_kernel_and_the_twin(native):
     _assert_same((qs, oqt), (twin_ps, twin))
 
 
-def test_threads_split_a_tensor_without_changing_a_bit(native):
-    """Above 32,768 elements a tensor is split across torch's threads; an element's arithmetic
-    does not depend on which thread does it."""
-    spec = VARIANTS["adamw_nesterov_decay_maximize"]
-    init = [torch.randn(300, 1000, generator=torch.Generator().manual_seed(5))]
+@pytest.mark.parametrize("name", ["adamw_nesterov_decay_maximize", "sgd_torch_first_step_decoupled"])
+def test_threads_split_the_list_without_changing_a_bit(native, name):
+    """The list's elements, all tensors together, are split across torch's threads (ranges may
+    end inside a tensor or span several small ones); an element's arithmetic does not depend
+    on which thread does it."""
+    spec = VARIANTS[name]
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(300, 1000, generator=gen), *(torch.randn(7, 11, generator=gen) for _ in range(30)),
+            torch.randn(20000, generator=gen), torch.zeros(0), torch.randn(3, generator=gen)]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -367,3 +371,19 @@ def test_empty_and_0d_parameters(name, calls):
     assert calls["native"] == [True] * 3
     _assert_same(kernel, twin)
     assert float(kernel[0][1].detach()) != 1.5
+
+
+def test_the_kernels_use_torchs_threads_where_torch_uses_openmp():
+    """Without ``-fopenmp`` ``at::parallel_for`` compiles to a plain loop: the kernels ran on one
+    thread whatever ``torch.set_num_threads`` said. On Linux with torch's OpenMP they are built
+    with it, and run in torch's own OpenMP runtime (no second ``libgomp`` in the process)."""
+    import sys
+
+    if not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()):
+        pytest.skip("torch without OpenMP, or not Linux: the kernels run on one thread")
+    assert "-fopenmp" in _native.FLAGS
+    if _native.ops() is None:
+        pytest.skip("deepopt's CPU kernels could not be built here")
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes

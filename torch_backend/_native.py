@@ -40,8 +40,12 @@ import torch
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "elementwise.cpp"
 SETTINGS = ("auto", "0", "1")
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
-#: CPU kernels pick at run time; the build is per CPU (:func:`build_name`).
-FLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+#: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
+#: it ``at::parallel_for`` compiles to a plain loop, and the kernels ran on one thread whatever
+#: ``torch.get_num_threads()`` said (the OpenMP runtime is torch's own ``libgomp.so.1``, loaded
+#: first). Elsewhere (macOS's compiler takes no plain ``-fopenmp``) the kernels run on one thread.
+OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", *(["-fopenmp"] if OPENMP else [])]
 _log = logging.getLogger("deepopt")
 
 
@@ -66,12 +70,13 @@ def cpu_signature() -> str:
 
 
 def build_name() -> str:
-    """The extension's name: the source's text and path, torch's, Python's and the CPU's
-    signature in it, so that a changed kernel, another torch or another CPU (a home directory
+    """The extension's name: the source's text and path, the compiler flags, torch's, Python's and
+    the CPU's signature in it, so that a changed kernel, another torch or another CPU (a home directory
     shared across machines) never loads a stale or foreign build from the shared cache, and two
     installs never rebuild one another's (ninja rebuilds when the source's path changes, under a
     process that may have the library loaded)."""
-    key = "\n".join((SOURCE.read_text(), str(SOURCE), torch.__version__, sys.version, cpu_signature()))
+    key = "\n".join((SOURCE.read_text(), str(SOURCE), " ".join(FLAGS), torch.__version__, sys.version,
+                     cpu_signature()))
     return f"deepopt_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -97,7 +102,7 @@ def ops():
         where = build_directory()
         _log.info("deepopt: loading its CPU kernels from %s (built once, ~20 s)", where)
         where.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS,
+        cpp_extension.load(name=build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"] if OPENMP else [],
                            build_directory=str(where), is_python_module=False, verbose=False)
     except Exception as exc:   # no compiler, no ninja, a failed build: all end the same way
         if value == "1":

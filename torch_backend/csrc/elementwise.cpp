@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <type_traits>
@@ -22,7 +23,7 @@
 
 namespace {
 
-constexpr int64_t kGrain = 32768;  // elements per task, as torch's element-wise CPU kernels
+constexpr int64_t kGrain = 16384;  // elements per task at least (~1 µs of work per thread)
 
 // Whether every list has the first list's length and every tensor is a contiguous CPU tensor
 // with its parameter's dtype (float or double) and numel.
@@ -66,6 +67,25 @@ void written(std::initializer_list<at::TensorList> lists) {
     for (const at::Tensor& x : list) x.unsafeGetTensorImpl()->bump_version();
 }
 
+// Calls ``f(i, lo, hi)`` on ranges [lo, hi) of tensor i's elements that together cover every
+// tensor of the list once: the whole list is one range, split once across torch's threads, so a
+// step opens one parallel region and small tensors are shared out as well as large ones
+// (torch's fused kernels split every tensor across the threads; one region per tensor cost
+// 1.4–1.5× theirs on two threads).
+template <typename F>
+void for_each_range(at::TensorList params, F&& f) {
+  std::vector<int64_t> start(params.size() + 1, 0);   // tensor i covers [start[i], start[i + 1])
+  for (size_t i = 0; i < params.size(); ++i) start[i + 1] = start[i] + params[i].numel();
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t lo, int64_t hi) {
+    size_t i = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+    for (; lo < hi; ++i) {
+      const int64_t end = std::min(hi, start[i + 1]);
+      if (end > lo) f(i, lo - start[i], end - start[i]);
+      lo = end;
+    }
+  });
+}
+
 // Calls ``f`` with the flag as a compile-time constant (std::true_type or std::false_type), so
 // that each loop below is compiled branch-free for every combination of its flags.
 template <typename F>
@@ -102,8 +122,10 @@ bool sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::
   std::vector<at::TensorList> lists{params, grads};
   if (has_buf) lists.push_back(bufs);
   if (!takes(lists) || !counts(steps, params.size())) return false;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const bool first_step = !steps.empty() && advance(steps, i) == 1.0;
+  std::vector<char> first(params.size(), 0);            // t = 1 after this step's increment
+  for (size_t i = 0; i < steps.size(); ++i) first[i] = advance(steps, i) == 1.0;
+  const bool couple = !decoupled && weight_decay != 0.0;
+  for_each_range(params, [&](size_t i, int64_t lo, int64_t hi) {
     AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "deepopt::sgd_", [&] {
       using T = scalar_t;
       T* w = params[i].data_ptr<T>();
@@ -112,15 +134,13 @@ bool sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::
       const T sign = maximize ? -1 : 1, coupled = static_cast<T>(weight_decay);
       const T keep = static_cast<T>(1.0 - (decoupled ? lr * weight_decay : 0.0));
       const T mu = static_cast<T>(momentum), eta = static_cast<T>(1.0 - dampening), step = static_cast<T>(lr);
-      with_flag(has_buf, [&](auto buf) { with_flag(first_step, [&](auto first) {
-        with_flag(nesterov, [&](auto nest) { with_flag(!decoupled && weight_decay != 0.0, [&](auto couple) {
-          at::parallel_for(0, params[i].numel(), kGrain, [&](int64_t lo, int64_t hi) {
-            sgd_loop<T, buf, first, nest, couple>(w, g, b, lo, hi, sign, coupled, keep, mu, eta, step);
-          });
+      with_flag(has_buf, [&](auto buf) { with_flag(first[i], [&](auto first_write) {
+        with_flag(nesterov, [&](auto nest) { with_flag(couple, [&](auto coupled_decay) {
+          sgd_loop<T, buf, first_write, nest, coupled_decay>(w, g, b, lo, hi, sign, coupled, keep, mu, eta, step);
         }); });
       }); });
     });
-  }
+  });
   written({params, bufs, steps});
   return true;
 }
@@ -150,25 +170,23 @@ bool nadamw_(at::TensorList params, at::TensorList grads, at::TensorList memory,
              double beta2, double eps, double weight_decay, bool maximize) {
   if (!takes({params, grads, memory, second_moment}) || steps.empty() || !counts(steps, params.size()))
     return false;
+  struct Scalars { double c1, c2, inv_root; };          // per tensor, from its t (after the increment)
+  std::vector<Scalars> at_t(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const double t = advance(steps, i);
-    const double c1 = beta1 / (1.0 - std::pow(beta1, t + 1.0));
-    const double c2 = (1.0 - beta1) / (1.0 - std::pow(beta1, t));
-    const double root = std::sqrt(1.0 - std::pow(beta2, t));
+    at_t[i] = {beta1 / (1.0 - std::pow(beta1, t + 1.0)), (1.0 - beta1) / (1.0 - std::pow(beta1, t)),
+               1.0 / std::sqrt(1.0 - std::pow(beta2, t))};
+  }
+  for_each_range(params, [&](size_t i, int64_t lo, int64_t hi) {
     AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "deepopt::nadamw_", [&] {
       using T = scalar_t;
-      T* w = params[i].data_ptr<T>();
-      const T* g = grads[i].data_ptr<T>();
-      T* s = memory[i].data_ptr<T>();
-      T* v = second_moment[i].data_ptr<T>();
-      at::parallel_for(0, params[i].numel(), kGrain, [&](int64_t lo, int64_t hi) {
-        nadamw_loop<T>(w, g, s, v, lo, hi, maximize ? -1 : 1, static_cast<T>(1.0 - beta1),
-                       static_cast<T>(beta2), static_cast<T>(1.0 - beta2), static_cast<T>(1.0 / root),
-                       static_cast<T>(1.0 - lr * weight_decay), static_cast<T>(c1), static_cast<T>(c2),
-                       static_cast<T>(lr), static_cast<T>(eps));
-      });
+      nadamw_loop<T>(params[i].data_ptr<T>(), grads[i].data_ptr<T>(), memory[i].data_ptr<T>(),
+                     second_moment[i].data_ptr<T>(), lo, hi, maximize ? -1 : 1, static_cast<T>(1.0 - beta1),
+                     static_cast<T>(beta2), static_cast<T>(1.0 - beta2), static_cast<T>(at_t[i].inv_root),
+                     static_cast<T>(1.0 - lr * weight_decay), static_cast<T>(at_t[i].c1),
+                     static_cast<T>(at_t[i].c2), static_cast<T>(lr), static_cast<T>(eps));
     });
-  }
+  });
   written({params, memory, second_moment, steps});
   return true;
 }
