@@ -69,9 +69,9 @@ void written(std::initializer_list<at::TensorList> lists) {
 
 // Calls ``f(i, lo, hi)`` on ranges [lo, hi) of tensor i's elements that together cover every
 // tensor of the list once: the whole list is one range, split once across torch's threads, so a
-// step opens one parallel region and small tensors are shared out as well as large ones
-// (torch's fused kernels split every tensor across the threads; one region per tensor cost
-// 1.4–1.5× theirs on two threads).
+// step opens one parallel region (not one per tensor) and small tensors are shared out as well
+// as large ones. Built without -fopenmp, at::parallel_for runs the whole range on the calling
+// thread (torch_backend/_native.py: FLAGS).
 template <typename F>
 void for_each_range(at::TensorList params, F&& f) {
   std::vector<int64_t> start(params.size() + 1, 0);   // tensor i covers [start[i], start[i + 1])
