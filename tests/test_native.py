@@ -331,7 +331,7 @@ def test_the_classic_rules_use_the_kernels_checks_only_once_built(native, monkey
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(_native, "_built", None)
     assert _native.loaded() is None and not calls
-    built = _native.build_directory() / f"{_native.build_name()}.so"
+    built = _native.library()
     built.parent.mkdir(parents=True)
     built.touch()
     assert _native.loaded() is None and not calls          # looked once: no file check every step

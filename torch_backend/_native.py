@@ -82,11 +82,17 @@ def build_name() -> str:
 
 def build_directory() -> pathlib.Path:
     """Where the build lives: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
-    one folder per :func:`build_name`."""
+    one folder per :func:`build_name`, which is the folder's name."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     return pathlib.Path(root) / build_name()
+
+
+def library(where: pathlib.Path | None = None) -> pathlib.Path:
+    """The built library in ``where`` (default :func:`build_directory`)."""
+    where = where or build_directory()
+    return where / f"{where.name}.so"
 
 
 @functools.cache
@@ -102,8 +108,9 @@ def ops():
         where = build_directory()
         _log.info("deepopt: loading its CPU kernels from %s (built once, ~20 s)", where)
         where.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=build_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"] if OPENMP else [],
-                           build_directory=str(where), is_python_module=False, verbose=False)
+        cpp_extension.load(name=where.name, sources=[str(SOURCE)], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(where),
+                           is_python_module=False, verbose=False)
     except Exception as exc:   # no compiler, no ninja, a failed build: all end the same way
         if value == "1":
             raise RuntimeError(f"deepopt's CPU kernels could not be built (DEEPOPT_NATIVE=1): {exc}") from exc
@@ -123,7 +130,7 @@ def build() -> pathlib.Path:
     if ops() is None:
         raise RuntimeError("deepopt's CPU kernels were not built: DEEPOPT_NATIVE=0, or the build failed "
                            "(its warning says why)")
-    return build_directory() / f"{build_name()}.so"
+    return library()
 
 
 def loaded():
@@ -133,7 +140,7 @@ def loaded():
     alone never waits for a build; :func:`build` builds it ahead."""
     global _built
     if _built is None:                     # looked once; a later ops() (a variant's step) sets it
-        _built = setting() != "0" and (build_directory() / f"{build_name()}.so").is_file()
+        _built = setting() != "0" and library().is_file()
     return ops() if _built else None
 
 
@@ -141,4 +148,5 @@ def loaded():
 _built: bool | None = None
 
 
-__all__ = ["FLAGS", "SOURCE", "build", "build_directory", "build_name", "cpu_signature", "loaded", "ops", "setting"]
+__all__ = ["FLAGS", "SOURCE", "build", "build_directory", "build_name", "cpu_signature", "library", "loaded", "ops",
+           "setting"]
