@@ -1,6 +1,7 @@
-"""DMGD's fused CPU kernel (torch_backend/_deep_memory.py ``fused_kernel``): the same update as
+"""DMGD's fused kernel (torch_backend/_deep_memory.py ``fused_kernel``): the same update as
 the op-by-op ``deep_memory_kernel`` in fewer full-size passes, equal to it within float rounding
-(kernel by kernel and through whole optimizer runs), and ``FUSED = False`` brings back the
+(kernel by kernel and through whole optimizer runs; on CPU the runs take deepopt's C++ kernel,
+tests/test_deep_memory_native.py, where it is built), and ``FUSED = False`` brings back the
 op-by-op kernel bit for bit."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 
 import deepopt
 import torch_backend
-from torch_backend import _deep_memory
+from torch_backend import _deep_memory, _native
 
 # One bucket of three 5×7 matrices, a 3-D kernel with a 7×6 view, a bucket of one, a vector.
 SHAPES = {"a": (5, 7), "b": (5, 7), "c": (5, 7), "d": (7, 3, 2), "e": (7, 6), "bias": (7,)}
@@ -108,15 +109,20 @@ def test_fused_optimizer_runs_equal_the_op_by_op_runs(variant, dtype, foreach, m
 
 
 def test_fused_is_the_cpu_default_and_off_is_the_op_by_op_kernel(monkeypatch):
-    """The CPU path with workspaces calls the fused kernel; FUSED = False calls the op-by-op one."""
+    """The CPU path calls deepopt's C++ kernel where it is built (tests/test_deep_memory_native.py),
+    else the fused kernel; FUSED = False calls the op-by-op one."""
     calls = []
-    for name in ("fused_kernel", "deep_memory_kernel"):
+    for name in ("_native_kernel", "fused_kernel", "deep_memory_kernel"):
         real = getattr(_deep_memory, name)
         monkeypatch.setattr(_deep_memory, name,
                             lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
     assert _deep_memory.FUSED is True
     _run("memory_alone", torch.float64, True, monkeypatch, steps=1)
-    assert set(calls) == {"fused_kernel"}
+    assert set(calls) == ({"_native_kernel"} if _native.ops() is not None else {"_native_kernel", "fused_kernel"})
+    calls.clear()
+    monkeypatch.setattr(_native, "ops", lambda: None)
+    _run("memory_alone", torch.float64, True, monkeypatch, steps=1)
+    assert set(calls) == {"_native_kernel", "fused_kernel"}
     calls.clear()
     _run("memory_alone", torch.float64, False, monkeypatch, steps=1)
     assert set(calls) == {"deep_memory_kernel"}

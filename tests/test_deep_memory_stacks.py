@@ -62,7 +62,7 @@ def _step(opt, params, grads) -> None:
     opt.step()
 
 
-def _copy_path_run(mem, sts, gs, vs, shape, rebind, flats=None, shared=False):
+def _copy_path_run(mem, sts, gs, vs, shape, rebind, flats=None, shared=False, outer=None):
     """The path before persistent stacks: stack the gradients, values and state, run the
     kernel on new tensors, copy the state back."""
     g = torch.stack([x.reshape(shape) for x in gs])
@@ -280,13 +280,15 @@ def test_cpu_workspace_is_reused_is_not_state_and_goes_with_the_optimizer(fused,
     The fused kernel needs one (P, then D̃), the op-by-op kernel two (Ĝ then D̃; F then E). The
     buckets of more than one share one buffer for the gradients' stack, as large as the
     largest; when the outer step is made bucket by bucket (``applies``: D̃ is spent before the
-    next bucket runs) they share the workspace too, else each bucket keeps its own."""
+    next bucket runs) they share the workspace too, else each bucket keeps its own. (The Python
+    kernels: deepopt's C++ kernel stacks no gradients, tests/test_deep_memory_native.py.)"""
     import gc
 
     from deepopt import DeepMemory
-    from torch_backend import _functional
+    from torch_backend import _functional, _native
 
     gc.collect()          # an earlier test's optimizer in a reference cycle: not counted below
+    monkeypatch.setattr(_native, "ops", lambda: None)
     monkeypatch.setattr(_deep_memory, "FUSED", fused)
     monkeypatch.setitem(_functional.MEMORIES, DeepMemory, _deep_memory.KERNEL._replace(applies=applies))
     k = 1 if fused else 2

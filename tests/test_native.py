@@ -260,15 +260,16 @@ def test_a_failed_build_leaves_the_step_to_torchs_path(monkeypatch):
 def test_the_build_is_named_by_its_source_and_torch(monkeypatch, tmp_path):
     name = _native.build_name()
     assert name.startswith("deepopt_kernels_") and name == _native.build_name()
-    copied, edited = tmp_path / "a" / "elementwise.cpp", tmp_path / "b" / "elementwise.cpp"
-    for path, extra in ((copied, b""), (edited, b"\n// edited\n")):
-        path.parent.mkdir()
-        path.write_bytes(_native.SOURCE.read_bytes() + extra)
     names = set()
-    for path in (copied, edited):
-        monkeypatch.setattr(_native, "SOURCE", path)
-        names.add(_native.build_name())
-    assert len(names | {name}) == 3      # another install's copy, or an edit: a build of its own
+    for k, source in enumerate(_native.SOURCES):              # each source: copied, or edited
+        copied, edited = tmp_path / f"a{k}" / source.name, tmp_path / f"b{k}" / source.name
+        for path, extra in ((copied, b""), (edited, b"\n// edited\n")):
+            path.parent.mkdir()
+            path.write_bytes(source.read_bytes() + extra)
+            monkeypatch.setattr(_native, "SOURCES", tuple(path if s == source else s for s in _native.SOURCES))
+            names.add(_native.build_name())
+            monkeypatch.undo()
+    assert len(names | {name}) == 5      # another install's copy, or an edit: a build of its own
 
 
 def test_a_step_marks_what_it_wrote_for_autograd(native):

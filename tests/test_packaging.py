@@ -57,13 +57,14 @@ def test_test_extra_installs_the_linter_ci_runs():
 
 
 def test_the_cpu_kernels_source_ships_and_ninja_is_installed_to_build_it():
-    """torch_backend/_native.py builds csrc/elementwise.cpp on first use: the source must be in
-    the wheel (package data), and torch's builder needs ninja, which the torch extra installs
-    (pinned for CI)."""
+    """torch_backend/_native.py builds csrc/elementwise.cpp and csrc/deep_memory.cpp on first use:
+    the sources must be in the wheel (package data), and torch's builder needs ninja, which the
+    torch extra installs (pinned for CI)."""
     from torch_backend import _native
 
     assert PYPROJECT["tool"]["setuptools"]["package-data"]["torch_backend"] == ["csrc/*.cpp"]
-    assert _native.SOURCE.is_file() and _native.SOURCE.relative_to(ROOT / "torch_backend").as_posix() == \
-        "csrc/elementwise.cpp"
+    assert all(path.is_file() for path in _native.SOURCES)
+    assert [path.relative_to(ROOT / "torch_backend").as_posix() for path in _native.SOURCES] == \
+        ["csrc/elementwise.cpp", "csrc/deep_memory.cpp"]
     assert any(req.startswith("ninja") for req in PYPROJECT["project"]["optional-dependencies"]["torch"])
     assert re.search(r"^ninja==\d", (ROOT / "constraints.txt").read_text(), flags=re.M)

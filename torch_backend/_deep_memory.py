@@ -17,7 +17,10 @@ batch dimension of one). Under ``torch.compile`` and where the state dicts are p
 On CPU a bucket also keeps its full-size temporaries between steps (:data:`_WORK`: one or two
 ``(B, m, n)`` buffers, not state), and a step's buckets share one buffer for the gradients'
 stack (:data:`_STACKS`). Eager buckets run :func:`fused_kernel` (the same update in fewer
-full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel).
+full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel); on
+CPU, deepopt's C++ kernel runs it (:func:`_native_kernel`, ``csrc/deep_memory.cpp``: each
+matrix's rows in cache-sized blocks, the gradients read where they are, no stack), with
+:func:`fused_kernel` where that kernel is off or unbuilt or refuses a bucket.
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
 """
@@ -32,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from deepopt import DeepMemory, UpdateRule, matrix_view_shape
+from deepopt import DeepMemory, Identity, UpdateRule, matrix_view_shape
 from deepopt._memory import silu_grad
-from torch_backend import _distributed, _readout
+from torch_backend import _distributed, _fused, _native, _readout
 from torch_backend._foreach import Tensors, buckets, stack_of
-from torch_backend._kernels import MemoryKernel, Read
+from torch_backend._kernels import MemoryKernel, OuterStep, Read
 
 
 def deep_memory_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None,
@@ -275,13 +278,16 @@ def state_writeback(mem: DeepMemory, sts: list[dict], s, w1, w2, nu, g_hat) -> N
 
 
 def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tuple[int, int],
-         rebind: bool, flats: dict | None = None, shared: bool = False) -> torch.Tensor:
+         rebind: bool, flats: dict | None = None, shared: bool = False,
+         outer: tuple[Tensors, float] | None = None) -> torch.Tensor | None:
     """The kernel on one bucket (its states, gradients and values), the state written where it
     lives; returns ``D̃ (B, m, n)``. ``rebind``: ``sts`` are the optimizer's own dicts (not
     per-step copies), whose entries may become rows of new stacks. ``flats``: the buffers that
     the step's buckets share on CPU (:func:`_step_buffers`), for the gradients' stack.
     ``shared``: D̃ is spent before the next bucket runs, so its buffer is one the step's
-    buckets share too (else the bucket's own, :func:`_workspace`)."""
+    buckets share too (else the bucket's own, :func:`_workspace`). ``outer``: the bucket's
+    parameters and lr where σ is the identity: the C++ kernel may make the outer step
+    ``W ← W − γ D̃`` itself, and then None is returned."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
         g, v = _rows(gs, shape), _values(gs, vs, shape)
         s, w1, w2, nu, prev = state_stacks(mem, sts, shape)
@@ -289,6 +295,10 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
         state_writeback(mem, sts, s, w1, w2, nu, g_hat)
         return d
     (s, w1, w2, nu, prev), copied = _bucket_rows(mem, sts, shape) if rebind else state_rows(mem, sts, shape, False)
+    native = FUSED and mem.hidden and s.device.type == "cpu"  # deepopt's CPU kernel, where it takes the bucket
+    if native and outer is not None and _native_kernel(mem, s, w1, w2, nu, gs, vs, prev, None, outer) is None:
+        copy_back(sts, copied)                               # it made the outer step: no buffer for D̃
+        return None
     work = None                                              # CPU workspaces, where s persists
     if s.device.type == "cpu" and all(key != "memory" for key, _ in copied):
         k = 1 if FUSED else 2
@@ -296,6 +306,11 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
             work = tuple(_shared_buffer(flats, s, f"work{j}") for j in range(k))
         else:
             work = _workspace(sts[0]["memory"] if len(sts) == 1 else s, s, k)
+    if native:
+        d = _native_kernel(mem, s, w1, w2, nu, gs, vs, prev, work[0] if work is not None else torch.empty_like(s))
+        if d is not False:
+            copy_back(sts, copied)
+            return d
     stack = (None if work is None or len(sts) == 1 or flats is None
              else _shared_buffer(flats, s, "grads"))
     g = _rows(gs, shape, stack)
@@ -306,6 +321,30 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
         d = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev, None if work is None else work[:2])[4]
     copy_back(sts, copied)
     return d
+
+
+def _native_kernel(mem: DeepMemory, s, w1, w2, nu, gs: Tensors, vs: Tensors, prev, out: torch.Tensor | None,
+                   outer: tuple[Tensors, float] | None = None):
+    """:func:`fused_kernel` on a CPU bucket through deepopt's C++ kernel (``csrc/deep_memory.cpp``:
+    each matrix's rows in cache-sized blocks, two passes; the gradients read where they are, no
+    stack). Returns ``out`` holding D̃; or, given ``outer`` (the bucket's parameters and lr)
+    and no ``out``, None: the outer step ``W ← W − γ D̃`` made in the read's pass, D̃ never
+    stored. False where the kernels are off or unbuilt, or the op does not take the bucket (a
+    dtype other than float32/float64, a non-contiguous or subclassed tensor, a parameter the step
+    cannot be written into), having written nothing."""
+    ps, lr = outer if outer is not None else ([], 0.0)
+    if out is None and not all(p.is_contiguous() and p.dtype == s.dtype for p in ps):
+        return False
+    if not {type(s), *map(type, gs), *map(type, ps)} <= _fused.PLAIN:     # no tensor subclass (DTensor, …)
+        return False
+    native = _native.ops()
+    if native is None:
+        return False
+    values = [] if all(v is x for v, x in zip(vs, gs)) else vs
+    done = native.dmgd_memory_(s, w1, w2, nu, gs, values, prev, out, ps, lr, mem.momentum, mem.inner_lr,
+                               mem.scale_decay, mem.key_eps, mem.SILU_SLOPE_SQ, mem.objective == "dot",
+                               mem.nesterov)
+    return False if not done else None if ps else out
 
 
 def _rows(xs: Tensors, shape: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
@@ -399,6 +438,8 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
     # into a WeakIdKeyDictionary).
     flats = _step_buffers(states[0]["memory"]) if states and not torch.compiler.is_compiling() else None
     shared = apply is not None and layouts is None
+    # σ = identity: the C++ kernel may make the outer step itself, in the read's pass.
+    outer = apply if shared and isinstance(apply, OuterStep) and type(rule.readout) is Identity else None
     for (m, n, _, _, lay), idx in buckets(gs, _distributed.sharded_only(layouts)).items():
         sts = [states[i] for i in idx]
         if lay is not None:
@@ -407,7 +448,9 @@ def _batched(rule: UpdateRule, states: list[dict], gs: Tensors, vs: Tensors, ts:
                 done += idx
         else:                                                # rebind unless per-step dict copies
             d = _run(mem, sts, [gs[i] for i in idx], [vs[i] for i in idx], (m, n), layouts is None,
-                     flats, shared)
+                     flats, shared, None if outer is None else ([outer.params[i] for i in idx], outer.lr))
+            if d is None:                                    # the kernel made the outer step
+                continue
         if shared:                                           # the outer step for this bucket, now
             apply(idx, _readout.apply(rule, [d[j].view_as(gs[i]) for j, i in enumerate(idx)]))
             continue

@@ -36,7 +36,7 @@ from deepopt._validate import kernel_for
 from torch_backend import _deep_memory, _linear_memory, _multiscale
 from torch_backend._foreach import Tensors, advance, counts, decay, made, scalar_op, sqrt
 from torch_backend._fused import classic_kind, step_classic
-from torch_backend._kernels import MemoryKernel
+from torch_backend._kernels import MemoryKernel, OuterStep
 
 # --------------------------------------------------------------------------------------------
 # Values V = P(G) (docs/math.md §3)
@@ -195,9 +195,7 @@ def step_batched(rule: UpdateRule, params: Tensors, grads: Tensors, states: list
         if rule.decoupled_weight_decay and weight_decay != 0.0:
             decay(params, lr * weight_decay)
 
-        def apply(idx: list[int], os_: Tensors) -> None:
-            torch._foreach_add_([params[i] for i in idx], os_, alpha=-lr)
-
+        apply = OuterStep(params, lr)
         outs, divisors = memory.batched(rule, states, gs, vs, ts, layouts, apply=apply)
         rest = [i for i, o in enumerate(outs) if o is not None]
         if divisors is not None:

@@ -38,7 +38,9 @@ Kind = Literal["adamw", "nadamw", "sgd"]
 _DEVICES = ("cpu", "cuda")
 _EXACT = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
-_PLAIN = {torch.Tensor, torch.nn.Parameter}
+#: The tensor types deepopt's C++ kernels and torch's fused kernels are handed: a subclass with
+#: its own dispatch (DTensor, a fake or functional tensor) takes torch's ops instead.
+PLAIN = {torch.Tensor, torch.nn.Parameter}
 
 
 @functools.lru_cache(maxsize=256)
@@ -77,7 +79,7 @@ def fused_groups(params: list[torch.Tensor], grads: list[torch.Tensor],
     if fused is False or not params:
         return None
     half = bool(fused) and kind != "nadamw"
-    if not {*map(type, params), *map(type, grads)} <= _PLAIN:   # no tensor subclass (DTensor, …)
+    if not {*map(type, params), *map(type, grads)} <= PLAIN:   # no tensor subclass (DTensor, …)
         return None
     native = _native.loaded()
     if native is not None:                          # the same checks in C++ (~20 µs less for 52)
@@ -112,7 +114,7 @@ def step_classic(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads
     (:func:`step_fused`) where :func:`fused_groups` allows. False, with nothing written, where
     neither runs (the foreach twin then takes the step)."""
     if (fused is not False and params and params[0].is_cpu and is_variant(kind, rule, weight_decay)
-            and {*map(type, params), *map(type, grads)} <= _PLAIN      # the kernel checks the rest
+            and {*map(type, params), *map(type, grads)} <= PLAIN      # the kernel checks the rest
             and _step_native(kind, rule, params, grads, states, lr=lr, weight_decay=weight_decay)):
         return True
     groups = fused_groups(params, grads, fused, kind)
@@ -227,4 +229,4 @@ def _nadamw(rule: UpdateRule, ps, gs, m1, m2, steps, ts, *, lr: float, weight_de
             torch._foreach_lerp_(ms, sel(gs), w)
 
 
-__all__ = ["classic_kind", "fused_groups", "is_variant", "step_classic", "step_fused"]
+__all__ = ["PLAIN", "classic_kind", "fused_groups", "is_variant", "step_classic", "step_fused"]

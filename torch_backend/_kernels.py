@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
+
 
 class Read(NamedTuple):
     """A memory's output for one step: ``σ(D̃)`` (plus anything the memory adds after σ, like
@@ -32,7 +34,7 @@ class MemoryKernel(NamedTuple):
     outer step of those parameters with those read-outs now; the kernel may call it as soon as
     a part of its read-outs is ready (each ``σ(D̃)`` once), and returns None in their places.
     The caller passes it only where the outer step is ``W ← W − γ O`` (no denominator, no
-    divisor, no shape scale; any decoupled decay made first).
+    divisor, no shape scale; any decoupled decay made first), as an :class:`OuterStep`.
     """
 
     batched: Callable[..., Read]
@@ -40,4 +42,16 @@ class MemoryKernel(NamedTuple):
     applies: bool = False
 
 
-__all__ = ["MemoryKernel", "Read"]
+class OuterStep(NamedTuple):
+    """``apply=`` of a memory that :attr:`~MemoryKernel.applies`: ``W ← W − γ O`` for the
+    parameters ``params[i]`` of the indices it is called with. A kernel that makes the step
+    itself (DMGD's C++ kernel, where σ is the identity) reads ``params`` and ``lr`` instead."""
+
+    params: list
+    lr: float
+
+    def __call__(self, idx: list[int], outs: list) -> None:
+        torch._foreach_add_([self.params[i] for i in idx], outs, alpha=-self.lr)
+
+
+__all__ = ["MemoryKernel", "OuterStep", "Read"]

@@ -1,16 +1,21 @@
-"""deepopt's own CPU kernels (``csrc/elementwise.cpp``), built on first use.
+"""deepopt's own CPU kernels (``csrc/elementwise.cpp``, ``csrc/deep_memory.cpp``), built on first use.
 
 torch has fused CPU kernels for SGD and AdamW exactly as torch.optim defines them, and
 :mod:`torch_backend._fused` hands those rules to them. Three variants have none: SGD with
 decoupled weight decay, SGD with torch's undamped first write, and AdamW with the NAdam read.
 Through torch's ops each costs a pass more over every parameter or memory (and on the CPU
-torch's foreach ops run one op per tensor). The kernels here make each of them one loop per
-tensor that reads and writes every word once and advances the step counts itself
+torch's foreach ops run one op per tensor). The kernels in ``elementwise.cpp`` make each of them
+one loop per tensor that reads and writes every word once and advances the step counts itself
 (benchmarks/README.md, "Twelfth round": 0.80–1.07× torch's fused kernels). A fourth op,
 ``fused_groups``, is :func:`_fused.fused_groups`' per-tensor checks in C++.
 
-They are built with ``torch.utils.cpp_extension`` (g++, ninja) the first time a variant's step
-needs them: ~20 s, once per machine, CPU, Python and torch version, cached in
+``deep_memory.cpp`` is DMGD's memory (docs/math.md §5) for one bucket of same-shape matrices:
+:func:`_deep_memory.fused_kernel`'s write and read as two passes over each matrix's rows in
+cache-sized blocks, its seven thin products register-tiled loops, instead of ~40 torch ops over
+the whole bucket (benchmarks/README.md, "Thirteenth round").
+
+They are built with ``torch.utils.cpp_extension`` (g++, ninja) the first time a step needs them
+(a variant's, or DMGD's on the CPU): ~30 s, once per machine, CPU, Python and torch version, cached in
 :func:`build_directory` and shared by later processes (``torch_backend.build_kernels()`` builds them
 ahead). The classic rules use them only once built (:func:`loaded`), so ``deepopt.sgd`` or
 ``deepopt.adamw`` alone never waits for a build. ``DEEPOPT_NATIVE`` says whether to build:
@@ -19,9 +24,9 @@ ahead). The classic rules use them only once built (:func:`loaded`), so ``deepop
 - ``1``: build on first use and raise if the build fails;
 - ``0``: never build or load; torch's ops run.
 
-The element-wise ops take CPU float32/float64 tensors (on CUDA torch's kernel plus a pass runs,
-or inductor's loop under ``torch.compile``), and check every tensor before writing any.
-Results equal torch's ops within float rounding (``tests/test_native.py``).
+The ops take CPU float32/float64 tensors (on CUDA, torch's ops run, or inductor's loops under
+``torch.compile``), and check every tensor before writing any. Results equal torch's ops within
+float rounding (``tests/test_native.py``, ``tests/test_deep_memory_native.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import warnings
 
 import torch
 
-SOURCE = pathlib.Path(__file__).with_name("csrc") / "elementwise.cpp"
+SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("elementwise.cpp", "deep_memory.cpp"))
 SETTINGS = ("auto", "0", "1")
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
 #: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
@@ -75,8 +80,8 @@ def build_name() -> str:
     shared across machines) never loads a stale or foreign build from the shared cache, and two
     installs never rebuild one another's (ninja rebuilds when the source's path changes, under a
     process that may have the library loaded)."""
-    key = "\n".join((SOURCE.read_text(), str(SOURCE), " ".join(FLAGS), torch.__version__, sys.version,
-                     cpu_signature()))
+    key = "\n".join((*(f"{path}\n{path.read_text()}" for path in SOURCES), " ".join(FLAGS), torch.__version__,
+                     sys.version, cpu_signature()))
     return f"deepopt_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
@@ -108,15 +113,15 @@ def ops():
         where = build_directory()
         _log.info("deepopt: loading its CPU kernels from %s (built once, ~20 s)", where)
         where.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=where.name, sources=[str(SOURCE)], extra_cflags=FLAGS,
+        cpp_extension.load(name=where.name, sources=[str(path) for path in SOURCES], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(where),
                            is_python_module=False, verbose=False)
     except Exception as exc:   # no compiler, no ninja, a failed build: all end the same way
         if value == "1":
             raise RuntimeError(f"deepopt's CPU kernels could not be built (DEEPOPT_NATIVE=1): {exc}") from exc
         warnings.warn(f"deepopt's CPU kernels could not be built ({type(exc).__name__}: {exc}); SGD with "
-                      "decoupled decay or torch's first write, and AdamW with the NAdam read, run torch's ops "
-                      "instead (same results, slower). DEEPOPT_NATIVE=0 skips the build.",
+                      "decoupled decay or torch's first write, AdamW with the NAdam read and DMGD's memory "
+                      "run torch's ops instead (same results, slower). DEEPOPT_NATIVE=0 skips the build.",
                       RuntimeWarning, stacklevel=2)
         return None
     global _built
@@ -148,5 +153,5 @@ def loaded():
 _built: bool | None = None
 
 
-__all__ = ["FLAGS", "SOURCE", "build", "build_directory", "build_name", "cpu_signature", "library", "loaded", "ops",
+__all__ = ["FLAGS", "SOURCES", "build", "build_directory", "build_name", "cpu_signature", "library", "loaded", "ops",
            "setting"]
