@@ -326,8 +326,8 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
 def _native_kernel(mem: DeepMemory, s, w1, w2, nu, gs: Tensors, vs: Tensors, prev, out: torch.Tensor | None,
                    outer: tuple[Tensors, float] | None = None):
     """:func:`fused_kernel` on a CPU bucket through deepopt's C++ kernel (``csrc/deep_memory.cpp``:
-    each matrix's rows in cache-sized blocks, two passes; the gradients read where they are, no
-    stack). Returns ``out`` holding D̃; or, given ``outer`` (the bucket's parameters and lr)
+    each matrix's rows in cache-sized blocks: their norms, the write, the read; the gradients
+    read where they are, no stack). Returns ``out`` holding D̃; or, given ``outer`` (the bucket's parameters and lr)
     and no ``out``, None: the outer step ``W ← W − γ D̃`` made in the read's pass, D̃ never
     stored. False where the kernels are off or unbuilt, or the op does not take the bucket (a
     dtype other than float32/float64, a non-contiguous or subclassed tensor, a parameter the step

@@ -10,12 +10,12 @@ one loop per tensor that reads and writes every word once and advances the step 
 ``fused_groups``, is :func:`_fused.fused_groups`' per-tensor checks in C++.
 
 ``deep_memory.cpp`` is DMGD's memory (docs/math.md §5) for one bucket of same-shape matrices:
-:func:`_deep_memory.fused_kernel`'s write and read as two passes over each matrix's rows in
-cache-sized blocks, its seven thin products register-tiled loops, instead of ~40 torch ops over
+:func:`_deep_memory.fused_kernel`'s write and read as passes over each matrix's rows in
+cache-sized blocks (their norms, the write, the read), its seven thin products register-tiled loops, instead of ~40 torch ops over
 the whole bucket (benchmarks/README.md, "Thirteenth round").
 
 They are built with ``torch.utils.cpp_extension`` (g++, ninja) the first time a step needs them
-(a variant's, or DMGD's on the CPU): ~30 s, once per machine, CPU, Python and torch version, cached in
+(a variant's, or DMGD's on the CPU): ~25 s, once per machine, CPU, Python and torch version, cached in
 :func:`build_directory` and shared by later processes (``torch_backend.build_kernels()`` builds them
 ahead). The classic rules use them only once built (:func:`loaded`), so ``deepopt.sgd`` or
 ``deepopt.adamw`` alone never waits for a build. ``DEEPOPT_NATIVE`` says whether to build:
@@ -111,7 +111,7 @@ def ops():
         from torch.utils import cpp_extension
 
         where = build_directory()
-        _log.info("deepopt: loading its CPU kernels from %s (built once, ~20 s)", where)
+        _log.info("deepopt: loading its CPU kernels from %s (built once, ~25 s)", where)
         where.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=where.name, sources=[str(path) for path in SOURCES], extra_cflags=FLAGS,
                            extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(where),

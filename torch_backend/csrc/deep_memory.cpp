@@ -1,13 +1,15 @@
 // DMGD's deep memory (docs/math.md §5) for one bucket of same-shape matrices, on the CPU:
-// torch_backend/_deep_memory.py's fused_kernel, the same write and read, as two passes over
-// each matrix's rows instead of ~40 torch ops over the whole bucket.
+// torch_backend/_deep_memory.py's fused_kernel, the same write and read, as passes over each
+// matrix's rows (their norms, then the write, then the read) instead of ~40 torch ops over the
+// whole bucket.
 //
 // Why a kernel of its own. Each of the memory's seven products multiplies an m×n matrix by a
 // thin n×h or m×h one (h = 16 by default). Through torch, each is a bmm over the whole bucket,
 // and each element-wise step between them another pass: every full-size operand streams
 // through the caches a dozen times a step, and the host makes ~40 calls per bucket. Here the
 // rows of a matrix go by in blocks that stay in the L1/L2 cache, and every product and
-// element-wise step that needs a block runs while it is there:
+// element-wise step that needs a block runs while it is there (docs/math.md §5, "Cost", says
+// why three visits of the rows are the least there can be):
 //
 //   pass 1 (the write), per block of rows:
 //     Z = (K W₁ᵀ) ⊙ r,  νH = ν σ(Z),  P = S − V + (νH) W₂ᵀ (l2; dot: P = V, no product),
