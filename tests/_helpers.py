@@ -165,6 +165,18 @@ def torch_step(opt, tparams: Mapping, grads: Mapping) -> None:
     opt.step()
 
 
+def random_steps(opt, tparams: Mapping, steps: int, seed: int = 1) -> None:
+    """``steps`` of ``opt.step()``, each with fresh N(0, 1) gradients of the parameters' dtype
+    (from one generator seeded with ``seed``, parameter by parameter)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in tparams.values():
+            p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        opt.step()
+
+
 def torch_run(spec: deepopt.Spec, params: Mapping[str, np.ndarray], stream: Sequence[Mapping], *,
               dtype=None, device: str = "cpu", foreach: bool | None = None) -> list[dict]:
     """``torch_backend`` on ``device``: the parameters after each step, as float64 numpy."""

@@ -170,3 +170,15 @@ def model_problem() -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]
 def spec_table() -> dict[str, Callable[[], deepopt.Spec]]:
     """``SPECS`` itself, for tests that need several entries at once."""
     return SPECS
+
+
+@pytest.fixture(scope="session")
+def native():
+    """``torch.ops.deepopt``: deepopt's CPU kernels (torch_backend/_native.py), built if need be;
+    the test is skipped where they are off or cannot be built here."""
+    from torch_backend import _native
+
+    ops = _native.ops()
+    if ops is None:
+        pytest.skip("deepopt's CPU kernels could not be built here (see the warning)")
+    return ops

@@ -13,6 +13,8 @@ import deepopt
 import torch_backend
 from torch_backend import _deep_memory, _native
 
+from _helpers import random_steps
+
 # One bucket of three 5×7 matrices, a 3-D kernel with a 7×6 view, a bucket of one, a vector.
 SHAPES = {"a": (5, 7), "b": (5, 7), "c": (5, 7), "d": (7, 3, 2), "e": (7, 6), "bias": (7,)}
 VARIANTS = {
@@ -87,11 +89,7 @@ def _run(variant, dtype, fused, monkeypatch, steps=6, foreach=True):
     monkeypatch.setattr(_deep_memory, "FUSED", fused)
     params = _params(dtype)
     opt = torch_backend.compile(deepopt.dmgd(0.02, **VARIANTS[variant]), list(params.items()), foreach=foreach)
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params.values():
-            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
-        opt.step()
+    random_steps(opt, params, steps)
     return params, opt
 
 

@@ -17,6 +17,8 @@ import deepopt
 import torch_backend
 from torch_backend import _deep_memory, _native
 
+from _helpers import random_steps
+
 VARIANTS = {
     "default": {},
     "dot": {"objective": "dot"},
@@ -31,14 +33,6 @@ VARIANTS = {
 # several row blocks (32 KB of float32 rows each: 512 columns make blocks of 16 rows).
 SHAPES = [(3, 7, 5), (1, 1, 1), (2, 13, 21), (2, 50, 512), (1, 70, 300)]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-13), torch.float32: dict(rtol=2e-4, atol=2e-6)}
-
-
-@pytest.fixture(scope="module")
-def native():
-    ops = _native.ops()
-    if ops is None:
-        pytest.skip("deepopt's CPU kernels could not be built here (see the warning)")
-    return ops
 
 
 def _inputs(mem: deepopt.DeepMemory, b, m, n, dtype, seed=0, scale=1e-3):
@@ -215,11 +209,7 @@ def _params(dtype=torch.float32):
 def _train(spec, steps=5, dtype=torch.float32):
     params = _params(dtype)
     opt = torch_backend.compile(spec, list(params.items()))
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for p in params.values():
-            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype)
-        opt.step()
+    random_steps(opt, params, steps)
     return params, opt
 
 

@@ -32,14 +32,6 @@ VARIANTS = {
 SHAPES = [(5, 3), (3,), (4, 6), (1,)]
 
 
-@pytest.fixture(scope="module")
-def native():
-    ops = _native.ops()
-    if ops is None:
-        pytest.skip("deepopt's CPU kernels could not be built here (see the warning)")
-    return ops
-
-
 @pytest.fixture
 def calls(native, monkeypatch):
     """Counts the kernel's step calls and what they returned, its ``fused_groups`` checks, and
