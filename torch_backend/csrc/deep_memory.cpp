@@ -74,64 +74,83 @@ template <typename T> inline void in_register(V<T>& v) {
 
 constexpr int kRows = 6;   // rows of a product's register tile (× 2 vectors of columns: 12 sums)
 
-// The NV vectors at p, held in registers.
-template <typename T, int NV> inline void load_held(const T* p, V<T> (&v)[NV]) {
-  for (int c = 0; c < NV; ++c) {
-    v[c] = load(p + c * kLanes<T>);
-    in_register<T>(v[c]);
-  }
-}
-
-// acc[r] += x[r · stride] · w for the tile's RB rows: one term of its sums.
+// out[R×hp] = X[R×n] · W[n×hp]   (X's rows ldx apart; W row-major, hp a multiple of the lanes).
+// The tile: kRows rows × NV vectors, accumulated over the n terms in registers.
 template <typename T, int RB, int NV>
-inline void add_term(V<T> (&acc)[RB][NV], const T* x, int64_t stride, const V<T> (&w)[NV]) {
-  for (int r = 0; r < RB; ++r) {
-    const V<T> xv = splat(x[r * stride]);
-    for (int c = 0; c < NV; ++c) acc[r][c] += xv * w[c];
-  }
-}
-
-// X[R×terms] · W[terms×cols] (X's rows ldx apart, W's ldw apart), each product handed to the
-// epilogue ``epi(row, column, value)`` with ``value`` a vector of the lanes from that column on
-// (or one number, for the last cols mod lanes columns), which stores it, or combines it with
-// the block's other operands first. The tile: RB rows × NV vectors, summed over the terms in
-// registers. The thin products are all of this form: K W₁ᵀ and P W₂ (terms n, cols hp), and
-// ν H W₂ᵀ (terms hp, cols n).
-template <typename T, int RB, int NV, typename Epi>
-inline void tile(const T* x, int64_t ldx, int64_t terms, const T* w, int64_t ldw, int64_t r0, int64_t c0,
-                 const Epi& epi) {
+inline void tile_a(const T* x, int64_t ldx, int64_t n, const T* w, int64_t hp, int64_t c0, T* out) {
   V<T> acc[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = V<T>{};
-  for (int64_t i = 0; i < terms; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     V<T> wv[NV];
-    load_held<T, NV>(w + i * ldw + c0, wv);
-    add_term<T, RB, NV>(acc, x + i, ldx, wv);
+    for (int c = 0; c < NV; ++c) {
+      wv[c] = load(w + i * hp + c0 + c * kLanes<T>);
+      in_register<T>(wv[c]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const V<T> xv = splat(x[r * ldx + i]);
+      for (int c = 0; c < NV; ++c) acc[r][c] += xv * wv[c];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) store(out + r * hp + c0 + c * kLanes<T>, acc[r][c]);
+}
+
+template <typename T, int RB>
+inline void rows_a(const T* x, int64_t ldx, int64_t n, const T* w, int64_t hp, T* out) {
+  int64_t c0 = 0;
+  for (; c0 + 2 * kLanes<T> <= hp; c0 += 2 * kLanes<T>) tile_a<T, RB, 2>(x, ldx, n, w, hp, c0, out);
+  for (; c0 < hp; c0 += kLanes<T>) tile_a<T, RB, 1>(x, ldx, n, w, hp, c0, out);
+}
+
+template <typename T>
+void product_a(const T* x, int64_t rows, int64_t n, const T* w, int64_t hp, T* out) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) rows_a<T, kRows>(x + r * n, n, n, w, hp, out + r * hp);
+  for (; r < rows; ++r) rows_a<T, 1>(x + r * n, n, n, w, hp, out + r * hp);
+}
+
+// Y[R×hp] · Wt[hp×n], each product handed to the epilogue ``epi(row, column, value)`` with
+// ``value`` a vector of the lanes from that column on (or one number, for the last n mod lanes
+// columns), which combines it with the block's other operands and stores the result.
+template <typename T, int RB, int NV, typename Epi>
+inline void tile_b(const T* y, int64_t hp, const T* wt, int64_t n, int64_t r0, int64_t c0, const Epi& epi) {
+  V<T> acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = V<T>{};
+  for (int64_t j = 0; j < hp; ++j) {
+    V<T> wv[NV];
+    for (int c = 0; c < NV; ++c) {
+      wv[c] = load(wt + j * n + c0 + c * kLanes<T>);
+      in_register<T>(wv[c]);
+    }
+    for (int r = 0; r < RB; ++r) {
+      const V<T> yv = splat(y[r * hp + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] += yv * wv[c];
+    }
   }
   for (int r = 0; r < RB; ++r)
     for (int c = 0; c < NV; ++c) epi(r0 + r, c0 + c * kLanes<T>, acc[r][c]);
 }
 
 template <typename T, int RB, typename Epi>
-inline void tile_row(const T* x, int64_t ldx, int64_t terms, const T* w, int64_t ldw, int64_t cols, int64_t r0,
-                     const Epi& epi) {
+inline void rows_b(const T* y, int64_t hp, const T* wt, int64_t n, int64_t r0, const Epi& epi) {
   int64_t c0 = 0;
-  for (; c0 + 2 * kLanes<T> <= cols; c0 += 2 * kLanes<T>) tile<T, RB, 2>(x, ldx, terms, w, ldw, r0, c0, epi);
-  for (; c0 + kLanes<T> <= cols; c0 += kLanes<T>) tile<T, RB, 1>(x, ldx, terms, w, ldw, r0, c0, epi);
-  for (; c0 < cols; ++c0)
+  for (; c0 + 2 * kLanes<T> <= n; c0 += 2 * kLanes<T>) tile_b<T, RB, 2>(y, hp, wt, n, r0, c0, epi);
+  for (; c0 + kLanes<T> <= n; c0 += kLanes<T>) tile_b<T, RB, 1>(y, hp, wt, n, r0, c0, epi);
+  for (; c0 < n; ++c0)
     for (int r = 0; r < RB; ++r) {
       T sum = 0;
-      for (int64_t i = 0; i < terms; ++i) sum += x[r * ldx + i] * w[i * ldw + c0];
+      for (int64_t j = 0; j < hp; ++j) sum += y[r * hp + j] * wt[j * n + c0];
       epi(r0 + r, c0, sum);
     }
 }
 
 template <typename T, typename Epi>
-void product(const T* x, int64_t rows, int64_t ldx, int64_t terms, const T* w, int64_t ldw, int64_t cols,
-             const Epi& epi) {
+void product_b(const T* y, int64_t rows, int64_t hp, const T* wt, int64_t n, const Epi& epi) {
   int64_t r = 0;
-  for (; r + kRows <= rows; r += kRows) tile_row<T, kRows>(x + r * ldx, ldx, terms, w, ldw, cols, r, epi);
-  for (; r < rows; ++r) tile_row<T, 1>(x + r * ldx, ldx, terms, w, ldw, cols, r, epi);
+  for (; r + kRows <= rows; r += kRows) rows_b<T, kRows>(y + r * hp, hp, wt, n, r, epi);
+  for (; r < rows; ++r) rows_b<T, 1>(y + r * hp, hp, wt, n, r, epi);
 }
 
 // A vector of the lanes at p, or the one number at p: what an epilogue reads next to its value.
@@ -144,12 +163,6 @@ template <typename X, typename T> inline void put(T* p, X x) {
   else store(p, x);
 }
 
-// out[R×hp] = X[R×n] · W[n×hp], stored.
-template <typename T>
-void product_a(const T* x, int64_t rows, int64_t n, const T* w, int64_t hp, T* out) {
-  product(x, rows, n, n, w, hp, hp, [out, hp](int64_t r, int64_t c, auto v) { put(out + r * hp + c, v); });
-}
-
 // out[n×hp] += X[R×n]ᵀ · Y[R×hp]   (X's rows ldx apart): out's rows kRows at a time, in
 // registers over the R terms.
 template <typename T, int IB, int NV>
@@ -160,8 +173,14 @@ inline void tile_c(const T* x, int64_t ldx, int64_t rows, const T* y, int64_t hp
     for (int c = 0; c < NV; ++c) acc[i][c] = load(out + (i0 + i) * hp + c0 + c * kLanes<T>);
   for (int64_t r = 0; r < rows; ++r) {
     V<T> yv[NV];
-    load_held<T, NV>(y + r * hp + c0, yv);
-    add_term<T, IB, NV>(acc, x + r * ldx + i0, 1, yv);
+    for (int c = 0; c < NV; ++c) {
+      yv[c] = load(y + r * hp + c0 + c * kLanes<T>);
+      in_register<T>(yv[c]);
+    }
+    for (int i = 0; i < IB; ++i) {
+      const V<T> xv = splat(x[r * ldx + i0 + i]);
+      for (int c = 0; c < NV; ++c) acc[i][c] += xv * yv[c];
+    }
   }
   for (int i = 0; i < IB; ++i)
     for (int c = 0; c < NV; ++c) store(out + (i0 + i) * hp + c0 + c * kLanes<T>, acc[i][c]);
@@ -330,7 +349,7 @@ void one_matrix(const Options& o, int64_t m, int64_t n, int64_t h, T* s, T* w1, 
       for (int64_t k = 0; k < rows * n; ++k) sb[k] = alpha * sb[k] + eta * vb[k];
     } else {                                                          // P = S − V + ν H W₂ᵀ, S ← αS − ηP
       T* pb = blk.get();
-      product(hn.get(), rows, hp, hp, w2t.get(), n, n, [&](int64_t r, int64_t c, auto f) {
+      product_b(hn.get(), rows, hp, w2t.get(), n, [&](int64_t r, int64_t c, auto f) {
         using X = decltype(f);
         const int64_t k = r * n + c;
         const X sk = at<X>(sb + k);
@@ -380,13 +399,13 @@ void one_matrix(const Options& o, int64_t m, int64_t n, int64_t h, T* s, T* w1, 
     double unused = 0;
     silu_rows(z.get(), sg.get(), hn.get(), rows * hp, nu_t, unused);   // ν σ(Q W₁ᵀ)
     if (o.nesterov)                                                   // D̃ = α(S + ν σ(Q W₁ᵀ) W₂ᵀ) + ηV
-      product(hn.get(), rows, hp, hp, w2t.get(), n, n, [&](int64_t r, int64_t c, auto f) {
+      product_b(hn.get(), rows, hp, w2t.get(), n, [&](int64_t r, int64_t c, auto f) {
         using X = decltype(f);
         const int64_t k = r * n + c;
         emit(k, alpha * (at<X>(sb + k) + f) + eta * at<X>(vb + k));
       });
     else                                                              // D = S + ν σ(Q W₁ᵀ) W₂ᵀ
-      product(hn.get(), rows, hp, hp, w2t.get(), n, n, [&](int64_t r, int64_t c, auto f) {
+      product_b(hn.get(), rows, hp, w2t.get(), n, [&](int64_t r, int64_t c, auto f) {
         using X = decltype(f);
         emit(r * n + c, at<X>(sb + r * n + c) + f);
       });
