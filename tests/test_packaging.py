@@ -66,5 +66,8 @@ def test_the_cpu_kernels_source_ships_and_ninja_is_installed_to_build_it():
     assert all(path.is_file() for path in _native.SOURCES)
     assert [path.relative_to(ROOT / "torch_backend").as_posix() for path in _native.SOURCES] == \
         ["csrc/elementwise.cpp", "csrc/deep_memory.cpp"]
+    # DMGD's memory itself is a header both backends include: it ships with deepopt.
+    assert PYPROJECT["tool"]["setuptools"]["package-data"]["deepopt"] == ["csrc/*.h"]
+    assert [path.relative_to(ROOT / "deepopt").as_posix() for path in _native.HEADERS] == ["csrc/deep_memory.h"]
     assert any(req.startswith("ninja") for req in PYPROJECT["project"]["optional-dependencies"]["torch"])
     assert re.search(r"^ninja==\d", (ROOT / "constraints.txt").read_text(), flags=re.M)

@@ -43,6 +43,8 @@ import warnings
 import torch
 
 SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("elementwise.cpp", "deep_memory.cpp"))
+#: The headers the sources include: DMGD's memory in plain C++, shared with jax_backend's custom call.
+HEADERS = (pathlib.Path(__file__).parents[1] / "deepopt" / "csrc" / "deep_memory.h",)
 SETTINGS = ("auto", "0", "1")
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
 #: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
@@ -80,7 +82,7 @@ def build_name() -> str:
     shared across machines) never loads a stale or foreign build from the shared cache, and two
     installs never rebuild one another's (ninja rebuilds when the source's path changes, under a
     process that may have the library loaded)."""
-    key = "\n".join((*(f"{path}\n{path.read_text()}" for path in SOURCES), " ".join(FLAGS), torch.__version__,
+    key = "\n".join((*(f"{path}\n{path.read_text()}" for path in (*SOURCES, *HEADERS)), " ".join(FLAGS), torch.__version__,
                      sys.version, cpu_signature()))
     return f"deepopt_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -114,6 +116,7 @@ def ops():
         _log.info("deepopt: loading its CPU kernels from %s (built once, ~25 s)", where)
         where.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=where.name, sources=[str(path) for path in SOURCES], extra_cflags=FLAGS,
+                           extra_include_paths=sorted({str(path.parent) for path in HEADERS}),
                            extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(where),
                            is_python_module=False, verbose=False)
     except Exception as exc:   # no compiler, no ninja, a failed build: all end the same way
@@ -153,5 +156,5 @@ def loaded():
 _built: bool | None = None
 
 
-__all__ = ["FLAGS", "SOURCES", "build", "build_directory", "build_name", "cpu_signature", "library", "loaded", "ops",
+__all__ = ["FLAGS", "HEADERS", "SOURCES", "build", "build_directory", "build_name", "cpu_signature", "library", "loaded", "ops",
            "setting"]
