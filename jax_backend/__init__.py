@@ -15,6 +15,7 @@ from jax_backend._deep_memory import LeafStacks as LeafStacks
 from jax_backend._deep_memory import scale_by_deep_memory as scale_by_deep_memory
 from jax_backend._multiscale import MultiScaleState as MultiScaleState
 from jax_backend._multiscale import scale_by_multiscale_memory as scale_by_multiscale_memory
+from jax_backend._native import build as build_kernels
 from jax_backend._newton_schulz import newton_schulz as newton_schulz
 from jax_backend._routing import param_labels as param_labels
 from jax_backend._routing import path_name as path_name
@@ -33,7 +34,7 @@ from jax_backend._transforms import scale_by_second_moment as scale_by_second_mo
 from jax_backend._transforms import scale_by_shape as scale_by_shape
 
 __all__ = [
-    "MEMORIES", "READOUTS", "VALUES", "apply_values", "init_state", "then_readout",
+    "MEMORIES", "READOUTS", "VALUES", "apply_values", "build_kernels", "init_state", "then_readout",
     "DeepMemoryState", "LeafStacks", "LinearMemoryState", "MatrixView", "MultiScaleState", "SecondMomentState",
     "compile", "memory_stats", "newton_schulz", "param_labels", "path_name", "run_trajectory",
     "scale_by_deep_memory", "scale_by_linear_memory", "scale_by_multiscale_memory",

@@ -27,10 +27,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from deepopt import AdamValues, DeepMemory, IdentityValues
 from deepopt._memory import silu_grad
+from jax_backend import _native
 from jax_backend._routing import path_name
 from jax_backend._sharding import params_mesh
 from jax_backend._state import init_state
@@ -135,6 +137,56 @@ def deep_memory_kernel(memory: DeepMemory, s: jax.Array, w1: jax.Array | None,
     if memory.nesterov:
         d = alpha * d + eta * v                           # D̃ = αD + ηV
     return s, w1, w2, nu, d, g * r
+
+
+def native_ready(memory: DeepMemory, dtype) -> bool:
+    """Whether :func:`native_bucket` takes a bucket of ``dtype``: a memory with an MLP
+    (``hidden > 0``), float32 or float64, JAX computing on the CPU (its default backend), and the
+    kernel built (:func:`jax_backend._native.target`: asked last, so nothing else starts a build)."""
+    return (memory.hidden > 0 and jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+            and jax.default_backend() == "cpu" and _native.target() is not None)
+
+
+def native_bucket(memory: DeepMemory, s: jax.Array, w1: jax.Array, w2: jax.Array, nu: jax.Array,
+                  prev_key: jax.Array | None, gs: list, vs: list, *, transposed: bool):
+    """:func:`deep_memory_kernel` on one bucket's stacks through deepopt's C++ kernel, an XLA
+    custom call on the CPU (:mod:`jax_backend._native`; the header ``deepopt/csrc/deep_memory.h``).
+
+    s, w1, w2, nu, prev_key: the bucket's stacks, as :func:`deep_memory_kernel` takes them; gs:
+    the bucket's gradients, one array per leaf in the kernel's layout (not stacked: the kernel
+    reads them where they are); vs: the values likewise, or empty where V = G. Returns what
+    :func:`deep_memory_kernel` returns (``Ĝ`` None unless ``keys="previous"``); equal to it within
+    float rounding. The state is written in place where the caller donates it (else XLA copies it
+    first). Differentiable: its JVP is :func:`deep_memory_kernel`'s (for meta-gradients through a
+    step), and ``vmap`` runs it once per batch element.
+    """
+    previous = prev_key is not None
+    m, n = (s.shape[-1], s.shape[-2]) if transposed else (s.shape[-2], s.shape[-1])
+
+    def ops(state, gs, vs):
+        s, w1, w2, nu, prev = state
+        g = jnp.stack(gs)
+        s, w1, w2, nu, d, g_hat = deep_memory_kernel(memory, s, w1, w2, nu, g, jnp.stack(vs) if vs else g, prev,
+                                                     transposed=transposed)
+        return (s, w1, w2, nu, g_hat if previous else None), d
+
+    @jax.custom_jvp
+    def kernel(state, gs, vs):
+        held = [x for x in state if x is not None]                    # S, W₁, W₂, ν, [Ĝ]: in place
+        call = jax.ffi.ffi_call(_native.TARGET, [*(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in held),
+                                                 jax.ShapeDtypeStruct(s.shape, s.dtype)],
+                                input_output_aliases={i: i for i in range(len(held))}, vmap_method="sequential")
+        *new, d = call(*held, *gs, *vs, m=np.int64(m), n=np.int64(n), h=np.int64(memory.hidden),
+                       momentum=np.float64(memory.momentum), inner_lr=np.float64(memory.inner_lr),
+                       scale_decay=np.float64(memory.scale_decay), eps=np.float64(memory.key_eps),
+                       slope_sq=np.float64(memory.SILU_SLOPE_SQ), dot=np.int64(memory.objective == "dot"),
+                       nesterov=np.int64(memory.nesterov), transposed=np.int64(transposed),
+                       previous=np.int64(previous), values=np.int64(bool(vs)))
+        return (*new[:4], new[4] if previous else None), d
+
+    kernel.defjvp(lambda primals, tangents: jax.jvp(ops, primals, tangents))
+    (s, w1, w2, nu, g_hat), d = kernel((s, w1, w2, nu, prev_key), tuple(gs), tuple(vs))
+    return s, w1, w2, nu, d, g_hat
 
 
 def _in_order() -> bool:
@@ -331,14 +383,19 @@ def scale_by_deep_memory(
         ordered = memory.hidden and _in_order()
         last = None
         for b, idx in enumerate(st.buckets):
-            g = jnp.stack([row(leaves[i]) for i in idx])
             same = all(vleaves[i] is leaves[i] for i in idx)
-            v = g if same else jnp.stack([row(vleaves[i]) for i in idx])
-            s, w1, w2, nu, d, g_hat = deep_memory_kernel(   # V = G: the kernel reads ‖V‖ off Ĝ's row norms
-                memory, st.stacks[b], field("mlp_w1", b), field("mlp_w2", b), field("value_scale", b), g, v,
-                field("prev_key", b), transposed=transposed,
-                after=_zero_after(last) if ordered and last is not None else None)
-            last = d                            # one bucket after another (see _in_order)
+            state_b = (st.stacks[b], field("mlp_w1", b), field("mlp_w2", b), field("value_scale", b))
+            if native_ready(memory, st.stacks[b].dtype):     # deepopt's C++ kernel (an XLA custom call)
+                s, w1, w2, nu, d, g_hat = native_bucket(
+                    memory, *state_b, field("prev_key", b), [row(leaves[i]) for i in idx],
+                    [] if same else [row(vleaves[i]) for i in idx], transposed=transposed)
+            else:
+                g = jnp.stack([row(leaves[i]) for i in idx])
+                v = g if same else jnp.stack([row(vleaves[i]) for i in idx])
+                s, w1, w2, nu, d, g_hat = deep_memory_kernel(   # V = G: the kernel reads ‖V‖ off Ĝ's row norms
+                    memory, *state_b, g, v, field("prev_key", b), transposed=transposed,
+                    after=_zero_after(last) if ordered and last is not None else None)
+                last = d                        # one bucket after another (see _in_order)
             for f, x in zip(_STACKED, (s, w1, w2, nu, g_hat if previous else None)):
                 new[f].append(x)
             ds.append(d)

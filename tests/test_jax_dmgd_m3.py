@@ -277,13 +277,17 @@ def _product_lines(params, hidden):
     return [line for line in entry if product.search(line)]
 
 
-def test_matrices_run_one_after_the_other_on_one_cpu_device():
+def test_matrices_run_one_after_the_other_on_one_cpu_device(monkeypatch):
     """With one CPU device the matrices' kernels run in tree order, each whole before the next
     starts (a zero from the previous read-out orders them; XLA's CPU scheduler otherwise runs
     every matrix's first product, then every second, …), and Bᵀ K is made as its n×h
-    transpose (the fast operand order; XLA folds an unbarriered transpose into the product)."""
+    transpose (the fast operand order; XLA folds an unbarriered transpose into the product).
+    These are XLA's ops, which run where deepopt's C++ kernel does not (off: DEEPOPT_NATIVE=0)."""
+    import jax_backend._deep_memory as jdm
+
     if jax.default_backend() != "cpu" or jax.device_count() != 1:
         pytest.skip("the order is taken with one CPU device")
+    monkeypatch.setattr(jdm, "native_ready", lambda *a: False)
     rng = np.random.default_rng(7)
     h = 4   # optax layout (in, out): leaf a is n=24, m=40; leaf b is n=32, m=48
     params = {"a": jnp.asarray(rng.normal(size=(24, 40)), jnp.float32),
@@ -305,6 +309,8 @@ def test_in_order_step_equals_the_unordered_step(monkeypatch):
               for n, s in {"a": (6, 10), "b": (12, 5), "c": (3, 8, 4)}.items()}
     grads = [{n: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for n, p in params.items()}
              for _ in range(6)]
+
+    monkeypatch.setattr(jdm, "native_ready", lambda *a: False)   # the order is the XLA ops'
 
     def run(in_order):
         monkeypatch.setattr(jdm, "_in_order", lambda: in_order)

@@ -69,5 +69,10 @@ def test_the_cpu_kernels_source_ships_and_ninja_is_installed_to_build_it():
     # DMGD's memory itself is a header both backends include: it ships with deepopt.
     assert PYPROJECT["tool"]["setuptools"]["package-data"]["deepopt"] == ["csrc/*.h"]
     assert [path.relative_to(ROOT / "deepopt").as_posix() for path in _native.HEADERS] == ["csrc/deep_memory.h"]
+    # JAX's custom call around it: built by jax_backend/_native.py with the system's compiler.
+    from jax_backend import _native as jax_native
+
+    assert PYPROJECT["tool"]["setuptools"]["package-data"]["jax_backend"] == ["csrc/*.cpp"]
+    assert jax_native.SOURCE.relative_to(ROOT / "jax_backend").as_posix() == "csrc/deep_memory_ffi.cpp"
     assert any(req.startswith("ninja") for req in PYPROJECT["project"]["optional-dependencies"]["torch"])
     assert re.search(r"^ninja==\d", (ROOT / "constraints.txt").read_text(), flags=re.M)

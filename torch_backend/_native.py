@@ -9,20 +9,18 @@ one loop per tensor that reads and writes every word once and advances the step 
 (benchmarks/README.md, "Twelfth round": 0.80–1.07× torch's fused kernels). A fourth op,
 ``fused_groups``, is :func:`_fused.fused_groups`' per-tensor checks in C++.
 
-``deep_memory.cpp`` is DMGD's memory (docs/math.md §5) for one bucket of same-shape matrices:
+``deep_memory.cpp`` is DMGD's memory (docs/math.md §5) for one bucket of same-shape matrices, the
+plain C++ of ``deepopt/csrc/deep_memory.h`` (which jax_backend serves to XLA as well):
 :func:`_deep_memory.fused_kernel`'s write and read as passes over each matrix's rows in
-cache-sized blocks (their norms, the write, the read), its seven thin products register-tiled loops, instead of ~40 torch ops over
-the whole bucket (benchmarks/README.md, "Thirteenth round").
+cache-sized blocks (their norms, the write, the read), its seven thin products register-tiled
+loops, instead of ~40 torch ops over the whole bucket (benchmarks/README.md, "Thirteenth round").
 
 They are built with ``torch.utils.cpp_extension`` (g++, ninja) the first time a step needs them
 (a variant's, or DMGD's on the CPU): ~25 s, once per machine, CPU, Python and torch version, cached in
 :func:`build_directory` and shared by later processes (``torch_backend.build_kernels()`` builds them
 ahead). The classic rules use them only once built (:func:`loaded`), so ``deepopt.sgd`` or
-``deepopt.adamw`` alone never waits for a build. ``DEEPOPT_NATIVE`` says whether to build:
-
-- unset or ``auto``: build on first use; if the build fails, warn once and run torch's ops;
-- ``1``: build on first use and raise if the build fails;
-- ``0``: never build or load; torch's ops run.
+``deepopt.adamw`` alone never waits for a build. ``DEEPOPT_NATIVE`` says whether to build
+(:mod:`deepopt._native`: ``auto``, ``1`` or ``0``; jax_backend's kernel reads it too).
 
 The ops take CPU float32/float64 tensors (on CUDA, torch's ops run, or inductor's loops under
 ``torch.compile``), and check every tensor before writing any. Results equal torch's ops within
@@ -36,16 +34,14 @@ import hashlib
 import logging
 import os
 import pathlib
-import platform
 import sys
 import warnings
 
 import torch
 
+from deepopt._native import HEADERS, cpu_signature, setting
+
 SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("elementwise.cpp", "deep_memory.cpp"))
-#: The headers the sources include: DMGD's memory in plain C++, shared with jax_backend's custom call.
-HEADERS = (pathlib.Path(__file__).parents[1] / "deepopt" / "csrc" / "deep_memory.h",)
-SETTINGS = ("auto", "0", "1")
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
 #: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
 #: it ``at::parallel_for`` compiles to a plain loop, and the kernels ran on one thread whatever
@@ -54,26 +50,6 @@ SETTINGS = ("auto", "0", "1")
 OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", *(["-fopenmp"] if OPENMP else [])]
 _log = logging.getLogger("deepopt")
-
-
-def setting() -> str:
-    value = os.environ.get("DEEPOPT_NATIVE", "auto").strip().lower() or "auto"
-    if value not in SETTINGS:
-        raise ValueError(f"DEEPOPT_NATIVE={value!r} is invalid: expected one of {', '.join(SETTINGS)} "
-                         "(auto: build deepopt's CPU kernels on first use, fall back if that fails; "
-                         "1: build them or raise; 0: never)")
-    return value
-
-
-def cpu_signature() -> str:
-    """What the build's ``-march=native`` code depends on: the CPU's feature flags (Linux), else
-    the processor's name."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {flags or platform.processor()}"
 
 
 def build_name() -> str:

@@ -1,0 +1,45 @@
+"""What deepopt's C++ kernels share across backends (no torch, no jax here).
+
+DMGD's memory is plain C++ in ``csrc/deep_memory.h`` (docs/math.md §5, "Cost"); torch_backend
+serves it as a torch op (``torch_backend/_native.py``) and jax_backend as an XLA custom call
+(``jax_backend/_native.py``). Both build it on first use for the machine's CPU and read one
+setting, ``DEEPOPT_NATIVE``:
+
+- unset or ``auto``: build on first use; if the build fails, warn once and run the array ops;
+- ``1``: build on first use and raise if the build fails;
+- ``0``: never build or load; the array ops run.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+
+SETTINGS = ("auto", "0", "1")
+#: The headers both backends' kernels include.
+HEADERS = (pathlib.Path(__file__).with_name("csrc") / "deep_memory.h",)
+
+
+def setting() -> str:
+    """``DEEPOPT_NATIVE``, checked: one of :data:`SETTINGS`."""
+    value = os.environ.get("DEEPOPT_NATIVE", "auto").strip().lower() or "auto"
+    if value not in SETTINGS:
+        raise ValueError(f"DEEPOPT_NATIVE={value!r} is invalid: expected one of {', '.join(SETTINGS)} "
+                         "(auto: build deepopt's CPU kernels on first use, fall back if that fails; "
+                         "1: build them or raise; 0: never)")
+    return value
+
+
+def cpu_signature() -> str:
+    """What a build's ``-march=native`` code depends on: the CPU's feature flags (Linux), else
+    the processor's name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {flags or platform.processor()}"
+
+
+__all__ = ["HEADERS", "SETTINGS", "cpu_signature", "setting"]
