@@ -19,6 +19,16 @@ parameters. Measured on ``step_cost --quick``'s 16 matrices (one CPU core, inter
 - with a Newton–Schulz read-out after the memory (the default deep Muon), the stacks took
   1.05–1.08 of the time. The cause is not established: materialising the read-out's slices
   changed nothing. So ``jax_backend.compile`` keeps that rule's state per leaf (``stacks=False``).
+
+deepopt's C++ kernel. On the CPU, each bucket of float32/float64 stacks runs the kernel torch
+runs too (``deepopt/csrc/deep_memory.h``) as an XLA custom call (:func:`native_bucket`,
+:mod:`jax_backend._native`) instead of :func:`deep_memory_kernel`'s ~40 XLA ops: each matrix's
+rows in cache-sized blocks, the gradients read where they are (not stacked), the state written
+in place. Where it is not built (``DEEPOPT_NATIVE=0``, no compiler) or JAX computes elsewhere,
+the XLA ops run. Measured against them (benchmarks/README.md, "Fourteenth round"): per bucket,
+0.6–0.7 of the time in torch's layout and 0.74–1.27 in optax's (the view's columns, where a
+block of rows spans every row of storage); a whole ``step_cost --quick`` step, about the same
+time on one thread and 0.79 of it on two (the matrices shared among XLA's threads).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ BENCHMARKS = {   # module -> (arguments, the JSON file it writes under --out)
     "main": (["--quick", "--skip-hope"], "compare/compare.json"),
     "compiled_step": (["--tiny", "--repeats", "2", "--only", "sgd(decoupled_weight_decay=True)"], "compiled_step.json"),
     "step_profile": (["--size", "tiny", "--steps", "2", "--top", "5", "--only", "m3,dmgd_memory"], "step_profile.json"),
+    "dmgd_kernel": (["--tiny", "--repeats", "3"], "dmgd_kernel.json"),
 }
 TIMEOUT_S = 150
 
@@ -118,6 +119,20 @@ def test_smoke_step_cost(results, optimizers):
             assert any(k.startswith("floor: matmul") and v > 0 for k, v in r["floor"]["rates"].items())
     for key in ("copy_bytes_per_s", "matmul_float32_flops_per_s"):
         assert data["rates"]["torch"][key] > 0
+
+
+def test_smoke_dmgd_kernel(results):
+    """JAX's DMGD memory per bucket: the custom call and XLA's ops, both layouts."""
+    data, _ = _get(results, "dmgd_kernel")
+    assert data["benchmark"] == "dmgd_kernel" and data["size"] == "tiny"
+    _assert_environment(data["environment"])
+    _assert_finite_numbers(data)
+    assert {(r["layout"], r["m"], r["n"]) for r in data["rows"]} == {
+        (layout, m, n) for layout in ("optax", "torch") for m, n in ((24, 8), (8, 8))}
+    for r in data["rows"]:
+        assert r["xla_ops"]["ms"]["median"] > 0 and r["xla_ops"]["gflops"] > 0
+        if data["kernel_built"]:
+            assert r["custom_call"]["ms"]["median"] > 0 and r["custom_call_over_xla_ops"]["median"] > 0
 
 
 def test_smoke_convergence(results, optimizers):

@@ -1,0 +1,176 @@
+"""DMGD's memory per bucket in JAX: deepopt's C++ kernel (an XLA custom call) against XLA's ops.
+
+    python -m benchmarks.dmgd_kernel [--full] [--threads 1] [--buckets 4] [--repeats 40] --out DIR
+    python -m benchmarks.dmgd_kernel --step [--threads 1] [--repeats 200] --out DIR
+
+For each bucket shape of step_cost's GPT-2-like model (``--quick`` widths by default, GPT-2
+small's with ``--full``) and each layout (optax's ``(in, out)`` leaves, read as the matrix view's
+columns, and torch's ``(out, in)``), one jitted call of ``_deep_memory.native_bucket`` and one of
+``deep_memory_kernel`` on the same stacks (the state donated, as a training step donates it),
+timed interleaved (benchmarks/_common.py). Reports each one's median time and GFLOP/s (the
+memory's seven products, ``14 m n h`` FLOPs per matrix) and the per-round ratio custom call ÷
+XLA ops. Where the kernel cannot be built the custom call's column is empty.
+
+``--step``: the whole jitted step of step_cost's ``dmgd_memory`` contender (``--quick`` model,
+DMGD's memory alone with the AdamW fallback, params and state donated), traced once with the
+custom call and once with the XLA ops, timed interleaved in one process: the per-round ratio is
+what the kernel changes in a training step, free of the drift between separate runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from benchmarks._threads import limit_threads
+
+SHAPES = {"quick": [(384, 128), (128, 128), (512, 128), (128, 512)],     # (m, n): c_attn, c_proj, c_fc, mlp.c_proj
+          "full": [(2304, 768), (768, 768), (3072, 768), (768, 3072)],
+          "tiny": [(24, 8), (8, 8)]}
+
+
+def _measure(memory, transposed: bool, m: int, n: int, b: int, repeats: int, rng, built: bool) -> dict:
+    """One bucket of ``b`` m×n matrices: the XLA ops and (where built) the custom call, jitted
+    with the state donated, timed interleaved."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import _common
+    from jax_backend import _deep_memory
+
+    h = memory.hidden
+    leaf = (n, m) if transposed else (m, n)
+    state = [jnp.asarray(rng.normal(size=(b, *leaf)) * 1e-3, jnp.float32),
+             jnp.asarray(rng.normal(size=(b, h, n)) * 0.1, jnp.float32),
+             jnp.zeros((b, n, h), jnp.float32), jnp.zeros((b,), jnp.float32)]
+    grads = [jnp.asarray(rng.normal(size=leaf) * 1e-3, jnp.float32) for _ in range(b)]
+    calls = {"xla_ops": lambda s, w1, w2, nu, gs: _deep_memory.deep_memory_kernel(
+        memory, s, w1, w2, nu, jnp.stack(gs), jnp.stack(gs), None, transposed=transposed)[:5]}
+    if built:
+        calls["custom_call"] = lambda s, w1, w2, nu, gs: _deep_memory.native_bucket(
+            memory, s, w1, w2, nu, None, list(gs), [], transposed=transposed)[:5]
+
+    def timed(fn):
+        fn = jax.jit(fn, donate_argnums=(0, 1, 2, 3))
+        held = [jnp.copy(x) for x in state]
+
+        def call():
+            out = fn(*held, grads)
+            held[:] = out[:4]
+            jax.block_until_ready(out)
+        return call
+
+    times = _common.interleaved({name: timed(fn) for name, fn in calls.items()}, warmup=3, repeats=repeats)
+    flops = 14 * m * n * h * b
+    row = {"layout": "optax" if transposed else "torch", "m": m, "n": n, "bucket": b,
+           **{name: {"ms": _common.summary(t, 1e3), "gflops": flops / float(np.median(t)) / 1e9}
+              for name, t in times.items()}}
+    if built:
+        row["custom_call_over_xla_ops"] = _common.ratio_summary(times["custom_call"], times["xla_ops"])
+    return row
+
+
+def _step_ab(repeats: int, built: bool) -> dict:
+    """step_cost's ``dmgd_memory`` step (``--quick``), with the custom call and with the XLA ops."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import deepopt
+    import jax_backend
+    from benchmarks import _common, step_cost
+    from jax_backend import _deep_memory
+
+    rng = np.random.default_rng(0)
+    shape = lambda s: tuple(reversed(s)) if len(s) == 2 else s   # noqa: E731  optax layout: (in, out)
+    init = {k: jnp.asarray(rng.normal(size=shape(s)) * 0.02, jnp.float32) for k, s in step_cost.gpt2_shapes("quick")}
+    grads = {k: jnp.asarray(rng.normal(size=x.shape) * 1e-3, jnp.float32) for k, x in init.items()}
+    spec = step_cost.deepopt_specs(deepopt, "jax")["dmgd_memory"]
+    ready = _deep_memory.native_ready
+
+    def step(native: bool):
+        tx = jax_backend.compile(spec)
+        jitted = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)),
+                         donate_argnums=(0, 1))
+        carry = [jax.tree.map(jnp.copy, init)]
+        carry.append(tx.init(carry[0]))
+        _deep_memory.native_ready = ready if native else (lambda *a: False)
+        try:                                  # traced (and the route taken) on the first call
+            carry[:] = jitted(*carry, grads)
+        finally:
+            _deep_memory.native_ready = ready
+
+        def call():
+            carry[:] = jitted(*carry, grads)
+            jax.block_until_ready(carry)
+        return call
+
+    fns = {"xla_ops": step(False), **({"custom_call": step(True)} if built else {})}
+    times = _common.interleaved(fns, warmup=5, repeats=repeats)
+    out = {name: _common.summary(t, 1e3) for name, t in times.items()}
+    if built:
+        out["custom_call_over_xla_ops"] = _common.ratio_summary(times["custom_call"], times["xla_ops"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--full", action="store_true", help="GPT-2 small's shapes (default: step_cost --quick's)")
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help="XLA's CPU threads (1: one core, pinned)")
+    ap.add_argument("--buckets", type=int, default=4, help="matrices per bucket (step_cost --quick: 4)")
+    ap.add_argument("--step", action="store_true", help="the whole step_cost --quick step instead, in one process")
+    ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    limit_threads(args.threads)
+    import os
+
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+    import numpy as np
+
+    from benchmarks import _common
+    from deepopt import DeepMemory
+    from jax_backend import _native
+
+    size = "tiny" if (args.tiny or _common.tiny()) else "full" if args.full else "quick"
+    memory = DeepMemory()
+    built = _native.target() is not None
+    if args.step:
+        started = time.perf_counter()
+        result = {"benchmark": "dmgd_kernel", "mode": "step", "size": "quick", "threads": args.threads,
+                  "kernel_built": built, "environment": _common.environment(), "step_ms": _step_ab(args.repeats, built)}
+        result["seconds"] = time.perf_counter() - started
+        step = result["step_ms"]
+        print(_common.fmt_table(["XLA ops ms", "custom call ms", "custom call / XLA ops (median of rounds)"],
+                                [[step["xla_ops"]["median"], step.get("custom_call", {}).get("median"),
+                                  step.get("custom_call_over_xla_ops", {}).get("median")]]))
+        print(f"wrote {_common.write_json(f'{args.out}/dmgd_kernel.json', result)}")
+        return 0
+    rng = np.random.default_rng(0)
+    rows, table = [], []
+    started = time.perf_counter()
+    for layout in ("optax", "torch"):
+        for m, n in SHAPES[size]:
+            row = _measure(memory, layout == "optax", m, n, args.buckets, args.repeats, rng, built)
+            rows.append(row)
+            table.append([layout, f"{m}×{n}", row["xla_ops"]["ms"]["median"], row["xla_ops"]["gflops"],
+                          row.get("custom_call", {}).get("ms", {}).get("median"),
+                          row.get("custom_call", {}).get("gflops"),
+                          row.get("custom_call_over_xla_ops", {}).get("median")])
+    result = {"benchmark": "dmgd_kernel", "mode": "buckets", "size": size, "threads": args.threads, "kernel_built": built,
+              "environment": _common.environment(), "rows": rows, "seconds": time.perf_counter() - started}
+    print(_common.fmt_table(["layout", "m×n", "XLA ops ms", "GFLOP/s", "custom call ms", "GFLOP/s",
+                             "custom call / XLA ops"], table))
+    path = _common.write_json(f"{args.out}/dmgd_kernel.json", result)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
