@@ -14,7 +14,9 @@ XLA ops. Where the kernel cannot be built the custom call's column is empty.
 ``--step``: the whole jitted step of step_cost's ``dmgd_memory`` contender (``--quick`` model,
 DMGD's memory alone with the AdamW fallback, params and state donated), traced once with the
 custom call and once with the XLA ops, timed interleaved in one process: the per-round ratio is
-what the kernel changes in a training step, free of the drift between separate runs.
+what the kernel changes in a training step, free of the drift between separate runs. Beside
+them, the step without the model's 1-D leaves and with its DMGD matrices only, with XLA's
+fusion count of each: what the fallback's many small leaves cost.
 """
 
 from __future__ import annotations
@@ -73,7 +75,11 @@ def _measure(memory, transposed: bool, m: int, n: int, b: int, repeats: int, rng
 
 
 def _step_ab(repeats: int, built: bool) -> dict:
-    """step_cost's ``dmgd_memory`` step (``--quick``), with the custom call and with the XLA ops."""
+    """step_cost's ``dmgd_memory`` step (``--quick``), with the custom call and with the XLA ops;
+    and, with the custom call, the same step without the model's 1-D leaves and with its DMGD
+    matrices only: what the fallback's leaves cost (each leaf is a fusion of its own in XLA)."""
+    import re
+
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -86,31 +92,39 @@ def _step_ab(repeats: int, built: bool) -> dict:
 
     rng = np.random.default_rng(0)
     shape = lambda s: tuple(reversed(s)) if len(s) == 2 else s   # noqa: E731  optax layout: (in, out)
-    init = {k: jnp.asarray(rng.normal(size=shape(s)) * 0.02, jnp.float32) for k, s in step_cost.gpt2_shapes("quick")}
-    grads = {k: jnp.asarray(rng.normal(size=x.shape) * 1e-3, jnp.float32) for k, x in init.items()}
+    shapes = step_cost.gpt2_shapes("quick")
     spec = step_cost.deepopt_specs(deepopt, "jax")["dmgd_memory"]
     ready = _deep_memory.native_ready
+    fusions: dict[str, int] = {}
 
-    def step(native: bool):
+    def step(name: str, native: bool, keep=lambda k, s: True):
+        init = {k: jnp.asarray(rng.normal(size=shape(s)) * 0.02, jnp.float32) for k, s in shapes if keep(k, s)}
+        grads = {k: jnp.asarray(rng.normal(size=x.shape) * 1e-3, jnp.float32) for k, x in init.items()}
         tx = jax_backend.compile(spec)
         jitted = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)),
                          donate_argnums=(0, 1))
         carry = [jax.tree.map(jnp.copy, init)]
         carry.append(tx.init(carry[0]))
         _deep_memory.native_ready = ready if native else (lambda *a: False)
-        try:                                  # traced (and the route taken) on the first call
+        try:                                  # traced (and the route taken) here, once
+            text = jitted.lower(*carry, grads).compile().as_text()
             carry[:] = jitted(*carry, grads)
         finally:
             _deep_memory.native_ready = ready
+        fusions[name] = len(re.findall(r"= \S+ fusion\(", text))
 
         def call():
             carry[:] = jitted(*carry, grads)
             jax.block_until_ready(carry)
         return call
 
-    fns = {"xla_ops": step(False), **({"custom_call": step(True)} if built else {})}
+    fns = {"xla_ops": step("xla_ops", False)}
+    if built:
+        fns["custom_call"] = step("custom_call", True)
+        fns["custom_call_no_1d_leaves"] = step("custom_call_no_1d_leaves", True, lambda k, s: len(s) >= 2)
+        fns["custom_call_dmgd_matrices_only"] = step("custom_call_dmgd_matrices_only", True, step_cost.is_matrix)
     times = _common.interleaved(fns, warmup=5, repeats=repeats)
-    out = {name: _common.summary(t, 1e3) for name, t in times.items()}
+    out = {name: {**_common.summary(t, 1e3), "fusions": fusions[name]} for name, t in times.items()}
     if built:
         out["custom_call_over_xla_ops"] = _common.ratio_summary(times["custom_call"], times["xla_ops"])
     return out
@@ -147,9 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                   "kernel_built": built, "environment": _common.environment(), "step_ms": _step_ab(args.repeats, built)}
         result["seconds"] = time.perf_counter() - started
         step = result["step_ms"]
-        print(_common.fmt_table(["XLA ops ms", "custom call ms", "custom call / XLA ops (median of rounds)"],
-                                [[step["xla_ops"]["median"], step.get("custom_call", {}).get("median"),
-                                  step.get("custom_call_over_xla_ops", {}).get("median")]]))
+        print(_common.fmt_table(["step", "ms", "XLA fusions"], [[name, s["median"], s["fusions"]]
+                                                                   for name, s in step.items() if "fusions" in s]))
+        if "custom_call_over_xla_ops" in step:
+            print(f"custom call / XLA ops, median of rounds: {step['custom_call_over_xla_ops']['median']:.3f}")
         print(f"wrote {_common.write_json(f'{args.out}/dmgd_kernel.json', result)}")
         return 0
     rng = np.random.default_rng(0)
