@@ -74,8 +74,8 @@ def _measure(memory, transposed: bool, m: int, n: int, b: int, repeats: int, rng
     return row
 
 
-def _step_ab(repeats: int, built: bool) -> dict:
-    """step_cost's ``dmgd_memory`` step (``--quick``), with the custom call and with the XLA ops;
+def _step_ab(repeats: int, built: bool, size: str = "quick") -> dict:
+    """step_cost's ``dmgd_memory`` step (``size``: its model's), with the custom call and with the XLA ops;
     and, with the custom call, the same step without the model's 1-D leaves and with its DMGD
     matrices only: what the fallback's leaves cost (each leaf is a fusion of its own in XLA)."""
     import re
@@ -92,7 +92,7 @@ def _step_ab(repeats: int, built: bool) -> dict:
 
     rng = np.random.default_rng(0)
     shape = lambda s: tuple(reversed(s)) if len(s) == 2 else s   # noqa: E731  optax layout: (in, out)
-    shapes = step_cost.gpt2_shapes("quick")
+    shapes = step_cost.gpt2_shapes(size)
     spec = step_cost.deepopt_specs(deepopt, "jax")["dmgd_memory"]
     ready = _deep_memory.native_ready
     fusions: dict[str, int] = {}
@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     built = _native.target() is not None
     if args.step:
         started = time.perf_counter()
-        result = {"benchmark": "dmgd_kernel", "mode": "step", "size": "quick", "threads": args.threads,
-                  "kernel_built": built, "environment": _common.environment(), "step_ms": _step_ab(args.repeats, built)}
+        size = "tiny" if size == "tiny" else "quick"
+        result = {"benchmark": "dmgd_kernel", "mode": "step", "size": size, "threads": args.threads,
+                  "kernel_built": built, "environment": _common.environment(),
+                  "step_ms": _step_ab(args.repeats, built, size)}
         result["seconds"] = time.perf_counter() - started
         step = result["step_ms"]
         print(_common.fmt_table(["step", "ms", "XLA fusions"], [[name, s["median"], s["fusions"]]

@@ -135,6 +135,25 @@ def test_smoke_dmgd_kernel(results):
             assert r["custom_call"]["ms"]["median"] > 0 and r["custom_call_over_xla_ops"]["median"] > 0
 
 
+def test_smoke_dmgd_kernel_step(tmp_path):
+    """``--step``: the whole step both ways in one process, and without the small leaves."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.dmgd_kernel", "--step", "--tiny", "--repeats", "3",
+                           "--out", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "dmgd_kernel.json").read_text())
+    assert data["mode"] == "step" and data["size"] == "tiny"
+    _assert_finite_numbers(data)
+    steps = data["step_ms"]
+    names = {"xla_ops"} | ({"custom_call", "custom_call_no_1d_leaves", "custom_call_dmgd_matrices_only",
+                            "custom_call_over_xla_ops"} if data["kernel_built"] else set())
+    assert set(steps) == names
+    for name in names - {"custom_call_over_xla_ops"}:
+        assert steps[name]["median"] > 0 and steps[name]["fusions"] > 0
+    if data["kernel_built"]:                       # fewer leaves, fewer fusions
+        assert steps["custom_call"]["fusions"] > steps["custom_call_no_1d_leaves"]["fusions"]
+
+
 def test_smoke_convergence(results, optimizers):
     data, folder = _get(results, "convergence")
     assert data["benchmark"] == "convergence"
