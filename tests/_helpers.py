@@ -14,6 +14,7 @@ that need them, so a module that uses only one backend never imports the other.
 - Spec predicates and variants for ``@pytest.mark.specs(where=...)``: :func:`compute_dtype`,
   :func:`exact_in_float64`, :func:`has_maximize`, :func:`maximized`.
 - :func:`readme_distributed_examples`: the README's Distributed code blocks for a backend.
+- :data:`DEEP_MEMORY_VARIANTS`: the DMGD memories both C++ kernels' tests run (every branch).
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ import numpy as np
 import deepopt
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: ``deepopt.DeepMemory`` settings that reach every branch of DMGD's C++ kernel
+#: (tests/test_deep_memory_native.py, tests/test_jax_deep_memory_native.py).
+DEEP_MEMORY_VARIANTS = {
+    "default": {},
+    "dot": {"objective": "dot"},
+    "previous_keys": {"keys": "previous", "momentum": 0.95},
+    "dot_previous": {"objective": "dot", "keys": "previous"},
+    "no_nesterov": {"nesterov": False},
+    "no_retention": {"momentum": 1.0, "hidden": 24},
+    "no_inner_step": {"inner_lr": 0.0},
+    "narrow_mlp": {"hidden": 3, "inner_lr": 0.7},
+}
 
 # --------------------------------------------------------------------------------------------
 # Specs

@@ -17,18 +17,9 @@ import deepopt
 import torch_backend
 from torch_backend import _deep_memory, _native
 
-from _helpers import random_steps
+from _helpers import DEEP_MEMORY_VARIANTS, random_steps
 
-VARIANTS = {
-    "default": {},
-    "dot": {"objective": "dot"},
-    "previous_keys": {"keys": "previous", "momentum": 0.95},
-    "dot_previous": {"objective": "dot", "keys": "previous"},
-    "no_nesterov": {"nesterov": False},
-    "no_retention": {"momentum": 1.0, "hidden": 24},
-    "no_inner_step": {"inner_lr": 0.0},
-    "narrow_mlp": {"hidden": 3, "inner_lr": 0.7},
-}
+VARIANTS = DEEP_MEMORY_VARIANTS
 # (bucket, m, n): one row block and a 1×1 matrix; rows and columns off the tile and the lanes;
 # several row blocks (32 KB of float32 rows each: 512 columns make blocks of 16 rows).
 SHAPES = [(3, 7, 5), (1, 1, 1), (2, 13, 21), (2, 50, 512), (1, 70, 300)]

@@ -22,16 +22,9 @@ import deepopt
 import jax_backend
 from jax_backend import _deep_memory, _native
 
-VARIANTS = {
-    "default": {},
-    "dot": {"objective": "dot"},
-    "previous_keys": {"keys": "previous", "momentum": 0.95},
-    "dot_previous": {"objective": "dot", "keys": "previous"},
-    "no_nesterov": {"nesterov": False},
-    "no_retention": {"momentum": 1.0, "hidden": 24},
-    "no_inner_step": {"inner_lr": 0.0},
-    "narrow_mlp": {"hidden": 3, "inner_lr": 0.7},
-}
+from _helpers import DEEP_MEMORY_VARIANTS
+
+VARIANTS = DEEP_MEMORY_VARIANTS
 # (bucket, batch axes of a leaf, m, n): a 1×1 matrix; rows and columns off the tile and the
 # lanes; several row blocks in either layout (512 columns: blocks of 12 rows, or of 48 columns in
 # optax's layout; 100 rows end in a block of 4); a leaf with batch axes.
