@@ -25,10 +25,11 @@ runs too (``deepopt/csrc/deep_memory.h``) as an XLA custom call (:func:`native_b
 :mod:`jax_backend._native`) instead of :func:`deep_memory_kernel`'s ~40 XLA ops: each matrix's
 rows in cache-sized blocks, the gradients read where they are (not stacked), the state written
 in place. Where it is not built (``DEEPOPT_NATIVE=0``, no compiler) or JAX computes elsewhere,
-the XLA ops run. Measured against them (benchmarks/README.md, "Fourteenth round"): per bucket,
-0.6–0.7 of the time in torch's layout and 0.74–1.27 in optax's (the view's columns, where a
-block of rows spans every row of storage); a whole ``step_cost --quick`` step, about the same
-time on one thread and 0.79 of it on two (the matrices shared among XLA's threads).
+the XLA ops run. Measured against them (``python -m benchmarks.dmgd_kernel``; benchmarks/README.md,
+"Fourteenth round"), on one thread per bucket: 0.58–0.77 of the time in torch's layout and
+0.81–1.08 in optax's (the view's columns, where a block of rows spans every row of storage); a
+whole ``step_cost --quick`` step, 0.94–0.98 of the time on one thread and 0.67–0.79 on two (the
+matrices shared among XLA's threads).
 """
 
 from __future__ import annotations
