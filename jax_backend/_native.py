@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import pathlib
@@ -88,12 +89,23 @@ def _compile(path: pathlib.Path) -> None:
             os.unlink(tmp)
 
 
+def _ffi_api() -> bool:
+    """Whether this jax has the FFI calls the kernel uses (``jax.ffi.ffi_call`` with
+    ``vmap_method``); the package allows older jax, which then runs XLA's ops."""
+    ffi = getattr(jax, "ffi", None)
+    return ffi is not None and "vmap_method" in inspect.signature(ffi.ffi_call).parameters
+
+
 @functools.cache
 def target() -> str | None:
     """The custom call's name, the library built (if need be), loaded and registered with XLA for
     the CPU; None where ``DEEPOPT_NATIVE=0`` or (``auto``) the build failed."""
     value = setting()
     if value == "0":
+        return None
+    if not _ffi_api():
+        _log.info("deepopt: jax %s has no jax.ffi.ffi_call(vmap_method=...); DMGD's memory runs XLA's ops",
+                  jax.__version__)
         return None
     try:
         path = library()

@@ -77,13 +77,16 @@ def _close(ours, ref, dtype, what=""):
 
 def _cases():
     """Every variant on every shape in both layouts in float32 (torch's layout has no batch
-    axes: a leaf is one m×n view); float64 on the shapes with tails; values other than the
-    gradients for the variants that read them differently."""
+    axes: a leaf is one m×n view); float64 (4 lanes, other blocks) for every variant on the
+    shape with tiles and tails, and for the default on the 1×1 and several-block shapes too;
+    values other than the gradients, in float32, for the variants that read them differently."""
     for variant in VARIANTS:
         for k, (b, batch, m, n) in enumerate(SHAPES):
             for layout in ("optax", "torch") if not batch else ("optax",):
-                for dtype in (jnp.float32, jnp.float64) if k < 3 else (jnp.float32,):
-                    for values in (False, True) if variant in ("default", "dot", "previous_keys") else (False,):
+                f64 = k == 1 or (variant == "default" and k < 3)
+                for dtype in (jnp.float32, jnp.float64) if f64 else (jnp.float32,):
+                    separate = variant in ("default", "dot", "previous_keys") and dtype == jnp.float32
+                    for values in (False, True) if separate else (False,):
                         ids = (variant, "x".join(map(str, (b, *batch, m, n))), layout, jnp.dtype(dtype).name,
                                "separate" if values else "v=g")
                         yield pytest.param(variant, (b, batch, m, n), layout, dtype, values, id="-".join(ids))
@@ -191,7 +194,7 @@ def test_gradients_through_a_step_are_the_xla_ops(ffi):
                                                    transposed=True)
     ops = lambda gs: _ops(mem, {**x, "gs": list(gs)}, True)   # noqa: E731
     ours = jax.jit(jax.grad(lambda gs: loss(native, gs)))(tuple(x["gs"]))
-    ref = jax.grad(lambda gs: loss(ops, gs))(tuple(x["gs"]))
+    ref = jax.jit(jax.grad(lambda gs: loss(ops, gs)))(tuple(x["gs"]))
     for a, r in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-9, atol=1e-15)
     assert float(jnp.max(jnp.abs(ours[0]))) > 0
@@ -243,6 +246,19 @@ def test_a_failed_build_warns_and_keeps_the_xla_ops(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         _native.target.cache_clear()
+
+
+def test_a_jax_without_the_ffi_calls_keeps_the_xla_ops(monkeypatch):
+    """The package allows jax older than ``jax.ffi.ffi_call(vmap_method=...)``: no build, no call."""
+    monkeypatch.setattr(_native, "_ffi_api", lambda: False)
+    _native.target.cache_clear()
+    try:
+        assert _native.target() is None
+        assert not _deep_memory.native_ready(deepopt.DeepMemory(), jnp.float32)
+    finally:
+        monkeypatch.undo()
+        _native.target.cache_clear()
+    assert _native._ffi_api()                     # the pinned jax has them
 
 
 def test_the_build_name_follows_the_source_and_the_cpu(monkeypatch):
