@@ -12,9 +12,11 @@ setting, ``DEEPOPT_NATIVE``:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import platform
+from collections.abc import Iterable
 
 SETTINGS = ("auto", "0", "1")
 #: The headers both backends' kernels include.
@@ -42,4 +44,11 @@ def cpu_signature() -> str:
     return f"{platform.machine()} {flags or platform.processor()}"
 
 
-__all__ = ["HEADERS", "SETTINGS", "cpu_signature", "setting"]
+def fingerprint(files: Iterable[pathlib.Path], *parts: str) -> str:
+    """12 hex digits of a build's inputs: each file's path and text, then ``parts`` (flags,
+    library versions, :func:`cpu_signature`): a build named by it is never a stale or foreign one."""
+    key = "\n".join((*(f"{path}\n{path.read_text()}" for path in files), *parts))
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+__all__ = ["HEADERS", "SETTINGS", "cpu_signature", "fingerprint", "setting"]

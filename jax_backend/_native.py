@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import inspect
 import logging
 import os
@@ -32,7 +31,7 @@ import warnings
 import jax
 import jaxlib
 
-from deepopt._native import HEADERS, cpu_signature, setting
+from deepopt._native import HEADERS, cpu_signature, fingerprint, setting
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "deep_memory_ffi.cpp"
 #: ``-march=native``: the machine's vector width, so the build is per CPU (:func:`build_name`);
@@ -52,9 +51,8 @@ def build_name() -> str:
     """The library's name: the source's and headers' text and path, the compiler and its flags,
     jax's, jaxlib's and Python's versions and the CPU's signature in it, so that a changed kernel,
     another jax or another CPU never loads a stale or foreign build."""
-    key = "\n".join((*(f"{path}\n{path.read_text()}" for path in (SOURCE, *HEADERS)), compiler(), " ".join(FLAGS),
-                     jax.__version__, jaxlib.__version__, sys.version, cpu_signature()))
-    return f"deepopt_xla_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return "deepopt_xla_" + fingerprint((SOURCE, *HEADERS), compiler(), " ".join(FLAGS), jax.__version__,
+                                        jaxlib.__version__, sys.version, cpu_signature())
 
 
 def build_directory() -> pathlib.Path:

@@ -30,7 +30,6 @@ float rounding (``tests/test_native.py``, ``tests/test_deep_memory_native.py``).
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import pathlib
@@ -39,7 +38,7 @@ import warnings
 
 import torch
 
-from deepopt._native import HEADERS, cpu_signature, setting
+from deepopt._native import HEADERS, cpu_signature, fingerprint, setting
 
 SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("elementwise.cpp", "deep_memory.cpp"))
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
@@ -58,9 +57,8 @@ def build_name() -> str:
     shared across machines) never loads a stale or foreign build from the shared cache, and two
     installs never rebuild one another's (ninja rebuilds when the source's path changes, under a
     process that may have the library loaded)."""
-    key = "\n".join((*(f"{path}\n{path.read_text()}" for path in (*SOURCES, *HEADERS)), " ".join(FLAGS), torch.__version__,
-                     sys.version, cpu_signature()))
-    return f"deepopt_kernels_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return "deepopt_kernels_" + fingerprint((*SOURCES, *HEADERS), " ".join(FLAGS), torch.__version__, sys.version,
+                                            cpu_signature())
 
 
 def build_directory() -> pathlib.Path:
