@@ -17,6 +17,9 @@ from jax_backend._multiscale import MultiScaleState as MultiScaleState
 from jax_backend._multiscale import scale_by_multiscale_memory as scale_by_multiscale_memory
 from jax_backend._native import build as build_kernels
 from jax_backend._newton_schulz import newton_schulz as newton_schulz
+from jax_backend._packing import Packed as Packed
+from jax_backend._packing import PackedState as PackedState
+from jax_backend._packing import pack_small_leaves as pack_small_leaves
 from jax_backend._routing import param_labels as param_labels
 from jax_backend._routing import path_name as path_name
 from jax_backend._state import init_state as init_state
@@ -35,8 +38,9 @@ from jax_backend._transforms import scale_by_shape as scale_by_shape
 
 __all__ = [
     "MEMORIES", "READOUTS", "VALUES", "apply_values", "build_kernels", "init_state", "then_readout",
-    "DeepMemoryState", "LeafStacks", "LinearMemoryState", "MatrixView", "MultiScaleState", "SecondMomentState",
-    "compile", "memory_stats", "newton_schulz", "param_labels", "path_name", "run_trajectory",
+    "DeepMemoryState", "LeafStacks", "LinearMemoryState", "MatrixView", "MultiScaleState", "Packed", "PackedState",
+    "SecondMomentState", "compile", "memory_stats", "newton_schulz", "pack_small_leaves", "param_labels",
+    "path_name", "run_trajectory",
     "scale_by_deep_memory", "scale_by_linear_memory", "scale_by_multiscale_memory",
     "scale_by_readout", "scale_by_second_moment", "scale_by_shape",
 ]

@@ -34,6 +34,7 @@ from deepopt import DeepMemory, LinearMemory, Memory, MultiScaleMemory, Spec, Up
 from deepopt._validate import kernel_for
 from jax_backend._deep_memory import scale_by_deep_memory
 from jax_backend._multiscale import scale_by_multiscale_memory
+from jax_backend._packing import pack_small_leaves, packable
 from jax_backend._routing import route
 from jax_backend._sharding import check_mesh, with_placed_state
 from jax_backend._transforms import (
@@ -187,6 +188,8 @@ def compile(  # the public name mirrors torch_backend.compile
         fb = spec.fallback
         fb_lr = fb.lr if learning_rate is None else _scaled(learning_rate, spec.fallback_lr_ratio)
         fallback = compile_rule(fb.rule, fb_lr, fb.weight_decay, view)
+        if packable(fb.rule):             # its biases and gains as one vector (jax_backend/_packing.py)
+            fallback = pack_small_leaves(fallback)
     return with_placed_state(route(spec, rule, fallback), ns_mesh)
 
 
