@@ -16,7 +16,9 @@ DMGD's memory alone with the AdamW fallback, params and state donated), traced o
 custom call and once with the XLA ops, timed interleaved in one process: the per-round ratio is
 what the kernel changes in a training step, free of the drift between separate runs. Beside
 them, the step without the model's 1-D leaves and with its DMGD matrices only, with XLA's
-fusion count of each: what the fallback's many small leaves cost.
+fusion count of each: what the fallback's many small leaves cost; and the step with the
+fallback's small leaves left unpacked (``fallback_per_leaf``, jax_backend/_packing.py), with
+the per-round ratio packed ÷ per leaf.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _step_ab(repeats: int, built: bool, size: str = "quick") -> dict:
     import deepopt
     import jax_backend
     from benchmarks import _common, step_cost
-    from jax_backend import _deep_memory
+    from jax_backend import _compile, _deep_memory
 
     rng = np.random.default_rng(0)
     shape = lambda s: tuple(reversed(s)) if len(s) == 2 else s   # noqa: E731  optax layout: (in, out)
@@ -97,10 +99,15 @@ def _step_ab(repeats: int, built: bool, size: str = "quick") -> dict:
     ready = _deep_memory.native_ready
     fusions: dict[str, int] = {}
 
-    def step(name: str, native: bool, keep=lambda k, s: True):
+    def step(name: str, native: bool, keep=lambda k, s: True, packed: bool = True):
         init = {k: jnp.asarray(rng.normal(size=shape(s)) * 0.02, jnp.float32) for k, s in shapes if keep(k, s)}
         grads = {k: jnp.asarray(rng.normal(size=x.shape) * 1e-3, jnp.float32) for k, x in init.items()}
-        tx = jax_backend.compile(spec)
+        packable = _compile.packable
+        _compile.packable = packable if packed else (lambda rule: False)
+        try:
+            tx = jax_backend.compile(spec)
+        finally:
+            _compile.packable = packable
         jitted = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)),
                          donate_argnums=(0, 1))
         carry = [jax.tree.map(jnp.copy, init)]
@@ -118,7 +125,8 @@ def _step_ab(repeats: int, built: bool, size: str = "quick") -> dict:
             jax.block_until_ready(carry)
         return call
 
-    fns = {"xla_ops": step("xla_ops", False)}
+    fns = {"xla_ops": step("xla_ops", False),
+           "fallback_per_leaf": step("fallback_per_leaf", built, packed=False)}
     if built:
         fns["custom_call"] = step("custom_call", True)
         fns["custom_call_no_1d_leaves"] = step("custom_call_no_1d_leaves", True, lambda k, s: len(s) >= 2)
@@ -127,6 +135,8 @@ def _step_ab(repeats: int, built: bool, size: str = "quick") -> dict:
     out = {name: {**_common.summary(t, 1e3), "fusions": fusions[name]} for name, t in times.items()}
     if built:
         out["custom_call_over_xla_ops"] = _common.ratio_summary(times["custom_call"], times["xla_ops"])
+    main = times["custom_call" if built else "xla_ops"]
+    out["packed_over_per_leaf"] = _common.ratio_summary(main, times["fallback_per_leaf"])
     return out
 
 
@@ -167,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                    for name, s in step.items() if "fusions" in s]))
         if "custom_call_over_xla_ops" in step:
             print(f"custom call / XLA ops, median of rounds: {step['custom_call_over_xla_ops']['median']:.3f}")
+        print(f"fallback packed / per leaf, median of rounds: {step['packed_over_per_leaf']['median']:.3f}")
         print(f"wrote {_common.write_json(f'{args.out}/dmgd_kernel.json', result)}")
         return 0
     rng = np.random.default_rng(0)

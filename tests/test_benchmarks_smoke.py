@@ -29,6 +29,7 @@ BENCHMARKS = {   # module -> (arguments, the JSON file it writes under --out)
     "compiled_step": (["--tiny", "--repeats", "2", "--only", "sgd(decoupled_weight_decay=True)"], "compiled_step.json"),
     "step_profile": (["--size", "tiny", "--steps", "2", "--top", "5", "--only", "m3,dmgd_memory"], "step_profile.json"),
     "dmgd_kernel": (["--tiny", "--repeats", "3"], "dmgd_kernel.json"),
+    "packing": (["--tiny"], "packing.json"),
 }
 TIMEOUT_S = 150
 
@@ -135,6 +136,20 @@ def test_smoke_dmgd_kernel(results):
             assert r["custom_call"]["ms"]["median"] > 0 and r["custom_call_over_xla_ops"]["median"] > 0
 
 
+def test_smoke_packing(results):
+    """JAX's fallback leaves packed against leaf by leaf, and optax.adamw, per leaf size."""
+    data, _ = _get(results, "packing")
+    assert data["benchmark"] == "packing"
+    _assert_environment(data["environment"])
+    _assert_finite_numbers(data)
+    assert [r["leaf_size"] for r in data["rows"]] == [16, 64]
+    for r in data["rows"]:
+        for name in ("packed", "per_leaf", "optax.adamw"):
+            assert r[name]["ms"]["median"] > 0 and r[name]["fusions"] > 0
+        assert r["packed"]["fusions"] < r["per_leaf"]["fusions"]
+        assert r["packed_over_per_leaf"]["median"] > 0 and r["packed_over_optax"]["median"] > 0
+
+
 def test_smoke_dmgd_kernel_step(tmp_path):
     """``--step``: the whole step both ways in one process, and without the small leaves."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.dmgd_kernel", "--step", "--tiny", "--repeats", "3",
@@ -145,11 +160,16 @@ def test_smoke_dmgd_kernel_step(tmp_path):
     assert data["mode"] == "step" and data["size"] == "tiny"
     _assert_finite_numbers(data)
     steps = data["step_ms"]
-    names = {"xla_ops"} | ({"custom_call", "custom_call_no_1d_leaves", "custom_call_dmgd_matrices_only",
-                            "custom_call_over_xla_ops"} if data["kernel_built"] else set())
-    assert set(steps) == names
-    for name in names - {"custom_call_over_xla_ops"}:
+    ratios = {"packed_over_per_leaf"} | ({"custom_call_over_xla_ops"} if data["kernel_built"] else set())
+    names = {"xla_ops", "fallback_per_leaf"} | ({"custom_call", "custom_call_no_1d_leaves",
+                                                 "custom_call_dmgd_matrices_only"} if data["kernel_built"] else set())
+    assert set(steps) == names | ratios
+    for name in names:
         assert steps[name]["median"] > 0 and steps[name]["fusions"] > 0
+    for name in ratios:
+        assert steps[name]["median"] > 0
+    main = steps["custom_call" if data["kernel_built"] else "xla_ops"]
+    assert main["fusions"] < steps["fallback_per_leaf"]["fusions"]      # the small leaves packed
     if data["kernel_built"]:                       # fewer leaves, fewer fusions
         assert steps["custom_call"]["fusions"] > steps["custom_call_no_1d_leaves"]["fusions"]
 
