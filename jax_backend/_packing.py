@@ -47,10 +47,12 @@ class PackedState(NamedTuple):
 
     inner: Any
 
-    def per_leaf(self, params: Any) -> Any:
+    def per_leaf(self, params: Any, *, max_size: int = MAX_PACKED_SIZE) -> Any:
         """The inner state with every :class:`Packed` field laid out as ``params`` (the tree the
-        state was made for, or any tree of the same structure and shapes)."""
-        layout = _Layout(params)
+        state was made for, or any tree of the same structure and shapes); ``max_size`` as given
+        to :func:`pack_small_leaves`."""
+        layout = _Layout(params, _checked_size(max_size))
+        layout.check(self.inner)
         return jax.tree.map(layout.unpack, self.inner, is_leaf=lambda x: isinstance(x, Packed))
 
 
@@ -62,6 +64,13 @@ def packable(rule: UpdateRule) -> bool:
             and type(rule.readout) in (Identity, Sign)
             and (rule.denominator is None or type(rule.denominator) is SecondMoment)
             and rule.shape_scale == "none")
+
+
+def _checked_size(max_size: Any) -> int:
+    if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 0:
+        raise ValueError(f"max_size={max_size!r} is invalid: expected an int >= 0 (the most numbers "
+                         "a packed leaf holds; 0 packs nothing)")
+    return int(max_size)
 
 
 class _Layout:
@@ -108,7 +117,8 @@ class _Layout:
                 if sizes != self.sizes:
                     raise ValueError(
                         f"the state's packed vectors hold {sizes} numbers per dtype, but the updates' "
-                        f"small 1-D leaves hold {self.sizes}: the state was made (init) for another tree")
+                        f"small 1-D leaves hold {self.sizes}: the state was made (init) for another tree "
+                        "(or another max_size)")
                 return
 
 
@@ -121,6 +131,7 @@ def pack_small_leaves(inner: optax.GradientTransformation, *,
     Off a mesh the state is a :class:`PackedState`; on one (sharded parameters) it is ``inner``'s
     own, leaf by leaf.
     """
+    max_size = _checked_size(max_size)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

@@ -165,3 +165,16 @@ def test_packing_works_inside_inject_hyperparams_and_eval_shape():
     updates, state = jax.jit(tx.update)(_grads(params, 0), state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_a_bad_max_size_is_refused_and_per_leaf_takes_the_one_given():
+    for bad in (-1, 2.5, "64", True):
+        with pytest.raises(ValueError, match="max_size"):
+            jax_backend.pack_small_leaves(optax.adam(0.1), max_size=bad)
+    params = {"a": jnp.ones(3), "b": jnp.ones(100)}
+    tx = jax_backend.pack_small_leaves(optax.adam(0.1), max_size=10)      # packs "a" only
+    state = tx.init(params)
+    mu = state.per_leaf(params, max_size=10)[0].mu
+    assert mu["a"].shape == (3,) and mu["b"].shape == (100,)
+    with pytest.raises(ValueError, match="another max_size"):
+        state.per_leaf(params)                                            # the default packs both
