@@ -80,12 +80,20 @@ def _close(a, b) -> None:
     np.testing.assert_allclose(a64, b64, rtol=8 * eps, atol=8 * eps * max(float(np.abs(b64).max(initial=0.0)), 1e-30))
 
 
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_packed_fallback_steps_as_leaf_by_leaf(name, monkeypatch):
+def test_packed_fallback_steps_as_leaf_by_leaf(name, x64, monkeypatch):
     """Every parameter and every state field, after each of 6 steps across three decades of
     gradient scale: equal to the fallback run leaf by leaf, to a few roundings (element-wise
-    math; bit for bit in most runs, see :func:`_close`)."""
-    spec = SPECS[name]
+    math; bit for bit in most runs, see :func:`_close`); float32 leaves with and without x64
+    (where the rules' scalars are float64)."""
+    if not hasattr(jax, "enable_x64"):
+        pytest.skip("this jax has no jax.enable_x64 context")
+    with jax.enable_x64(x64):
+        _packed_against_per_leaf(SPECS[name], monkeypatch)
+
+
+def _packed_against_per_leaf(spec, monkeypatch):
     params = _params()
     packed_tx = jax_backend.compile(spec)
     plain_tx = _per_leaf(lambda: jax_backend.compile(spec), monkeypatch)
