@@ -163,7 +163,9 @@ def compile(  # the public name mirrors torch_backend.compile
     Conventions: γ enters last (``scale_by_learning_rate``), so an optax schedule sees the
     step count; memories start at zero; decoupled decay uses the unadjusted γ; Nesterov with
     bias correction takes optax's NAdam form. Routing names are dotted key paths
-    (``"params.embed.w"``). ``None`` leaves pass through as in optax.
+    (``"params.embed.w"``). ``None`` leaves pass through as in optax. Off a mesh, an
+    element-wise fallback runs once on its small 1-D leaves packed into one vector per dtype,
+    and keeps their state so (:class:`jax_backend.PackedState`; ``jax_backend/_packing.py``).
 
     Raises:
       ValueError: ``layout`` is not ``"optax"`` or ``"torch"``; a concrete ``learning_rate`` or
