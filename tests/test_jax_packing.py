@@ -200,3 +200,26 @@ def test_a_bad_max_size_is_refused_and_per_leaf_takes_the_one_given():
     assert mu["a"].shape == (3,) and mu["b"].shape == (100,)
     with pytest.raises(ValueError, match="another max_size"):
         state.per_leaf(params)                                            # the default packs both
+
+
+def test_packing_works_inside_multisteps_and_masked():
+    """optax wrappers that map over the state (MultiSteps' accumulation and cond) or mask leaves
+    (``optax.masked``: a masked leaf never reaches the fallback) step a packed spec under jit."""
+    params = {"w": jnp.ones((4, 3)), "b": jnp.ones(3), "c": jnp.ones(5)}
+    grads = {"w": jnp.full((4, 3), 0.1), "b": jnp.full(3, 0.2), "c": jnp.full(5, 0.3)}
+    multi = optax.MultiSteps(jax_backend.compile(SPECS["muon_adamw"]), every_k_schedule=2)
+    state = multi.init(params)
+    assert optax_states(state, _packing.PackedState)
+    for k in range(4):
+        updates, state = jax.jit(multi.update)(grads, state, params)
+        moved = bool(jnp.any(updates["b"] != 0))
+        assert moved == (k % 2 == 1)                                       # every second step
+    masked = optax.masked(jax_backend.compile(SPECS["muon_adamw"]), {"w": True, "b": True, "c": False})
+    state = masked.init(params)
+    updates, state = jax.jit(masked.update)(grads, state, params)
+    np.testing.assert_array_equal(updates["c"], grads["c"])                 # passed through
+    assert bool(jnp.all(updates["b"] < 0))                                  # AdamW's step on b
+    (packed,) = optax_states(state, _packing.PackedState)
+    mu = [x for x in jax.tree.leaves(packed.inner, is_leaf=lambda x: isinstance(x, _packing.Packed))
+          if isinstance(x, _packing.Packed)][0]
+    assert [v.shape for v in mu.vectors] == [(3,)]                          # b alone is packed
