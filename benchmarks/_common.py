@@ -10,6 +10,8 @@
 - :func:`summary` / :func:`ratio_summary`: median with spread (quartiles, min, max); ratios
   are taken per round (A_i / B_i, measured back to back) and then summarised.
 - :func:`write_json`: strict JSON (no NaN/inf; numpy scalars converted).
+- :func:`jax_step`: a jitted optax training step (parameters and state donated) as a timed
+  callable, with XLA's fusion count of it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from benchmarks._threads import THREAD_VARIABLES, limit_threads
 
-__all__ = ["environment", "fmt_table", "interleaved", "limit_threads", "ratio_summary", "summary",
+__all__ = ["environment", "fmt_table", "interleaved", "jax_step", "limit_threads", "ratio_summary", "summary",
            "tiny", "write_json"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -114,6 +116,30 @@ def jax_devices() -> list[str] | None:
         return [str(d) for d in jax.devices()]
     except Exception:  # noqa: BLE001
         return None
+
+
+def jax_step(tx: Any, params: Any, grads: Any) -> tuple[Callable[[], None], int]:
+    """One optax training step as a timed callable: ``tx.update`` then ``optax.apply_updates``,
+    jitted with the parameters and the state donated, compiled and run once here (so a caller
+    that patches what the trace sees patches around this call). Returns the callable, which
+    steps the held copies and waits for them, and XLA's fusion count of the compiled step."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    jitted = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)),
+                     donate_argnums=(0, 1))
+    carry = [jax.tree.map(jnp.copy, params)]
+    carry.append(tx.init(carry[0]))
+    fusions = len(re.findall(r"= \S+ fusion\(", jitted.lower(*carry, grads).compile().as_text()))
+    carry[:] = jitted(*carry, grads)
+
+    def call():
+        carry[:] = jitted(*carry, grads)
+        jax.block_until_ready(carry)
+    return call, fusions
 
 
 # --------------------------------------------------------------------------------------------

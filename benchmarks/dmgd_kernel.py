@@ -80,12 +80,9 @@ def _step_ab(repeats: int, built: bool, size: str = "quick") -> dict:
     """step_cost's ``dmgd_memory`` step (``size``: its model's), with the custom call and with the XLA ops;
     and, with the custom call, the same step without the model's 1-D leaves and with its DMGD
     matrices only: what the fallback's leaves cost (each leaf is a fusion of its own in XLA)."""
-    import re
 
-    import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     import deepopt
     import jax_backend
@@ -108,21 +105,11 @@ def _step_ab(repeats: int, built: bool, size: str = "quick") -> dict:
             tx = jax_backend.compile(spec)
         finally:
             _compile.packable = packable
-        jitted = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)),
-                         donate_argnums=(0, 1))
-        carry = [jax.tree.map(jnp.copy, init)]
-        carry.append(tx.init(carry[0]))
         _deep_memory.native_ready = ready if native else (lambda *a: False)
         try:                                  # traced (and the route taken) here, once
-            text = jitted.lower(*carry, grads).compile().as_text()
-            carry[:] = jitted(*carry, grads)
+            call, fusions[name] = _common.jax_step(tx, init, grads)
         finally:
             _deep_memory.native_ready = ready
-        fusions[name] = len(re.findall(r"= \S+ fusion\(", text))
-
-        def call():
-            carry[:] = jitted(*carry, grads)
-            jax.block_until_ready(carry)
         return call
 
     fns = {"xla_ops": step("xla_ops", False),

@@ -24,9 +24,6 @@ SIZES = (128, 512, 2048, 4096, 8192, 32768, 131072)
 
 
 def _measure(leaves: int, size: int, repeats: int) -> dict:
-    import re
-
-    import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -45,15 +42,7 @@ def _measure(leaves: int, size: int, repeats: int) -> dict:
     fusions: dict[str, int] = {}
 
     def timed(name, tx):
-        jitted = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)),
-                         donate_argnums=(0, 1))
-        carry = [jax.tree.map(jnp.copy, params)]
-        carry.append(tx.init(carry[0]))
-        fusions[name] = len(re.findall(r"= \S+ fusion\(", jitted.lower(*carry, grads).compile().as_text()))
-
-        def call():
-            carry[:] = jitted(*carry, grads)
-            jax.block_until_ready(carry)
+        call, fusions[name] = _common.jax_step(tx, params, grads)
         return call
 
     times = _common.interleaved({name: timed(name, tx) for name, tx in txs.items()}, warmup=5, repeats=repeats)
