@@ -15,57 +15,26 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "elementwise_rules.h"
+#include "tensor_lists.h"
+
 #include <algorithm>
-#include <cmath>
-#include <initializer_list>
-#include <type_traits>
 #include <vector>
 
 namespace {
 
+using deepopt_lists::advance;
+using deepopt_lists::counts;
+using deepopt_lists::written;
+using deepopt_rules::make_nadamw;
+using deepopt_rules::make_sgd;
+using deepopt_rules::nadamw_element;
+using deepopt_rules::NadamwScalars;
+using deepopt_rules::sgd_element;
+using deepopt_rules::SgdScalars;
+using deepopt_rules::with_flag;
+
 constexpr int64_t kGrain = 16384;  // elements per task at least (~1 µs of work per thread)
-
-// Whether every list has the first list's length and every tensor is a contiguous CPU tensor
-// with its parameter's dtype (float or double) and numel.
-bool takes(const std::vector<at::TensorList>& lists) {
-  const at::TensorList& params = lists.front();
-  for (const at::TensorList& list : lists) {
-    if (list.size() != params.size()) return false;
-    for (size_t i = 0; i < list.size(); ++i) {
-      const at::Tensor& x = list[i];
-      const at::ScalarType dtype = params[i].scalar_type();
-      if (!x.defined() || x.device().type() != at::kCPU || x.scalar_type() != dtype ||
-          (dtype != at::kFloat && dtype != at::kDouble) || !x.is_contiguous() ||
-          x.numel() != params[i].numel() || x.is_neg() || x.is_conj())
-        return false;
-    }
-  }
-  return true;
-}
-
-// Whether ``steps`` holds one float32 count (a 0-d CPU tensor) per parameter, or is empty.
-bool counts(at::TensorList steps, size_t n) {
-  if (steps.empty()) return true;
-  if (steps.size() != n) return false;
-  for (const at::Tensor& x : steps)
-    if (!x.defined() || x.device().type() != at::kCPU || x.scalar_type() != at::kFloat || x.numel() != 1)
-      return false;
-  return true;
-}
-
-// Adds one to the i-th count and returns t after the increment, as torch.optim's counts are.
-double advance(at::TensorList steps, size_t i) {
-  float* t = steps[i].data_ptr<float>();
-  *t += 1;
-  return *t;
-}
-
-// Marks the tensors as written in place, as torch's in-place ops do: autograd then refuses a
-// backward through a value this step changed, instead of using the new one silently.
-void written(std::initializer_list<at::TensorList> lists) {
-  for (const at::TensorList& list : lists)
-    for (const at::Tensor& x : list) x.unsafeGetTensorImpl()->bump_version();
-}
 
 // Calls ``f(i, lo, hi)`` on ranges [lo, hi) of tensor i's elements that together cover every
 // tensor of the list once: the whole list is one range, split once across torch's threads, so a
@@ -86,31 +55,13 @@ void for_each_range(at::TensorList params, F&& f) {
   });
 }
 
-// Calls ``f`` with the flag as a compile-time constant (std::true_type or std::false_type), so
-// that each loop below is compiled branch-free for every combination of its flags.
-template <typename F>
-void with_flag(bool flag, F&& f) {
-  if (flag) f(std::true_type{});
-  else f(std::false_type{});
-}
-
-// SGD with momentum μ, dampening δ, weight decay λ (coupled: G + λW, or decoupled: W(1 − γλ)),
-// Nesterov's read G + μB, maximize, and torch's undamped first write (B = G at t = 1):
-//   B ← μB + (1 − δ)G,  D = B (or G + μB),  W ← W(1 − γλ) − γD.
+// SGD (elementwise_rules.h: sgd_element) over elements [lo, hi) of one tensor.
 template <typename T, bool kBuf, bool kFirst, bool kNesterov, bool kCoupled>
 void sgd_loop(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ b, int64_t lo, int64_t hi,
-              T sign, T coupled, T keep, T mu, T eta, T step) {
-  for (int64_t j = lo; j < hi; ++j) {
-    T gj = sign * g[j];
-    if (kCoupled) gj += coupled * w[j];
-    T d = gj;
-    if (kBuf) {
-      const T bj = kFirst ? gj : mu * b[j] + eta * gj;
-      b[j] = bj;
-      d = kNesterov ? gj + mu * bj : bj;
-    }
-    w[j] = keep * w[j] - step * d;
-  }
+              const SgdScalars<T>& s) {
+  T unused = 0;
+  for (int64_t j = lo; j < hi; ++j)
+    sgd_element<T, kBuf, kFirst, kNesterov, kCoupled>(w[j], g[j], kBuf ? b[j] : unused, s);
 }
 
 // A stateless rule (μ = 0, η = 1: plain SGD) passes no buffers, and D = G. ``steps``: each
@@ -121,7 +72,7 @@ bool sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::
   const bool has_buf = !bufs.empty();
   std::vector<at::TensorList> lists{params, grads};
   if (has_buf) lists.push_back(bufs);
-  if (!takes(lists) || !counts(steps, params.size())) return false;
+  if (!deepopt_lists::takes(lists, at::kCPU) || !counts(steps, params.size())) return false;
   std::vector<char> first(params.size(), 0);            // t = 1 after this step's increment
   for (size_t i = 0; i < steps.size(); ++i) first[i] = advance(steps, i) == 1.0;
   const bool couple = !decoupled && weight_decay != 0.0;
@@ -131,12 +82,10 @@ bool sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::
       T* w = params[i].data_ptr<T>();
       const T* g = grads[i].data_ptr<T>();
       T* b = has_buf ? bufs[i].data_ptr<T>() : nullptr;
-      const T sign = maximize ? -1 : 1, coupled = static_cast<T>(weight_decay);
-      const T keep = static_cast<T>(1.0 - (decoupled ? lr * weight_decay : 0.0));
-      const T mu = static_cast<T>(momentum), eta = static_cast<T>(1.0 - dampening), step = static_cast<T>(lr);
+      const SgdScalars<T> s = make_sgd<T>(lr, weight_decay, decoupled, momentum, dampening, maximize);
       with_flag(has_buf, [&](auto buf) { with_flag(first[i], [&](auto first_write) {
         with_flag(nesterov, [&](auto nest) { with_flag(couple, [&](auto coupled_decay) {
-          sgd_loop<T, buf, first_write, nest, coupled_decay>(w, g, b, lo, hi, sign, coupled, keep, mu, eta, step);
+          sgd_loop<T, buf, first_write, nest, coupled_decay>(w, g, b, lo, hi, s);
         }); });
       }); });
     });
@@ -145,46 +94,28 @@ bool sgd_(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::
   return true;
 }
 
-// AdamW with the NAdam read (docs/math.md §2):
-//   S ← S + (1 − β₁)(G − S),  ν ← β₂ν + (1 − β₂)G²,
-//   W ← W(1 − γλ) − γ (c₁S + c₂G) / (√ν / √(1 − β₂ᵗ) + ε),
-// with c₁ = β₁/(1 − β₁ᵗ⁺¹) and c₂ = (1 − β₁)/(1 − β₁ᵗ); ``inv_root`` = 1/√(1 − β₂ᵗ), so that the
-// loop divides once per element (the divisions, not the memory, bounded it).
+// AdamW with the NAdam read (elementwise_rules.h: nadamw_element) over elements [lo, hi).
 template <typename T>
 void nadamw_loop(T* __restrict__ w, const T* __restrict__ g, T* __restrict__ s, T* __restrict__ v,
-                 int64_t lo, int64_t hi, T sign, T rate, T b2, T r2, T inv_root, T keep, T c1, T c2,
-                 T step, T eps) {
-  for (int64_t j = lo; j < hi; ++j) {
-    const T gj = sign * g[j];
-    const T sj = s[j] + rate * (gj - s[j]);
-    const T vj = b2 * v[j] + r2 * gj * gj;
-    s[j] = sj;
-    v[j] = vj;
-    w[j] = keep * w[j] - step * ((c1 * sj + c2 * gj) / (std::sqrt(vj) * inv_root + eps));
-  }
+                 int64_t lo, int64_t hi, const NadamwScalars<T>& c) {
+  for (int64_t j = lo; j < hi; ++j) nadamw_element<T>(w[j], g[j], s[j], v[j], c);
 }
 
-// ``steps``: each parameter's count t, advanced here (the scalars are per tensor, in double).
+// ``steps``: each parameter's count t, advanced here (the scalars are per tensor, from t).
 bool nadamw_(at::TensorList params, at::TensorList grads, at::TensorList memory,
              at::TensorList second_moment, at::TensorList steps, double lr, double beta1,
              double beta2, double eps, double weight_decay, bool maximize) {
-  if (!takes({params, grads, memory, second_moment}) || steps.empty() || !counts(steps, params.size()))
+  if (!deepopt_lists::takes({params, grads, memory, second_moment}, at::kCPU) || steps.empty() ||
+      !counts(steps, params.size()))
     return false;
-  struct Scalars { double c1, c2, inv_root; };          // per tensor, from its t (after the increment)
-  std::vector<Scalars> at_t(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const double t = advance(steps, i);
-    at_t[i] = {beta1 / (1.0 - std::pow(beta1, t + 1.0)), (1.0 - beta1) / (1.0 - std::pow(beta1, t)),
-               1.0 / std::sqrt(1.0 - std::pow(beta2, t))};
-  }
+  std::vector<double> ts(params.size());                 // t after this step's increment
+  for (size_t i = 0; i < params.size(); ++i) ts[i] = advance(steps, i);
   for_each_range(params, [&](size_t i, int64_t lo, int64_t hi) {
     AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "deepopt::nadamw_", [&] {
       using T = scalar_t;
+      const NadamwScalars<T> c = make_nadamw<T>(ts[i], lr, beta1, beta2, eps, weight_decay, maximize);
       nadamw_loop<T>(params[i].data_ptr<T>(), grads[i].data_ptr<T>(), memory[i].data_ptr<T>(),
-                     second_moment[i].data_ptr<T>(), lo, hi, maximize ? -1 : 1, static_cast<T>(1.0 - beta1),
-                     static_cast<T>(beta2), static_cast<T>(1.0 - beta2), static_cast<T>(at_t[i].inv_root),
-                     static_cast<T>(1.0 - lr * weight_decay), static_cast<T>(at_t[i].c1),
-                     static_cast<T>(at_t[i].c2), static_cast<T>(lr), static_cast<T>(eps));
+                     second_moment[i].data_ptr<T>(), lo, hi, c);
     });
   });
   written({params, memory, second_moment, steps});
