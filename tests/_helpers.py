@@ -15,6 +15,8 @@ that need them, so a module that uses only one backend never imports the other.
   :func:`exact_in_float64`, :func:`has_maximize`, :func:`maximized`.
 - :func:`readme_distributed_examples`: the README's Distributed code blocks for a backend.
 - :data:`DEEP_MEMORY_VARIANTS`: the DMGD memories both C++ kernels' tests run (every branch).
+- :data:`ELEMENTWISE_VARIANTS`: the element-wise rules torch has no kernel for, which deepopt's
+  CPU and CUDA kernels take (every branch).
 """
 
 from __future__ import annotations
@@ -42,6 +44,25 @@ DEEP_MEMORY_VARIANTS = {
     "no_retention": {"momentum": 1.0, "hidden": 24},
     "no_inner_step": {"inner_lr": 0.0},
     "narrow_mlp": {"hidden": 3, "inner_lr": 0.7},
+}
+
+#: The element-wise rules torch has no fused kernel for, with every flag of deepopt's kernels for
+#: them (tests/test_native.py on the CPU, tests/test_native_cuda.py on CUDA).
+ELEMENTWISE_VARIANTS = {
+    "sgd_decoupled": deepopt.sgd(0.1, momentum=0.9, weight_decay=0.05, decoupled_weight_decay=True),
+    "sgd_decoupled_maximize_nesterov": deepopt.sgd(0.1, momentum=0.8, nesterov=True, weight_decay=0.05,
+                                                   decoupled_weight_decay=True, maximize=True),
+    "sgd_decoupled_no_momentum": deepopt.sgd(0.1, weight_decay=0.05, decoupled_weight_decay=True),
+    "sgd_torch_first_step": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True),
+    "sgd_torch_first_step_coupled_decay": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, weight_decay=0.05,
+                                                      undamped_first_step=True),
+    "sgd_torch_first_step_decoupled": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, weight_decay=0.05,
+                                                  decoupled_weight_decay=True, undamped_first_step=True),
+    "sgd_torch_first_step_no_momentum": deepopt.sgd(0.05, dampening=0.5, undamped_first_step=True),
+    "adamw_nesterov": deepopt.adamw(1e-2, nesterov=True),
+    "adamw_nesterov_decay_maximize": deepopt.adamw(3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1,
+                                                   nesterov=True, maximize=True),
+    "adamw_nesterov_beta1_zero": deepopt.adamw(1e-2, betas=(0.0, 0.999), weight_decay=0.1, nesterov=True),
 }
 
 # --------------------------------------------------------------------------------------------

@@ -13,22 +13,9 @@ import deepopt
 import torch_backend
 from torch_backend import _fused, _native
 
-VARIANTS = {
-    "sgd_decoupled": deepopt.sgd(0.1, momentum=0.9, weight_decay=0.05, decoupled_weight_decay=True),
-    "sgd_decoupled_maximize_nesterov": deepopt.sgd(0.1, momentum=0.8, nesterov=True, weight_decay=0.05,
-                                                   decoupled_weight_decay=True, maximize=True),
-    "sgd_decoupled_no_momentum": deepopt.sgd(0.1, weight_decay=0.05, decoupled_weight_decay=True),
-    "sgd_torch_first_step": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, undamped_first_step=True),
-    "sgd_torch_first_step_coupled_decay": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, weight_decay=0.05,
-                                                      undamped_first_step=True),
-    "sgd_torch_first_step_decoupled": deepopt.sgd(0.1, momentum=0.9, dampening=0.3, weight_decay=0.05,
-                                                  decoupled_weight_decay=True, undamped_first_step=True),
-    "sgd_torch_first_step_no_momentum": deepopt.sgd(0.05, dampening=0.5, undamped_first_step=True),
-    "adamw_nesterov": deepopt.adamw(1e-2, nesterov=True),
-    "adamw_nesterov_decay_maximize": deepopt.adamw(3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1,
-                                                   nesterov=True, maximize=True),
-    "adamw_nesterov_beta1_zero": deepopt.adamw(1e-2, betas=(0.0, 0.999), weight_decay=0.1, nesterov=True),
-}
+from _helpers import ELEMENTWISE_VARIANTS
+
+VARIANTS = ELEMENTWISE_VARIANTS
 SHAPES = [(5, 3), (3,), (4, 6), (1,)]
 
 

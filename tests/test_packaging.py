@@ -56,16 +56,19 @@ def test_test_extra_installs_the_linter_ci_runs():
     assert re.search(r"^ruff==\d", pins, flags=re.M)
 
 
-def test_the_cpu_kernels_source_ships_and_ninja_is_installed_to_build_it():
-    """torch_backend/_native.py builds csrc/elementwise.cpp and csrc/deep_memory.cpp on first use:
-    the sources must be in the wheel (package data), and torch's builder needs ninja, which the
-    torch extra installs (pinned for CI)."""
+def test_the_kernels_sources_ship_and_ninja_is_installed_to_build_them():
+    """torch_backend/_native.py builds csrc/elementwise.cpp and csrc/deep_memory.cpp on first use
+    (and, on a CUDA machine, csrc/elementwise_cuda.cpp and .cu): the sources and their headers must
+    be in the wheel (package data), and torch's builder needs ninja, which the torch extra
+    installs (pinned for CI)."""
     from torch_backend import _native
 
-    assert PYPROJECT["tool"]["setuptools"]["package-data"]["torch_backend"] == ["csrc/*.cpp"]
-    assert all(path.is_file() for path in _native.SOURCES)
+    assert PYPROJECT["tool"]["setuptools"]["package-data"]["torch_backend"] == ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]
+    assert all(path.is_file() for path in (*_native.SOURCES, *_native.CUDA_SOURCES, *_native.LOCAL_HEADERS))
     assert [path.relative_to(ROOT / "torch_backend").as_posix() for path in _native.SOURCES] == \
         ["csrc/elementwise.cpp", "csrc/deep_memory.cpp"]
+    assert [path.relative_to(ROOT / "torch_backend").as_posix() for path in _native.CUDA_SOURCES] == \
+        ["csrc/elementwise_cuda.cpp", "csrc/elementwise_cuda.cu"]
     # DMGD's memory itself is a header both backends include: it ships with deepopt.
     assert PYPROJECT["tool"]["setuptools"]["package-data"]["deepopt"] == ["csrc/*.h"]
     assert [path.relative_to(ROOT / "deepopt").as_posix() for path in _native.HEADERS] == ["csrc/deep_memory.h"]

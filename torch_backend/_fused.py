@@ -7,9 +7,9 @@ every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is wha
 ``deepopt.adamw`` (and the AdamW fallback of every matrix rule) as fast as
 ``torch.optim.AdamW(fused=True)``. Three variants torch has no kernel for — SGD with decoupled decay, SGD with torch's undamped
 first write, and AdamW with the NAdam read (``adamw(nesterov=True)``, optax's ``nadamw``) — run
-deepopt's own CPU kernel (:mod:`torch_backend._native`: one loop per tensor, step counts
-included) where it is built; elsewhere (CUDA, or no compiler) torch's kernel runs them with one
-pass more: a decay pass before ``_fused_sgd_``, its ``is_first_step`` per step count, or the
+deepopt's own kernels (:mod:`torch_backend._native`: on the CPU one loop per tensor, on CUDA one
+multi-tensor launch, step counts included) where they are built; elsewhere (no compiler, half
+precision, step counts moved off the CPU) torch's kernel runs them with one pass more: a decay pass before ``_fused_sgd_``, its ``is_first_step`` per step count, or the
 AdamW kernel with its β₁ and lr chosen per step and one ``lerp`` after it (:func:`_nadamw`).
 The state is deepopt's own (``memory``, ``second_moment``, ``step``), so checkpoints do not
 depend on which path ran. Eager steps only: under
@@ -110,13 +110,15 @@ def step_classic(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads
                  states: list[dict], *, fused: bool | None, lr: float, weight_decay: float) -> bool:
     """One step of a rule :func:`classic_kind` recognised, through a fused kernel: deepopt's own
     for a variant torch has none for (:func:`is_variant`), where it is built and takes every
-    tensor (CPU ones: a CUDA step neither builds nor calls it); else torch's
-    (:func:`step_fused`) where :func:`fused_groups` allows. False, with nothing written, where
+    tensor (the CPU kernels for CPU tensors, the CUDA ones for CUDA tensors: a step on one device
+    never builds the other's); else torch's (:func:`step_fused`) where :func:`fused_groups` allows. False, with nothing written, where
     neither runs (the foreach twin then takes the step)."""
-    if (fused is not False and params and params[0].is_cpu and is_variant(kind, rule, weight_decay)
-            and {*map(type, params), *map(type, grads)} <= PLAIN      # the kernel checks the rest
-            and _step_native(kind, rule, params, grads, states, lr=lr, weight_decay=weight_decay)):
-        return True
+    if fused is not False and params and is_variant(kind, rule, weight_decay) and (
+            {*map(type, params), *map(type, grads)} <= PLAIN):        # the kernel checks the rest
+        native = _native.ops() if params[0].is_cpu else _native.cuda_ops() if params[0].is_cuda else None
+        if native is not None and _step_native(native, kind, rule, params, grads, states, lr=lr,
+                                               weight_decay=weight_decay):
+            return True
     groups = fused_groups(params, grads, fused, kind)
     if groups is None:
         return False
@@ -173,13 +175,11 @@ def is_variant(kind: Kind, rule: UpdateRule, weight_decay: float) -> bool:
                                                    (rule.decoupled_weight_decay and weight_decay != 0.0)))
 
 
-def _step_native(kind: Kind, rule: UpdateRule, params, grads, states, *, lr: float, weight_decay: float) -> bool:
-    """The step as one loop per tensor through deepopt's CPU kernel (:mod:`torch_backend._native`),
-    step counts included; False, with nothing written, where the kernel is not built or does
-    not take these tensors (it checks them all first)."""
-    native = _native.ops()
-    if native is None:
-        return False
+def _step_native(native, kind: Kind, rule: UpdateRule, params, grads, states, *, lr: float,
+                 weight_decay: float) -> bool:
+    """The step through deepopt's kernel (``native``: :func:`_native.ops` on the CPU, one loop per
+    tensor; :func:`_native.cuda_ops` on CUDA, one launch per dtype), step counts included; False,
+    with nothing written, where the kernel does not take these tensors (it checks them all first)."""
     mem = rule.memory
     if kind == "nadamw":
         return native.nadamw_(params, grads, [st["memory"] for st in states],

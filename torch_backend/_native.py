@@ -1,4 +1,5 @@
-"""deepopt's own CPU kernels (``csrc/elementwise.cpp``, ``csrc/deep_memory.cpp``), built on first use.
+"""deepopt's own CPU kernels (``csrc/elementwise.cpp``, ``csrc/deep_memory.cpp``) and CUDA kernels
+(``csrc/elementwise_cuda.cu``), built on first use.
 
 torch has fused CPU kernels for SGD and AdamW exactly as torch.optim defines them, and
 :mod:`torch_backend._fused` hands those rules to them. Three variants have none: SGD with
@@ -22,9 +23,17 @@ ahead). The classic rules use them only once built (:func:`loaded`), so ``deepop
 ``deepopt.adamw`` alone never waits for a build. ``DEEPOPT_NATIVE`` says whether to build
 (:mod:`deepopt._native`: ``auto``, ``1`` or ``0``; jax_backend's kernel reads it too).
 
-The ops take CPU float32/float64 tensors (on CUDA, torch's ops run, or inductor's loops under
-``torch.compile``), and check every tensor before writing any. Results equal torch's ops within
-float rounding (``tests/test_native.py``, ``tests/test_deep_memory_native.py``).
+The ops take CPU float32/float64 tensors and check every tensor before writing any. Results equal
+torch's ops within float rounding (``tests/test_native.py``, ``tests/test_deep_memory_native.py``).
+
+**On CUDA** the three variants run ``csrc/elementwise_cuda.cu`` (:func:`cuda_ops`): the same ops,
+``torch.ops.deepopt_cuda``, for CUDA float32/float64 tensors, as one multi-tensor launch per
+dtype (and step-count case) over the whole group, where torch's kernel and one pass more would run
+(benchmarks/README.md, "Sixteenth round"). Both builds compute each element with
+``csrc/elementwise_rules.h``. The CUDA library is built with nvcc the first time a CUDA step needs
+it (~20 s), for the visible GPUs' architectures (or ``TORCH_CUDA_ARCH_LIST``), and cached beside
+the CPU build; ``DEEPOPT_NATIVE`` applies to it as well. DMGD's memory has no CUDA kernel: on CUDA it
+runs torch's ops.
 """
 
 from __future__ import annotations
@@ -40,7 +49,12 @@ import torch
 
 from deepopt._native import HEADERS, cpu_signature, fingerprint, setting
 
-SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("elementwise.cpp", "deep_memory.cpp"))
+CSRC = pathlib.Path(__file__).with_name("csrc")
+SOURCES = tuple(CSRC / name for name in ("elementwise.cpp", "deep_memory.cpp"))
+#: The CUDA library's sources: the torch op (host compiler) and its kernels (nvcc).
+CUDA_SOURCES = (CSRC / "elementwise_cuda.cpp", CSRC / "elementwise_cuda.cu")
+#: torch_backend's own headers, which both builds' names hash.
+LOCAL_HEADERS = tuple(CSRC / name for name in ("elementwise_rules.h", "tensor_lists.h", "elementwise_cuda.h"))
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
 #: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
 #: it ``at::parallel_for`` compiles to a plain loop, and the kernels ran on one thread whatever
@@ -48,6 +62,8 @@ SOURCES = tuple(pathlib.Path(__file__).with_name("csrc") / name for name in ("el
 #: first). Elsewhere (macOS's compiler takes no plain ``-fopenmp``) the kernels run on one thread.
 OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", *(["-fopenmp"] if OPENMP else [])]
+#: No fast math: the CUDA kernels divide and take square roots as IEEE does, as torch's kernels do.
+CUDA_FLAGS = ["-O3"]
 _log = logging.getLogger("deepopt")
 
 
@@ -57,17 +73,17 @@ def build_name() -> str:
     shared across machines) never loads a stale or foreign build from the shared cache, and two
     installs never rebuild one another's (ninja rebuilds when the source's path changes, under a
     process that may have the library loaded)."""
-    return "deepopt_kernels_" + fingerprint((*SOURCES, *HEADERS), " ".join(FLAGS), torch.__version__, sys.version,
-                                            cpu_signature())
+    return "deepopt_kernels_" + fingerprint((*SOURCES, *HEADERS, *LOCAL_HEADERS), " ".join(FLAGS), torch.__version__,
+                                            sys.version, cpu_signature())
 
 
-def build_directory() -> pathlib.Path:
-    """Where the build lives: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
-    one folder per :func:`build_name`, which is the folder's name."""
+def build_directory(name: str | None = None) -> pathlib.Path:
+    """Where a build lives: ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
+    one folder per build, named by it (default :func:`build_name`)."""
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    return pathlib.Path(root) / build_name()
+    return pathlib.Path(root) / (name or build_name())
 
 
 def library(where: pathlib.Path | None = None) -> pathlib.Path:
@@ -106,12 +122,59 @@ def ops():
     return torch.ops.deepopt
 
 
+def cuda_architectures() -> str:
+    """The GPU architectures the CUDA library is built for: ``TORCH_CUDA_ARCH_LIST`` where set, else
+    the visible devices' (as ``torch.utils.cpp_extension`` chooses them)."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if listed:
+        return listed
+    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
+
+
+def cuda_build_name() -> str:
+    """The CUDA library's name (see :func:`build_name`): its sources and headers, flags, torch's and
+    CUDA's versions, Python's, and the architectures it is built for."""
+    return "deepopt_cuda_kernels_" + fingerprint((*CUDA_SOURCES, *LOCAL_HEADERS), " ".join(CUDA_FLAGS),
+                                                 torch.__version__, str(torch.version.cuda), sys.version,
+                                                 cuda_architectures())
+
+
+@functools.cache
+def cuda_ops():
+    """``torch.ops.deepopt_cuda`` with the CUDA kernels loaded (built if need be), or None where torch
+    sees no CUDA device, ``DEEPOPT_NATIVE=0``, or (``auto``) the build failed."""
+    value = setting()
+    if value == "0" or not torch.cuda.is_available():
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        where = build_directory(cuda_build_name())
+        _log.info("deepopt: loading its CUDA kernels from %s (built once, ~20 s)", where)
+        where.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=where.name, sources=[str(path) for path in CUDA_SOURCES], extra_cflags=["-O3"],
+                           extra_cuda_cflags=CUDA_FLAGS, build_directory=str(where), is_python_module=False,
+                           verbose=False)
+    except Exception as exc:   # no nvcc, a failed build: both end the same way
+        if value == "1":
+            raise RuntimeError(f"deepopt's CUDA kernels could not be built (DEEPOPT_NATIVE=1): {exc}") from exc
+        warnings.warn(f"deepopt's CUDA kernels could not be built ({type(exc).__name__}: {exc}); SGD with "
+                      "decoupled decay or torch's first write and AdamW with the NAdam read run torch's kernel "
+                      "and one pass more on CUDA (same results, slower). DEEPOPT_NATIVE=0 skips the build.",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    return torch.ops.deepopt_cuda
+
+
 def build() -> pathlib.Path:
     """Build (or find) the kernels now rather than at the first step that needs them, e.g. in a
-    job's set-up; returns the library's path. Raises where they are off or cannot be built."""
+    job's set-up: the CPU kernels and, where torch sees a CUDA device, the CUDA ones; returns the
+    CPU library's path. Raises where they are off or cannot be built."""
     if ops() is None:
         raise RuntimeError("deepopt's CPU kernels were not built: DEEPOPT_NATIVE=0, or the build failed "
                            "(its warning says why)")
+    if torch.cuda.is_available() and cuda_ops() is None:
+        raise RuntimeError("deepopt's CUDA kernels were not built (their warning says why)")
     return library()
 
 
@@ -130,5 +193,6 @@ def loaded():
 _built: bool | None = None
 
 
-__all__ = ["FLAGS", "HEADERS", "SOURCES", "build", "build_directory", "build_name", "cpu_signature", "library", "loaded", "ops",
+__all__ = ["CUDA_FLAGS", "CUDA_SOURCES", "FLAGS", "HEADERS", "LOCAL_HEADERS", "SOURCES", "build", "build_directory",
+           "build_name", "cpu_signature", "cuda_architectures", "cuda_build_name", "cuda_ops", "library", "loaded", "ops",
            "setting"]
