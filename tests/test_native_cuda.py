@@ -1,7 +1,8 @@
-"""deepopt's CUDA kernels for the element-wise variants (torch_backend/_native.py: cuda_ops,
-csrc/elementwise_cuda.cu): on a GPU they run, compute what the foreach twin computes, and leave
-every tensor as it was where they cannot take a step; without one, their launches run block by
-block on the CPU (nvcc only), and a CPU step never builds them."""
+"""deepopt's CUDA kernels (torch_backend/_native.py: cuda_ops): the element-wise variants'
+(csrc/elementwise_cuda.cu) and DMGD's memory's two full-size passes (csrc/deep_memory_cuda.cu).
+On a GPU they run, compute what torch's ops compute (the foreach twin; fused_kernel's ops), and
+leave every tensor as it was where they cannot take a step; without one, their launches run
+block by block on the CPU (nvcc only), and a CPU step never builds them."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import torch
 
 import deepopt
 import torch_backend
-from torch_backend import _native
+from torch_backend import _deep_memory, _native
 
+from _helpers import DEEP_MEMORY_VARIANTS
 from _helpers import ELEMENTWISE_VARIANTS as VARIANTS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -31,16 +33,19 @@ def _nvcc() -> str | None:
     return found or (str(pathlib.Path(home, "bin", "nvcc")) if pathlib.Path(home, "bin", "nvcc").is_file() else None)
 
 
-def test_the_kernels_launches_cover_every_element_on_the_host(tmp_path):
-    """tests/csrc/elementwise_cuda_host.cu runs the kernels' batches (more tensors than a launch
-    takes, empty ones, sizes around a chunk) block by block on the CPU: every element visited once,
-    and each rule bit for bit a plain loop over the shared element functions."""
+@pytest.mark.parametrize("harness", ["elementwise_cuda_host.cu", "deep_memory_cuda_host.cu"])
+def test_the_kernels_launches_run_on_the_host_as_plain_loops(tmp_path, harness):
+    """tests/csrc/*_host.cu run the CUDA kernels' blocks on the CPU, thread by thread, each phase
+    before the next. The element-wise kernels' batches (more tensors than a launch takes, empty
+    ones, sizes around a chunk): every element visited once, and each rule bit for bit a plain loop
+    over the shared element functions. DMGD's passes (rows, columns and h ending inside a tile;
+    more matrices than a launch of the outer step takes): bit for bit a plain loop."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("no nvcc here")
     exe = tmp_path / "host"
     build = subprocess.run([nvcc, "-std=c++17", "-O1", f"-I{ROOT / 'torch_backend' / 'csrc'}",
-                            str(ROOT / "tests" / "csrc" / "elementwise_cuda_host.cu"), "-o", str(exe)],
+                            str(ROOT / "tests" / "csrc" / harness), "-o", str(exe)],
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
@@ -264,3 +269,127 @@ def test_a_checkpoint_moves_between_the_cuda_kernel_and_the_twin(cuda_calls):
     assert cuda_calls["native"] == [True] * 9
     for p, q in zip(whole[0], qs):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+
+# -- DMGD's memory on a GPU ---------------------------------------------------------------------
+
+#: (bucket, m, n): rows, columns ending inside a tile (16 × 128); whole tiles; a tiny matrix.
+MEMORY_SHAPES = [(3, 37, 300), (2, 64, 256), (1, 5, 7)]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-13), torch.float32: dict(rtol=2e-4, atol=2e-6)}
+
+
+@pytest.fixture
+def memory_calls(monkeypatch):
+    """``torch.ops.deepopt_cuda`` (skipped where it cannot be built), each DMGD op's calls recorded
+    as (name, result); ``seen["off"]()`` turns the kernels off (torch's ops then run)."""
+    ops = _native.cuda_ops()
+    if ops is None:
+        pytest.skip("deepopt's CUDA kernels could not be built here (see the warning)")
+    seen = {"calls": [], "on": True}
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(ops, name)
+            return lambda *a: (lambda ok: (seen["calls"].append((name, ok)), ok)[1])(op(*a))
+
+    monkeypatch.setattr(_native, "cuda_ops", lambda: Spy() if seen["on"] else None)
+    return seen
+
+
+def _bucket(mem, b, m, n, dtype, seed=0, scale=1e-3):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to("cuda", dtype)   # noqa: E731
+    prev = torch.nn.functional.normalize(r(b, m, n), dim=-1) if mem.keys == "previous" else None
+    return {"s": r(b, m, n) * scale, "w1": r(b, mem.hidden, n), "w2": r(b, n, mem.hidden) * 0.1,
+            "nu": torch.full((b, 1, 1), scale, dtype=dtype, device="cuda"), "prev": prev, "g": r(b, m, n) * scale}
+
+
+def _fused(mem, x, values, outer=None):
+    st = {k: None if v is None else v.clone() for k, v in x.items()}
+    v = st["g"] * 0.7 + 1e-4 if values == "separate" else st["g"]
+    d = _deep_memory.fused_kernel(mem, st["s"], st["w1"], st["w2"], st["nu"], st["g"], v, st["prev"],
+                                  torch.full_like(st["s"], float("nan")), outer)[4]
+    return st, d
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("values", ["grads", "separate"])
+@pytest.mark.parametrize("shape", MEMORY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("variant", list(DEEP_MEMORY_VARIANTS))
+def test_dmgd_memory_on_cuda_equals_torchs_ops(memory_calls, variant, shape, values, dtype):
+    mem = deepopt.DeepMemory(**DEEP_MEMORY_VARIANTS[variant])
+    x = _bucket(mem, *shape, dtype)
+    ours, d = _fused(mem, x, values)
+    expected = [("dmgd_write_", True)] if mem.objective == "l2" else []
+    assert memory_calls["calls"] == expected + [("dmgd_read_", True)]
+    memory_calls["on"] = False
+    ref, d_ref = _fused(mem, x, values)
+    assert len(memory_calls["calls"]) == len(expected) + 1          # off: torch's ops only
+    torch.testing.assert_close(d, d_ref, **TOL[dtype], msg="D")
+    for key in ("s", "w1", "w2", "nu", "prev"):
+        if ref[key] is not None:
+            torch.testing.assert_close(ours[key], ref[key], **TOL[dtype], msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["default", "dot_previous", "no_nesterov"])
+def test_dmgd_read_on_cuda_makes_the_outer_step_given_the_parameters(memory_calls, variant):
+    mem = deepopt.DeepMemory(**DEEP_MEMORY_VARIANTS[variant])
+    b, m, n = 70, 9, 130                                 # more matrices than one launch takes (64)
+    x = _bucket(mem, b, m, n, torch.float64)
+    params = [torch.randn(m, n, dtype=torch.float64, device="cuda") for _ in range(b)]
+    ref, d_ref = _fused(mem, x, "grads")
+    stepped = [p - 0.1 * d for p, d in zip(params, d_ref)]
+    ours, d = _fused(mem, x, "grads", (params, 0.1))
+    assert d is None and memory_calls["calls"][-1] == ("dmgd_read_", True)
+    for p, q in zip(params, stepped):
+        torch.testing.assert_close(p, q, **TOL[torch.float64])
+    for key in ("s", "w1", "w2", "nu", "prev"):
+        if ref[key] is not None:
+            assert torch.equal(ours[key], ref[key]), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("readout", [None, "sign"])
+def test_dmgd_on_cuda_steps_as_with_torchs_ops(memory_calls, readout):
+    """The optimizer (two buckets, one of a single matrix, a bias for the fallback) for six steps
+    with the kernels and without: the same parameters within float64 rounding."""
+    spec = deepopt.dmgd(0.02, readout=readout)
+    shapes = [(40, 24), (40, 24), (24, 40), (40,)]
+
+    def run():
+        ps = _start(shapes)
+        opt = torch_backend.compile(spec, ps)
+        for gs in _grads(shapes, 6):
+            for p, g in zip(ps, gs):
+                p.grad = g
+            opt.step()
+        return ps
+
+    ours = run()
+    assert {name for name, _ in memory_calls["calls"]} == {"dmgd_write_", "dmgd_read_"}
+    assert all(ok for _, ok in memory_calls["calls"])
+    memory_calls["on"] = False
+    for p, q in zip(ours, run()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_dmgd_ops_refuse_what_they_cannot_take_before_writing(memory_calls):
+    ops = _native.cuda_ops()
+    mem = deepopt.DeepMemory()
+    x = _bucket(mem, 2, 20, 30, torch.float32)
+    hn = torch.randn(2, 20, mem.hidden, device="cuda")
+    s, v, w2 = x["s"], x["g"], x["w2"]
+    before = s.clone()
+    p = torch.full_like(s, 7.0)
+    assert not ops.dmgd_write_(s, v, hn.half(), w2, p, 0.9, 0.1)             # another dtype
+    assert not ops.dmgd_write_(s, v, hn, w2, s, 0.9, 0.1)                    # P would overwrite S
+    assert not ops.dmgd_write_(s, v.mT.contiguous().mT, hn, w2, p, 0.9, 0.1)   # not contiguous
+    assert not ops.dmgd_write_(s, v, hn[:, :10], w2, p, 0.9, 0.1)            # sizes that do not fit
+    params = [torch.zeros(20, 30, device="cuda")]
+    assert not ops.dmgd_read_(s, v, hn, w2, None, params, 1.0, 0.0, 0.1)     # one parameter for two
+    assert not ops.dmgd_read_(s, v, hn, w2, None, [], 1.0, 0.0, 0.1)         # nowhere to write D̃
+    assert not ops.dmgd_read_(s.cpu(), v.cpu(), hn.cpu(), w2.cpu(), p.cpu(), [], 1.0, 0.0, 0.0)   # CPU
+    assert torch.equal(s, before) and (p == 7.0).all() and (params[0] == 0).all()

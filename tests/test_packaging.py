@@ -68,7 +68,7 @@ def test_the_kernels_sources_ship_and_ninja_is_installed_to_build_them():
     assert [path.relative_to(ROOT / "torch_backend").as_posix() for path in _native.SOURCES] == \
         ["csrc/elementwise.cpp", "csrc/deep_memory.cpp"]
     assert [path.relative_to(ROOT / "torch_backend").as_posix() for path in _native.CUDA_SOURCES] == \
-        ["csrc/elementwise_cuda.cpp", "csrc/elementwise_cuda.cu"]
+        ["csrc/elementwise_cuda.cpp", "csrc/elementwise_cuda.cu", "csrc/deep_memory_cuda.cpp", "csrc/deep_memory_cuda.cu"]
     # DMGD's memory itself is a header both backends include: it ships with deepopt.
     assert PYPROJECT["tool"]["setuptools"]["package-data"]["deepopt"] == ["csrc/*.h"]
     assert [path.relative_to(ROOT / "deepopt").as_posix() for path in _native.HEADERS] == ["csrc/deep_memory.h"]

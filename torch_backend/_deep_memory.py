@@ -20,7 +20,10 @@ stack (:data:`_STACKS`). Eager buckets run :func:`fused_kernel` (the same update
 full-size passes, equal within rounding; :data:`FUSED` = False runs the op-by-op kernel); on
 CPU, deepopt's C++ kernel runs it (:func:`_native_kernel`, ``csrc/deep_memory.cpp``: each
 matrix's rows in cache-sized blocks, the gradients read where they are, no stack), with
-:func:`fused_kernel` where that kernel is off or unbuilt or refuses a bucket.
+:func:`fused_kernel` where that kernel is off or unbuilt or refuses a bucket. On CUDA,
+:func:`fused_kernel` makes its two full-size passes with deepopt's CUDA kernels where they are
+built (``csrc/deep_memory_cuda.cu``: the write's four passes as one, the read's two, and the
+outer step where σ is the identity, as one), the thin products that reduce over rows cuBLAS's.
 Local shards of distributed parameters run the kernel on whole matrices on their owners
 (three collectives per bucket), where a matrix σ (Newton–Schulz) is applied too.
 """
@@ -111,7 +114,7 @@ _silu_backward = torch.ops.aten.silu_backward.default
 
 def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: torch.Tensor | None,
                  nu: torch.Tensor | None, g: torch.Tensor, v: torch.Tensor, prev_key: torch.Tensor | None,
-                 buf: torch.Tensor):
+                 buf: torch.Tensor, outer: tuple[Tensors, float] | None = None):
     """:func:`deep_memory_kernel` in fewer full-size passes, temporaries and small ops, equal to it
     within float rounding (not bit for bit). Every product by a per-row or per-matrix scalar moves
     onto the thin ``(B, m, h)`` and ``(B, h, n)`` factors, or into a product:
@@ -135,6 +138,11 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
     holds ``P``, then ``D̃`` (P is spent by then). Returns ``(S, W₁, W₂, ν, D̃, None)``, the first
     four the caller's stacks, written in place (and the previous key); ``D̃`` is ``buf``, or ``s``
     itself when the memory is ``S`` alone without Nesterov.
+
+    On CUDA, where deepopt's CUDA kernels are built and take the bucket (:func:`_cuda_ops`), the
+    write ``P``, ``S ← αS − ηP`` (l2) is one pass with ``(νH) W₂ᵀ`` made in it, and so is the read
+    ``D̃``; given ``outer`` (the bucket's parameters and lr, where σ is the identity), the read
+    makes the outer step ``W ← W − γ D̃`` itself and ``D̃`` is returned as None.
     """
     m = s.size(-2)
     alpha, eta = mem.momentum, mem.inner_lr
@@ -159,10 +167,14 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
         z.mul_(r)
     hn = F.silu(z).mul_(nu)                                  # ν H
     # P (l2), or −P = V (dot): the error E = ηP without its sign
-    p = v if dot else torch.sub(s, v, out=buf).baddbmm_(hn, w2t)   # P = S − V + ν H W₂ᵀ
-    if alpha != 1.0:
-        s.mul_(alpha)
-    s.add_(p, alpha=eta) if dot else s.sub_(p, alpha=eta)   # S ← αS − E
+    cuda = _cuda_ops(s)
+    if cuda is not None and not dot and cuda.dmgd_write_(s, v, hn, w2, buf, alpha, eta):
+        p = buf                                              # P and S ← αS − ηP, one pass
+    else:
+        p = v if dot else torch.sub(s, v, out=buf).baddbmm_(hn, w2t)   # P = S − V + ν H W₂ᵀ
+        if alpha != 1.0:
+            s.mul_(alpha)
+        s.add_(p, alpha=eta) if dot else s.sub_(p, alpha=eta)   # S ← αS − E
     sign = -1.0 if dot else 1.0
     m_eta = m / eta if eta else math.inf                     # η = 0: c₁ = c₂ = 0, θ stays
     # ν/c₂ = ‖νH‖² + ν² m/η (c₂ Hᵀ = (νH)ᵀ/(ν/c₂)); 1/(1.21 m c₁) = ν (‖W₂‖² + m/(1.21 η m)): (B,1,1)
@@ -179,9 +191,25 @@ def fused_kernel(mem: DeepMemory, s: torch.Tensor, w1: torch.Tensor | None, w2: 
     hq = F.silu(torch.bmm(g, w1t).mul_(r), inplace=True).mul_(nu)   # ν σ(Q W₁ᵀ), Q = Ĝ
     if not current:
         torch.mul(g, r, out=prev_key)                        # Ĝ, the next step's key
+    if cuda is not None:                                     # D̃ = a (S + ν σ(Q W₁ᵀ) W₂ᵀ) + c V, one pass
+        a, c = (alpha, eta) if mem.nesterov else (1.0, 0.0)
+        ps, lr = outer if outer is not None else ([], 0.0)
+        if ps and cuda.dmgd_read_(s, v, hq, w2, None, ps, a, c, lr):
+            return s, w1, w2, nu, None, None                 # the outer step is made
+        if cuda.dmgd_read_(s, v, hq, w2, buf, [], a, c, 0.0):
+            return s, w1, w2, nu, buf, None
     if mem.nesterov:                                         # D̃ = αD + ηV
         return s, w1, w2, nu, torch.baddbmm(s, hq, w2t, beta=alpha, alpha=alpha, out=buf).add_(v, alpha=eta), None
     return s, w1, w2, nu, torch.baddbmm(s, hq, w2t, out=buf), None   # D = S + ν σ(Q W₁ᵀ) W₂ᵀ
+
+
+def _cuda_ops(s: torch.Tensor):
+    """``torch.ops.deepopt_cuda`` for a bucket whose stacks are plain float32/float64 CUDA tensors,
+    where deepopt's CUDA kernels are built (:func:`_native.cuda_ops`); else None. Its ops check
+    the rest and refuse, writing nothing, what they cannot take."""
+    if not s.is_cuda or type(s) not in _fused.PLAIN or s.dtype not in (torch.float32, torch.float64):
+        return None
+    return _native.cuda_ops()
 
 
 @functools.lru_cache(maxsize=64)
@@ -286,7 +314,7 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
     the step's buckets share on CPU (:func:`_step_buffers`), for the gradients' stack.
     ``shared``: D̃ is spent before the next bucket runs, so its buffer is one the step's
     buckets share too (else the bucket's own, :func:`_workspace`). ``outer``: the bucket's
-    parameters and lr where σ is the identity: the C++ kernel may make the outer step
+    parameters and lr where σ is the identity: the C++ kernel (on CUDA, the CUDA read) may make the outer step
     ``W ← W − γ D̃`` itself, and then None is returned."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
         g, v = _rows(gs, shape), _values(gs, vs, shape)
@@ -316,7 +344,8 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
     g = _rows(gs, shape, stack)
     v = _values(gs, vs, shape, g)
     if FUSED:                                                # the same kernel for every eager bucket
-        d = fused_kernel(mem, s, w1, w2, nu, g, v, prev, work[0] if work is not None else torch.empty_like(s))[4]
+        d = fused_kernel(mem, s, w1, w2, nu, g, v, prev, work[0] if work is not None else torch.empty_like(s),
+                         outer if s.is_cuda else None)[4]    # None: its CUDA kernel made the outer step
     else:
         d = deep_memory_kernel(mem, s, w1, w2, nu, g, v, prev, None if work is None else work[:2])[4]
     copy_back(sts, copied)

@@ -26,14 +26,16 @@ ahead). The classic rules use them only once built (:func:`loaded`), so ``deepop
 The ops take CPU float32/float64 tensors and check every tensor before writing any. Results equal
 torch's ops within float rounding (``tests/test_native.py``, ``tests/test_deep_memory_native.py``).
 
-**On CUDA** the three variants run ``csrc/elementwise_cuda.cu`` (:func:`cuda_ops`): the same ops,
-``torch.ops.deepopt_cuda``, for CUDA float32/float64 tensors, as one multi-tensor launch per
-dtype (and step-count case) over the whole group, where torch's kernel and one pass more would run
-(benchmarks/README.md, "Sixteenth round"). Both builds compute each element with
-``csrc/elementwise_rules.h``. The CUDA library is built with nvcc the first time a CUDA step needs
-it (~20 s), for the visible GPUs' architectures (or ``TORCH_CUDA_ARCH_LIST``), and cached beside
-the CPU build; ``DEEPOPT_NATIVE`` applies to it as well. DMGD's memory has no CUDA kernel: on CUDA it
-runs torch's ops.
+**On CUDA** (:func:`cuda_ops`, ``torch.ops.deepopt_cuda``, for CUDA float32/float64 tensors) the
+three variants run ``csrc/elementwise_cuda.cu``: the same ops as on the CPU, as one multi-tensor
+launch per dtype (and step-count case) over the whole group, where torch's kernel and one pass
+more would run. Both builds compute each element with ``csrc/elementwise_rules.h``. DMGD's memory
+runs ``csrc/deep_memory_cuda.cu`` for its two full-size passes, the write and the read (with the
+outer step), each with its thin product made in the pass; its other products stay cuBLAS's
+(:func:`_deep_memory.fused_kernel`). benchmarks/README.md, "Sixteenth round", has the figures. The
+CUDA library is built with nvcc the first time a CUDA step needs it (~20 s), for the visible GPUs'
+architectures (or ``TORCH_CUDA_ARCH_LIST``), and cached beside the CPU build; ``DEEPOPT_NATIVE``
+applies to it as well.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ from deepopt._native import HEADERS, cpu_signature, fingerprint, setting
 CSRC = pathlib.Path(__file__).with_name("csrc")
 SOURCES = tuple(CSRC / name for name in ("elementwise.cpp", "deep_memory.cpp"))
 #: The CUDA library's sources: the torch op (host compiler) and its kernels (nvcc).
-CUDA_SOURCES = (CSRC / "elementwise_cuda.cpp", CSRC / "elementwise_cuda.cu")
+CUDA_SOURCES = tuple(CSRC / name for name in ("elementwise_cuda.cpp", "elementwise_cuda.cu", "deep_memory_cuda.cpp",
+                                               "deep_memory_cuda.cu"))
 #: torch_backend's own headers, which both builds' names hash.
-LOCAL_HEADERS = tuple(CSRC / name for name in ("elementwise_rules.h", "tensor_lists.h", "elementwise_cuda.h"))
+LOCAL_HEADERS = tuple(CSRC / name for name in ("elementwise_rules.h", "tensor_lists.h", "elementwise_cuda.h",
+                                               "deep_memory_cuda.h"))
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
 #: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
 #: it ``at::parallel_for`` compiles to a plain loop, and the kernels ran on one thread whatever
@@ -159,8 +163,8 @@ def cuda_ops():
         if value == "1":
             raise RuntimeError(f"deepopt's CUDA kernels could not be built (DEEPOPT_NATIVE=1): {exc}") from exc
         warnings.warn(f"deepopt's CUDA kernels could not be built ({type(exc).__name__}: {exc}); SGD with "
-                      "decoupled decay or torch's first write and AdamW with the NAdam read run torch's kernel "
-                      "and one pass more on CUDA (same results, slower). DEEPOPT_NATIVE=0 skips the build.",
+                      "decoupled decay or torch's first write, AdamW with the NAdam read and DMGD's memory run "
+                      "torch's ops on CUDA instead (same results, slower). DEEPOPT_NATIVE=0 skips the build.",
                       RuntimeWarning, stacklevel=2)
         return None
     return torch.ops.deepopt_cuda

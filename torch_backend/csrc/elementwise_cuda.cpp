@@ -13,7 +13,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <map>
@@ -56,7 +55,7 @@ void launch_groups(const char* op, at::TensorList params, const std::vector<Key>
     groups[{static_cast<int>(params[i].scalar_type()), keys[i]}].push_back(i);
   const at::Device device = params[0].device();
   const c10::DeviceGuard guard(device);
-  void* stream = c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle();
+  void* stream = deepopt_lists::current_stream(device);
   for (const auto& [key, idx] : groups) {
     const char* error = launch(idx, static_cast<at::ScalarType>(key.first), key.second, stream);
     TORCH_CHECK(error == nullptr, "deepopt_cuda::", op, ": a kernel failed to launch: ", error);

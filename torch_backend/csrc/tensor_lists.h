@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <initializer_list>
 #include <vector>
@@ -56,6 +57,12 @@ inline double advance(at::TensorList steps, size_t i) {
 inline void written(std::initializer_list<at::TensorList> lists) {
   for (const at::TensorList& list : lists)
     for (const at::Tensor& x : list) x.unsafeGetTensorImpl()->bump_version();
+}
+
+// The current stream of ``device`` as its backend's handle (a cudaStream_t on CUDA), through c10's
+// device-generic interface, so that this compiles without CUDA's headers.
+inline void* current_stream(at::Device device) {
+  return c10::impl::getDeviceGuardImpl(device.type())->getStream(device).native_handle();
 }
 
 }  // namespace deepopt_lists
