@@ -19,16 +19,21 @@ namespace {
 template <typename T, typename Epilogue>
 void run_on_host(const T* a, const T* w, const MemorySizes& z, int64_t b0, int64_t count, const Epilogue& epilogue) {
   std::vector<T> acc(static_cast<size_t>(kCols) * kRows);
+  std::vector<typename Epilogue::In> in(static_cast<size_t>(kCols) * kRows);
   Tile<T> tile;
   for (int64_t b = b0; b < b0 + count; ++b)
     for (int64_t i0 = 0; i0 < z.m; i0 += kRows)
       for (int64_t j0 = 0; j0 < z.n; j0 += kCols) {
         std::fill(acc.begin(), acc.end(), T(0));
+        for (int t = 0; t < kCols; ++t)
+          fetch(epilogue, z, b, i0, j0 + t, *reinterpret_cast<typename Epilogue::In(*)[kRows]>(&in[t * kRows]));
         for (int64_t k0 = 0; k0 < z.h; k0 += kDepth) {
           for (int t = 0; t < kCols; ++t) load(tile, a, w, z, b, i0, j0, k0, t);
           for (int t = 0; t < kCols; ++t) accumulate(tile, *reinterpret_cast<T(*)[kRows]>(&acc[t * kRows]), t);
         }
-        for (int t = 0; t < kCols; ++t) finish<T>(epilogue, z, b, i0, j0 + t, *reinterpret_cast<T(*)[kRows]>(&acc[t * kRows]));
+        for (int t = 0; t < kCols; ++t)
+          finish<T>(epilogue, z, b, i0, j0 + t, *reinterpret_cast<T(*)[kRows]>(&acc[t * kRows]),
+                    *reinterpret_cast<typename Epilogue::In(*)[kRows]>(&in[t * kRows]));
       }
 }
 
