@@ -96,30 +96,34 @@ def library(where: pathlib.Path | None = None) -> pathlib.Path:
     return where / f"{where.name}.so"
 
 
+def _load(what: str, where: pathlib.Path, sources, **flags) -> bool:
+    """Build (if need be) and load the library of ``what`` (``CPU``, ``CUDA``) in ``where``; False
+    where the build fails and ``DEEPOPT_NATIVE`` is ``auto`` (with a warning), raising with ``1``."""
+    try:
+        from torch.utils import cpp_extension
+
+        _log.info("deepopt: loading its %s kernels from %s (built once, ~12–25 s)", what, where)
+        where.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=where.name, sources=[str(path) for path in sources], build_directory=str(where),
+                           is_python_module=False, verbose=False, **flags)
+    except Exception as exc:   # no compiler, no nvcc, no ninja, a failed build: all end the same way
+        if setting() == "1":
+            raise RuntimeError(f"deepopt's {what} kernels could not be built (DEEPOPT_NATIVE=1): {exc}") from exc
+        warnings.warn(f"deepopt's {what} kernels could not be built ({type(exc).__name__}: {exc}); SGD with "
+                      "decoupled decay or torch's first write, AdamW with the NAdam read and DMGD's memory "
+                      f"run torch's ops{' on CUDA' if what == 'CUDA' else ''} instead (same results, slower). "
+                      "DEEPOPT_NATIVE=0 skips the build.", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 @functools.cache
 def ops():
     """``torch.ops.deepopt`` with the kernels loaded (built if need be), or None where
     ``DEEPOPT_NATIVE=0`` or (``auto``) the build failed."""
-    value = setting()
-    if value == "0":
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        where = build_directory()
-        _log.info("deepopt: loading its CPU kernels from %s (built once, ~25 s)", where)
-        where.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=where.name, sources=[str(path) for path in SOURCES], extra_cflags=FLAGS,
-                           extra_include_paths=sorted({str(path.parent) for path in HEADERS}),
-                           extra_ldflags=["-fopenmp"] if OPENMP else [], build_directory=str(where),
-                           is_python_module=False, verbose=False)
-    except Exception as exc:   # no compiler, no ninja, a failed build: all end the same way
-        if value == "1":
-            raise RuntimeError(f"deepopt's CPU kernels could not be built (DEEPOPT_NATIVE=1): {exc}") from exc
-        warnings.warn(f"deepopt's CPU kernels could not be built ({type(exc).__name__}: {exc}); SGD with "
-                      "decoupled decay or torch's first write, AdamW with the NAdam read and DMGD's memory "
-                      "run torch's ops instead (same results, slower). DEEPOPT_NATIVE=0 skips the build.",
-                      RuntimeWarning, stacklevel=2)
+    if setting() == "0" or not _load("CPU", build_directory(), SOURCES, extra_cflags=FLAGS,
+                                     extra_include_paths=sorted({str(path.parent) for path in HEADERS}),
+                                     extra_ldflags=["-fopenmp"] if OPENMP else []):
         return None
     global _built
     _built = True
@@ -147,25 +151,10 @@ def cuda_build_name() -> str:
 def cuda_ops():
     """``torch.ops.deepopt_cuda`` with the CUDA kernels loaded (built if need be), or None where torch
     sees no CUDA device, ``DEEPOPT_NATIVE=0``, or (``auto``) the build failed."""
-    value = setting()
-    if value == "0" or not torch.cuda.is_available():
+    if setting() == "0" or not torch.cuda.is_available():
         return None
-    try:
-        from torch.utils import cpp_extension
-
-        where = build_directory(cuda_build_name())
-        _log.info("deepopt: loading its CUDA kernels from %s (built once, ~20 s)", where)
-        where.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=where.name, sources=[str(path) for path in CUDA_SOURCES], extra_cflags=["-O3"],
-                           extra_cuda_cflags=CUDA_FLAGS, build_directory=str(where), is_python_module=False,
-                           verbose=False)
-    except Exception as exc:   # no nvcc, a failed build: both end the same way
-        if value == "1":
-            raise RuntimeError(f"deepopt's CUDA kernels could not be built (DEEPOPT_NATIVE=1): {exc}") from exc
-        warnings.warn(f"deepopt's CUDA kernels could not be built ({type(exc).__name__}: {exc}); SGD with "
-                      "decoupled decay or torch's first write, AdamW with the NAdam read and DMGD's memory run "
-                      "torch's ops on CUDA instead (same results, slower). DEEPOPT_NATIVE=0 skips the build.",
-                      RuntimeWarning, stacklevel=2)
+    if not _load("CUDA", build_directory(cuda_build_name()), CUDA_SOURCES, extra_cflags=["-O3"],
+                 extra_cuda_cflags=CUDA_FLAGS):
         return None
     return torch.ops.deepopt_cuda
 

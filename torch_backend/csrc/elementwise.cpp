@@ -152,12 +152,8 @@ std::vector<int64_t> fused_groups(at::TensorList params, at::TensorList grads, b
 }  // namespace
 
 TORCH_LIBRARY(deepopt, m) {
-  m.def("sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor(c!)[] steps, float lr, "
-        "float weight_decay, bool decoupled, float momentum, float dampening, bool nesterov, "
-        "bool maximize) -> bool");
-  m.def("nadamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] memory, Tensor(c!)[] second_moment, "
-        "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
-        "bool maximize) -> bool");
+  m.def(deepopt_lists::kSgdSchema);
+  m.def(deepopt_lists::kNadamwSchema);
   m.def("fused_groups(Tensor[] params, Tensor[] grads, bool half) -> int[]");
 }
 

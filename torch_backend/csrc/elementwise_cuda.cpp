@@ -109,12 +109,8 @@ bool nadamw_(at::TensorList params, at::TensorList grads, at::TensorList memory,
 }  // namespace
 
 TORCH_LIBRARY(deepopt_cuda, m) {
-  m.def("sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor(c!)[] steps, float lr, "
-        "float weight_decay, bool decoupled, float momentum, float dampening, bool nesterov, "
-        "bool maximize) -> bool");
-  m.def("nadamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] memory, Tensor(c!)[] second_moment, "
-        "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, "
-        "bool maximize) -> bool");
+  m.def(deepopt_lists::kSgdSchema);
+  m.def(deepopt_lists::kNadamwSchema);
 }
 
 // One kernel for every dispatch key (it refuses any tensor not on CUDA), so that a CPU list gets

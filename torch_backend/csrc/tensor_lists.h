@@ -59,6 +59,15 @@ inline void written(std::initializer_list<at::TensorList> lists) {
     for (const at::Tensor& x : list) x.unsafeGetTensorImpl()->bump_version();
 }
 
+// The schemas of the element-wise ops, which the CPU library (``deepopt``) and the CUDA one
+// (``deepopt_cuda``) both define.
+constexpr const char* kSgdSchema =
+    "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] bufs, Tensor(c!)[] steps, float lr, "
+    "float weight_decay, bool decoupled, float momentum, float dampening, bool nesterov, bool maximize) -> bool";
+constexpr const char* kNadamwSchema =
+    "nadamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] memory, Tensor(c!)[] second_moment, "
+    "Tensor(d!)[] steps, float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> bool";
+
 // The current stream of ``device`` as its backend's handle (a cudaStream_t on CUDA), through c10's
 // device-generic interface, so that this compiles without CUDA's headers.
 inline void* current_stream(at::Device device) {
