@@ -314,8 +314,8 @@ def _run(mem: DeepMemory, sts: list[dict], gs: Tensors, vs: Tensors, shape: tupl
     the step's buckets share on CPU (:func:`_step_buffers`), for the gradients' stack.
     ``shared``: D̃ is spent before the next bucket runs, so its buffer is one the step's
     buckets share too (else the bucket's own, :func:`_workspace`). ``outer``: the bucket's
-    parameters and lr where σ is the identity: the C++ kernel (on CUDA, the CUDA read) may make the outer step
-    ``W ← W − γ D̃`` itself, and then None is returned."""
+    parameters and lr where σ is the identity: the C++ kernel (on CUDA, the CUDA read) may make
+    the outer step ``W ← W − γ D̃`` itself, and then None is returned."""
     if torch.compiler.is_compiling():                        # one graph: stack, then copy back
         g, v = _rows(gs, shape), _values(gs, vs, shape)
         s, w1, w2, nu, prev = state_stacks(mem, sts, shape)

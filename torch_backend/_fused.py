@@ -9,8 +9,9 @@ every tensor, instead of a dozen ``torch._foreach_*`` passes. On CPU this is wha
 first write, and AdamW with the NAdam read (``adamw(nesterov=True)``, optax's ``nadamw``) — run
 deepopt's own kernels (:mod:`torch_backend._native`: on the CPU one loop per tensor, on CUDA one
 multi-tensor launch, step counts included) where they are built; elsewhere (no compiler, half
-precision, step counts moved off the CPU) torch's kernel runs them with one pass more: a decay pass before ``_fused_sgd_``, its ``is_first_step`` per step count, or the
-AdamW kernel with its β₁ and lr chosen per step and one ``lerp`` after it (:func:`_nadamw`).
+precision, step counts moved off the CPU) torch's kernel runs them with one pass more: a decay
+pass before ``_fused_sgd_``, its ``is_first_step`` per step count, or the AdamW kernel with its
+β₁ and lr chosen per step and one ``lerp`` after it (:func:`_nadamw`).
 The state is deepopt's own (``memory``, ``second_moment``, ``step``), so checkpoints do not
 depend on which path ran. Eager steps only: under
 ``torch.compile`` every rule takes its foreach twin, which inductor fuses (it cannot trace
@@ -111,8 +112,9 @@ def step_classic(kind: Kind, rule: UpdateRule, params: list[torch.Tensor], grads
     """One step of a rule :func:`classic_kind` recognised, through a fused kernel: deepopt's own
     for a variant torch has none for (:func:`is_variant`), where it is built and takes every
     tensor (the CPU kernels for CPU tensors, the CUDA ones for CUDA tensors: a step on one device
-    never builds the other's); else torch's (:func:`step_fused`) where :func:`fused_groups` allows. False, with nothing written, where
-    neither runs (the foreach twin then takes the step)."""
+    never builds the other's); else torch's (:func:`step_fused`) where :func:`fused_groups`
+    allows. False, with nothing written, where neither runs (the foreach twin then takes the
+    step)."""
     if fused is not False and params and is_variant(kind, rule, weight_decay) and (
             {*map(type, params), *map(type, grads)} <= PLAIN):        # the kernel checks the rest
         native = _native.ops() if params[0].is_cpu else _native.cuda_ops() if params[0].is_cuda else None
