@@ -73,6 +73,33 @@ def test_no_cuda_kernels_without_a_gpu_or_with_the_setting_off(monkeypatch):
         _native.cuda_ops.cache_clear()
 
 
+def test_a_failed_cuda_build_warns_or_raises_as_the_setting_says(monkeypatch, tmp_path):
+    """As the CPU build: ``auto`` warns once and leaves the step to torch's ops, ``1`` raises, and
+    ``build_kernels()`` says so where a GPU is seen (here pretended: the build itself is refused
+    before it starts)."""
+    from torch.utils import cpp_extension
+
+    def fail(**kwargs):
+        assert [pathlib.Path(x).name for x in kwargs["sources"]] == [p.name for p in _native.CUDA_SOURCES]
+        raise RuntimeError("no nvcc here")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "cuda_build_name", lambda: "deepopt_cuda_kernels_test")
+    monkeypatch.setattr(cpp_extension, "load", fail)
+    build = _native.cuda_ops.__wrapped__                  # uncached, so each case builds anew
+    with pytest.warns(RuntimeWarning, match="CUDA kernels could not be built.*no nvcc here.*on CUDA instead"):
+        assert build() is None
+    monkeypatch.setenv("DEEPOPT_NATIVE", "1")
+    with pytest.raises(RuntimeError, match="CUDA kernels could not be built \\(DEEPOPT_NATIVE=1\\): no nvcc here"):
+        build()
+    monkeypatch.setenv("DEEPOPT_NATIVE", "auto")
+    monkeypatch.setattr(_native, "ops", lambda: object())  # the CPU kernels: built
+    monkeypatch.setattr(_native, "cuda_ops", lambda: None)
+    with pytest.raises(RuntimeError, match="CUDA kernels were not built"):
+        torch_backend.build_kernels()
+
+
 def test_the_cuda_build_is_named_by_its_sources_and_architectures(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     name = _native.cuda_build_name()
