@@ -6,6 +6,7 @@ that need them, so a module that uses only one backend never imports the other.
 
 - Problems: :func:`random_problem` (named parameters and a gradient stream, with optional
   missing gradients), :func:`to_jax`.
+- Kernels' spies: :func:`spy_ops` (each op's result recorded), :func:`count_fused_kernels`.
 - Runners: :func:`reference_run` (the numpy reference, optionally with a per-step lr),
   :func:`jax_run` (a jitted optax transformation), :func:`torch_run` (``torch_backend`` on any
   device), :func:`torch_params` / :func:`torch_step` / :func:`torch_states` (step by step).
@@ -231,6 +232,40 @@ def torch_run(spec: deepopt.Spec, params: Mapping[str, np.ndarray], stream: Sequ
 def torch_states(opt, tparams: Mapping) -> dict:
     """A copy of every parameter's optimizer state, by parameter name."""
     return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in tparams.items()}
+
+
+def spy_ops(ops, record):
+    """``ops`` (``torch.ops.deepopt`` or ``deepopt_cuda``) with each op call's result passed to
+    ``record(name, result)`` before it is returned: the kernels' tests see which ran and whether
+    each took its tensors."""
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(ops, name)
+
+            def call(*args):
+                result = op(*args)
+                record(name, result)
+                return result
+
+            return call
+
+    return Spy()
+
+
+def count_fused_kernels(monkeypatch, seen: dict) -> None:
+    """Counts the calls of torch's own fused kernels (``_fused_sgd_``, ``_fused_adamw_``) in
+    ``seen["torch"]``, each still run."""
+    import torch
+
+    for kernel in ("_fused_sgd_", "_fused_adamw_"):
+        real = getattr(torch, kernel)
+
+        def counted(*args, real=real, **kwargs):
+            seen["torch"] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, kernel, counted)
 
 
 # --------------------------------------------------------------------------------------------

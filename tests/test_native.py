@@ -13,7 +13,7 @@ import deepopt
 import torch_backend
 from torch_backend import _fused, _native
 
-from _helpers import ELEMENTWISE_VARIANTS
+from _helpers import ELEMENTWISE_VARIANTS, count_fused_kernels, spy_ops
 
 VARIANTS = ELEMENTWISE_VARIANTS
 SHAPES = [(5, 3), (3,), (4, 6), (1,)]
@@ -25,18 +25,15 @@ def calls(native, monkeypatch):
     torch's fused kernels' calls."""
     seen = {"native": [], "checks": 0, "torch": 0}
 
-    class Spy:
-        def __getattr__(self, name):
-            op = getattr(native, name)
-            if name == "fused_groups":
-                return lambda *a: (seen.__setitem__("checks", seen["checks"] + 1), op(*a))[1]
-            return lambda *a: (lambda ok: (seen["native"].append(ok), ok)[1])(op(*a))
+    def record(name, result):
+        if name == "fused_groups":
+            seen["checks"] += 1
+        else:
+            seen["native"].append(result)
 
-    monkeypatch.setattr(_native, "ops", lambda: Spy())
-    for kernel in ("_fused_sgd_", "_fused_adamw_"):
-        real = getattr(torch, kernel)
-        monkeypatch.setattr(torch, kernel, lambda *a, real=real, **k: (seen.__setitem__("torch", seen["torch"] + 1),
-                                                                        real(*a, **k))[1])
+    spy = spy_ops(native, record)
+    monkeypatch.setattr(_native, "ops", lambda: spy)
+    count_fused_kernels(monkeypatch, seen)
     return seen
 
 

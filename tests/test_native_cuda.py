@@ -18,7 +18,7 @@ import deepopt
 import torch_backend
 from torch_backend import _deep_memory, _native
 
-from _helpers import DEEP_MEMORY_VARIANTS
+from _helpers import DEEP_MEMORY_VARIANTS, count_fused_kernels, spy_ops
 from _helpers import ELEMENTWISE_VARIANTS as VARIANTS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -120,17 +120,9 @@ def cuda_calls(monkeypatch):
     if ops is None:
         pytest.skip("deepopt's CUDA kernels could not be built here (see the warning)")
     seen = {"native": [], "torch": 0}
-
-    class Spy:
-        def __getattr__(self, name):
-            op = getattr(ops, name)
-            return lambda *a: (lambda ok: (seen["native"].append(ok), ok)[1])(op(*a))
-
-    monkeypatch.setattr(_native, "cuda_ops", lambda: Spy())
-    for kernel in ("_fused_sgd_", "_fused_adamw_"):
-        real = getattr(torch, kernel)
-        monkeypatch.setattr(torch, kernel, lambda *a, real=real, **k: (seen.__setitem__("torch", seen["torch"] + 1),
-                                                                        real(*a, **k))[1])
+    spy = spy_ops(ops, lambda name, ok: seen["native"].append(ok))
+    monkeypatch.setattr(_native, "cuda_ops", lambda: spy)
+    count_fused_kernels(monkeypatch, seen)
     return seen
 
 
@@ -313,13 +305,8 @@ def memory_calls(monkeypatch):
     if ops is None:
         pytest.skip("deepopt's CUDA kernels could not be built here (see the warning)")
     seen = {"calls": [], "on": True}
-
-    class Spy:
-        def __getattr__(self, name):
-            op = getattr(ops, name)
-            return lambda *a: (lambda ok: (seen["calls"].append((name, ok)), ok)[1])(op(*a))
-
-    monkeypatch.setattr(_native, "cuda_ops", lambda: Spy() if seen["on"] else None)
+    spy = spy_ops(ops, lambda name, ok: seen["calls"].append((name, ok)))
+    monkeypatch.setattr(_native, "cuda_ops", lambda: spy if seen["on"] else None)
     return seen
 
 
