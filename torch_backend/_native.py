@@ -1,5 +1,5 @@
 """deepopt's own CPU kernels (``csrc/elementwise.cpp``, ``csrc/deep_memory.cpp``) and CUDA kernels
-(``csrc/elementwise_cuda.cu``), built on first use.
+(``csrc/elementwise_cuda.cu``, ``csrc/deep_memory_cuda.cu``), built on first use.
 
 torch has fused CPU kernels for SGD and AdamW exactly as torch.optim defines them, and
 :mod:`torch_backend._fused` hands those rules to them. Three variants have none: SGD with
@@ -33,9 +33,9 @@ more would run. Both builds compute each element with ``csrc/elementwise_rules.h
 runs ``csrc/deep_memory_cuda.cu`` for its two full-size passes, the write and the read (with the
 outer step), each with its thin product made in the pass; its other products stay cuBLAS's
 (:func:`_deep_memory.fused_kernel`). benchmarks/README.md, "Sixteenth round", has the figures. The
-CUDA library is built with nvcc the first time a CUDA step needs it (~20 s), for the visible GPUs'
-architectures (or ``TORCH_CUDA_ARCH_LIST``), and cached beside the CPU build; ``DEEPOPT_NATIVE``
-applies to it as well.
+CUDA library is built with nvcc the first time a CUDA step needs it (~12–16 s on an H200), for
+the visible GPUs' architectures (or ``TORCH_CUDA_ARCH_LIST``), and cached beside the CPU build;
+``DEEPOPT_NATIVE`` applies to it as well.
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ SOURCES = tuple(CSRC / name for name in ("elementwise.cpp", "deep_memory.cpp"))
 #: The CUDA library's sources: the torch op (host compiler) and its kernels (nvcc).
 CUDA_SOURCES = tuple(CSRC / name for name in ("elementwise_cuda.cpp", "elementwise_cuda.cu", "deep_memory_cuda.cpp",
                                                "deep_memory_cuda.cu"))
-#: torch_backend's own headers, which both builds' names hash.
-LOCAL_HEADERS = tuple(CSRC / name for name in ("elementwise_rules.h", "tensor_lists.h", "elementwise_cuda.h",
-                                               "deep_memory_cuda.h"))
+#: torch_backend's own headers: those both libraries include, then the CUDA library's alone; each
+#: build's name hashes the ones it includes.
+SHARED_HEADERS = tuple(CSRC / name for name in ("elementwise_rules.h", "tensor_lists.h"))
+LOCAL_HEADERS = SHARED_HEADERS + tuple(CSRC / name for name in ("elementwise_cuda.h", "deep_memory_cuda.h"))
 #: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
 #: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
 #: it ``at::parallel_for`` compiles to a plain loop, and the kernels ran on one thread whatever
@@ -77,7 +78,7 @@ def build_name() -> str:
     shared across machines) never loads a stale or foreign build from the shared cache, and two
     installs never rebuild one another's (ninja rebuilds when the source's path changes, under a
     process that may have the library loaded)."""
-    return "deepopt_kernels_" + fingerprint((*SOURCES, *HEADERS, *LOCAL_HEADERS), " ".join(FLAGS), torch.__version__,
+    return "deepopt_kernels_" + fingerprint((*SOURCES, *HEADERS, *SHARED_HEADERS), " ".join(FLAGS), torch.__version__,
                                             sys.version, cpu_signature())
 
 
@@ -186,6 +187,6 @@ def loaded():
 _built: bool | None = None
 
 
-__all__ = ["CUDA_FLAGS", "CUDA_SOURCES", "FLAGS", "HEADERS", "LOCAL_HEADERS", "SOURCES", "build", "build_directory",
-           "build_name", "cpu_signature", "cuda_architectures", "cuda_build_name", "cuda_ops", "library", "loaded", "ops",
-           "setting"]
+__all__ = ["CUDA_FLAGS", "CUDA_SOURCES", "FLAGS", "HEADERS", "LOCAL_HEADERS", "SHARED_HEADERS", "SOURCES", "build",
+           "build_directory", "build_name", "cpu_signature", "cuda_architectures", "cuda_build_name", "cuda_ops",
+           "library", "loaded", "ops", "setting"]

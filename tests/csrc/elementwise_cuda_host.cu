@@ -60,7 +60,7 @@ int every_element_once() {
   return 0;
 }
 
-// ``lists`` tensors per size, random; ``fill`` the kernel's copy and the loop's copy alike.
+// ``lists`` random tensors per size (list 3, the second moment, nonnegative).
 template <typename T>
 std::vector<std::vector<std::vector<T>>> random_lists(int lists, std::mt19937& gen) {
   std::normal_distribution<double> normal;

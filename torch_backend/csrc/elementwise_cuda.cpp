@@ -46,8 +46,9 @@ bool takes(const std::vector<at::TensorList>& lists, at::TensorList steps) {
          deepopt_lists::takes(lists, params[0].device()) && counts(steps, params.size());
 }
 
-// Runs ``launch(idx, key, stream)`` for each group of tensors with one key (dtype, and the case
-// ``key_of(i)``), on the parameters' device and its current stream; raises CUDA's error, if any.
+// Runs ``launch(idx, dtype, key, stream)`` for each group of tensors that share a dtype and a key
+// (``keys[i]``: the step-count case of tensor i), on the parameters' device and its current stream;
+// raises CUDA's error, if any.
 template <typename Key, typename Launch>
 void launch_groups(const char* op, at::TensorList params, const std::vector<Key>& keys, Launch&& launch) {
   std::map<std::pair<int, Key>, std::vector<size_t>> groups;
