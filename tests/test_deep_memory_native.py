@@ -21,7 +21,8 @@ from _helpers import DEEP_MEMORY_VARIANTS, random_steps
 
 VARIANTS = DEEP_MEMORY_VARIANTS
 # (bucket, m, n): one row block and a 1×1 matrix; rows and columns off the tile and the lanes;
-# several row blocks (32 KB of float32 rows each: 512 columns make blocks of 16 rows).
+# several row blocks (~64 KB of rows each: 512 columns make blocks of 30 float32 rows, or of
+# 12 float64 ones, so 50 rows are two blocks, the last one short, or five).
 SHAPES = [(3, 7, 5), (1, 1, 1), (2, 13, 21), (2, 50, 512), (1, 70, 300)]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-13), torch.float32: dict(rtol=2e-4, atol=2e-6)}
 

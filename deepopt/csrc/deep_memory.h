@@ -40,6 +40,14 @@
 #include <type_traits>
 #include <vector>
 
+// The loops below run a few to a few hundred times each (a tile's 16 sums, a block's rows), so
+// GCC's unrolling of them pays: 2–3% of a step at --quick's shapes, in alternated runs
+// (benchmarks/README.md, "Seventeenth round"). For this header only; popped at its end.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("unroll-loops")
+#endif
+
 namespace deepopt_memory {
 
 typedef float f8 __attribute__((vector_size(32)));
@@ -261,14 +269,16 @@ template <bool Transposed> struct Layout {
   int64_t at(int64_t r, int64_t i) const { return Transposed ? r + i * ld : r * ld + i; }
 };
 
-// Row block: as many rows as keep one block of an m×n operand within ~32 KB, a multiple of the
-// product tile's rows. In the columns' layout a block's rows are the vectors of the read's
-// product, so they are a multiple of its 2 vectors too, and ~64 KB (a 16-row block of a long
-// column reads a cache line per element it uses).
+// Row block: as many rows as keep one block of an m×n operand within ~64 KB (in L2: a block's
+// S, V and P are read by several products each), a multiple of the product tile's rows. (32 KB,
+// one L1, took 1–2% longer at --quick's shapes: the sums of Gw₂ and Gw₁ᵀ over a block's rows are
+// loaded and stored once per block, so taller blocks make fewer of those round trips.) In the
+// columns' layout a block's rows are the vectors of the read's product, so they are a multiple of
+// its 2 vectors too (a 16-row block of a long column reads a cache line per element it uses).
 template <bool Transposed>
 int64_t block_rows(int64_t n, size_t item, int lanes) {
   const int64_t unit = Transposed ? std::lcm<int64_t>(kRows, 2 * lanes) : kRows;
-  const int64_t rows = static_cast<int64_t>((Transposed ? 65536 : 32768) / (static_cast<size_t>(n) * item));
+  const int64_t rows = static_cast<int64_t>(65536 / (static_cast<size_t>(n) * item));
   return std::clamp<int64_t>(rows / unit * unit, unit, 256 / unit * unit);
 }
 // Σ x² over count numbers: vector sums in T (four, for the adders' latency), added up in double.
@@ -342,6 +352,18 @@ void read_product(Layout<Transposed> lay, const T* hn, T* hnt, int64_t rows, int
   }
 }
 
+// Asks for the cache line at x + k + ahead: an epilogue of read_product, reading x at k, asks for
+// the same element of the next strip of its product's tiles (ahead = kRows·ld: kRows rows further
+// in the rows' layout, kRows columns in the columns'). A strip reads its kRows rows (columns) as
+// as many short runs taken in turn, a pattern the hardware's prefetchers do not follow: without
+// this, the loads of S and W, which come from memory, stalled the epilogues (12–15% of the
+// kernel's time at --quick's shapes, benchmarks/README.md, "Seventeenth round"). The address is
+// made as an integer: past a block's last strip it lies beyond the operand, where a prefetch is
+// harmless but pointer arithmetic would not be defined.
+template <typename T> inline void fetch(const T* x, int64_t k, int64_t ahead) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x + k) + ahead * sizeof(T)));
+}
+
 // ‖row‖² of each of the m rows of an m×n view, into sq (summed in double).
 template <typename T, bool Transposed>
 void row_squares(Layout<Transposed> lay, const T* g, int64_t m, int64_t n, double* sq) {
@@ -408,6 +430,7 @@ void one_matrix(const Options& o, int64_t m, int64_t n, int64_t h, T* s, T* w1, 
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t j = 0; j < hp; ++j) z[r * hp + j] *= rinv[r0 + r];   // ⊙ r: Ĝ's product
     silu_rows(z.get(), sg.get(), hn.get(), rows * hp, nu_t, hn_sq);   // ν H
+    const int64_t ahead = kRows * lay.ld;                            // one strip on (see fetch)
     const T* p;
     if (o.dot) {                                                      // P = V: E = −ηV
       p = vb;
@@ -415,8 +438,10 @@ void one_matrix(const Options& o, int64_t m, int64_t n, int64_t h, T* s, T* w1, 
     } else {                                                          // P = S − V + ν H W₂ᵀ, S ← αS − ηP
       T* pb = blk.get();
       read_product(lay, hn.get(), hnt.get(), rows, hp, w2p.get(), w2t.get(), n, blay.ld,
-                   [&](int64_t k, int64_t kp, auto f) {
+                   [sb, vb, pb, alpha, eta, ahead, values = o.values](int64_t k, int64_t kp, auto f) {
                      using X = decltype(f);
+                     fetch(sb, k, ahead);
+                     if (values) fetch(vb, k, ahead);
                      const X sk = at<X>(sb + k);
                      const X pk = (sk - at<X>(vb + k)) + f;
                      put(pb + kp, pk);
@@ -455,8 +480,10 @@ void one_matrix(const Options& o, int64_t m, int64_t n, int64_t h, T* s, T* w1, 
     const T* vb = v + off;
     const T* sb = s + off;
     T* ob = (param ? param : out) + off;
-    const auto emit = [ob, param, step = T(-lr)](int64_t k, auto d) {   // D̃, or W − γ D̃
+    const int64_t ahead = kRows * lay.ld;
+    const auto emit = [ob, param, step = T(-lr), ahead](int64_t k, auto d) {   // D̃, or W − γ D̃
       using X = decltype(d);
+      fetch(ob, k, ahead);
       if (param) put(ob + k, at<X>(ob + k) + step * d);
       else put(ob + k, d);
     };
@@ -469,12 +496,15 @@ void one_matrix(const Options& o, int64_t m, int64_t n, int64_t h, T* s, T* w1, 
       read_product(lay, hn.get(), hnt.get(), rows, hp, w2p.get(), w2t.get(), n, blay.ld,
                    [&](int64_t k, int64_t, auto f) {
                      using X = decltype(f);
+                     fetch(sb, k, ahead);
+                     if (o.values) fetch(vb, k, ahead);
                      emit(k, alpha * (at<X>(sb + k) + f) + eta * at<X>(vb + k));
                    });
     else                                                              // D = S + ν σ(Q W₁ᵀ) W₂ᵀ
       read_product(lay, hn.get(), hnt.get(), rows, hp, w2p.get(), w2t.get(), n, blay.ld,
                    [&](int64_t k, int64_t, auto f) {
                      using X = decltype(f);
+                     fetch(sb, k, ahead);
                      emit(k, at<X>(sb + k) + f);
                    });
     if (o.previous) {                                                 // Ĝ, the next step's key
@@ -491,3 +521,7 @@ void one_matrix(const Options& o, int64_t m, int64_t n, int64_t h, T* s, T* w1, 
 }
 
 }  // namespace deepopt_memory
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
