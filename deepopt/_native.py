@@ -21,6 +21,10 @@ from collections.abc import Iterable
 SETTINGS = ("auto", "0", "1")
 #: The headers both backends' kernels include.
 HEADERS = (pathlib.Path(__file__).with_name("csrc") / "deep_memory.h",)
+#: The C++ compiler flags every CPU build of them starts with (each backend adds its own):
+#: ``-march=native``, the machine's vector width (AVX2/AVX-512 where it has them), so a build is
+#: per CPU (:func:`cpu_signature`); no ``-ffast-math``, only no ``errno`` from the math library.
+CPU_FLAGS = ("-O3", "-march=native", "-fno-math-errno")
 
 
 def setting() -> str:
@@ -51,4 +55,4 @@ def fingerprint(files: Iterable[pathlib.Path], *parts: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-__all__ = ["HEADERS", "SETTINGS", "cpu_signature", "fingerprint", "setting"]
+__all__ = ["CPU_FLAGS", "HEADERS", "SETTINGS", "cpu_signature", "fingerprint", "setting"]

@@ -31,13 +31,12 @@ import warnings
 import jax
 import jaxlib
 
-from deepopt._native import HEADERS, cpu_signature, fingerprint, setting
+from deepopt._native import CPU_FLAGS, HEADERS, cpu_signature, fingerprint, setting
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "deep_memory_ffi.cpp"
-#: ``-march=native``: the machine's vector width, so the build is per CPU (:func:`build_name`);
+#: :data:`deepopt._native.CPU_FLAGS` (``-march=native``: the build is per CPU, :func:`build_name`);
 #: ``-fvisibility=hidden``: the library exports its handler only.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
-         "-Wno-return-type"]
+FLAGS = [*CPU_FLAGS, "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-Wno-return-type"]
 #: The handler's symbol in the library, and the name XLA knows it by.
 SYMBOL, TARGET = "DeepoptDmgdMemory", "deepopt_dmgd_memory"
 _log = logging.getLogger("deepopt")

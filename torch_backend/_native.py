@@ -49,7 +49,7 @@ import warnings
 
 import torch
 
-from deepopt._native import HEADERS, cpu_signature, fingerprint, setting
+from deepopt._native import CPU_FLAGS, HEADERS, cpu_signature, fingerprint, setting
 
 CSRC = pathlib.Path(__file__).with_name("csrc")
 SOURCES = tuple(CSRC / name for name in ("elementwise.cpp", "deep_memory.cpp"))
@@ -60,13 +60,13 @@ CUDA_SOURCES = tuple(CSRC / name for name in ("elementwise_cuda.cpp", "elementwi
 #: build's name hashes the ones it includes.
 SHARED_HEADERS = tuple(CSRC / name for name in ("elementwise_rules.h", "tensor_lists.h"))
 LOCAL_HEADERS = SHARED_HEADERS + tuple(CSRC / name for name in ("elementwise_cuda.h", "deep_memory_cuda.h"))
-#: ``-march=native``: the vector width of the machine (AVX2/AVX-512 where it has them), as torch's own
-#: CPU kernels pick at run time; the build is per CPU (:func:`build_name`). ``-fopenmp``: without
+#: :data:`deepopt._native.CPU_FLAGS` (``-march=native``: the machine's vector width, as torch's own CPU
+#: kernels pick at run time; the build is per CPU, :func:`build_name`). ``-fopenmp``: without
 #: it ``at::parallel_for`` compiles to a plain loop, and the kernels ran on one thread whatever
 #: ``torch.get_num_threads()`` said (the OpenMP runtime is torch's own ``libgomp.so.1``, loaded
 #: first). Elsewhere (macOS's compiler takes no plain ``-fopenmp``) the kernels run on one thread.
 OPENMP = sys.platform.startswith("linux") and torch.backends.openmp.is_available()
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", *(["-fopenmp"] if OPENMP else [])]
+FLAGS = [*CPU_FLAGS, *(["-fopenmp"] if OPENMP else [])]
 #: No fast math: the CUDA kernels divide and take square roots as IEEE does, as torch's kernels do.
 CUDA_FLAGS = ["-O3"]
 _log = logging.getLogger("deepopt")
