@@ -436,3 +436,38 @@ def test_smoke_compiled_step_without_torchs_compiled_step(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "benchmarks.compiled_step", "--eager-only", "--no-torch-compiled",
                           "--out", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "--no-torch-compiled" in bad.stderr
+
+
+def _compiler() -> str | None:
+    import shutil
+
+    return shutil.which(os.environ.get("CXX") or "c++")
+
+
+@pytest.mark.skipif(_compiler() is None, reason="no C++ compiler")
+def test_smoke_kernel_ab(tmp_path):
+    """The kernel's header at HEAD against the working tree's, alternated: both layouts, both
+    sides timed every round, and the two kernels' parameters agreeing within float rounding."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_ab", "--tiny", "--rounds", "3",
+                           "--out", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "kernel_ab.json").read_text())
+    assert data["benchmark"] == "kernel_ab" and data["size"] == "tiny" and data["against"] == "HEAD"
+    _assert_environment(data["environment"])
+    _assert_finite_numbers(data)
+    assert set(data["layouts"]) == {"rows", "columns"}
+    for r in data["layouts"].values():
+        assert r["a_ms"]["n"] == r["b_ms"]["n"] == 3
+        assert r["a_ms"]["median"] > 0 and r["b_ms"]["median"] > 0 and r["b_over_a"]["median"] > 0
+        assert r["max_param"] > 0 and r["max_param_diff"] <= 1e-5 * r["max_param"]
+
+
+def test_kernel_ab_names_a_revision_git_cannot_show(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_ab", "--tiny", "--against", "no-such-revision",
+                           "--out", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode != 0 and "git cannot show deepopt/csrc/deep_memory.h at 'no-such-revision'" in proc.stderr
+    assert not (tmp_path / "kernel_ab.json").exists()
