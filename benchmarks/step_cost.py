@@ -698,6 +698,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=",".join(SPECS), help="comma-separated specs to run")
     ap.add_argument("--backends", default="torch,jax", help="comma-separated: torch, jax")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop a group's rounds once this many seconds have passed, after at least 5 "
+                         "(default 2.5 at --quick, 60 at full size): where a group's slowest contender "
+                         "takes ~1 s a step (bf16 Newton–Schulz on a CPU without bf16 hardware), more "
+                         "seconds give its fast rows more than 5 samples")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and XLA CPU threads (default: the libraries' own); 1 is steadier on a busy machine, "
                          "and pins the process to one core (XLA's large matmuls otherwise use every core, so the "
@@ -718,7 +723,9 @@ def main(argv: list[str] | None = None) -> int:
     backends = {b.strip() for b in args.backends.split(",") if b.strip()}
     repeats = args.repeats or {"tiny": 3, "quick": 15, "full": 10}[size]
     warmup = {"tiny": 1, "quick": 3, "full": 2}[size]
-    max_seconds = {"tiny": 1.0, "quick": 2.5, "full": 60.0}[size]
+    max_seconds = args.max_seconds or {"tiny": 1.0, "quick": 2.5, "full": 60.0}[size]
+    if max_seconds <= 0:
+        ap.error(f"--max-seconds must be positive, got {args.max_seconds}")
     if args.device == "cuda":
         import torch
 
