@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     backends = {b.strip() for b in args.backends.split(",") if b.strip()}
     repeats = args.repeats or {"tiny": 3, "quick": 15, "full": 10}[size]
     warmup = {"tiny": 1, "quick": 3, "full": 2}[size]
-    max_seconds = args.max_seconds or {"tiny": 1.0, "quick": 2.5, "full": 60.0}[size]
+    max_seconds = {"tiny": 1.0, "quick": 2.5, "full": 60.0}[size] if args.max_seconds is None else args.max_seconds
     if max_seconds <= 0:
         ap.error(f"--max-seconds must be positive, got {args.max_seconds}")
     if args.device == "cuda":

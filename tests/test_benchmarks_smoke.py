@@ -22,7 +22,7 @@ import deepopt
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = {   # module -> (arguments, the JSON file it writes under --out)
-    "step_cost": (["--quick", "--tiny", "--threads", "1"], "step_cost.json"),
+    "step_cost": (["--quick", "--tiny", "--threads", "1", "--max-seconds", "1.5"], "step_cost.json"),
     "convergence": (["--quick", "--tiny"], "convergence.json"),
     "dmgd_defaults": (["--quick", "--tiny"], "dmgd_defaults.json"),
     "main": (["--quick", "--skip-hope"], "compare/compare.json"),
@@ -100,7 +100,7 @@ def test_smoke_step_cost(results, optimizers):
     assert data["benchmark"] == "step_cost"
     _assert_environment(data["environment"])
     _assert_finite_numbers(data)
-    assert data["config"]["size"] == "tiny"
+    assert data["config"]["size"] == "tiny" and data["config"]["max_seconds_per_group"] == 1.5
     pairs = data["pairs"]
     for backend in ("torch", "jax"):
         specs = [p["spec"] for p in pairs if p["backend"] == backend]
@@ -471,3 +471,10 @@ def test_kernel_ab_names_a_revision_git_cannot_show(tmp_path):
                           timeout=TIMEOUT_S)
     assert proc.returncode != 0 and "git cannot show deepopt/csrc/deep_memory.h at 'no-such-revision'" in proc.stderr
     assert not (tmp_path / "kernel_ab.json").exists()
+
+
+def test_step_cost_refuses_a_time_budget_that_is_not_positive(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.step_cost", "--tiny", "--max-seconds", "0",
+                           "--out", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 2 and "--max-seconds must be positive, got 0.0" in proc.stderr
