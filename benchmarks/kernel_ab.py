@@ -48,7 +48,10 @@ LAYOUTS = ("rows", "columns")
 
 def header_at(rev: str) -> str:
     """The kernel's header at git revision ``rev``; a clear error where git cannot give it."""
-    out = subprocess.run(["git", "show", f"{rev}:{HEADER}"], cwd=REPO, capture_output=True, text=True, check=False)
+    try:
+        out = subprocess.run(["git", "show", f"{rev}:{HEADER}"], cwd=REPO, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise SystemExit("kernel_ab: needs git, to read the header at the other revision; git is not installed") from None
     if out.returncode != 0:
         raise SystemExit(f"kernel_ab: git cannot show {HEADER} at {rev!r}: {out.stderr.strip()}")
     return out.stdout

@@ -41,7 +41,7 @@
 #include <vector>
 
 // The loops below run a few to a few hundred times each (a tile's 16 sums, a block's rows), so
-// GCC's unrolling of them pays: 2–3% of a step at --quick's shapes, in alternated runs
+// GCC's unrolling of them pays: 2–3% of the kernel's time at --quick's shapes, alternated
 // (benchmarks/README.md, "Seventeenth round"). For this header only; popped at its end.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
