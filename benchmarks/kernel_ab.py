@@ -39,11 +39,18 @@ from benchmarks._threads import pin_to_one_core
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = Path(__file__).with_name("csrc") / "deep_memory_ab.cpp"
 HEADER = "deepopt/csrc/deep_memory.h"
-#: Buckets (count, m, n): step_cost's DMGD matrices (c_attn, c_proj, c_fc, mlp.c_proj), four layers.
-BUCKETS = {"quick": [(4, 384, 128), (4, 128, 128), (4, 512, 128), (4, 128, 512)],
-           "full": [(12, 2304, 768), (12, 768, 768), (12, 3072, 768), (12, 768, 3072)],
-           "tiny": [(2, 24, 8), (1, 8, 8)]}
 LAYOUTS = ("rows", "columns")
+
+
+def buckets_of(size: str) -> list[tuple[int, int, int]]:
+    """(count, m, n) of each bucket of step_cost's DMGD matrices at ``size`` (its GPT-2-like model's
+    matrices that a matrix rule takes: c_attn, c_proj, c_fc and mlp.c_proj, one per layer)."""
+    from collections import Counter
+
+    from benchmarks.step_cost import gpt2_shapes, is_matrix
+
+    counts = Counter(shape for name, shape in gpt2_shapes(size) if is_matrix(name, shape))
+    return [(count, m, n) for (m, n), count in counts.items()]
 
 
 def header_at(rev: str) -> str:
@@ -96,7 +103,7 @@ def measure(exe: Path, memory, buckets, transposed: bool, rounds: int, flush: bo
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_ab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--against", default="HEAD", help="git revision of header A (default HEAD)")
-    ap.add_argument("--size", default="quick", choices=sorted(BUCKETS))
+    ap.add_argument("--size", default="quick", choices=("quick", "full"))
     ap.add_argument("--tiny", action="store_const", const="tiny", dest="size", help=argparse.SUPPRESS)
     ap.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated: rows, columns")
     ap.add_argument("--rounds", type=int, default=200)
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     import deepopt
 
     memory = deepopt.dmgd(1e-3, readout=None).rule.memory          # step_cost's dmgd_memory contender
-    buckets = BUCKETS[args.size]
+    buckets = buckets_of(args.size)
     with tempfile.TemporaryDirectory(prefix="deepopt_kernel_ab_") as tmp:
         exe = build(header_at(args.against), (REPO / HEADER).read_text(), Path(tmp))
         rows = {layout: measure(exe, memory, buckets, layout == "columns", args.rounds, not args.no_flush)
